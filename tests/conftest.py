@@ -20,8 +20,7 @@ def _seed():
 
 
 def reference(name):
-    """Path of a golden fixture in ../shared/reference; skip the test if the folder is absent."""
+    """Path of a golden fixture in ../shared/reference (CI clones the repo with shared/ beside it)."""
     path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference fixture {path} not found")
+    assert path.exists(), f"reference fixture {path} not found: check out shared/ beside the repo"
     return path
