@@ -1,0 +1,98 @@
+"""DRoRAE (fusion.py): the paper's invariants on the fusion module, the tokenizer's phases, routing maps,
+the scaling-law fit."""
+import pytest
+import torch
+
+import fusion
+from model import ln0
+
+C, L, GRID = 32, 4, 4
+
+
+def _feats(B=2, n=GRID * GRID, scale=3.0):
+    return [torch.randn(B, n, C) * scale * (k + 1) + k for k in range(L)]
+
+
+def _module(**kw):
+    return fusion.DepthRoutedFusion(C, L, hidden=2 * C, **kw)
+
+
+def test_default_module_on_dinov2_b_is_29m_params():
+    with torch.device("meta"):
+        m = fusion.DepthRoutedFusion(768, 12)
+    n = sum(p.numel() for p in m.parameters())
+    print(f"DRoRAE fusion module, DINOv2-B, hidden 2C, 12 layers: {n:,} parameters")
+    assert n == 12 * (768 * 1536 + 1536 + 1536 * 768 + 768) + 12 * 768 * 12 + 12 == 28_449_804
+    assert abs(n - 29e6) <= 1e6
+
+
+def test_beta_zero_is_the_rae_latent_bitwise():
+    feats = _feats()
+    z_base = ln0(feats[-1])
+    z, _ = _module(beta=0.0)(feats, z_base)
+    assert torch.equal(z, z_base)
+    # and it is the limit of the equation, not a different map: β → 0 approaches z_base
+    z_small, _ = _module(beta=1e-7)(feats, z_base)
+    assert (z_small - z_base).abs().max() < 1e-4 and not torch.equal(z_small, z_base)
+
+
+def _scaled(m, c):
+    m2 = _module(beta=m.beta, eps=m.eps).to(torch.float64)
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():  # the router is linear: scaling its weight and bias scales every logit by c
+        m2.router.weight.mul_(c), m2.router.bias.mul_(c)
+    return m2
+
+
+def test_routing_is_scale_invariant():
+    """z(c·a) = z(a) for c > 0. With ε = 0 both normalisations cancel c exactly, so only rounding remains
+    (float64, atol 1e-12). With ε = 1e-6, c enters only through ε/(c²Σa²) inside LN₀'s own 1e-6 variance
+    epsilon: a relative change ≲ 1e-6·ε/(c²Σa²) ≈ 1e-10 for c ≥ 0.1 — atol 1e-9 in float64; in float32 the
+    check is rounding-limited (two LN₀ of unit-scale features): atol 1e-5."""
+    feats64 = [f.double() for f in _feats()]
+    z_base64 = ln0(feats64[-1])
+    for eps, atol in [(0.0, 1e-12), (1e-6, 1e-9)]:
+        m = _module(beta=1.0, eps=eps).to(torch.float64)
+        z, w = m(feats64, z_base64)
+        assert w.abs().max() < 1 and (w < 0).any()  # signed weights
+        for c in (0.1, 0.5, 7.0, 1e3):
+            zc, _ = _scaled(m, c)(feats64, z_base64)
+            assert torch.allclose(zc, z, rtol=0, atol=atol), (eps, c, (zc - z).abs().max())
+    feats = _feats()
+    m = _module(beta=0.2)
+    z, _ = m(feats, ln0(feats[-1]))
+    m32 = _scaled(m, 7.0).float()
+    assert torch.allclose(m32(feats, ln0(feats[-1]))[0], z, rtol=0, atol=1e-5)
+
+
+def test_negative_weights_reach_the_output():
+    e = torch.randn(1, 5, 2, C)
+    z_neg, w = fusion.energy_route(torch.tensor([1.0, -1.0]).expand(1, 5, 2), e)
+    assert torch.allclose(z_neg, ln0(e[:, :, 0] - e[:, :, 1]), atol=1e-5) and (w[..., 1] < 0).all()
+    z_pos, _ = fusion.energy_route(torch.tensor([1.0, 1.0]).expand(1, 5, 2), e)
+    z_off, _ = fusion.energy_route(torch.tensor([1.0, 0.0]).expand(1, 5, 2), e)
+    assert (z_neg - z_pos).abs().max() > 0.1 and (z_neg - z_off).abs().max() > 0.1
+    # in the module: zeroing or negating one layer's logit changes z
+    feats, m = _feats(), _module()
+    z_base = ln0(feats[-1])
+    z, w = m(feats, z_base)
+    for sign in (0.0, -1.0):
+        handle = m.router.register_forward_hook(lambda mod, i, a: a * torch.tensor([1.0, sign, 1.0, 1.0]))
+        z2, w2 = m(feats, z_base)
+        handle.remove()
+        assert (z2 - z).abs().max() > 1e-3
+        assert torch.equal(w2[..., 1], sign * w[..., 1])
+
+
+def test_fused_layers_flag_and_smoothness_penalty():
+    feats = _feats()
+    m = fusion.DepthRoutedFusion(C, L, hidden=8, layers=[1, 3])
+    z, w = m(feats, ln0(feats[-1]))
+    assert len(m.experts) == 2 and m.router.out_features == 2 and w.shape == (2, GRID * GRID, 2)
+    assert z.shape == (2, GRID * GRID, C)
+    assert fusion.routing_smoothness(torch.ones(2, GRID * GRID, 3), GRID, GRID) == 0
+    smooth = fusion.routing_smoothness(w, GRID, GRID)
+    assert smooth > 0 and smooth.requires_grad
+    # hand check on a 2×2 grid with one layer: |1−0| across the row pairs, |0−0|,|1−1| down the columns
+    w_hand = torch.tensor([[[1.0], [0.0], [1.0], [0.0]]])
+    assert fusion.routing_smoothness(w_hand, 2, 2) == pytest.approx(0.0 + 1.0)
