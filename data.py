@@ -1,0 +1,147 @@
+"""Image data: an ImageNet-style folder dataset, the ADM centre crop, a resumable (distributed) loader, PNG grids.
+
+Randomness (crop offsets, flips) never touches the global RNG: every sample gets its own numpy generator keyed by
+(seed, epoch, global position in the epoch), so data are identical across worker counts, world sizes and resumes.
+"""
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.utils import save_image
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM (guided-diffusion) centre crop: halve with BOX while the short side is ≥ 2·size, BICUBIC-resize the
+    short side to size (rounded), then crop the centre size×size. Used for evaluation, statistics and latents."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    left, top = (pil_image.size[0] - image_size) // 2, (pil_image.size[1] - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+class ImageFolder(Dataset):
+    """Images in class subfolders (ImageNet layout, labels = sorted folder index) or directly in `root` (label 0).
+
+    resize=R: Resize(R, bicubic) → RandomCrop(size) (RAE decoder training: R=384, size=256; no flip by default).
+    resize=None: ADM `center_crop_arr(size)` (evaluation, statistics, generator latents; flip optional).
+    Items are (image (3, size, size) float in [0, 1], label, n_skipped). An unreadable image is skipped with a
+    warning: the next index is used instead (deterministic) and n_skipped counts the failures.
+    `dataset[i]` works directly; the loader passes (i, key) so crops/flips are keyed by (seed, epoch, position)."""
+
+    def __init__(self, root, size=256, resize=None, flip=False):
+        root = Path(root)
+        if not root.is_dir():
+            raise SystemExit(f"data folder {root} not found: expected a folder of class subfolders of images")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        dirs = [(root / c, i) for i, c in enumerate(self.classes)] or [(root, 0)]
+        self.samples = [(os.path.join(d, f), label) for folder, label in dirs
+                        for d, _, files in sorted(os.walk(folder, followlinks=True)) for f in sorted(files)
+                        if f.lower().endswith(IMG_EXTENSIONS)]
+        if not self.samples:
+            raise SystemExit(f"no images found in {root}: expected {'/'.join(IMG_EXTENSIONS)} files "
+                             f"in class subfolders (e.g. {root}/n01440764/img.JPEG)")
+        self.size, self.resize, self.flip = size, resize, flip
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index, rng):
+        with Image.open(self.samples[index][0]) as im:
+            im = im.convert("RGB")
+        if self.resize is None:
+            x = TF.to_tensor(center_crop_arr(im, self.size))
+        else:
+            x = TF.to_tensor(TF.resize(im, self.resize, TF.InterpolationMode.BICUBIC))
+            top, left = rng.integers(0, x.shape[1] - self.size + 1), rng.integers(0, x.shape[2] - self.size + 1)
+            x = x[:, top:top + self.size, left:left + self.size]
+        return x.flip(-1) if self.flip and rng.random() < 0.5 else x
+
+    def __getitem__(self, item):
+        index, key = item if isinstance(item, tuple) else (item, (item,))
+        for skipped in range(len(self)):
+            i = (index + skipped) % len(self)
+            try:
+                return self.load(i, np.random.default_rng(key)), self.samples[i][1], skipped
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated or corrupt files
+                warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {e}")
+        raise SystemExit(f"no readable image in {len(self)} files under {Path(self.samples[0][0]).parent}")
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (world size 1 when torch.distributed is not initialised) that can start mid-epoch and
+    yields (index, key) with key = (seed, epoch, global position) for per-sample augmentation.
+    Rank r takes global positions r, r + W, r + 2W, … of the seeded permutation, so a global batch of W·B
+    samples is the same set for any world size W (accumulation-equivalent)."""
+
+    def __init__(self, dataset, batch_size, shuffle=True, seed=0, drop_last=True, distributed=None):
+        distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.batch_size, self.skip = batch_size, 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        super().set_epoch(epoch)
+        self.skip = skip_batches * self.batch_size
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        for i in range(self.skip, len(indices)):
+            yield indices[i], (self.seed, self.epoch, self.rank + i * self.num_replicas)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def _collate(batch):
+    x, y, skipped = zip(*batch)
+    return torch.stack(x), torch.tensor(y), sum(skipped)
+
+
+class Loader:
+    """Iterates (images (B, 3, H, W) in [0, 1], labels (B,)) over a ResumableSampler; `skipped` counts the
+    unreadable images replaced so far on this rank."""
+
+    def __init__(self, dataset, batch_size, shuffle=True, seed=0, drop_last=True, num_workers=0, distributed=None):
+        self.sampler = ResumableSampler(dataset, batch_size, shuffle, seed, drop_last, distributed)
+        self.loader = DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 collate_fn=_collate, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                                 persistent_workers=num_workers > 0)
+        self.skipped = 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        """Call before every epoch; on resume pass the number of batches already consumed in that epoch."""
+        self.sampler.set_epoch(epoch, skip_batches)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y, skipped in self.loader:
+            self.skipped += skipped
+            yield x, y
+
+
+def make_loader(dataset, batch_size, shuffle=True, seed=0, drop_last=True, num_workers=0, distributed=None):
+    """Per-rank loader of `batch_size` samples; distributed = torch.distributed is initialised (default).
+
+    Deterministic given (seed, epoch): order and augmentation are independent of workers and of the global RNG.
+    Exact resume: `steps_per_epoch = len(loader)` (take it after `set_epoch(e)` with no skip), then for the
+    epoch being resumed call `loader.set_epoch(epoch, skip_batches=step % steps_per_epoch)`, later epochs
+    `loader.set_epoch(epoch)`. `loader.skipped` counts unreadable images replaced on this rank."""
+    return Loader(dataset, batch_size, shuffle, seed, drop_last, num_workers, distributed)
+
+
+def save_image_grid(x01, path, nrow=8):
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (clamped, rounded to 8 bit)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)
