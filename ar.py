@@ -1,0 +1,228 @@
+"""LlamaGen-style class-conditional GPT over discrete image codes (the Ideal generator, SPEC §7).
+
+Sequence = [class token, code_0, …, code_{N−2}] → logits for code_0 … code_{N−1}. Llama blocks (RMSNorm,
+SwiGLU, no biases), 2-D RoPE on the image tokens, a class-embedding table with a null row for
+classifier-free guidance. Sampling: KV cache, temperature, top-k, top-p, CFG on logits.
+Also here: extraction of codes with a frozen tokenizer into shards, and the dataset reading them.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from model import Attention, RMSNorm, SwiGLU, apply_rope, rope_2d
+
+# LlamaGen class-conditional sizes (published parameter counts with vocab 16384, 1000 classes: 111M, 343M, 775M,
+# 1.4B); "tiny" is for tests and the toy run.
+GPT_PRESETS = {
+    "tiny": dict(depth=2, dim=64, num_heads=4),
+    "B": dict(depth=12, dim=768, num_heads=12),
+    "L": dict(depth=24, dim=1024, num_heads=16),
+    "XL": dict(depth=36, dim=1280, num_heads=20),
+    "XXL": dict(depth=48, dim=1536, num_heads=24),
+}
+
+
+def ffn_hidden(dim, multiple_of=256):
+    """Llama SwiGLU width: 2/3 of 4·dim, rounded up to a multiple of 256 (768 → 2048, 1024 → 2816)."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated on first use as (B, heads, max_len, head_dim), filled in place."""
+
+    def __init__(self, max_len):
+        self.max_len, self.k, self.v = max_len, None, None
+
+    def update(self, k, v, pos):
+        """Store k, v (B, heads, T, d) at positions pos … pos+T−1; return all keys and values up to there."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class GPTBlock(nn.Module):
+    """Llama block: x += attn(norm1(x)) (RoPE, causal, resid dropout); x += drop(ffn(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, eps, resid_dropout, ffn_dropout):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=False, proj_bias=False, proj_drop=resid_dropout)
+        self.norm2 = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, ffn_hidden(dim), bias=False)
+        self.ffn_drop = nn.Dropout(ffn_dropout)  # LlamaGen drops the FFN output, not its hidden layer
+
+    def forward(self, x, rope, cache=None, pos=0):
+        """With a cache, x holds positions pos … and a multi-token x must start at pos 0 (causal mask)."""
+        q, k, v = self.attn.qkv_heads(self.norm1(x))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, pos)
+        x = x + self.attn.attend(q, k, v, is_causal=x.shape[1] > 1)
+        return x + self.ffn_drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """Class-conditional GPT over a grid×grid code map (LlamaGen `Transformer`, model_type c2i, 1 class token).
+
+    Class label `num_classes` is the null class (CFG); labels are dropped to it with p = class_dropout in
+    training. RoPE: LlamaGen's 2-D table (half the head dim rows, half columns) on the image tokens; the class
+    token's position is `cls_rope`: "zero" = LlamaGen/Ideal (cos = sin = 0, which zeroes the class token's
+    query and key, so every query gives it logit 0; its value still counts) or "identity" (cos = 1, sin = 0)."""
+
+    def __init__(self, depth=12, dim=768, num_heads=12, vocab_size=16384, num_classes=1000, grid=16,
+                 class_dropout=0.1, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, norm_eps=1e-5,
+                 rope_theta=10000.0, cls_rope="zero"):
+        super().__init__()
+        if cls_rope not in ("zero", "identity"):
+            raise ValueError(f"cls_rope must be 'zero' or 'identity', got {cls_rope!r}")
+        self.config = dict(depth=depth, dim=dim, num_heads=num_heads, vocab_size=vocab_size,
+                           num_classes=num_classes, grid=grid, class_dropout=class_dropout,
+                           token_dropout=token_dropout, resid_dropout=resid_dropout, ffn_dropout=ffn_dropout,
+                           norm_eps=norm_eps, rope_theta=rope_theta, cls_rope=cls_rope)
+        self.num_classes, self.num_tokens, self.class_dropout = num_classes, grid * grid, class_dropout
+        self.class_emb = nn.Embedding(num_classes + 1, dim)  # last row: null class
+        self.tok_emb = nn.Embedding(vocab_size, dim)
+        self.tok_drop = nn.Dropout(token_dropout)
+        self.blocks = nn.ModuleList(GPTBlock(dim, num_heads, norm_eps, resid_dropout, ffn_dropout) for _ in range(depth))
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        cos, sin = rope_2d(dim // num_heads, grid, grid, rope_theta)
+        self.register_buffer("rope_cos", torch.cat([torch.full_like(cos[:1], float(cls_rope == "identity")), cos]), persistent=False)
+        self.register_buffer("rope_sin", torch.cat([torch.zeros_like(sin[:1]), sin]), persistent=False)
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.head.weight)  # LlamaGen: zero-initialised output layer
+
+    @staticmethod
+    def _init_weights(m):
+        """LlamaGen init: every Linear and Embedding weight N(0, 0.02)."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def run(self, h, pos=0, cache=None):
+        """Blocks + final norm + head on input embeddings h (B, T, C) at positions pos …; fp32 logits (B, T, V).
+        With `cache` (one KVCache per block) keys and values are stored for later steps."""
+        rope = self.rope_cos[pos:pos + h.shape[1]], self.rope_sin[pos:pos + h.shape[1]]
+        h = self.tok_drop(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, rope, None if cache is None else cache[i], pos)
+        return self.head(self.norm(h)).float()
+
+    def forward(self, idx, cond):
+        """Teacher-forced logits. idx (B, n) codes, cond (B,) labels → (B, min(n+1, N), V); logits[:, i] predicts
+        code i from the class token and codes < i. Training: loss = cross_entropy(logits.flatten(0, 1), idx.flatten())."""
+        if self.training and self.class_dropout > 0:
+            drop = torch.rand(cond.shape, device=cond.device) < self.class_dropout
+            cond = cond.masked_fill(drop, self.num_classes)
+        h = torch.cat([self.class_emb(cond)[:, None], self.tok_emb(idx)], dim=1)[:, :self.num_tokens]
+        return self.run(h)
+
+    @torch.no_grad()
+    def generate(self, cond, num_tokens=None, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, generator=None):
+        """Sample codes (B, num_tokens) for labels cond (B,) with a KV cache (call in eval mode).
+        CFG: ℓ = ℓ_u + s·(ℓ_c − ℓ_u) with the null class batched alongside; s = 1 runs the conditional pass only.
+        temperature 0 = greedy. generator: a torch.Generator or a list of one per sample (see `sample_logits`)."""
+        num_tokens = num_tokens or self.num_tokens
+        guided = cfg_scale != 1.0
+        if guided:
+            cond = torch.cat([cond, torch.full_like(cond, self.num_classes)])
+        cache = [KVCache(num_tokens) for _ in self.blocks]
+        h, out = self.class_emb(cond)[:, None], []
+        for pos in range(num_tokens):
+            logits = self.run(h, pos, cache)[:, -1]
+            if guided:
+                cond_logits, uncond_logits = logits.chunk(2)
+                logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
+            out.append(sample_logits(logits, temperature, top_k, top_p, generator))
+            h = self.tok_emb(out[-1].repeat(2 if guided else 1))[:, None]
+        return torch.stack(out, dim=1)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Top-k, then top-p (nucleus) filtering as in LlamaGen / HF: removed entries become −inf. The nucleus keeps
+    the most likely tokens while the probability mass before them is ≤ top_p (the token crossing top_p is kept)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(dim=-1)
+        remove = p.cumsum(dim=-1) - p > top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+    return logits
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Next codes (B,) from logits (B, V): argmax if temperature == 0, else a sample of
+    softmax(filter_logits(logits / temperature)) by the Gumbel-max trick. `generator` is one torch.Generator
+    for the batch or a list with one per row (then each row's draw is independent of the batch composition)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
+    else:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pre-extracted code shards
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_code_shard(stem, codes, labels):
+    """Write `stem`.codes.npy (M, N) (int16 when the indices fit, else int32) and `stem`.labels.npy (M,) int64."""
+    codes = codes.cpu().numpy()
+    codes = codes.astype(np.int16 if codes.max(initial=0) < 2**15 else np.int32)
+    np.save(f"{stem}.codes.npy", codes)
+    np.save(f"{stem}.labels.npy", labels.cpu().numpy().astype(np.int64))
+
+
+@torch.no_grad()
+def extract_codes(tokenizer, loader, out_dir, flip=True, shard_size=100_000, prefix="shard"):
+    """Encode every (x01, label) batch of `loader` (centre-cropped images) with `tokenizer.encode` → (B, N)
+    indices; with flip the horizontal mirror is a separate entry (LlamaGen/Ideal: centre crop + flip).
+    Writes shards `prefix`00000.codes.npy / .labels.npy of about `shard_size` entries to out_dir."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    codes, labels, count, shard = [], [], 0, 0
+    for x, y in tqdm(loader, desc="extract codes"):
+        x = x.to(device)
+        for view in ([x, x.flip(-1)] if flip else [x]):
+            codes.append(tokenizer.encode(view).to("cpu", torch.int32))
+            labels.append(y)
+            count += len(y)
+        if count >= shard_size:
+            save_code_shard(Path(out_dir) / f"{prefix}{shard:05d}", torch.cat(codes), torch.cat(labels))
+            codes, labels, count, shard = [], [], 0, shard + 1
+    if codes:
+        save_code_shard(Path(out_dir) / f"{prefix}{shard:05d}", torch.cat(codes), torch.cat(labels))
+
+
+class CodeShards(torch.utils.data.Dataset):
+    """All `*.codes.npy` / `*.labels.npy` shards in a directory (memory-mapped) → (codes LongTensor (N,), label)."""
+
+    def __init__(self, root):
+        files = sorted(Path(root).glob("*.codes.npy"))
+        if not files:
+            raise ValueError(f"{root}: no *.codes.npy shards found (extract codes first)")
+        self.codes = [np.load(f, mmap_mode="r") for f in files]
+        self.labels = [np.load(str(f)[: -len(".codes.npy")] + ".labels.npy") for f in files]
+        self.offsets = np.cumsum([0] + [len(c) for c in self.codes])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        j = i - self.offsets[s]
+        return torch.from_numpy(self.codes[s][j].astype(np.int64)), int(self.labels[s][j])

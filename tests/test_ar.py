@@ -1,0 +1,188 @@
+"""ar.py: LlamaGen GPT sizes, 2-D RoPE convention, KV cache = uncached forward, sampling rules, memorisation,
+code shards."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import apply_rope
+from ar import GPT, GPT_PRESETS, CodeShards, KVCache, extract_codes, filter_logits, sample_logits
+
+TINY = dict(GPT_PRESETS["tiny"], vocab_size=32, num_classes=4, grid=4)
+
+
+def tiny_gpt(**kw):
+    """Tiny GPT in eval mode with a random (not zero) head so that logits are informative."""
+    model = GPT(**{**TINY, **kw}).eval()
+    nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+def uncached_generate(model, cond, cfg_scale=1.0, **sampling):
+    """Reference sampler: recompute the whole prefix with the teacher-forced forward at every step."""
+    seq = torch.zeros(len(cond), 0, dtype=torch.long)
+    for _ in range(model.num_tokens):
+        logits = model(seq, cond)[:, -1]
+        if cfg_scale != 1.0:
+            uncond = model(seq, torch.full_like(cond, model.num_classes))[:, -1]
+            logits = uncond + cfg_scale * (logits - uncond)
+        seq = torch.cat([seq, sample_logits(logits, **sampling)[:, None]], dim=1)
+    return seq
+
+
+def test_param_counts_match_llamagen():
+    """LlamaGen reports GPT-B 111M, L 343M, XL 775M, XXL 1.4B (vocab 16384, 1000 classes + null row)."""
+    published = {"B": (111, 1e6), "L": (343, 1e6), "XL": (775, 1e6), "XXL": (14, 1e8)}  # to their precision
+    for name, cfg in GPT_PRESETS.items():
+        with torch.device("meta"):
+            model = GPT(**cfg)
+        n = sum(p.numel() for p in model.parameters())
+        d, L = cfg["dim"], cfg["depth"]
+        hidden = -(-int(8 * d / 3) // 256) * 256
+        # LlamaGen's module list: class table, token table, L × (wqkv, wo, w1, w2, w3, 2 norms), norm, output
+        assert n == (1001 + 16384) * d + L * (4 * d * d + 3 * d * hidden + 2 * d) + d + 16384 * d
+        print(f"GPT-{name}: {n:,} parameters")
+        if name in published:
+            assert round(n / published[name][1]) == published[name][0], (name, n)
+
+
+def test_rope_follows_llamagen_convention():
+    """Reference: LlamaGen precompute_freqs_cis_2d + apply_rotary_emb written with complex numbers; class
+    position all zeros ('zero') or identity."""
+    head_dim, grid, theta = 16, 4, 10000.0
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter).double() * 2 / (head_dim // 2))
+    r, c = torch.meshgrid(torch.arange(grid).double(), torch.arange(grid).double(), indexing="ij")
+    angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim/2)
+    q = torch.randn(2, 3, grid * grid + 1, head_dim, dtype=torch.float64)
+    qc = torch.view_as_complex(q.unflatten(-1, (-1, 2)).contiguous())
+    for cls_rope, cls_rot in (("zero", 0.0), ("identity", 1.0)):
+        rot = torch.cat([torch.full((1, head_dim // 2), cls_rot, dtype=torch.complex128), torch.polar(torch.ones_like(angles), angles)])
+        ref = torch.view_as_real(qc * rot).flatten(-2)
+        model = GPT(depth=1, dim=48, num_heads=3, vocab_size=8, num_classes=2, grid=grid, cls_rope=cls_rope)
+        out = apply_rope(q.float(), model.rope_cos, model.rope_sin)
+        torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls_rope", ["zero", "identity"])
+def test_kv_cache_equals_uncached_forward(cls_rope):
+    model = tiny_gpt(cls_rope=cls_rope)
+    idx, cond = torch.randint(0, 32, (3, 16)), torch.tensor([0, 3, 4])  # 4 = null class
+    full = model(idx, cond)
+    assert full.shape == (3, 16, 32)
+    cache = [KVCache(16) for _ in model.blocks]
+    h = model.class_emb(cond)[:, None]
+    with torch.no_grad():
+        for pos in range(16):
+            step = model.run(h, pos, cache)[:, -1]
+            torch.testing.assert_close(step, model(idx[:, :pos], cond)[:, -1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0)
+            h = model.tok_emb(idx[:, pos])[:, None]
+
+
+def test_greedy_top1_and_zero_temperature():
+    model, cond = tiny_gpt(), torch.tensor([0, 1, 2, 3])
+    greedy = model.generate(cond, temperature=0)
+    assert greedy.shape == (4, 16)
+    assert torch.equal(greedy, uncached_generate(model, cond, temperature=0))
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(model.generate(cond, top_k=1, generator=g), greedy)
+    assert torch.equal(model.generate(cond, temperature=1e-6, generator=g), greedy)
+    assert not torch.equal(model.generate(cond, generator=g), greedy)  # sampling at T=1 does differ
+
+
+def test_sampling_cfg_and_determinism():
+    model, cond = tiny_gpt(), torch.tensor([0, 1, 2, 3])
+
+    def both(cfg_scale, labels=cond, **kw):
+        cached = model.generate(labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(7), **kw)
+        ref = uncached_generate(model, labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(7), **kw)
+        return cached, ref
+
+    cached, ref = both(1.0, top_k=10, top_p=0.9)  # scale 1 = plain conditional sampling
+    assert torch.equal(cached, ref)
+    assert torch.equal(cached, both(1.0, top_k=10, top_p=0.9)[0])  # deterministic given the generator
+    cached, ref = both(3.0, temperature=0)  # batched cond/uncond guidance
+    assert torch.equal(cached, ref)
+    null = torch.full_like(cond, 4)
+    assert torch.equal(both(0.0)[0], both(1.0, labels=null)[0])  # scale 0 = unconditional
+
+
+def test_per_sample_generators_independent_of_batch():
+    model, cond = tiny_gpt(), torch.tensor([2, 0, 1])
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = model.generate(cond, cfg_scale=2.0, generator=gens([10, 11, 12]))
+    for i, seed in enumerate([10, 11, 12]):
+        assert torch.equal(model.generate(cond[i:i + 1], cfg_scale=2.0, generator=gens([seed]))[0], batch[i])
+
+
+def test_top_k_top_p_keep_exactly_the_nucleus():
+    probs = torch.tensor([0.06, 0.5, 0.04, 0.3, 0.1])
+    logits = probs.log()[None]
+    kept = lambda **kw: set(torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:, 0].tolist())  # noqa: E731
+    assert kept(top_p=0.45) == {1}
+    assert kept(top_p=0.75) == {1, 3}
+    assert kept(top_p=0.85) == {1, 3, 4}
+    assert kept(top_p=0.95) == {0, 1, 3, 4}
+    assert kept(top_k=2) == {1, 3}
+    assert kept(top_k=3, top_p=0.85) == {1, 3}  # top-p renormalises over the top-k survivors
+    draws = sample_logits(logits.expand(4000, 5), top_p=0.75, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 3}
+    torch.testing.assert_close((draws == 1).float().mean(), torch.tensor(0.5 / 0.8), atol=0.03, rtol=0)
+
+
+def test_gumbel_sampling_matches_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    draws = sample_logits(logits.expand(20000, 4), temperature=0.7, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, (logits[0] / 0.7).softmax(0), atol=0.012, rtol=0)
+
+
+def test_class_dropout_uses_null_row():
+    model = GPT(**TINY, class_dropout=1.0, token_dropout=0, resid_dropout=0, ffn_dropout=0)
+    nn.init.normal_(model.head.weight)
+    idx = torch.randint(0, 32, (2, 16))
+    dropped = model.train()(idx, torch.tensor([0, 1]))
+    torch.testing.assert_close(dropped, model.eval()(idx, torch.tensor([4, 4])))
+
+
+def test_tiny_gpt_memorises_class_sequences():
+    model = GPT(**TINY, class_dropout=0, token_dropout=0, resid_dropout=0, ffn_dropout=0)
+    codes, labels = torch.randint(0, 32, (4, 16)), torch.arange(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    for _ in range(150):
+        loss = F.cross_entropy(model(codes, labels).flatten(0, 1), codes.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    assert torch.equal(model.eval().generate(labels, temperature=0), codes)
+
+
+class FakeTokenizer(nn.Module):
+    """encode: 2×2 patch means of channel 0 quantised to 0..999 (row-major, B × 4 codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(999.0))
+
+    def encode(self, x):
+        return (F.avg_pool2d(x[:, :1], x.shape[-1] // 2).flatten(1) * self.scale).round().long()
+
+
+def test_code_shards_round_trip(tmp_path):
+    tok = FakeTokenizer()
+    images, labels = torch.rand(5, 3, 8, 8), torch.tensor([3, 1, 4, 1, 5])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
+    extract_codes(tok, loader, tmp_path, shard_size=4)
+    assert len(list(tmp_path.glob("*.codes.npy"))) == 3  # 4 + 4 + 2 entries
+    assert np.load(tmp_path / "shard00000.codes.npy").dtype == np.int16
+    ds = CodeShards(tmp_path)
+    assert len(ds) == 10  # each image and its mirror
+    got = {(tuple(c.tolist()), y) for c, y in (ds[i] for i in range(len(ds)))}
+    want = {(tuple(c.tolist()), int(y)) for x in (images, images.flip(-1)) for c, y in zip(tok.encode(x), labels)}
+    assert got == want
+    assert ds[0][0].dtype == torch.long
+    with pytest.raises(ValueError, match="no \\*.codes.npy shards"):
+        CodeShards(tmp_path / "empty")
