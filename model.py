@@ -5,11 +5,17 @@ Read top to bottom: (1) building blocks, (2) DINOv2, (3) ViT decoder, (4) RAE to
 Every other file (fusion.py, queries.py, vq.py, dit.py, ar.py, losses.py, evaluate.py) builds on the
 blocks here: one Attention, one Mlp, one SwiGLU, one RMSNorm, one Block, one sin-cos and one RoPE.
 """
+import importlib
+import itertools
 import math
+import os
+import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Building blocks
@@ -166,3 +172,540 @@ def sincos_2d(dim, h, w=None, cls_token=False):
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1b. Strict loading and atomic saving (every checkpoint in the project goes through these two)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _listing(keys, limit=10):
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_strict(module, state_dict, what):
+    """`module.load_state_dict(state_dict, strict=True)` whose error names `what` and lists the missing keys,
+    unexpected keys and shape mismatches (key, checkpoint shape, model shape). Returns the module."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    errors = [f"{name}: {_listing(keys)}" for name, keys in
+              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    if errors:
+        raise ValueError(f"cannot load {what}: " + "; ".join(errors))
+    module.load_state_dict(state_dict, strict=True)
+    return module
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same directory, fsync, then os.replace: a crash never leaves a
+    half-written checkpoint behind."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_state_dict(path):
+    """Tensors from a local weights file: `.safetensors` (needs the optional safetensors package) or a torch
+    pickle (`.pth`, `.pt`, `pytorch_model.bin`, loaded with weights_only=True)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference; SPEC §1)
+# ----------------------------------------------------------------------------------------------------
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT with the official parameter names, so official checkpoints load strictly as they are.
+    Tokens are [cls, registers, patches]; registers get no position embedding. `layer_scale=False,
+    mask_token=False, patch_size=8, img_size=224` gives the DINO (v1) ViT, which interpolates positions like
+    the non-register DINOv2 models (offset 0.1, no antialias)."""
+
+    def __init__(self, img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1, ffn_layer="mlp",
+                 layer_scale=True, mask_token=True):
+        super().__init__()
+        D = self.embed_dim = embed_dim
+        self.patch_size, self.num_register_tokens = patch_size, num_register_tokens
+        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, D))
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, D)) if num_register_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, D)) if mask_token else None  # iBOT training only; kept to load
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, D, patch_size, patch_size)})
+        # g: SwiGLUFFNFused hidden = (int(4·1536·2/3) + 7) // 8 · 8 = 4096
+        hidden = (int(D * mlp_ratio * 2 / 3) + 7) // 8 * 8 if ffn_layer == "swiglu" else int(D * mlp_ratio)
+        self.blocks = nn.ModuleList(Block(D, num_heads, hidden, eps=1e-6, layer_scale=1.0 if layer_scale else None,
+                                          ffn=ffn_layer) for _ in range(depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        """Official random init: pos trunc-normal 0.02, cls/registers N(0, 1e-6), Linear trunc-normal 0.02, zero bias."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h, w):
+        """Position embedding for an h×w patch grid, exactly as the official code: in fp32, bicubic; with an
+        offset (plain models: 0.1) scale_factor=((h+off)/M, (w+off)/M), else size=(h, w); antialias per model."""
+        pos = self.pos_embed
+        M = math.isqrt(pos.shape[1] - 1)
+        if h == w == M:
+            return pos
+        grid = pos[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        off = self.interpolate_offset
+        size = dict(scale_factor=((h + off) / M, (w + off) / M)) if off else dict(size=(h, w))
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
+
+    def prepare_tokens(self, x):
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"DINOv2 input {H}x{W} is not a multiple of the patch size {p}")
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def _run(self, x, take):
+        """Run the blocks up to max(take); return the full token sequences after the blocks in `take`."""
+        x, out = self.prepare_tokens(x), []
+        for i, blk in enumerate(self.blocks[: max(take) + 1]):
+            x = blk(x)
+            if i in take:
+                out.append(x)
+        return out
+
+    def forward_features(self, x):
+        """Official dict: final-normed cls / register / patch tokens and the pre-norm sequence."""
+        x = self._run(x, {len(self.blocks) - 1})[0]
+        x_norm, r = self.norm(x), 1 + self.num_register_tokens
+        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1:r],
+                "x_norm_patchtokens": x_norm[:, r:], "x_prenorm": x}
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
+        """Official semantics: n int → the last n blocks, else the given 0-based block indices; each output
+        through the shared final norm when norm=True; registers dropped; reshape → (B, D, H/p, W/p)."""
+        depth = len(self.blocks)
+        take = range(depth - n, depth) if isinstance(n, int) else n
+        outs = self._run(x, set(take))
+        outs = [self.norm(o) for o in outs] if norm else outs
+        cls = [o[:, 0] for o in outs]
+        outs = [o[:, 1 + self.num_register_tokens:] for o in outs]
+        if reshape:
+            B, _, H, W = x.shape
+            p = self.patch_size
+            outs = [o.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for o in outs]
+        return tuple(zip(outs, cls)) if return_class_token else tuple(outs)
+
+    def forward_blocks(self, x):
+        """Every block's output (B, h·w, D) from one pass: pre-norm, cls and registers dropped."""
+        return [o[:, 1 + self.num_register_tokens:] for o in self._run(x, set(range(len(self.blocks))))]
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+
+DINOV2_ARCHS = {
+    "vits14": dict(embed_dim=384, depth=12, num_heads=6),
+    "vitb14": dict(embed_dim=768, depth=12, num_heads=12),
+    "vitl14": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vitg14": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglu"),
+    "vitt14": dict(embed_dim=64, depth=4, num_heads=4),  # tiny test preset, no official weights
+}
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
+
+
+def convert_hf_dinov2(sd):
+    """Hugging Face Dinov2Model / Dinov2WithRegistersModel state dict → official names. Accepts the file names
+    (`attention.attention.{query,key,value}`, `attention.output.dense`, g: `mlp.weights_in/out`) and the
+    transformers-5 in-memory names (`attention.{q,k,v,o}_proj`, g: `mlp.{gate,up,down}_proj`)."""
+    renames = [("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+               ("embeddings.position_embeddings", "pos_embed"), ("embeddings.", ""), ("encoder.layer.", "blocks."),
+               ("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
+               ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+               ("mlp.weights_in.", "mlp.w12."), ("mlp.weights_out.", "mlp.w3."), ("mlp.down_proj.", "mlp.w3."),
+               ("attention.attention.query.", "attn.q."), ("attention.attention.key.", "attn.k."),
+               ("attention.attention.value.", "attn.v."), ("attention.q_proj.", "attn.q."),
+               ("attention.k_proj.", "attn.k."), ("attention.v_proj.", "attn.v."), ("layernorm.", "norm.")]
+    out = {}
+    for k, v in sd.items():
+        for a, b in renames:
+            k = k.replace(a, b)
+        out[k] = v
+    for k in [k for k in out if ".attn.q." in k]:  # fuse q, k, v → qkv; gate, up → w12
+        pre, _, suf = k.partition(".attn.q.")
+        out[f"{pre}.attn.qkv.{suf}"] = torch.cat([out.pop(f"{pre}.attn.{n}.{suf}") for n in "qkv"])
+    for k in [k for k in out if ".mlp.gate_proj." in k]:
+        pre, _, suf = k.partition(".mlp.gate_proj.")
+        out[f"{pre}.mlp.w12.{suf}"] = torch.cat([out.pop(k), out.pop(f"{pre}.mlp.up_proj.{suf}")])
+    return out
+
+
+def convert_timm_dinov2(sd):
+    """timm DINOv2 state dict → official names: `reg_token` → `register_tokens` with the cls position folded
+    into cls_token (restore a zero cls slot in pos_embed), SwiGLU `fc1/fc2` → `w12/w3`, zero `mask_token`."""
+    out = dict(sd)
+    if "reg_token" in out:
+        out["register_tokens"] = out.pop("reg_token")
+        pos = out["pos_embed"]
+        out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    if out["blocks.0.mlp.fc1.weight"].shape[0] == 2 * out["blocks.0.mlp.fc2.weight"].shape[1]:  # packed SwiGLU
+        out = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3."): v for k, v in out.items()}
+    out.setdefault("mask_token", torch.zeros_like(out["cls_token"][0]))
+    return out
+
+
+def convert_dinov2(sd):
+    """Any public DINOv2 layout → official names, detected from the keys (prefixes `dinov2.`,
+    `dinov2_with_registers.`, `module.` stripped): HF has `embeddings.position_embeddings`; timm has
+    `reg_token` or lacks `mask_token`; otherwise official."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "dinov2_with_registers.", "dinov2."):
+            k = k.removeprefix(prefix)
+        out[k] = v
+    if "embeddings.position_embeddings" in out:
+        return convert_hf_dinov2(out)
+    if "reg_token" in out or ("mask_token" not in out and "blocks.0.mlp.fc1.weight" in out):
+        return convert_timm_dinov2(out)
+    return out
+
+
+def dinov2(name, weights="official", **overrides):
+    """DINOv2 by hub name: vits14 vitb14 vitl14 vitg14 (+ `_reg`: 4 registers, antialiased size-based
+    position interpolation) or the tiny test preset vitt14[_reg]. weights: "official" (download into the
+    torch hub cache), a local file in official / HF / timm layout, or None (random init). Loading is strict."""
+    arch, reg = name.removesuffix("_reg"), name.endswith("_reg")
+    if arch not in DINOV2_ARCHS:
+        raise ValueError(f"unknown DINOv2 '{name}': expected one of {sorted(DINOV2_ARCHS)} with optional _reg")
+    kw = dict(img_size=518, patch_size=14, **DINOV2_ARCHS[arch])
+    if reg:
+        kw.update(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    model = DINOv2(**{**kw, **overrides})
+    if weights is None:
+        return model
+    if weights == "official":
+        if arch == "vitt14":
+            raise ValueError("the tiny DINOv2 preset vitt14 has no official weights: use weights=None")
+        url = DINOV2_URL.format(arch=arch, reg="_reg4" if reg else "")
+        try:
+            sd = torch.hub.load_state_dict_from_url(url, map_location="cpu")
+        except Exception as e:
+            raise RuntimeError(f"could not download DINOv2 weights from {url} ({type(e).__name__}: {e}); "
+                               f"download the file yourself and pass its local path as weights=") from None
+    else:
+        sd = read_state_dict(weights)
+    return load_strict(model, convert_dinov2(sd), f"DINOv2 {name} weights '{weights}'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style; SPEC §3)
+# ----------------------------------------------------------------------------------------------------
+
+DECODERS = {
+    "B": dict(dim=768, depth=12, num_heads=12, mlp_hidden=3072),  # 86.2M
+    "L": dict(dim=1024, depth=24, num_heads=16, mlp_hidden=4096),  # 303.9M
+    "XL": dict(dim=1152, depth=28, num_heads=16, mlp_hidden=4096),  # 415.1M, the released RAE decoder
+    "tiny": dict(dim=64, depth=2, num_heads=4, mlp_hidden=256),  # tests and toy runs
+}
+
+
+class ViTDecoder(nn.Module):
+    """Latent tokens (B, h·w, C) → image (B, 3, h·p, w·p) in ImageNet-normalised space.
+    Linear embed, zero-init learned cls, fixed sin-cos positions (cls slot zero; a buffer loaded from the
+    released checkpoint), pre-LN blocks (LN eps 1e-12, no LayerScale), final LN, Linear to p·p·3, drop cls,
+    unpatchify. With num_queries > 0 (DecQ §6) query tokens get their own embed and a learned position and
+    join the self-attention; only patch outputs are decoded. num_queries=0 is exactly the RAE decoder."""
+
+    def __init__(self, latent_dim=768, dim=1152, depth=28, num_heads=16, mlp_hidden=4096, patch_size=16, grid=16,
+                 num_queries=0):
+        super().__init__()
+        self.patch_size, self.grid = patch_size, grid
+        self.decoder_embed = nn.Linear(latent_dim, dim)
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("decoder_pos_embed", sincos_2d(dim, grid, cls_token=True)[None])
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, eps=1e-12, layer_scale=None)
+                                    for _ in range(depth))
+        self.decoder_norm = nn.LayerNorm(dim, eps=1e-12)
+        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
+        if num_queries:
+            self.query_embed = nn.Linear(latent_dim, dim)
+            self.query_pos_embed = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
+
+    def forward(self, z, queries=None):
+        B, N, _ = z.shape
+        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), self.decoder_embed(z)], 1) + self.decoder_pos_embed
+        if queries is not None:
+            x = torch.cat([x, self.query_embed(queries) + self.query_pos_embed], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x[:, 1:1 + N]))  # per-token ops: slicing first is exact
+        h = w = self.grid
+        p = self.patch_size
+        return torch.einsum("nhwpqc->nchpwq", x.reshape(B, h, w, p, p, 3)).reshape(B, 3, h * p, w * p)
+
+
+RAE_DECODER_TOP = ["decoder_pos_embed", "trainable_cls_token", "decoder_embed.weight", "decoder_embed.bias",
+                   "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
+RAE_DECODER_LAYER = {  # released (HF ViT-MAE) name → ours, per layer
+    "layernorm_before": "norm1", "attention.output.dense": "attn.proj", "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+
+
+def convert_rae_decoder(sd):
+    """Released RAE decoder state dict (`decoder_layers.i.attention.attention.{query,key,value}` …) → our
+    ViTDecoder names, after checking the released key set (missing / unexpected keys listed)."""
+    depth = 1 + max([int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers.")], default=-1)
+    layer = [f"{n}.{p}" for n in ["attention.attention.query", "attention.attention.key", "attention.attention.value",
+                                  *RAE_DECODER_LAYER] for p in ("weight", "bias")]
+    expected = RAE_DECODER_TOP + [f"decoder_layers.{i}.{k}" for i in range(depth) for k in layer]
+    missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in set(expected)]
+    if missing or unexpected:
+        raise ValueError(f"not a complete RAE decoder state dict: missing keys: {_listing(missing) or '-'}; "
+                         f"unexpected keys: {_listing(unexpected) or '-'}")
+    out = {k: sd[k] for k in RAE_DECODER_TOP}
+    for i in range(depth):
+        pre = f"decoder_layers.{i}."
+        for p in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([sd[f"{pre}attention.attention.{n}.{p}"]
+                                                         for n in ("query", "key", "value")])
+            for a, b in RAE_DECODER_LAYER.items():
+                out[f"blocks.{i}.{b}.{p}"] = sd[f"{pre}{a}.{p}"]
+    return out
+
+
+def rae_decoder_state_dict(src):
+    """Decoder weights in our ViTDecoder layout from the released RAE decoder (`model.pt`, HF ViT-MAE names)
+    or our own layout: a path or a state dict; a training checkpoint dict gives its `ema` weights (else
+    `model`), keeping `decoder.*`. A DiT-DH generator checkpoint is refused."""
+    sd = read_state_dict(src) if isinstance(src, (str, os.PathLike)) else src
+    if "ema" in sd or "model" in sd:
+        sd = sd["ema"] if sd.get("ema") is not None else sd["model"]
+    if any(k.startswith("decoder.") for k in sd):
+        sd = {k[8:]: v for k, v in sd.items() if k.startswith("decoder.")}
+    if any(k.startswith(("x_embedder.", "t_embedder.")) or "adaLN_modulation" in k for k in sd):
+        raise ValueError("this looks like a DiT-DH generator checkpoint (x_embedder / t_embedder / adaLN_modulation "
+                         "keys), not an RAE pixel decoder")
+    return sd if "blocks.0.attn.qkv.weight" in sd else convert_rae_decoder(sd)
+
+
+def load_rae_decoder(src, num_heads=None):
+    """ViTDecoder loaded strictly from `src` (see rae_decoder_state_dict). Width, depth, MLP size, pixel patch,
+    grid and query count come from the shapes; heads from the width (768 → 12, 1024/1152 → 16), else pass
+    num_heads."""
+    sd = rae_decoder_state_dict(src)
+    dim, latent_dim = sd["decoder_embed.weight"].shape
+    heads = num_heads or {768: 12, 1024: 16, 1152: 16}.get(dim)
+    if heads is None:
+        raise ValueError(f"RAE decoder of width {dim}: pass num_heads (known widths: 768, 1024, 1152)")
+    cfg = dict(latent_dim=latent_dim, dim=dim, num_heads=heads,
+               depth=len([k for k in sd if k.endswith(".norm1.weight")]),
+               mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
+               patch_size=math.isqrt(sd["decoder_pred.weight"].shape[0] // 3),
+               grid=math.isqrt(sd["decoder_pos_embed"].shape[1] - 1),
+               num_queries=sd["query_pos_embed"].shape[1] if "query_pos_embed" in sd else 0)
+    return load_strict(ViTDecoder(**cfg), sd, "RAE decoder" + (f" from {src}" if isinstance(src, str) else ""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder; SPEC §2)
+# ----------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+TOKENIZER_PRESETS = {
+    "tiny": dict(method="rae", encoder="vitt14_reg", encoder_weights=None, decoder="tiny", image_size=64,
+                 encoder_size=56),  # 4×4 tokens of width 64, decoder patch 16
+    "published": dict(method="rae", encoder="vitb14_reg", encoder_weights="official", decoder="XL", image_size=256),
+}
+
+
+class RAE(nn.Module):
+    """Representation autoencoder: x01 → bicubic resize to encoder_size → ImageNet normalise → frozen DINOv2 →
+    z = LN₀(last block), cls and registers dropped, (B, h·w, C) → ViT decoder → image. encoder_size defaults to
+    image_size·7/8 (256 → 224, 512 → 448); the decoder's pixel patch is image_size / grid. A random frozen
+    encoder (encoder_weights=None) is seeded with 0, so rebuilding from `config` gives the same encoder."""
+
+    method = "rae"
+
+    def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
+                 image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform"):
+        super().__init__()
+        if noise not in ("uniform", "halfnormal"):
+            raise ValueError(f"noise must be 'uniform' or 'halfnormal', got '{noise}'")
+        self.config = dict(method=self.method, encoder=encoder, encoder_weights=encoder_weights, decoder=decoder,
+                           decoder_weights=decoder_weights, image_size=image_size, encoder_size=encoder_size,
+                           noise_tau=noise_tau, noise=noise)
+        self.image_size, self.encoder_size = image_size, encoder_size or image_size * 7 // 8
+        self.noise_tau, self.noise = noise_tau, noise
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.encoder = dinov2(encoder, encoder_weights).eval().requires_grad_(False)
+        grid = self.encoder_size // self.encoder.patch_size
+        self.decoder = ViTDecoder(latent_dim=self.encoder.embed_dim, patch_size=image_size // grid, grid=grid,
+                                  **DECODERS[decoder])
+        if decoder_weights:
+            load_strict(self.decoder, rae_decoder_state_dict(decoder_weights), f"decoder '{decoder_weights}'")
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("stats_mean", None, persistent=False)  # (h·w, C) or None, see set_stats
+        self.register_buffer("stats_var", None, persistent=False)
+        self.set_phase("1")
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: always in inference mode
+        return self
+
+    @torch.no_grad()
+    def encoder_features(self, x01):
+        """Every encoder block output (B, h·w, C), pre-norm, prefix tokens dropped, from one frozen pass."""
+        s = self.encoder_size
+        if x01.shape[-2:] != (s, s):
+            x01 = F.interpolate(x01, size=(s, s), mode="bicubic", align_corners=False)
+        return self.encoder.forward_blocks((x01 - self.pixel_mean) / self.pixel_std)
+
+    def latent(self, feats):
+        """Raw latent: the last block through the final norm without its affine (LN₀)."""
+        return ln0(feats[-1])
+
+    def add_noise(self, z):
+        """RAE noise augmentation: z + σ·ε with per-sample σ = τ·u, u ~ U(0,1) (released code, default) or
+        σ ~ |N(0, τ²)| (paper text, noise='halfnormal')."""
+        shape = (z.shape[0],) + (1,) * (z.dim() - 1)
+        u = torch.rand(shape, device=z.device) if self.noise == "uniform" else torch.randn(shape, device=z.device).abs()
+        return z + self.noise_tau * u.to(z.dtype) * torch.randn_like(z)
+
+    def set_stats(self, stats):
+        """Latent statistics {"mean": Tensor | None, "var": Tensor} of shape [C, h, w] (the released RAE
+        `stat.pt` layout; mean may be None), or None to switch normalisation off."""
+        to_tokens = lambda t: None if t is None else t.float().flatten(1).T.contiguous().to(self.pixel_mean.device)
+        self.stats_mean, self.stats_var = (None, None) if stats is None else map(to_tokens, (stats["mean"], stats["var"]))
+
+    def normalize(self, z):
+        """z_n = (z − mean) / sqrt(var + 1e-5) per (token, channel) element; identity without statistics."""
+        if self.stats_var is None:
+            return z
+        z = z - self.stats_mean if self.stats_mean is not None else z
+        return z / torch.sqrt(self.stats_var + 1e-5)
+
+    def denormalize(self, z):
+        if self.stats_var is None:
+            return z
+        z = z * torch.sqrt(self.stats_var + 1e-5)
+        return z + self.stats_mean if self.stats_mean is not None else z
+
+    def to01(self, x):
+        """Decoder output (ImageNet-normalised space) → [0, 1] space, unclamped."""
+        return x * self.pixel_std + self.pixel_mean
+
+    def encode(self, x01):
+        return self.normalize(self.latent(self.encoder_features(x01)))
+
+    def decode(self, z):
+        return self.to01(self.decoder(self.denormalize(z)))
+
+    def forward(self, x01):
+        """Training path: raw latent (+ noise augmentation in training mode) → decoder → (recon01, {})."""
+        z = self.latent(self.encoder_features(x01))
+        if self.training and self.noise_tau > 0:
+            z = self.add_noise(z)
+        return self.to01(self.decoder(z)), {}
+
+    def set_phase(self, phase):
+        """RAE has one phase: "1" trains the decoder; the encoder is always frozen."""
+        if phase != "1":
+            raise ValueError(f"RAE has only phase '1', got '{phase}'")
+        self.requires_grad_(False)
+        self.decoder.requires_grad_(True)
+
+    def last_layer(self):
+        return self.decoder.decoder_pred.weight
+
+
+@torch.no_grad()
+def compute_latent_stats(tokenizer, loader, max_batches=None):
+    """Exact per-element mean and population variance of the raw latents (B, h·w, C) over a loader of images
+    (or (images, labels) batches), streamed in float64 and summed over ranks when torch.distributed is
+    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w]."""
+    device, s1, s2, n = tokenizer.pixel_mean.device, 0.0, 0.0, 0
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    batches = loader if max_batches is None else itertools.islice(loader, max_batches)
+    for batch in tqdm(batches, desc="latent stats", disable=not rank0, total=max_batches):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        z = tokenizer.latent(tokenizer.encoder_features(x.to(device))).double()
+        s1, s2, n = s1 + z.sum(0), s2 + (z * z).sum(0), n + z.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        total = torch.stack([s1, s2, torch.full_like(s1, n)])
+        dist.all_reduce(total)
+        s1, s2, n = total[0], total[1], total[2]
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    h = math.isqrt(mean.shape[0])
+    grid = lambda t: t.T.reshape(-1, h, h).float().cpu()  # (h·w, C) → [C, h, w]
+    return {"mean": grid(mean), "var": grid(var)}
+
+
+def save_stats(stats, path):
+    """Write {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout)."""
+    save_atomic({"mean": stats["mean"], "var": stats["var"]}, path)
+
+
+def load_stats(path):
+    """Read a stats file (ours or the released RAE `stat.pt`, whose DINOv2-B file has mean = None)."""
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stats, dict) or "var" not in stats:
+        raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
+    return {"mean": stats.get("mean"), "var": stats["var"]}
+
+
+TOKENIZERS = {"drorae": ("fusion", "DRoRAE"), "decq": ("queries", "DecQ"),
+              "ideal": ("vq", "Ideal")}
+
+
+def build_tokenizer(config, **overrides):
+    """Rebuild a tokenizer from its `config` dict (or a TOKENIZER_PRESETS name), with overrides, e.g.
+    decoder_weights=None when a checkpoint's state dict will be loaded next. Convention: every tokenizer class
+    takes its config minus "method" as keyword arguments, `Class(**kwargs)`, and stores the full dict
+    (with "method") as `self.config`."""
+    config = {**(TOKENIZER_PRESETS[config] if isinstance(config, str) else config), **overrides}
+    method = config.pop("method", None)
+    if method == "rae":
+        return RAE(**config)
+    if method not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer method '{method}': expected rae or one of {sorted(TOKENIZERS)}")
+    module, name = TOKENIZERS[method]
+    return getattr(importlib.import_module(module), name)(**config)
