@@ -130,6 +130,8 @@ class GPT(nn.Module):
         CFG: ℓ = ℓ_u + s·(ℓ_c − ℓ_u) with the null class batched alongside; s = 1 runs the conditional pass only.
         temperature 0 = greedy. generator: a torch.Generator or a list of one per sample (see `sample_logits`)."""
         num_tokens = num_tokens or self.num_tokens
+        if num_tokens > self.num_tokens:
+            raise ValueError(f"num_tokens {num_tokens} exceeds the model's {self.num_tokens}-token grid")
         guided = cfg_scale != 1.0
         if guided:
             cond = torch.cat([cond, torch.full_like(cond, self.num_classes)])
@@ -190,7 +192,8 @@ def save_code_shard(stem, codes, labels):
 def extract_codes(tokenizer, loader, out_dir, flip=True, shard_size=100_000, prefix="shard"):
     """Encode every (x01, label) batch of `loader` (centre-cropped images) with `tokenizer.encode` → (B, N)
     indices; with flip the horizontal mirror is a separate entry (LlamaGen/Ideal: centre crop + flip).
-    Writes shards `prefix`00000.codes.npy / .labels.npy of about `shard_size` entries to out_dir."""
+    Writes shards `prefix`00000.codes.npy / .labels.npy of about `shard_size` entries to out_dir (use a
+    per-rank prefix when ranks extract disjoint parts). Puts the tokenizer in eval mode."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device

@@ -1,12 +1,14 @@
 """ar.py: LlamaGen GPT sizes, 2-D RoPE convention, KV cache = uncached forward, sampling rules, memorisation,
 code shards."""
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import apply_rope
+from model import apply_rope, load_strict
 from ar import GPT, GPT_PRESETS, CodeShards, KVCache, extract_codes, filter_logits, sample_logits
 
 TINY = dict(GPT_PRESETS["tiny"], vocab_size=32, num_classes=4, grid=4)
@@ -90,6 +92,20 @@ def test_greedy_top1_and_zero_temperature():
     assert torch.equal(model.generate(cond, top_k=1, generator=g), greedy)
     assert torch.equal(model.generate(cond, temperature=1e-6, generator=g), greedy)
     assert not torch.equal(model.generate(cond, generator=g), greedy)  # sampling at T=1 does differ
+    assert torch.equal(model.generate(cond, num_tokens=5, temperature=0), greedy[:, :5])
+    with pytest.raises(ValueError, match="exceeds the model's 16-token grid"):
+        model.generate(cond, num_tokens=17)
+
+
+def test_config_rebuilds_model():
+    model = tiny_gpt(cls_rope="identity")
+    rebuilt = load_strict(GPT(**json.loads(json.dumps(model.config))).eval(), model.state_dict(), "tiny GPT")
+    idx, cond = torch.randint(0, 32, (2, 16)), torch.tensor([1, 2])
+    assert torch.equal(rebuilt(idx, cond), model(idx, cond))
+    assert sorted(model.state_dict()) == sorted(rebuilt.state_dict())  # RoPE tables are not saved
+    assert not any("rope" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="cls_rope must be"):
+        GPT(**TINY, cls_rope="none")
 
 
 def test_sampling_cfg_and_determinism():
