@@ -566,6 +566,8 @@ class RAE(nn.Module):
         super().__init__()
         if noise not in ("uniform", "halfnormal"):
             raise ValueError(f"noise must be 'uniform' or 'halfnormal', got '{noise}'")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder '{decoder}': expected one of {sorted(DECODERS)}")
         self.config = dict(method=self.method, encoder=encoder, encoder_weights=encoder_weights, decoder=decoder,
                            decoder_weights=decoder_weights, image_size=image_size, encoder_size=encoder_size,
                            noise_tau=noise_tau, noise=noise)

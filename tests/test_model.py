@@ -331,3 +331,17 @@ def test_load_strict_lists_problems_and_save_atomic(tmp_path):
     model.save_atomic(lin.state_dict(), tmp_path / "ckpt.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert same_state(torch.load(tmp_path / "ckpt.pt"), lin.state_dict())
+
+
+def test_latent_stats_distributed_gloo(tmp_path):
+    """The all-reduce path (single-process gloo group) gives the same statistics."""
+    import torch.distributed as dist
+    tok = tiny_rae().eval()
+    loader = [torch.rand(2, 3, 64, 64) for _ in range(2)]
+    local = model.compute_latent_stats(tok, loader)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        reduced = model.compute_latent_stats(tok, loader, max_batches=2)
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(local[k], reduced[k]) for k in ("mean", "var"))
