@@ -172,7 +172,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
     else:
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
-    return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # u = 0 would give −inf
+    return (logits + gumbel).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

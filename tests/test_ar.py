@@ -202,3 +202,9 @@ def test_code_shards_round_trip(tmp_path):
     assert ds[0][0].dtype == torch.long
     with pytest.raises(ValueError, match="no \\*.codes.npy shards"):
         CodeShards(tmp_path / "empty")
+
+
+def test_uniform_zero_draw_keeps_the_only_candidate(monkeypatch):
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
+    assert sample_logits(logits, top_k=1).item() == 1
