@@ -44,6 +44,8 @@ def test_labels_from_folder_names(folder):
         assert path.split("/")[-2] == ds.classes[label]
     x, y, skipped = ds[0]
     assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and skipped == 0
+    flat = data.ImageFolder(folder / "ant", size=32)  # images directly in the folder: one class, label 0
+    assert flat.classes == [] and len(flat) == 5 and {label for _, label in flat.samples} == {0}
 
 
 def test_corrupt_jpeg_skipped_and_counted(folder):

@@ -62,6 +62,16 @@ def test_lpips_weight_files(tmp_path, lpips_pair):
         losses.LPIPS(vgg=None, lin=str(tmp_path / "nowhere.pth"))
 
 
+def test_official_url_is_read_from_the_hub_cache(tmp_path, monkeypatch):
+    """The official-URL path: a file already in the torch hub cache is used without any download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "vgg.pth").write_bytes(LPIPS_LIN.read_bytes())
+    ours = losses.LPIPS(vgg=None, lin=losses.LPIPS_VGG_URL)
+    expected = torch.load(LPIPS_LIN, map_location="cpu", weights_only=True)["lin3.model.1.weight"]
+    assert torch.equal(ours.lin["lin3"]["model"][1].weight, expected)
+
+
 # ---------------------------------------------------------------------------------------------- discriminator
 
 
