@@ -210,6 +210,9 @@ def save_atomic(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -537,7 +540,8 @@ def load_rae_decoder(src, num_heads=None):
                patch_size=math.isqrt(sd["decoder_pred.weight"].shape[0] // 3),
                grid=math.isqrt(sd["decoder_pos_embed"].shape[1] - 1),
                num_queries=sd["query_pos_embed"].shape[1] if "query_pos_embed" in sd else 0)
-    return load_strict(ViTDecoder(**cfg), sd, "RAE decoder" + (f" from {src}" if isinstance(src, str) else ""))
+    where = f" from {os.fspath(src)}" if isinstance(src, (str, os.PathLike)) else ""
+    return load_strict(ViTDecoder(**cfg), sd, "RAE decoder" + where)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -584,8 +588,7 @@ class RAE(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("stats_mean", None, persistent=False)  # (h·w, C) or None, see set_stats
-        self.register_buffer("stats_var", None, persistent=False)
-        self.set_phase("1")
+        self.register_buffer("stats_var", None, persistent=False)  # trainable now: the decoder (phase "1")
 
     def train(self, mode=True):
         super().train(mode)
