@@ -96,3 +96,134 @@ def test_fused_layers_flag_and_smoothness_penalty():
     # hand check on a 2×2 grid with one layer: |1−0| across the row pairs, |0−0|,|1−1| down the columns
     w_hand = torch.tensor([[[1.0], [0.0], [1.0], [0.0]]])
     assert fusion.routing_smoothness(w_hand, 2, 2) == pytest.approx(0.0 + 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+import model  # noqa: E402
+
+TINY = dict(model.TOKENIZER_PRESETS["tiny"])
+
+
+def _pair(**kw):
+    """A tiny RAE and a DRoRAE with the same (seeded) encoder and the same decoder weights."""
+    rae = model.build_tokenizer(TINY).eval()
+    tok = model.build_tokenizer({**TINY, "method": "drorae", **kw}).eval()
+    tok.decoder.load_state_dict(rae.decoder.state_dict())
+    return rae, tok
+
+
+def test_tokenizer_beta_zero_and_phase_one_are_rae_bitwise():
+    x = torch.rand(2, 3, 64, 64)
+    rae, tok = _pair(beta=0.0)
+    assert torch.equal(tok.encode(x), rae.encode(x))
+    assert torch.equal(tok.decode(tok.encode(x)), rae.decode(rae.encode(x)))
+    rae, tok = _pair()
+    assert not torch.equal(tok.encode(x), rae.encode(x))  # fused latent (β = 0.2)
+    tok.set_phase("1")  # phase 1: the RAE latent, whatever the fusion weights
+    assert torch.equal(tok.encode(x), rae.encode(x)) and torch.equal(tok(x)[0], rae(x)[0])
+    assert tok.config["method"] == "drorae" and model.build_tokenizer(tok.config).config == tok.config
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize("phase", ["2", "3"])
+def test_phases_train_exactly_their_tensors(phase):
+    _, tok = _pair(smoothness=0.1)
+    tok.set_phase(phase)
+    trained = tok.fusion if phase == "2" else tok.decoder
+    frozen = [m for m in (tok.encoder, tok.decoder, tok.fusion) if m is not trained]
+    params = [p for p in tok.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in trained.parameters()}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    before = {m: _snapshot(m) for m in (tok.encoder, tok.decoder, tok.fusion)}
+    tok.train()
+    x = torch.rand(2, 3, 64, 64)
+    for _ in range(2):
+        recon, aux = tok(x)
+        loss = (recon - x).abs().mean() + sum(aux.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for m in frozen:
+        assert not _changed(before[m], m)  # bitwise unchanged
+    assert _changed(before[trained], trained) == {k for k, _ in trained.named_parameters()}  # every one moved
+    assert all(p.grad is None for p in tok.encoder.parameters())
+
+
+def test_smoothness_penalty_is_an_aux_loss_only_when_weighted():
+    x = torch.rand(2, 3, 64, 64)
+    _, tok = _pair()
+    assert tok.train()(x)[1] == {}
+    _, tok = _pair(smoothness=0.5)
+    tok.set_phase("2")
+    aux = tok.train()(x)[1]
+    assert set(aux) == {"routing_smoothness"} and aux["routing_smoothness"] > 0
+    aux["routing_smoothness"].backward()
+    assert tok.fusion.router.weight.grad.abs().sum() > 0
+    tok.set_phase("1")
+    assert tok(x)[1] == {}  # phase 1 has no fusion, hence no penalty
+
+
+def test_routing_maps_png(tmp_path):
+    from PIL import Image
+
+    _, tok = _pair(fusion_layers=[0, 2, 3])
+    x = torch.rand(2, 3, 64, 64)
+    maps = tok.routing_maps(x)
+    assert maps.shape == (2, 3, 4, 4) and maps.abs().max() <= 1
+    assert torch.allclose(maps.pow(2).sum(1), torch.ones(2, 4, 4), atol=1e-4)  # unit energy per token
+    fusion.save_routing_maps(tok, x, tmp_path / "routing.png")
+    img = Image.open(tmp_path / "routing.png")
+    assert img.size == (2 + 4 * (64 + 2), 2 + 2 * (64 + 2))  # 4 columns (image + 3 layers), 2 rows
+    assert torch.equal(fusion.diverging(torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1, 1)).flatten(1),
+                       torch.tensor([[0.0, 0, 1], [1, 1, 1], [1, 0, 0]]))
+
+
+# ---------------------------------------------------------------------------------------------------- scaling fit
+
+
+def test_log_linear_fit_and_table(capsys):
+    cap = [1e5, 3e5, 1e6, 3e6, 1e7]
+    a, b, r2 = fusion.fit_log_linear(cap, [2.0 - 0.1 * torch.tensor(c).log().item() for c in cap])
+    assert a == pytest.approx(2.0) and b == pytest.approx(-0.1) and r2 == pytest.approx(1.0)
+    assert fusion.fit_log_linear(cap, [1.0, 0.5, 0.9, 0.2, 0.4])[2] < 0.9
+    assert fusion.spread_layers(12, 12) == list(range(12)) and fusion.spread_layers(12, 1) == [11]
+    assert fusion.spread_layers(12, 3) == [0, 6, 11] and len(fusion.spread_layers(12, 5)) == 5
+    with torch.device("meta"):
+        assert fusion.fusion_params(768, 1536, 12) == sum(p.numel() for p in fusion.DepthRoutedFusion(768, 12).parameters())
+    rows = [dict(hidden=h, layers=n, params=fusion.fusion_params(64, h, n), psnr=20 + h / 100 + n / 10, rfid=None)
+            for h in (64, 128) for n in (2, 4)]
+    fits = fusion.scaling_table(rows, ["psnr", "rfid"])
+    assert set(fits) == {"psnr/all", "psnr/width", "psnr/layers"} and "R²" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scaling_command_on_tiny_preset(tmp_path, capsys):
+    """python fusion.py --scaling on the tiny preset: 2 widths × 2 layer counts, 1 phase-2 step each."""
+    import numpy as np
+    from PIL import Image
+
+    import train
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train/a", 8), ("val/a", 4)):
+        (tmp_path / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
+    rae = model.build_tokenizer(TINY)
+    train.save_checkpoint(tmp_path / "p1.pt", kind="tokenizer", method="rae", phase="1", config=rae.config,
+                          model=rae.state_dict(), ema=rae.state_dict())
+    rows, fits = fusion.scaling(["--scaling", "--init-from", str(tmp_path / "p1.pt"), "--data-path",
+                                 str(tmp_path / "train"), "--eval-path", str(tmp_path / "val"), "--out-dir",
+                                 str(tmp_path / "sc"), "--widths", "16", "64", "--layer-counts", "2", "4",
+                                 "--max-steps", "1", "--device", "cpu", "--preset", "tiny", "--lpips-weight", "0"])
+    assert [(r["hidden"], r["layers"]) for r in rows] == [(16, 2), (16, 4), (64, 2), (64, 4)]
+    assert all(r["psnr"] > 0 for r in rows) and "psnr/all" in fits
+    assert "R²" in capsys.readouterr().out and (tmp_path / "sc" / "scaling.json").exists()
