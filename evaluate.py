@@ -1,0 +1,555 @@
+"""Evaluation with the community (OpenAI ADM suite) conventions: gFID, sFID, IS, precision/recall for samples;
+rFID, PSNR, SSIM, LPIPS and codebook usage for tokenizers; FD-DINOv2 for both.
+
+    python evaluate.py --samples S.npz --ref VIRTUAL_imagenet256_labeled.npz
+    python evaluate.py --tokenizer ckpt.pt --data-path imagenet/val --save-recon recon.npz
+    torchrun --nproc_per_node=8 evaluate.py ...   (same numbers as one process)
+
+Read top to bottom: (1) the FID Inception, (2) FD-DINOv2 features, (3) metrics, (4) image sets,
+(5) sharded extraction, (6) CLI.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+import zipfile
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models.inception as tvi
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+from model import load_strict
+
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The FID Inception (TF "2015-12-05" graph): torchvision Inception3 with pytorch-fid's four patches
+
+
+def _avg3(x):
+    """TF 'SAME' 3×3 average pool: padded pixels are not counted."""
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(tvi.InceptionA):
+    """Mixed_5b–5d."""
+
+    def _forward(self, x):
+        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg3(x))]
+
+
+class FIDInceptionC(tvi.InceptionC):
+    """Mixed_6b–6e."""
+
+    def _forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return [self.branch1x1(x), b7, bd, self.branch_pool(_avg3(x))]
+
+
+class FIDInceptionE(tvi.InceptionE):
+    """Mixed_7b, and Mixed_7c (2048 inputs), whose pool branch is a 3×3 max-pool in the 2015 graph."""
+
+    def __init__(self, in_channels, conv_block=None):
+        super().__init__(in_channels, conv_block)
+        self.pool = partial(F.max_pool2d, kernel_size=3, stride=1, padding=1) if in_channels == 2048 else _avg3
+
+    def _forward(self, x):
+        b3, bd = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
+                torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1), self.branch_pool(self.pool(x))]
+
+
+def resize_tf1(x, size):
+    """TF1 legacy bilinear resize (align_corners=False, no half-pixel centres) of NCHW float x to size×size:
+    source = i·in/out in float32, upper neighbour clamped at the edge; horizontal then vertical lerp."""
+    def taps(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.long()
+        return lo, (lo + 1).clamp_max(n_in - 1), src - lo
+    (ylo, yhi, dy), (xlo, xhi, dx) = taps(x.shape[2]), taps(x.shape[3])
+    left = x[..., xlo]
+    rows = left + (x[..., xhi] - left) * dx
+    top = rows[:, :, ylo]
+    return top + (rows[:, :, yhi] - top) * dy[:, None]
+
+
+def load_weights(src):
+    """A state dict from a local file or a URL (downloaded once into torch.hub.get_dir()/checkpoints)."""
+    if os.path.exists(src):
+        return torch.load(src, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot get weights {src} ({type(e).__name__}: {e}); put the file in "
+                         f"{torch.hub.get_dir()}/checkpoints/ or pass a local path")
+
+
+class InceptionFeatures(tvi.Inception3):
+    """The FID InceptionV3. Parameter names equal the pytorch-fid weights file, which loads strictly.
+    Call on uint8 NHWC (0..255) or float NCHW in [0, 1] → pool (B, 2048), logits (B, 1008; pool @ fc.weight.T,
+    no bias, as ADM/improved-gan IS) and spatial (B, 2023; Mixed_6d.branch1x1 post-ReLU, first 7 channels,
+    flattened NHWC, as ADM sFID). preprocess "adm": TF1 resize of 0..255 values to 299, (x − 128)/128 (the TF graph
+    ADM runs); "pytorch-fid": half-pixel bilinear of [0, 1] values, 2x − 1. weights: path or URL, None = random."""
+
+    def __init__(self, weights=FID_WEIGHTS_URL, preprocess="adm"):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False, inception_blocks=[
+            tvi.BasicConv2d, FIDInceptionA, tvi.InceptionB, FIDInceptionC, tvi.InceptionD, FIDInceptionE, None])
+        assert preprocess in ("adm", "pytorch-fid"), preprocess
+        self.preprocess = preprocess
+        if weights is not None:
+            sd = load_weights(weights)  # the file may or may not hold BN num_batches_tracked counters
+            sd = {**{k: v for k, v in self.state_dict().items() if k.endswith("num_batches_tracked")}, **sd}
+            load_strict(self, sd, f"Inception weights {weights}")
+        self.eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def forward(self, x):
+        u8 = x.dtype == torch.uint8
+        x = x.permute(0, 3, 1, 2).float() if u8 else x.float()
+        with torch.autocast(x.device.type, enabled=False), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            if self.preprocess == "adm":
+                x = (resize_tf1(x if u8 else x * 255, 299) - 128) / 128
+            else:
+                x = F.interpolate(x / 255 if u8 else x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+            for name, block in self.named_children():
+                if name == "Mixed_6d":
+                    branches = block._forward(x)
+                    spatial, x = branches[0][:, :7], torch.cat(branches, 1)
+                elif name == "avgpool":
+                    break
+                else:
+                    x = block(x)
+            pool = x.mean((2, 3))
+            return pool, pool @ self.fc.weight.T, spatial.permute(0, 2, 3, 1).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. FD-DINOv2 features (Stein et al. 2023, as in EDM2)
+
+
+class DINOv2Features(nn.Module):
+    """DINOv2-L/14 CLS token (after the final norm) of uint8 NHWC images resized bicubic-antialiased to 224
+    and ImageNet-normalised, EDM2's FD-DINOv2 detector."""
+
+    def __init__(self, weights="official"):
+        super().__init__()
+        import model
+        self.net = model.dinov2("vitl14", weights=weights).eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    @torch.inference_mode()
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic", antialias=True)
+            return self.net.forward_features((x / 255 - self.mean) / self.std)["x_norm_clstoken"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Metrics
+
+
+def gaussian(features):
+    """Mean and covariance (float64, ddof 1) of (N, D) features."""
+    f = np.asarray(features, dtype=np.float64)
+    if len(f) < 2:
+        raise SystemExit(f"a Fréchet distance needs at least 2 images, got {len(f)}")
+    if len(f) < 2048:
+        warnings.warn(f"Fréchet distance from {len(f)} < 2048 images is biased (rank-deficient covariance); "
+                      "report numbers from 50,000", stacklevel=2)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1Σ2)^½ with the TTUR/ADM/pytorch-fid safeguards: float64; if sqrtm is
+    not finite, add eps·I to both covariances; a complex result with |imag diag| > 1e-3 is an error."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"singular covariance product; adding {eps} to the diagonals", stacklevel=2)
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.abs(covmean.imag).max()}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10, shuffle_seed=None):
+    """Mean over `splits` contiguous chunks (file order, as ADM) of exp E_x KL(p(y|x) ‖ p(y)); softmax over all
+    1008 logits in float64 with 0·log 0 = 0. shuffle_seed permutes first (for class-sorted files)."""
+    p = torch.as_tensor(logits, dtype=torch.float64).softmax(1)
+    if shuffle_seed is not None:
+        p = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(shuffle_seed))]
+    kl = [(torch.special.xlogy(s, s) - torch.special.xlogy(s, s.mean(0))).sum(1).mean().exp() for s in p.tensor_split(splits)]
+    return torch.stack(kl).mean().item()
+
+
+def _sqdist(u, v):
+    """Squared Euclidean distances ‖u‖² − 2u·v + ‖v‖² (ADM's kernel, fp32), clamped at 0."""
+    return ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None]).clamp_min_(0)
+
+
+def precision_recall(ref_features, sample_features, k=3, block=2048):
+    """Improved precision/recall (Kynkäänniemi et al. 2019): each point's ball has the squared distance to its k-th
+    nearest other point of its own set (k+1-th smallest with self); precision = fraction of samples inside some
+    reference ball (d ≤ r), recall = fraction of references inside some sample ball. Row blocks of `block`."""
+    ref, smp = (torch.as_tensor(f, dtype=torch.float32) for f in (ref_features, sample_features))
+
+    def radii(f):
+        return torch.cat([_sqdist(f[i:i + block], f).kthvalue(k + 1, dim=1).values for i in range(0, len(f), block)])
+
+    def covered(a, b, rb):  # fraction of a inside some ball of b
+        return torch.cat([(_sqdist(a[i:i + block], b) <= rb).any(1) for i in range(0, len(a), block)]).double().mean().item()
+
+    return covered(smp, ref, radii(ref)), covered(ref, smp, radii(smp))
+
+
+def psnr(a, b):
+    """Per-image PSNR (dB, peak 255) of uint8 NHWC batches over all pixels and channels (inf if identical)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return 10 * torch.log10(255 ** 2 / (a - b).square().mean((1, 2, 3)))
+
+
+def ssim(a, b, window="wang"):
+    """Per-image SSIM of uint8 NHWC batches (data range 255, K1 .01, K2 .03, valid windows, channel mean).
+    window "wang": 11×11 Gaussian σ 1.5, population covariance (Wang et al. 2004); "skimage": scikit-image's
+    default 7×7 uniform window with sample covariance."""
+    x, y = (torch.as_tensor(t).permute(0, 3, 1, 2).double() for t in (a, b))
+    if window == "wang":
+        w, cov_norm = torch.exp(-torch.arange(-5.0, 6.0, dtype=torch.float64) ** 2 / (2 * 1.5 ** 2)), 1.0
+    else:
+        w, cov_norm = torch.ones(7, dtype=torch.float64), 49 / 48
+    w = (w / w.sum()).to(x.device)
+    c = x.shape[1]
+
+    def filt(t):  # separable per-channel filter, valid region only
+        t = F.conv2d(t, w.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return F.conv2d(t, w.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    ux, uy = filt(x), filt(y)
+    vx, vy, vxy = (cov_norm * (filt(p * q) - up * uq) for p, q, up, uq in ((x, x, ux, ux), (y, y, uy, uy), (x, y, ux, uy)))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean((1, 2, 3))
+
+
+def lpips(a, b, net):
+    """Per-image LPIPS of uint8 NHWC batches with a `losses.LPIPS` module."""
+    to01 = lambda t: torch.as_tensor(t).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    with torch.inference_mode():
+        return net(to01(a), to01(b)).flatten()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Image sets: uint8 NHWC batches read by index range
+
+
+class NpzImages:
+    """`arr_0` of an npz (ADM sample/reference layout: uint8 N×H×W×3), streamed from the zip, never loaded whole."""
+
+    def __init__(self, path):
+        self.zip = zipfile.ZipFile(path)
+        if "arr_0.npy" not in self.zip.namelist():
+            raise SystemExit(f"{path} has no images: expected arr_0, uint8 N×H×W×3")
+        self.f = self.zip.open("arr_0.npy")
+        version = np.lib.format.read_magic(self.f)
+        self.shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_{version[1]}")(self.f)
+        self.offset, self.item = self.f.tell(), int(np.prod(self.shape[1:])) * dtype.itemsize
+        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3 or fortran:
+            head = np.frombuffer(self.f.read(min(self.item * 16, self.item * self.shape[0])), dtype) if self.shape[0] else []
+            rng = f", values in [{np.min(head):.3g}, {np.max(head):.3g}]" if len(head) else ""
+            raise SystemExit(f"{path}: arr_0 must be uint8 images N×H×W×3 with values 0..255; got {dtype} "
+                             f"{self.shape}{rng}")
+        self.size = self.shape[1:3]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, i, j):
+        self.f.seek(self.offset + i * self.item)
+        return np.frombuffer(self.f.read((j - i) * self.item), np.uint8).reshape(j - i, *self.shape[1:])
+
+
+class FolderImages:
+    """Image files under a folder (sorted, recursive) as uint8 RGB, optionally through `transform` (PIL → PIL),
+    decoded by a thread pool. All images must share one size."""
+
+    def __init__(self, path, transform=None):
+        import data
+        self.files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in data.IMG_EXTENSIONS)
+        if not self.files:
+            raise SystemExit(f"{path}: no images (expected {'/'.join(data.IMG_EXTENSIONS)} files)")
+        self.transform = transform or (lambda im: im)
+        self.size = self._load(0).shape[:2]
+
+    def _load(self, i):
+        with Image.open(self.files[i]) as im:
+            x = np.asarray(self.transform(im.convert("RGB")))
+        if i and x.shape[:2] != self.size:
+            raise SystemExit(f"{self.files[i]} is {x.shape[1]}×{x.shape[0]}; the other images are "
+                             f"{self.size[1]}×{self.size[0]}")
+        return x
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, i, j):
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(8) as pool:
+            return np.stack(list(pool.map(self._load, range(i, j))))
+
+
+def open_images(path):
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found")
+    return FolderImages(path) if os.path.isdir(path) else NpzImages(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Sharded extraction: identical numbers for any number of processes
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(t, counts):
+    """All-gather each rank's rows (padded to max(counts)) and concatenate the valid ones in rank order."""
+    if len(counts) == 1:
+        return t
+    buf = t.new_zeros((max(counts), *t.shape[1:]))
+    buf[:len(t)] = t
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def sharded(images, step, batch_size, desc):
+    """Yields step(uint8 NHWC batch) → dict of per-image tensors for consecutive groups of W batches, gathered in
+    file order. Rank r computes batch r of each group, so every image sits in the same batch for any W."""
+    rank, world = rank_world()
+    n = len(images)
+    for g in tqdm(range(0, n, batch_size * world), desc=desc, disable=rank > 0, unit="batch"):
+        counts = [min(max(n - g - r * batch_size, 0), batch_size) for r in range(world)]
+        i = min(g + rank * batch_size, n - 1)  # a rank past the end computes one image and sends none
+        out = step(images.read(i, i + max(counts[rank], 1)))
+        yield {k: _gather(v[:counts[rank]], counts) for k, v in out.items()}
+
+
+def collect(batches):
+    out = defaultdict(list)
+    for b in batches:
+        for k, v in b.items():
+            out[k].append(v.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+class NpzWriter:
+    """Streams uint8 N×H×W×3 batches into `arr_0` of an npz (the ADM sample layout)."""
+
+    def __init__(self, path, shape):
+        self.zip = zipfile.ZipFile(path, "w")
+        self.f = self.zip.open("arr_0.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(self.f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+
+    def write(self, x):
+        self.f.write(np.ascontiguousarray(x).tobytes())
+
+    def close(self):
+        self.f.close()
+        self.zip.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. CLI
+
+
+def statistics(f):
+    """Fréchet statistics of extracted features (+ the pool features themselves, for precision/recall)."""
+    st = dict(zip(("mu", "sigma"), gaussian(f["pool"])), pool=f["pool"].numpy())
+    if "spatial" in f:
+        st["mu_s"], st["sigma_s"] = gaussian(f["spatial"])
+    if "dino" in f:
+        st["mu_dino"], st["sigma_dino"] = gaussian(f["dino"])
+    return st
+
+
+def compare(st, ref, prefix="g"):
+    """FID / sFID / precision / recall / FD-DINOv2 of sample statistics against reference statistics."""
+    res = {f"{prefix}FID": frechet_distance(st["mu"], st["sigma"], ref["mu"], ref["sigma"])}
+    if "mu_s" in st and "mu_s" in ref:
+        res["sFID"] = frechet_distance(st["mu_s"], st["sigma_s"], ref["mu_s"], ref["sigma_s"])
+    if "pool" in ref:
+        res["precision"], res["recall"] = precision_recall(ref["pool"], st["pool"])
+    if "mu_dino" in st and "mu_dino" in ref:
+        res["FD-DINOv2"] = frechet_distance(st["mu_dino"], st["sigma_dino"], ref["mu_dino"], ref["sigma_dino"])
+    return res
+
+
+def reference(path, extract, size):
+    """Statistics of --ref: stored ones (ADM reference batch or a --save-stats file: mu, sigma, mu_s, sigma_s;
+    P/R features from `pool`, else from the arr_0 images), or computed from images (npz arr_0 or a folder)."""
+    if os.path.isfile(path):
+        try:
+            z = np.load(path)
+            keys = set(z.files)
+        except (OSError, ValueError, AttributeError):
+            raise SystemExit(f"{path}: not an npz (expected an ADM reference batch, a sample npz or a stats file)")
+        if "mu" not in keys and "arr_0" not in keys:
+            raise SystemExit(f"{path}: a reference needs statistics (mu, sigma) or images (arr_0); found {sorted(keys)}")
+        if "mu" in keys:
+            st = {k: z[k] for k in keys - {"arr_0", "arr_1"}}
+            if "pool" not in st and "arr_0" in keys:
+                st["pool"] = extract(open_images(path), "reference images", size)["pool"].numpy()
+            return st
+    return statistics(extract(open_images(path), "reference", size))
+
+
+def table(res):
+    return "\n".join(f"{k:>12}  {v:.6g}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in res.items())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", help="sample npz (arr_0 uint8 N×H×W×3) or image folder")
+    p.add_argument("--ref", help="ADM reference batch npz, sample npz, image folder or a --save-stats file")
+    p.add_argument("--save-stats", help="write the statistics of --samples here (usable as --ref)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint: reconstruction metrics on --data-path")
+    p.add_argument("--data-path", help="image folder (ImageNet val) for --tokenizer, ADM centre crops")
+    p.add_argument("--save-recon", help="write the reconstructions here as an ADM-layout npz")
+    p.add_argument("--inception-weights", default=FID_WEIGHTS_URL)
+    p.add_argument("--preprocess", choices=["adm", "pytorch-fid"], default="adm")
+    p.add_argument("--is-shuffle-seed", type=int, help="shuffle before the IS splits (class-sorted files)")
+    p.add_argument("--ssim", choices=["wang", "skimage"], default="wang", help="SSIM window convention")
+    p.add_argument("--lpips-weights", help="(--tokenizer) VGG16 weights for LPIPS, default: the official URL")
+    p.add_argument("--fd-dinov2", action="store_true", help="also FD-DINOv2 (DINOv2-L/14 CLS at 224)")
+    p.add_argument("--dinov2-weights", default="official")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="JSON results file (default: next to --samples / --tokenizer)")
+    args = p.parse_args(argv)
+    if bool(args.samples) == bool(args.tokenizer) or bool(args.tokenizer) != bool(args.data_path):
+        p.error("give --samples [--ref] or --tokenizer with --data-path")
+    try:
+        res = run(args)
+    except ValueError as e:  # bad weights or inputs found deep inside: one line, no traceback
+        raise SystemExit(str(e)) from None
+    if rank_world()[0] == 0:
+        out = args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json"
+        Path(out).write_text(json.dumps(res, indent=1))
+        print(table(res) + f"\nwrote {out}")
+    return res
+
+
+def run(args):
+    device = torch.device(args.device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    net = InceptionFeatures(args.inception_weights, args.preprocess).to(device)
+    dino = DINOv2Features(args.dinov2_weights).to(device) if args.fd_dinov2 else None
+
+    def features(x):
+        pool, logits, spatial = net(x)
+        return dict(pool=pool, logits=logits, spatial=spatial, **({"dino": dino(x)} if dino else {}))
+
+    def extract(images, desc, size=None):
+        if size is not None and tuple(images.size) != tuple(size):
+            raise SystemExit(f"image sizes differ: {desc} are {images.size[0]}×{images.size[1]}, "
+                             f"samples are {size[0]}×{size[1]}")
+        return collect(sharded(images, lambda x: features(torch.from_numpy(x).to(device)), args.batch_size, desc))
+
+    res = {"inception": args.preprocess}
+    if args.tokenizer:
+        res.update(reconstruct(args, features, device))
+        return res
+    samples = open_images(args.samples)
+    f = extract(samples, "samples")
+    st = statistics(f)
+    res.update(images=len(samples), IS=inception_score(f["logits"], shuffle_seed=args.is_shuffle_seed))
+    if args.ref:
+        res.update(compare(st, reference(args.ref, extract, samples.size)))
+    if args.save_stats and rank_world()[0] == 0:
+        np.savez(args.save_stats, **st)
+    return res
+
+
+def reconstruct(args, features, device):
+    """rFID (reconstructions vs the same ADM centre crops), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
+    import data
+    import model
+    import train
+    ck = train.load_checkpoint(args.tokenizer, expect_kind="tokenizer")
+    tok = model.build_tokenizer(ck["config"], **{k: None for k in ("encoder_weights", "decoder_weights") if k in ck["config"]})
+    load_strict(tok, ck["ema"], f"{ck['path']} ema")
+    tok.to(device).eval()
+    try:
+        from losses import LPIPS
+        lp = LPIPS(**({"weights": args.lpips_weights} if args.lpips_weights else {})).to(device).eval()
+    except ImportError:
+        lp = None
+    codebook = tok.quantizer.codebook.shape[0] if tok.method == "ideal" else None
+    size = tok.config["image_size"]
+    images = FolderImages(args.data_path, partial(data.center_crop_arr, image_size=size))
+    rank = rank_world()[0]
+    writer = NpzWriter(args.save_recon, (len(images), size, size, 3)) if args.save_recon and not rank else None
+
+    def step(x):
+        x = torch.from_numpy(x).to(device)
+        with torch.inference_mode():
+            z = tok.encode(x.permute(0, 3, 1, 2).float() / 255)
+            r = (tok.decode(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        fr, fx = features(r), features(x)
+        out = dict(pool=fr["pool"], ref_pool=fx["pool"], psnr=psnr(x, r), ssim=ssim(x, r, args.ssim))
+        if "dino" in fr:
+            out.update(dino=fr["dino"], ref_dino=fx["dino"])
+        if lp is not None:
+            out["lpips"] = lpips(x, r, lp)
+        if codebook:
+            out["codes"] = z.flatten(1)
+        if args.save_recon:
+            out["recon"] = r
+        return out
+
+    f, used = defaultdict(list), torch.zeros(codebook or 0, dtype=torch.bool)
+    for b in sharded(images, step, args.batch_size, "reconstruct"):
+        if codebook:
+            used[b.pop("codes").flatten().cpu()] = True
+        if args.save_recon:
+            recon = b.pop("recon")
+            if writer:
+                writer.write(recon.cpu().numpy())
+        for k, v in b.items():
+            f[k].append(v.cpu())
+    if writer:
+        writer.close()
+    f = {k: torch.cat(v) for k, v in f.items()}
+    res = {"images": len(images), **compare(statistics(f), statistics({k[4:]: v for k, v in f.items() if k.startswith("ref_")}), "r")}
+    res.update(PSNR=f["psnr"].mean().item(), SSIM=f["ssim"].mean().item(), ssim_window=args.ssim)
+    if lp is not None:
+        res["LPIPS"] = f["lpips"].mean().item()
+    if codebook:
+        res["codebook_usage"] = used.double().mean().item()
+    return res
+
+
+if __name__ == "__main__":
+    main()
