@@ -200,6 +200,9 @@ def test_parameter_counts_meta():
         dino_v1 = DINOv2(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6, layer_scale=False,
                          mask_token=False)
         assert count(dino_v1) == 21_670_272  # DINO ViT-S/8
+        tok = model.build_tokenizer("published", encoder_weights=None)  # DINOv2-B reg4 + ViT-XL, 256 px
+        assert (tok.decoder.grid, tok.decoder.patch_size, tok.encoder_size) == (16, 16, 224)
+        assert sum(p.numel() for p in tok.parameters() if p.requires_grad) == 415_056_640
 
 
 # ---------------------------------------------------------------------------------------------------- decoder
