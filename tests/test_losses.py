@@ -117,11 +117,14 @@ def test_discriminator_names_bad_keys(tmp_path):
 
 
 def test_discriminator_matches_timm_vit(tmp_path):
-    """Backbone tokens (a timm DINO-layout ViT, key bias not zeroed) → heads in RAE order: final block first."""
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=0).eval()
+    """Backbone tokens (a timm DINO-layout ViT with tanh-GELU, key bias not zeroed) → heads in RAE order: final first."""
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=0,
+                            act_layer=lambda: nn.GELU(approximate="tanh")).eval()  # RAE's DINO copy: tanh-GELU
     for n, p in vit.named_parameters():
         if n.endswith(".bias"):
             nn.init.normal_(p, std=0.1)
+        if n.endswith("fc1.weight"):
+            nn.init.normal_(p, std=0.3)  # pre-activations of order 1–3, where tanh-GELU ≠ GELU
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     disc = losses.Discriminator(weights=str(tmp_path / "vit.pth"), **TINY).eval()
     x = torch.rand(3, 3, 40, 40) * 2 - 1
