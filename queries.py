@@ -1,0 +1,129 @@
+"""DecQ — detail-condensing queries for the RAE tokenizer (Wang et al. 2026, arXiv 2605.22777; SPEC §6).
+
+A few learnable queries condense detail from intermediate blocks of the frozen encoder through chained
+cross-attention "condensers"; the patch latent stays exactly the RAE latent (patches never attend to queries),
+and the decoder reads patches and queries together. Equation numbers follow §3 of the paper (Eq. 3 cross-attention,
+Eq. 4 condenser, Eq. 5 decoder input, Eq. 6–7 generation; reconstructed, the stored text lost the displays).
+
+Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer.
+"""
+import torch
+import torch.nn as nn
+
+import model
+from model import Attention, Mlp, ln0
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Condensers and queries
+# ----------------------------------------------------------------------------------------------------
+
+
+class Condenser(nn.Module):
+    """DecQ Eq. 3–4: q ← q + CrossAttn(LN(q), LN(kv)); q ← q + FFN(LN(q)). Queries attend to the patch
+    tokens kv of one encoder block; information flows from patches to queries only."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, q, kv):
+        q = q + self.attn(self.norm_q(q), context=self.norm_kv(kv))
+        return q + self.mlp(self.norm2(q))
+
+
+class DetailQueries(nn.Module):
+    """N learnable queries (init N(0, 0.02)) passed through one condenser per chosen block, in depth order
+    (default blocks 0, 3, 6, 9), each reading kv_k = LN₀(h_k); final LN₀ puts the queries on the scale of
+    the LN₀ patch latent."""
+
+    def __init__(self, dim, num_queries=8, layers=(0, 3, 6, 9), num_heads=12, mlp_ratio=4.0):
+        super().__init__()
+        self.layers = list(layers)
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.condensers = nn.ModuleList(Condenser(dim, num_heads, mlp_ratio) for _ in self.layers)
+
+    def forward(self, feats):
+        """feats: every block output (B, N, C) of the frozen encoder → query latent (B, Q, C)."""
+        q = self.queries.expand(feats[0].shape[0], -1, -1)
+        for k, condenser in zip(self.layers, self.condensers):
+            q = condenser(q, ln0(feats[k]))
+        return ln0(q)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. DecQ tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+class DecQ(model.RAE):
+    """RAE plus detail-condensing queries (method "decq"). The latent is a pair (patch (B, N, C), queries
+    (B, Q, C)): the patch part is exactly the RAE latent; each part has its own statistics. The decoder reads
+    both (DecQ Eq. 5: separate input projections, sin-cos positions for patches, learned ones for queries) and
+    decodes the patch outputs. One phase, "1": queries, condensers and decoder train together."""
+
+    method = "decq"
+
+    def __init__(self, num_queries=8, query_layers=(0, 3, 6, 9), query_heads=12, query_mlp_ratio=4.0, **rae):
+        super().__init__(**rae)
+        self.config.update(num_queries=num_queries, query_layers=list(query_layers), query_heads=query_heads,
+                           query_mlp_ratio=query_mlp_ratio)
+        C, depth = self.encoder.embed_dim, len(self.encoder.blocks)
+        if not all(0 <= k < depth for k in query_layers):
+            raise ValueError(f"query_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
+                             f"got {list(query_layers)}")
+        self.condenser = DetailQueries(C, num_queries, query_layers, query_heads, query_mlp_ratio)
+        # The query-aware decoder, carrying over the RAE decoder's weights (random or decoder_weights); only the
+        # query projection and positions are new. Local until model.RAE builds it given num_queries.
+        rae_decoder = self.decoder
+        self.decoder = model.ViTDecoder(C, patch_size=rae_decoder.patch_size, grid=rae_decoder.grid,
+                                        num_queries=num_queries, **model.DECODERS[self.config["decoder"]])
+        model.load_strict(self.decoder, {**self.decoder.state_dict(), **rae_decoder.state_dict()}, "DecQ decoder")
+        self.register_buffer("query_mean", None, persistent=False)  # (Q, C) or None, see set_stats
+        self.register_buffer("query_var", None, persistent=False)
+        self.set_phase("1")
+
+    def latent(self, feats):
+        """(RAE latent LN₀(h_L), untouched; query latent from the condensers)."""
+        return super().latent(feats), self.condenser(feats)
+
+    def set_stats(self, stats):
+        """Patch statistics as RAE ("mean", "var": [C, h, w]); query statistics "query_mean", "query_var" of
+        shape [Q, C] (optional)."""
+        super().set_stats(stats)
+        q = (stats or {}).get("query_var") is not None
+        dev = self.pixel_mean.device
+        self.query_mean, self.query_var = (stats["query_mean"].float().to(dev), stats["query_var"].float().to(dev)) if q else (None, None)
+
+    def normalize(self, z):
+        p, q = z
+        if self.query_var is not None:
+            q = (q - self.query_mean) / torch.sqrt(self.query_var + 1e-5)
+        return super().normalize(p), q
+
+    def denormalize(self, z):
+        p, q = z
+        if self.query_var is not None:
+            q = q * torch.sqrt(self.query_var + 1e-5) + self.query_mean
+        return super().denormalize(p), q
+
+    def decode(self, z):
+        p, q = self.denormalize(z)
+        return self.to01(self.decoder(p, queries=q))
+
+    def forward(self, x01):
+        """Training path → (recon01, {}); noise augmentation with one σ per sample over patches and queries."""
+        p, q = self.latent(self.encoder_features(x01))
+        if self.training and self.noise_tau > 0:
+            p, q = self.add_noise(torch.cat([p, q], 1)).split([p.shape[1], q.shape[1]], 1)
+        return self.to01(self.decoder(p, queries=q)), {}
+
+    def set_phase(self, phase):
+        """DecQ has one phase: "1" trains queries, condensers and decoder; the encoder is always frozen."""
+        if phase != "1":
+            raise ValueError(f"DecQ has only phase '1', got '{phase}'")
+        self.requires_grad_(False)
+        self.condenser.requires_grad_(True)
+        self.decoder.requires_grad_(True)

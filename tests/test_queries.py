@@ -1,0 +1,93 @@
+"""DecQ (queries.py): the patch latent is the RAE latent, the encoder gets no gradient, the query-aware decoder
+without queries is the RAE decoder, separate statistics, noise on both parts, the phase, the extra compute."""
+import pytest
+import torch
+
+import model
+import queries
+
+TINY = dict(model.TOKENIZER_PRESETS["tiny"])  # DINOv2 tiny: 4 blocks of width 64, 4×4 tokens
+DECQ = dict(TINY, method="decq", query_heads=4, query_layers=[0, 1, 3])
+
+
+def _pair():
+    rae = model.build_tokenizer(TINY).eval()
+    tok = model.build_tokenizer(DECQ).eval()
+    return rae, tok
+
+
+def test_patch_latent_is_the_rae_latent_bitwise():
+    rae, tok = _pair()
+    x = torch.rand(2, 3, 64, 64)
+    patch, q = tok.encode(x)
+    assert torch.equal(patch, rae.encode(x)) and q.shape == (2, 8, 64)
+    assert torch.allclose(q.mean(-1), torch.zeros(2, 8), atol=1e-5)  # final LN₀ on the queries
+    assert model.build_tokenizer(tok.config).config == tok.config
+    with pytest.raises(ValueError, match="query_layers"):
+        model.build_tokenizer({**DECQ, "query_layers": [0, 9]})
+
+
+def test_no_gradient_reaches_the_encoder_and_phase_one_trains_the_rest():
+    _, tok = _pair()
+    trainable = {id(p) for p in tok.parameters() if p.requires_grad}
+    assert trainable == {id(p) for m in (tok.condenser, tok.decoder) for p in m.parameters()}
+    x = torch.rand(2, 3, 64, 64)
+    recon, aux = tok.train()(x)
+    assert aux == {}
+    (recon - x).abs().mean().backward()
+    assert all(not p.requires_grad and p.grad is None for p in tok.encoder.parameters())
+    assert tok.condenser.queries.grad.abs().sum() > 0  # the queries do reach the pixels
+    assert all(p.grad is not None for p in tok.condenser.parameters())
+    with pytest.raises(ValueError, match="only phase '1'"):
+        tok.set_phase("2")
+
+
+def test_decoder_without_queries_is_the_rae_decoder():
+    rae, tok = _pair()
+    tok.decoder.load_state_dict({**tok.decoder.state_dict(), **rae.decoder.state_dict()})
+    z = torch.randn(2, 16, 64)
+    assert torch.equal(tok.decoder(z), rae.decoder(z))  # queries=None
+    plain = model.ViTDecoder(64, **model.DECODERS["tiny"], patch_size=16, grid=4, num_queries=0)
+    plain.load_state_dict({k: v for k, v in tok.decoder.state_dict().items() if not k.startswith("query_")})
+    assert torch.equal(plain(z), tok.decoder(z))
+    assert not torch.equal(tok.decoder(z, queries=torch.randn(2, 8, 64)), rae.decoder(z))
+
+
+def test_separate_statistics_round_trip():
+    _, tok = _pair()
+    x = torch.rand(2, 3, 64, 64)
+    recon = tok.decode(tok.encode(x))
+    assert torch.equal(recon, tok(x)[0])  # eval: decode(encode(x)) is the training path without noise
+    stats = {"mean": torch.randn(64, 4, 4), "var": torch.rand(64, 4, 4) + 0.5,
+             "query_mean": torch.randn(8, 64), "query_var": torch.rand(8, 64) + 0.5}
+    patch, q = tok.encode(x)
+    tok.set_stats(stats)
+    patch_n, q_n = tok.encode(x)
+    assert torch.allclose(q_n, (q - stats["query_mean"]) / torch.sqrt(stats["query_var"] + 1e-5), atol=1e-6)
+    assert not torch.allclose(patch_n, patch)
+    assert torch.allclose(tok.decode((patch_n, q_n)), recon, atol=1e-5)
+    tok.set_stats(None)
+    assert torch.equal(tok.encode(x)[1], q)
+
+
+def test_noise_augmentation_on_patches_and_queries():
+    _, tok = _pair()
+    seen = {}
+    decoder_forward = tok.decoder.forward
+    tok.decoder.forward = lambda z, queries=None: seen.update(z=z, q=queries) or decoder_forward(z, queries)
+    x = torch.rand(2, 3, 64, 64)
+    patch, q = tok.latent(tok.encoder_features(x))
+    tok.train()(x)
+    assert not torch.allclose(seen["z"], patch, atol=1e-3) and not torch.allclose(seen["q"], q, atol=1e-3)
+    tok.eval()(x)
+    assert torch.equal(seen["z"], patch) and torch.equal(seen["q"], q)
+
+
+def test_extra_compute_at_the_published_configuration():
+    from bench.decq_flops import forward_flops
+
+    rae, decq = forward_flops("rae"), forward_flops("decq")
+    extra = decq["total"] / rae["total"] - 1
+    print(f"DecQ forward GFLOPs/image: RAE {rae['total'] / 1e9:.2f}, DecQ {decq['total'] / 1e9:.2f} "
+          f"(condensers {decq['condenser'] / 1e9:.2f}): {100 * extra:+.2f}% (paper +3.9%)")
+    assert decq["encoder"] == rae["encoder"] and 0.03 < extra < 0.045
