@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DINOv2, Mlp, load_strict, read_state_dict
+from model import DINOv2, load_strict, read_state_dict
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision ImageNet VGG16
 LPIPS_VGG_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -119,14 +119,6 @@ def disc_head(dim, kernel_size):
     return nn.Sequential(block(1), Residual(block(kernel_size)), sn_conv(dim, 1, 1))
 
 
-class TanhGeluMlp(Mlp):
-    """LOCAL stand-in until model.Mlp takes an `approximate` option: RAE's frozen DINO in the discriminator
-    (`FrozenDINONoDrop`) uses GELU(approximate='tanh'), unlike DINO's own exact GELU."""
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh")))
-
-
 class Discriminator(nn.Module):
     """Frozen DINO (v1) ViT-S/8 at 224 + trainable heads on the patch tokens of blocks `key_depths` and of the
     final block (RAE order: final first). forward(x) takes images in [−1, 1] (usually DiffAugment-ed), resizes
@@ -142,9 +134,8 @@ class Discriminator(nn.Module):
         super().__init__()
         self.img_size, self.key_depths = img_size, tuple(key_depths)
         self.backbone = DINOv2(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                               num_heads=num_heads, layer_scale=False, mask_token=False)
-        for blk in self.backbone.blocks:
-            blk.mlp.__class__ = TanhGeluMlp  # same fc1/fc2 weights, RAE's activation
+                               num_heads=num_heads, layer_scale=False, mask_token=False,
+                               gelu="tanh")  # RAE's frozen DINO (`FrozenDINONoDrop`) uses tanh-GELU
         if weights is not None:
             sd = dict(load_weights(weights, "DINO"))
             for k in [k for k in sd if k.endswith("attn.qkv.bias")]:

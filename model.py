@@ -52,16 +52,17 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear → GELU (exact) → Linear, keys `fc1`/`fc2` (DINOv2, RAE decoder, fusion experts)."""
+    """Linear → GELU → Linear, keys `fc1`/`fc2` (DINOv2, RAE decoder, fusion experts). GELU is exact by
+    default; approximate="tanh" for RAE's copy of DINO in the discriminator."""
 
-    def __init__(self, dim, hidden, out=None, bias=True, drop=0.0):
+    def __init__(self, dim, hidden, out=None, bias=True, drop=0.0, approximate="none"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, out or dim, bias=bias)
-        self.drop = nn.Dropout(drop)
+        self.drop, self.approximate = nn.Dropout(drop), approximate
 
     def forward(self, x):
-        return self.fc2(self.drop(F.gelu(self.fc1(x))))
+        return self.fc2(self.drop(F.gelu(self.fc1(x), approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):
@@ -139,15 +140,17 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm ViT block: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))). DINOv2 key layout.
-    `layer_scale=None` drops LayerScale (DINOv1, RAE decoder); `ffn='swiglu'` for DINOv2-g."""
+    `layer_scale=None` drops LayerScale (DINOv1, RAE decoder); `ffn='swiglu'` for DINOv2-g; `gelu` is the
+    Mlp's GELU approximation ("none" or "tanh")."""
 
-    def __init__(self, dim, num_heads, mlp_hidden, eps=1e-6, layer_scale=1.0, ffn="mlp", drop=0.0):
+    def __init__(self, dim, num_heads, mlp_hidden, eps=1e-6, layer_scale=1.0, ffn="mlp", drop=0.0, gelu="none"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, proj_drop=drop)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = SwiGLU(dim, mlp_hidden, drop=drop) if ffn == "swiglu" else Mlp(dim, mlp_hidden, drop=drop)
+        self.mlp = SwiGLU(dim, mlp_hidden, drop=drop) if ffn == "swiglu" else Mlp(dim, mlp_hidden, drop=drop,
+                                                                                    approximate=gelu)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
 
     def forward(self, x):
@@ -248,7 +251,7 @@ class DINOv2(nn.Module):
 
     def __init__(self, img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1, ffn_layer="mlp",
-                 layer_scale=True, mask_token=True):
+                 layer_scale=True, mask_token=True, gelu="none"):
         super().__init__()
         D = self.embed_dim = embed_dim
         self.patch_size, self.num_register_tokens = patch_size, num_register_tokens
@@ -261,7 +264,7 @@ class DINOv2(nn.Module):
         # g: SwiGLUFFNFused hidden = (int(4·1536·2/3) + 7) // 8 · 8 = 4096
         hidden = (int(D * mlp_ratio * 2 / 3) + 7) // 8 * 8 if ffn_layer == "swiglu" else int(D * mlp_ratio)
         self.blocks = nn.ModuleList(Block(D, num_heads, hidden, eps=1e-6, layer_scale=1.0 if layer_scale else None,
-                                          ffn=ffn_layer) for _ in range(depth))
+                                          ffn=ffn_layer, gelu=gelu) for _ in range(depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.init_weights()
 
@@ -409,20 +412,24 @@ def convert_dinov2(sd):
 
 def dinov2(name, weights="official", **overrides):
     """DINOv2 by hub name: vits14 vitb14 vitl14 vitg14 (+ `_reg`: 4 registers, antialiased size-based
-    position interpolation) or the tiny test preset vitt14[_reg]. weights: "official" (download into the
-    torch hub cache), a local file in official / HF / timm layout, or None (random init). Loading is strict."""
-    arch, reg = name.removesuffix("_reg"), name.endswith("_reg")
-    if arch not in DINOV2_ARCHS:
-        raise ValueError(f"unknown DINOv2 '{name}': expected one of {sorted(DINOV2_ARCHS)} with optional _reg")
-    kw = dict(img_size=518, patch_size=14, **DINOV2_ARCHS[arch])
+    position interpolation) or the tiny test preset vitt14[_reg]; or a dict of `DINOv2` keyword arguments for
+    a custom architecture (e.g. the toy VFM). weights: "official" (download into the torch hub cache), a local
+    file in official / HF / timm layout, or None (random init). Loading is strict."""
+    if isinstance(name, dict):
+        arch, reg, kw = "custom", False, dict(name)
+    else:
+        arch, reg = name.removesuffix("_reg"), name.endswith("_reg")
+        if arch not in DINOV2_ARCHS:
+            raise ValueError(f"unknown DINOv2 '{name}': expected one of {sorted(DINOV2_ARCHS)} with optional _reg")
+        kw = dict(img_size=518, patch_size=14, **DINOV2_ARCHS[arch])
     if reg:
         kw.update(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
     model = DINOv2(**{**kw, **overrides})
     if weights is None:
         return model
     if weights == "official":
-        if arch == "vitt14":
-            raise ValueError("the tiny DINOv2 preset vitt14 has no official weights: use weights=None")
+        if arch in ("vitt14", "custom"):
+            raise ValueError(f"DINOv2 '{name}' has no official weights: pass a local file or weights=None")
         url = DINOV2_URL.format(arch=arch, reg="_reg4" if reg else "")
         try:
             sd = torch.hub.load_state_dict_from_url(url, map_location="cpu")
