@@ -88,12 +88,13 @@ class DRoRAE(model.RAE):
     is overridden, so encode(), statistics and generation use the fused latent with no special case.
     Phases (DRoRAE §3.3): "1" = RAE phase 1 (decoder on the last-layer latent, fusion bypassed, so a phase-1
     checkpoint serves RAE and DRoRAE alike); "2" = only the fusion module trains (decoder frozen, its implicit
-    distribution constraint); "3" = only the decoder fine-tunes on the frozen fused latent. A new tokenizer is
-    in the inference state of phases 2/3 (fusion on); evaluate a phase-1 checkpoint after set_phase("1")."""
+    distribution constraint); "3" = only the decoder fine-tunes on the frozen fused latent. Whether the fusion
+    is on is kept in `config["fuse"]`, so a checkpoint's config rebuilds the tokenizer of its phase."""
 
     method = "drorae"
 
-    def __init__(self, fusion_hidden=None, fusion_layers=None, beta=0.2, route_eps=1e-6, smoothness=0.0, **rae):
+    def __init__(self, fusion_hidden=None, fusion_layers=None, beta=0.2, route_eps=1e-6, smoothness=0.0, fuse=True,
+                 **rae):
         super().__init__(**rae)
         depth = len(self.encoder.blocks)
         if fusion_layers is not None and not all(0 <= k < depth for k in fusion_layers):
@@ -104,7 +105,7 @@ class DRoRAE(model.RAE):
         self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden,
                                         fusion_layers, beta, route_eps)
         self.smoothness = smoothness
-        self.set_phase("3")
+        self.set_phase("3" if fuse else "1")
 
     def fused_latent(self, feats):
         """(z, routing weights (B, N, L)) — or (RAE latent, None) while the fusion is bypassed in phase 1."""
@@ -127,7 +128,7 @@ class DRoRAE(model.RAE):
         """Exactly the tensors of the phase are trainable: "1" and "3" the decoder, "2" the fusion module."""
         if phase not in ("1", "2", "3"):
             raise ValueError(f"DRoRAE has phases '1', '2', '3', got '{phase}'")
-        self.fuse = phase != "1"
+        self.fuse = self.config["fuse"] = phase != "1"
         self.requires_grad_(False)
         (self.fusion if phase == "2" else self.decoder).requires_grad_(True)
 

@@ -122,7 +122,12 @@ def test_tokenizer_beta_zero_and_phase_one_are_rae_bitwise():
     assert not torch.equal(tok.encode(x), rae.encode(x))  # fused latent (β = 0.2)
     tok.set_phase("1")  # phase 1: the RAE latent, whatever the fusion weights
     assert torch.equal(tok.encode(x), rae.encode(x)) and torch.equal(tok(x)[0], rae(x)[0])
-    assert tok.config["method"] == "drorae" and model.build_tokenizer(tok.config).config == tok.config
+    assert tok.config["method"] == "drorae" and not tok.config["fuse"]
+    again = model.build_tokenizer(tok.config)  # a phase-1 checkpoint's config rebuilds the phase-1 tokenizer
+    again.load_state_dict(tok.state_dict())
+    assert again.config == tok.config and torch.equal(again.encode(x), rae.encode(x))
+    tok.set_phase("2")
+    assert tok.config["fuse"] and not torch.equal(tok.encode(x), rae.encode(x))
 
 
 def _snapshot(module):
