@@ -62,15 +62,18 @@ class DecQ(model.RAE):
     """RAE plus detail-condensing queries (method "decq"). The latent is a pair (patch (B, N, C), queries
     (B, Q, C)): the patch part is exactly the RAE latent; each part has its own statistics. The decoder reads
     both (DecQ Eq. 5: separate input projections, sin-cos positions for patches, learned ones for queries) and
-    decodes the patch outputs. One phase, "1": queries, condensers and decoder train together."""
+    decodes the patch outputs. One phase, "1": queries, condensers and decoder train together. Defaults: the
+    condensers read every quarter of the depth (blocks 0, 3, 6, 9 of DINOv2-B), 12 heads of 64 on width 768."""
 
     method = "decq"
 
-    def __init__(self, num_queries=8, query_layers=(0, 3, 6, 9), query_heads=12, query_mlp_ratio=4.0, **rae):
+    def __init__(self, num_queries=8, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
         super().__init__(**rae)
-        self.config.update(num_queries=num_queries, query_layers=list(query_layers), query_heads=query_heads,
-                           query_mlp_ratio=query_mlp_ratio)
         C, depth = self.encoder.embed_dim, len(self.encoder.blocks)
+        self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
+                           query_mlp_ratio=query_mlp_ratio)
+        query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
+        query_heads = query_heads or C // 64  # head dim 64: 12 heads on DINOv2-B
         if not all(0 <= k < depth for k in query_layers):
             raise ValueError(f"query_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
                              f"got {list(query_layers)}")

@@ -23,6 +23,8 @@ def test_patch_latent_is_the_rae_latent_bitwise():
     assert torch.equal(patch, rae.encode(x)) and q.shape == (2, 8, 64)
     assert torch.allclose(q.mean(-1), torch.zeros(2, 8), atol=1e-5)  # final LN₀ on the queries
     assert model.build_tokenizer(tok.config).config == tok.config
+    default = model.build_tokenizer(dict(TINY, method="decq"))  # every quarter of the depth, head dim 64
+    assert default.condenser.layers == [0, 1, 2, 3] and default.condenser.condensers[0].attn.num_heads == 1
     with pytest.raises(ValueError, match="query_layers"):
         model.build_tokenizer({**DECQ, "query_layers": [0, 9]})
 
@@ -83,8 +85,16 @@ def test_noise_augmentation_on_patches_and_queries():
     assert torch.equal(seen["z"], patch) and torch.equal(seen["q"], q)
 
 
-def test_extra_compute_at_the_published_configuration():
+def test_published_configuration_and_its_extra_compute():
     from bench.decq_flops import forward_flops
+
+    with torch.device("meta"):
+        tok = model.build_tokenizer({**model.TOKENIZER_PRESETS["published"], "method": "decq"}, encoder_weights=None)
+    assert tok.condenser.layers == [0, 3, 6, 9] and tok.condenser.condensers[0].attn.num_heads == 12
+    n = sum(p.numel() for p in tok.condenser.parameters())
+    n_dec = sum(p.numel() for k, p in tok.decoder.named_parameters() if k.startswith("query_"))
+    print(f"DecQ on DINOv2-B + ViT-XL: queries + condensers {n:,} parameters, decoder query embed/pos {n_dec:,}")
+    assert n == 8 * 768 + 4 * (3 * 2 * 768 + 768 * 2304 + 2304 + 768 * 768 + 768 + 2 * 768 * 3072 + 3072 + 768)
 
     rae, decq = forward_flops("rae"), forward_flops("decq")
     extra = decq["total"] / rae["total"] - 1
