@@ -1,0 +1,216 @@
+"""DiT-DH + flow matching + samplers: official parity, parameter counts, shift/grid, a Gaussian-mixture
+overfit, guidance formulas, DecQ joint denoising."""
+import json
+import math
+
+import pytest
+import torch
+
+import dit
+from conftest import reference
+
+
+def tiny(num_queries=0, **kw):
+    """Tiny DiT-DH with random (non-zero) weights so that every path matters."""
+    cfg = dict(input_size=4, in_channels=8, hidden_size=(32, 48), depth=(2, 1), num_heads=(2, 4), num_classes=5,
+               num_queries=num_queries)
+    m = dit.DiTDH(**{**cfg, **kw})
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m.eval()
+
+
+def param_count(**cfg):
+    with torch.device("meta"):
+        m = dit.DiTDH(**cfg)
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+# ---- official RAE parity ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return torch.load(reference("rae_official_golden.pt"), weights_only=False)["dit"]
+
+
+def test_load_rae_dit_reproduces_official_v(golden, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema": golden["state_dict"], "model": {}}, path)  # a training checkpoint: ema is picked
+    m = dit.load_rae_dit(str(path)).eval()
+    cfg = golden["config"]
+    assert m.config["hidden_size"] == tuple(cfg["hidden_size"]) and m.config["depth"] == tuple(cfg["depth"])
+    assert m.config["num_heads"] == tuple(cfg["num_heads"]) and m.num_classes == cfg["num_classes"]
+    with torch.no_grad():
+        v = m(golden["x"], golden["t"], golden["y"])
+    torch.testing.assert_close(v, golden["v"], atol=1e-5, rtol=0)
+
+
+def test_load_rae_dit_is_strict(golden):
+    sd = dict(golden["state_dict"])
+    with pytest.raises(ValueError, match="unexpected keys.*extra.weight"):
+        dit.load_rae_dit({**sd, "extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="missing keys.*final_layer.linear.bias"):
+        dit.load_rae_dit({k: v for k, v in sd.items() if k != "final_layer.linear.bias"})
+    with pytest.raises(ValueError, match="enc_feat_rope.freqs_sin does not match"):
+        dit.load_rae_dit({**sd, "enc_feat_rope.freqs_sin": sd["enc_feat_rope.freqs_sin"] + 0.1})
+    with pytest.raises(ValueError, match="shape mismatches: blocks.0.mlp.w3.weight checkpoint"):
+        dit.load_rae_dit({**sd, "blocks.0.mlp.w3.weight": torch.zeros(64, 171)})
+
+
+@pytest.mark.parametrize("name,preset", [("DiTDH-XL", "XL"), ("DiTDH-S", "S")])
+def test_official_key_layout_and_param_counts(name, preset):
+    official = json.loads(reference("rae_official_keys.json").read_text())[name]
+    with torch.device("meta"):
+        m = dit.DiTDH(**dit.dit_config(preset))
+    back = {v: k for k, v in dit.RAE_RENAME.items()}
+    ours = {back.get(k, k): list(v.shape) for k, v in m.state_dict().items()}
+    for table in ("enc_feat_rope", "dec_feat_rope"):  # derived RoPE buffers of the official module
+        block = m.blocks[0] if table == "enc_feat_rope" else m.blocks[-1]
+        ours[f"{table}.freqs_cos"] = ours[f"{table}.freqs_sin"] = [256, block.attn.head_dim]
+    assert ours == official
+    expected = {"XL": 838_380_628, "S": 196_357_204}[preset]
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == expected
+
+
+def test_plain_dit_and_decq_param_counts():
+    plain = param_count(**dit.dit_config("XL", head=False))
+    decq = param_count(**dit.dit_config("XL", num_queries=8))
+    print(f"\nDiT-XL (no head) {plain:,}; DiT-DH-XL + 8 DecQ queries {decq:,}")
+    assert round(plain / 1e6) == 677  # RAE-DiT-XL, "676M" in the paper
+    assert 840e6 < decq < 843e6  # DecQ paper: 839M → 841M
+
+
+# ---- shift and time grid ---------------------------------------------------------------------------
+
+
+def test_shift_and_default_grid():
+    alpha = dit.shift_alpha(16 * 16 * 768)
+    assert alpha == math.sqrt(48)
+    assert round(dit.shift_t(0.5, alpha), 3) == 0.874
+    grid = dit.time_grid()
+    torch.testing.assert_close(grid, dit.shift_t(1 - torch.linspace(0, 0.999, 50, dtype=torch.float64), alpha))
+    assert len(grid) == 50 and grid[0] == 1 and abs(grid[-1] - 0.00688) < 1e-4
+    t = dit.sample_t(10000, alpha)
+    assert t.min() >= 0 and t.max() <= dit.shift_t(0.999, alpha) and abs(t.median() - 0.874) < 0.02
+
+
+# ---- flow matching learns a known token distribution ------------------------------------------------
+
+
+def test_flow_matching_samples_gaussian_mixture():
+    """Tokens from a 3-mode 2-D mixture; a tiny DiT-DH trained by the loss samples mode masses and means.
+    One thread: ops this small only pay thread overhead (10× slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_and_sample_mixture()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_sample_mixture():
+    means, weights, std = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]]), torch.tensor([0.5, 0.3, 0.2]), 0.3
+    m = dit.DiTDH(input_size=1, in_channels=2, hidden_size=(32, 64), depth=(1, 1), num_heads=(2, 2), num_classes=1)
+    steps, batch = 500, 256
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    y = torch.zeros(batch, dtype=torch.long)
+    for _ in range(steps):
+        x = means[torch.multinomial(weights, batch, replacement=True)] + std * torch.randn(batch, 2)
+        loss = dit.flow_matching_loss(m, x[:, :, None, None], y, alpha=1.0, p_uncond=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    pts = dit.sample(m.eval(), torch.randn(2000, 2, 1, 1), torch.zeros(2000, dtype=torch.long), alpha=1.0).flatten(1)
+    mode = torch.cdist(pts, means).argmin(1)
+    for k in range(3):
+        assert abs((mode == k).float().mean() - weights[k]) < 0.05
+        assert (pts[mode == k].mean(0) - means[k]).abs().max() < 0.1
+
+
+# ---- samplers and guidance -------------------------------------------------------------------------
+
+
+class Stub(torch.nn.Module):
+    """v = a·x + b·y (+ t): a known function of the label, to check guidance formulas."""
+
+    def __init__(self, a, b, num_classes=5):
+        super().__init__()
+        self.a, self.b, self.num_classes, self.labels = a, b, num_classes, []
+
+    def forward(self, x, t, y):
+        self.labels.append(y.clone())
+        return self.a * x + self.b * y.float().view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
+
+
+def test_cfg_and_autoguidance_formulas():
+    x, y = (torch.randn(3, 2, 1, 1),), torch.tensor([0, 2, 4])
+    main, guide = Stub(1.0, 1.0), Stub(0.5, 3.0)
+    v_c, v_u = main(x[0], torch.full((3,), 0.5), y), main(x[0], torch.full((3,), 0.5), torch.full_like(y, 5))
+    (v,) = dit.guided_velocity(main, x, 0.5, y, scale=1.7, interval=(0.2, 0.8))
+    torch.testing.assert_close(v, v_u + 1.7 * (v_c - v_u))
+    assert torch.equal(main.labels[-1], torch.tensor([0, 2, 4, 5, 5, 5]))  # one batched cond/uncond pass
+    (v,) = dit.guided_velocity(main, x, 0.9, y, scale=1.7, interval=(0.2, 0.8))  # outside the interval
+    torch.testing.assert_close(v, main(x[0], torch.full((3,), 0.9), y))
+    v_g = guide(x[0], torch.full((3,), 0.5), y)
+    (v,) = dit.guided_velocity(main, x, 0.5, y, scale=1.42, guide=guide)
+    torch.testing.assert_close(v, v_g + 1.42 * (v_c - v_g))
+    assert torch.equal(guide.labels[-1], y)  # the guide gets the same label
+
+
+def test_guidance_scale_one_is_exactly_unguided():
+    m, guide = tiny(), tiny()
+    noise, y = torch.randn(2, 8, 4, 4), torch.tensor([1, 3])
+    plain = dit.sample(m, noise, y, num_steps=4)
+    assert torch.equal(dit.sample(m, noise, y, num_steps=4, scale=1.0, guide=guide), plain)
+    assert torch.equal(dit.sample(m, noise, y, num_steps=4, scale=1.0), plain)
+    assert not torch.equal(dit.sample(m, noise, y, num_steps=4, scale=1.5, guide=guide), plain)
+
+
+def test_heun_is_exact_for_velocity_linear_in_t():
+    stub = Stub(0.0, 0.0)  # v = t: x(t_end) = x(1) + (t_end² − 1) / 2
+    x1, y = torch.randn(2, 1, 1, 1), torch.zeros(2, dtype=torch.long)
+    t_end = dit.time_grid(10, alpha=2.0)[-1].item()
+    exact = x1 + (t_end**2 - 1) / 2
+    torch.testing.assert_close(dit.sample(stub, x1, y, num_steps=10, method="heun", alpha=2.0), exact)
+    assert not torch.allclose(dit.sample(stub, x1, y, num_steps=10, alpha=2.0), exact)
+
+
+# ---- DecQ joint denoising (SPEC §6) ----------------------------------------------------------------
+
+
+def test_decq_queries_change_the_patch_velocity():
+    m = tiny(num_queries=3)
+    x, t, y, q = torch.randn(2, 8, 4, 4), torch.tensor([0.3, 0.8]), torch.tensor([0, 4]), torch.randn(2, 3, 8)
+    v, v_q = m(x, t, y, q)
+    assert v.shape == x.shape and v_q.shape == q.shape
+    v2, _ = m(x, t, y, q + 1)
+    assert not torch.allclose(v, v2)
+    out = dit.sample(m, (x, q), y, num_steps=3)
+    assert isinstance(out, tuple) and out[0].shape == x.shape and out[1].shape == q.shape
+
+
+def test_decq_lambda_zero_has_no_query_loss_gradient():
+    m = tiny(num_queries=3).train()
+    x, y, q = torch.randn(4, 8, 4, 4), torch.tensor([0, 1, 2, 3]), torch.randn(4, 3, 8)
+    torch.manual_seed(1)
+    dit.flow_matching_loss(m, x, y, q, lam=0.0).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    assert grads["query_out.weight"].abs().max() == 0 and grads["query_out.bias"].abs().max() == 0
+    m.zero_grad()
+    torch.manual_seed(1)
+    dit.flow_matching_loss(m, x, y, q, lam=1.0).backward()
+    assert m.query_out.weight.grad.abs().max() > 0
+    # λ = 0 is the patch loss alone: the same gradients as the patch MSE with the same t, noise and labels
+    m.zero_grad()
+    torch.manual_seed(1)
+    t = dit.sample_t(4, dit.shift_alpha(x[0].numel()))
+    y_in = torch.where(torch.rand(4) < 0.1, m.num_classes, y)
+    noise = torch.randn_like(x)
+    v, _ = m(torch.lerp(x, noise, t.view(-1, 1, 1, 1)), t, y_in, torch.lerp(q, torch.randn_like(q), t.view(-1, 1, 1)))
+    torch.nn.functional.mse_loss(v, noise - x).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(torch.zeros_like(p) if p.grad is None else p.grad, grads[n], msg=n)
