@@ -573,7 +573,7 @@ class RAE(nn.Module):
     method = "rae"
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
-                 image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform"):
+                 image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform", num_queries=0):
         super().__init__()
         if noise not in ("uniform", "halfnormal"):
             raise ValueError(f"noise must be 'uniform' or 'halfnormal', got '{noise}'")
@@ -589,7 +589,7 @@ class RAE(nn.Module):
             self.encoder = dinov2(encoder, encoder_weights).eval().requires_grad_(False)
         grid = self.encoder_size // self.encoder.patch_size
         self.decoder = ViTDecoder(latent_dim=self.encoder.embed_dim, patch_size=image_size // grid, grid=grid,
-                                  **DECODERS[decoder])
+                                  num_queries=num_queries, **DECODERS[decoder])  # queries: DecQ's decoder
         if decoder_weights:
             load_strict(self.decoder, rae_decoder_state_dict(decoder_weights), f"decoder '{decoder_weights}'")
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -672,13 +672,16 @@ class RAE(nn.Module):
 def compute_latent_stats(tokenizer, loader, max_batches=None):
     """Exact per-element mean and population variance of the raw latents (B, h·w, C) over a loader of images
     (or (images, labels) batches), streamed in float64 and summed over ranks when torch.distributed is
-    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w]."""
+    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w];
+    for a (patch, query) latent (DecQ) also {"query_mean", "query_var"} as [Q, C]."""
     device, s1, s2, n = tokenizer.pixel_mean.device, 0.0, 0.0, 0
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
     for batch in tqdm(batches, desc="latent stats", disable=not rank0, total=max_batches):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        z = tokenizer.latent(tokenizer.encoder_features(x.to(device))).double()
+        z = tokenizer.latent(tokenizer.encoder_features(x.to(device)))
+        parts = z if isinstance(z, tuple) else (z,)
+        z = torch.cat(parts, 1).double()
         s1, s2, n = s1 + z.sum(0), s2 + (z * z).sum(0), n + z.shape[0]
     if dist.is_available() and dist.is_initialized():
         total = torch.stack([s1, s2, torch.full_like(s1, n)])
@@ -686,14 +689,19 @@ def compute_latent_stats(tokenizer, loader, max_batches=None):
         s1, s2, n = total[0], total[1], total[2]
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0)
-    h = math.isqrt(mean.shape[0])
-    grid = lambda t: t.T.reshape(-1, h, h).float().cpu()  # (h·w, C) → [C, h, w]
-    return {"mean": grid(mean), "var": grid(var)}
+    N = parts[0].shape[1]
+    h = math.isqrt(N)
+    grid = lambda t: t[:N].T.reshape(-1, h, h).float().cpu()  # (h·w, C) → [C, h, w]
+    stats = {"mean": grid(mean), "var": grid(var)}
+    if len(parts) > 1:
+        stats.update(query_mean=mean[N:].float().cpu(), query_var=var[N:].float().cpu())
+    return stats
 
 
 def save_stats(stats, path):
-    """Write {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout)."""
-    save_atomic({"mean": stats["mean"], "var": stats["var"]}, path)
+    """Write {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout), plus DecQ's
+    "query_mean"/"query_var" [Q, C] when present."""
+    save_atomic(dict(stats), path)
 
 
 def load_stats(path):
@@ -701,7 +709,7 @@ def load_stats(path):
     stats = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(stats, dict) or "var" not in stats:
         raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
-    return {"mean": stats.get("mean"), "var": stats["var"]}
+    return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}
 
 
 TOKENIZERS = {"drorae": ("fusion", "DRoRAE"), "decq": ("queries", "DecQ"),

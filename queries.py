@@ -68,7 +68,7 @@ class DecQ(model.RAE):
     method = "decq"
 
     def __init__(self, num_queries=8, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
-        super().__init__(**rae)
+        super().__init__(num_queries=num_queries, **rae)  # the decoder takes the query tokens too
         C, depth = self.encoder.embed_dim, len(self.encoder.blocks)
         self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
                            query_mlp_ratio=query_mlp_ratio)
@@ -78,12 +78,6 @@ class DecQ(model.RAE):
             raise ValueError(f"query_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
                              f"got {list(query_layers)}")
         self.condenser = DetailQueries(C, num_queries, query_layers, query_heads, query_mlp_ratio)
-        # The query-aware decoder, carrying over the RAE decoder's weights (random or decoder_weights); only the
-        # query projection and positions are new. Local until model.RAE builds it given num_queries.
-        rae_decoder = self.decoder
-        self.decoder = model.ViTDecoder(C, patch_size=rae_decoder.patch_size, grid=rae_decoder.grid,
-                                        num_queries=num_queries, **model.DECODERS[self.config["decoder"]])
-        model.load_strict(self.decoder, {**self.decoder.state_dict(), **rae_decoder.state_dict()}, "DecQ decoder")
         self.register_buffer("query_mean", None, persistent=False)  # (Q, C) or None, see set_stats
         self.register_buffer("query_var", None, persistent=False)
         self.set_phase("1")

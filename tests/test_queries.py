@@ -101,3 +101,18 @@ def test_published_configuration_and_its_extra_compute():
     print(f"DecQ forward GFLOPs/image: RAE {rae['total'] / 1e9:.2f}, DecQ {decq['total'] / 1e9:.2f} "
           f"(condensers {decq['condenser'] / 1e9:.2f}): {100 * extra:+.2f}% (paper +3.9%)")
     assert decq["encoder"] == rae["encoder"] and 0.03 < extra < 0.045
+
+
+def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
+    _, tok = _pair()
+    images = [torch.rand(3, 3, 64, 64) for _ in range(3)]
+    stats = model.compute_latent_stats(tok, images)
+    p, q = zip(*(tok.latent(tok.encoder_features(x)) for x in images))
+    p, q = torch.cat(p).double(), torch.cat(q).double()
+    assert torch.allclose(stats["mean"], p.mean(0).T.reshape(64, 4, 4).float(), atol=1e-6)
+    assert torch.allclose(stats["var"], p.var(0, unbiased=False).T.reshape(64, 4, 4).float(), atol=1e-6)
+    assert torch.allclose(stats["query_mean"], q.mean(0).float(), atol=1e-6)
+    assert torch.allclose(stats["query_var"], q.var(0, unbiased=False).float(), atol=1e-6)
+    model.save_stats(stats, tmp_path / "s.pt")
+    loaded = model.load_stats(tmp_path / "s.pt")
+    assert set(loaded) == set(stats) and all(torch.equal(loaded[k], stats[k]) for k in stats)
