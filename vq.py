@@ -241,7 +241,7 @@ class Ideal(RAE):
                            num_registers=num_registers, drop=drop)
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
         if not 0 <= shallow_layer < depth:
-            raise ValueError(f"shallow_layer must be a block index in [0, {depth - 1}] of {encoder}, got {shallow_layer}")
+            raise ValueError(f"shallow_layer must be a block of {encoder} in [0, {depth - 1}], got {shallow_layer}")
         self.shallow_layer, self.shallow_weight = shallow_layer, shallow_weight
         self.attn_fuse = AttnFuse(C, fuse_heads, mlp_ratio, drop) if fuse else None
         self.quantizer = VectorQuantizer(C, codebook_size, code_dim, beta, entropy_weight, entropy_temperature,

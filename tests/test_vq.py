@@ -1,11 +1,12 @@
 """Ideal (vq.py): quantiser invariants, entropy term parity and memory, usage/perplexity, the tokenizer's
 discrete decode path, phases, and a tiny tokenizer that trains to full codebook usage."""
+import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import model
@@ -109,6 +110,27 @@ def test_dead_code_restart_moves_only_unused_codes_onto_encoder_outputs():
     assert torch.equal(q.codebook.detach()[dead], pool[: len(dead)])
     z = F.normalize(q.down(x), dim=-1).reshape(-1, 4)
     assert all(torch.isclose(z, r, atol=1e-6).all(-1).any() for r in pool)
+
+
+def _ddp_usage_worker(rank, port, path):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    q = vq.VectorQuantizer(8, codebook_size=16, code_dim=4, usage_window=16, restart_dead=True).train()
+    q.update_usage(torch.tensor([rank, rank, rank, rank]))  # rank 0 uses code 0, rank 1 code 1
+    stats = dict(q.last_stats)
+    torch.manual_seed(rank)  # different data and RNG per rank, as under DDP
+    for _ in range(3):
+        q(torch.randn(1, 4, 8))  # the third step restarts dead codes
+    torch.save(dict(stats=stats, codebook=q.codebook.detach()), path / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_usage_is_global_and_restarts_agree(tmp_path):
+    mp.spawn(_ddp_usage_worker, args=(29500 + (os.getpid() + 500) % 1000, tmp_path), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert r0["stats"] == r1["stats"] == {"usage": 2 / 16, "perplexity": pytest.approx(2.0)}
+    assert torch.equal(r0["codebook"], r1["codebook"])  # rank 0's restart choice is broadcast
 
 
 def test_tokenizer_decode_from_indices_equals_forward():
