@@ -1,0 +1,521 @@
+"""Training for depthrae: every tokenizer phase and the generator phase, one file, no framework.
+
+Tokenizer phases share one loop (SPEC §4): loss = rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge,
+adaptive weight) + the tokenizer's own aux losses; AdamW, cosine with warm-up, EMA, discriminator by epoch.
+  rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (from a phase-1 checkpoint) · drorae/3 decoder
+  fine-tune (from phase 2) · decq/1 queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
+
+    python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
+    torchrun --nproc_per_node=8 train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
+    python train.py --method rae --phase 1 --data-path imagenet/train --resume runs/rae   # continues exactly
+    python train.py --method rae --phase 1 --preset tiny --data-path DIR --out-dir runs/smoke   # CPU, no downloads
+
+Exact resume: the data order and every random crop are functions of (seed, epoch, index), RNG states of every
+rank are saved, so N steps + resume + N steps equals 2N straight steps bitwise (CPU, same number of processes).
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import losses
+import model
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Methods, phases, presets, flags
+# ----------------------------------------------------------------------------------------------------
+
+METHODS = ("rae", "drorae", "decq", "ideal")
+# (method, phase) → what --init-from must hold (accepted methods, phase), or None for a fresh tokenizer;
+# `defaults`: the recipe where it differs from RAE's (SPEC §4). A new method plugs in here + METHOD_CONFIG.
+PHASES = {
+    ("rae", "1"): dict(init=None),
+    ("drorae", "1"): dict(init=None),
+    ("drorae", "2"): dict(init=(("rae", "drorae"), "1")),
+    ("drorae", "3"): dict(init=(("drorae",), "2")),
+    ("decq", "1"): dict(init=None),
+    ("ideal", "1"): dict(init=None, defaults=dict(  # SPEC §7
+        lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False, gan_start_step=20000,
+        disc_start_step=20000, clip_grad=1.0, global_batch=256, epochs=50)),
+}
+# Flags that become tokenizer config keys, per method (on top of the RAE ones).
+METHOD_CONFIG = {"rae": (), "drorae": (), "decq": (), "ideal": ()}
+RAE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size", "noise_tau",
+              "noise")
+
+DISCRIMINATORS = {"S8": {}, "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
+PRESETS = {  # presets fill defaults; explicit flags win
+    "published": dict(),  # the flag defaults below are the published RAE recipe (DINOv2-B/14-reg, ViT-XL decoder)
+    "tiny": dict(  # CPU smoke runs and tests: no downloads, tiny random models (model.TOKENIZER_PRESETS["tiny"])
+        **{k: v for k, v in model.TOKENIZER_PRESETS["tiny"].items() if k != "method"}, resize=80, global_batch=8, micro_batch=4,
+        epochs=4, warmup_epochs=0, disc_start_epoch=2, gan_start_epoch=3, lpips_weights="random",
+        vgg_weights="random", disc_weights="random", disc="tiny", log_every=1, grid_every=50, workers=0, lr=1e-3, lr_min=1e-4),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--method", choices=METHODS, required=True)
+    a("--phase", choices=("1", "2", "3", "gen"), required=True)
+    a("--preset", choices=tuple(PRESETS), default="published")
+    a("--data-path", help="ImageFolder root (class sub-folders of images)")
+    a("--out-dir", help="run directory (checkpoints, log.jsonl, grids); default: the --resume directory")
+    a("--resume", help="run directory or checkpoint file to continue exactly")
+    a("--init-from", help="checkpoint of the previous phase (drorae phases 2 and 3)")
+    a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (schedule unchanged)")
+    a("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    a("--seed", type=int, default=0)
+    # tokenizer (SPEC §2, §3)
+    a("--encoder", default="vitb14_reg", help="DINOv2 name: vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny)")
+    a("--encoder-weights", default="official", help="official | random | PATH")
+    a("--decoder", default="XL", choices=tuple(model.DECODERS), help="ViT decoder size")
+    a("--decoder-weights", default=None, help="initialise the decoder from a released RAE decoder / checkpoint")
+    a("--image-size", type=int, default=256)
+    a("--encoder-size", type=int, default=None, help="encoder input size (default image size · 7/8)")
+    a("--resize", type=int, default=384, help="training images: Resize(short side, bicubic) → RandomCrop(image size)")
+    a("--noise-tau", type=float, default=0.8, help="latent noise augmentation τ")
+    a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
+    # loss (SPEC §4)
+    a("--rec-loss", choices=("l1", "l2"), default="l1")
+    a("--lpips-weight", type=float, default=1.0)
+    a("--lpips-weights", default="official", help="LPIPS v0.1 lin layers: official | random | PATH")
+    a("--vgg-weights", default="official", help="LPIPS VGG16 trunk: official | random | PATH")
+    a("--gan-weight", type=float, default=0.75)
+    a("--adaptive-gan", action=argparse.BooleanOptionalAction, default=True, help="VQGAN adaptive weight λ_adapt")
+    a("--disc", default="S8", choices=tuple(DISCRIMINATORS), help="discriminator: S8 (DINO ViT-S/8 at 224) | tiny")
+    a("--disc-weights", default="official", help="official | random | PATH (DINO backbone)")
+    a("--disc-start-epoch", type=int, default=6, help="discriminator updates from this epoch")
+    a("--gan-start-epoch", type=int, default=8, help="generator GAN term from this epoch")
+    a("--disc-start-step", type=int, default=None, help="overrides --disc-start-epoch")
+    a("--gan-start-step", type=int, default=None, help="overrides --gan-start-epoch")
+    # optimisation
+    a("--lr", type=float, default=2e-4)
+    a("--lr-min", type=float, default=2e-5, help="cosine end value")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-epochs", type=float, default=1.0)
+    a("--epochs", type=int, default=16)
+    a("--global-batch", type=int, default=512)
+    a("--micro-batch", type=int, default=32, help="per-process batch of one forward/backward")
+    a("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    a("--ema", type=float, default=0.9978)
+    a("--precision", choices=("fp32", "bf16"), default="fp32")
+    a("--compile", action="store_true")
+    a("--workers", type=int, default=8)
+    # logging
+    a("--log-every", type=int, default=50)
+    a("--ckpt-every", type=int, default=1000, help="overwrite ckpt-last.pt every N steps")
+    a("--keep-every", type=int, default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
+    a("--grid-every", type=int, default=1000)
+    pre, _ = p.parse_known_args(argv)
+    p.set_defaults(**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset])
+    args = p.parse_args(argv)
+    if (args.method, args.phase) not in PHASES:
+        valid = ", ".join(f for m, f in PHASES if m == args.method)
+        raise SystemExit(f"--method {args.method} has no phase {args.phase} (valid: {valid})")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, **state):
+    """Write a checkpoint dict atomically (model.save_atomic): a crash never leaves a half-written file."""
+    model.save_atomic(state, path)
+
+
+def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
+    """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
+    value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was
+    expected."""
+    path = Path(path)
+    path = path / "ckpt-last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unreadable file gets the same one-line answer
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or not {"kind", "method", "phase"} <= ck.keys():
+        raise SystemExit(f"{path}: not a depthrae checkpoint (no kind/method/phase)")
+    for key, want in (("kind", expect_kind), ("method", expect_method), ("phase", expect_phase)):
+        want = (want,) if isinstance(want, str) else want
+        if want is not None and ck[key] not in want:
+            raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
+                             f"expected {key} {' or '.join(want)}")
+    ck["path"] = str(path)
+    return ck
+
+
+def rng_state():
+    """Python, numpy, torch CPU and CUDA generator states (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in s["python"]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Distributed, data order, optimisation helpers (shared by every phase)
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device):
+    """One process per device under torchrun (NCCL on CUDA, gloo on CPU), else a single process."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_optimizer(params, args, device):
+    """AdamW (fused on CUDA) with linear warm-up then cosine to lr_min, stepped once per global batch."""
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    warmup, total, floor = args.warmup_steps, args.total_steps, args.lr_min / args.lr
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def update_ema(ema, net, decay):
+    """EMA of the trained tensors: e ← decay·e + (1 − decay)·p; buffers are copied. Used by every phase."""
+    for e, p in zip(ema.parameters(), net.parameters()):
+        if p.requires_grad:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def accumulate(net, micro_batches, loss_fn):
+    """Backward of the mean loss over this rank's micro-batches of one global batch. Gradients add up across
+    micro-batches (never zeroed in between); under DDP only the last backward all-reduces (no_sync before), so
+    the result equals one big batch on one process. Returns the mean of every logged term."""
+    logs, n = {}, len(micro_batches)
+    for i, mb in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if i == n - 1 or not isinstance(net, DDP) else net.no_sync()
+        with sync:
+            loss, terms = loss_fn(mb)
+            (loss / n).backward()
+        for k, v in terms.items():
+            logs[k] = logs.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
+    return logs
+
+
+def all_mean(logs, world, device):
+    """Logged scalars (tensors or numbers) as floats averaged over ranks (keys are identical on every rank)."""
+    t = torch.tensor([float(v) for v in logs.values()], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return dict(zip(logs, (t / world).tolist()))
+
+
+def any_rank(flag, world, device):
+    """True on every rank if `flag` is true on any rank."""
+    t = torch.tensor(float(flag), device=device)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Tokenizer phases
+# ----------------------------------------------------------------------------------------------------
+
+
+def weights(flag, official):
+    """A --*-weights flag: "official" → the official source, "random" → None (random init), else a local path."""
+    return {"official": official, "random": None}.get(flag, flag)
+
+
+def tokenizer_config(args):
+    config = dict(method=args.method, **{k: getattr(args, k) for k in RAE_CONFIG + METHOD_CONFIG[args.method]})
+    return dict(config, encoder_weights=weights(config["encoder_weights"], "official"))
+
+
+def build_tokenizer(args, resume):
+    """The tokenizer of this phase: from the resume checkpoint, from the previous phase (--init-from, refused
+    unless it holds the required method/phase), or new. Phase 2/3 start from the previous phase's EMA weights;
+    tensors new in this method (e.g. the fusion module on top of an RAE) keep their fresh initialisation."""
+    need = PHASES[(args.method, args.phase)]["init"]
+    if resume is not None:
+        tok = model.build_tokenizer(resume["config"])
+        model.load_strict(tok, resume["model"], f"{resume['path']} model")
+    elif need is None:
+        tok = model.build_tokenizer(tokenizer_config(args))
+    else:
+        if not args.init_from:
+            raise SystemExit(f"--method {args.method} --phase {args.phase} needs --init-from: a checkpoint of "
+                             f"{' or '.join(need[0])} phase {need[1]}")
+        prev = load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
+        config = dict(prev["config"])
+        if prev["method"] != args.method:  # e.g. rae phase 1 → drorae phase 2: add the method's modules
+            config.update(tokenizer_config(args), **{k: prev["config"][k] for k in RAE_CONFIG if k in prev["config"]})
+        tok = model.build_tokenizer(config)
+        new = tuple(k for k in tok.state_dict() if k not in prev["ema"]) if prev["method"] != args.method else ()
+        state = {**{k: v for k, v in tok.state_dict().items() if k in new}, **prev["ema"]}
+        model.load_strict(tok, state, f"{prev['path']} ema")
+    tok.set_phase(args.phase)
+    return tok
+
+
+def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
+    """One micro-batch of the tokenizer objective: rec + w·LPIPS + aux, plus, given the discriminator,
+    gan_weight·λ·L_G (λ = λ_adapt on the decoder's last layer, or 1). Returns (loss, logged terms)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        recon, aux = net(x)
+        recon = recon.float()
+        rec = F.l1_loss(recon, x) if args.rec_loss == "l1" else F.mse_loss(recon, x)
+        p = lpips(recon, x).mean() if lpips is not None else torch.zeros((), device=x.device)
+        nll = rec + args.lpips_weight * p
+        g = losses.generator_loss(disc(losses.diff_augment(recon * 2 - 1))) if disc is not None else None
+    loss, terms = nll + sum(aux.values()), dict(rec=rec, lpips=p, **aux)
+    if g is not None:
+        w = losses.adaptive_weight(nll, g, last_layer) if args.adaptive_gan else 1.0
+        loss = loss + args.gan_weight * w * g
+        terms.update(gan=g, gan_w=w)
+    return loss, dict(terms, loss=loss)
+
+
+def discriminator_loss(d_net, real, fake, args):
+    """Hinge loss of the discriminator on DiffAugmented fakes (8 bit, [−1, 1], no grad) and reals; fakes are
+    augmented and classified first, as in RAE."""
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        fake, real = losses.diff_augment(fake), losses.diff_augment(real * 2 - 1)
+        logits_fake, logits_real = d_net(fake), d_net(real)
+        d = losses.hinge_d_loss(logits_real, logits_fake)
+    return d, dict(d=d, d_real=logits_real.mean(), d_fake=logits_fake.mean())
+
+
+def check_finite(loss, step, world, out):
+    """Stop every rank, before the optimizer step, when the loss is not finite (the last checkpoint stays)."""
+    if any_rank(not math.isfinite(loss), world, loss.device):
+        raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; last good checkpoint kept in {out}")
+
+
+class TokenizerTrainer:
+    """One tokenizer phase: the tokenizer (+ EMA), its optimiser, LPIPS, the discriminator (+ optimiser).
+    step() = one global batch: generator update, EMA, then (from d_start) one discriminator update."""
+
+    kind = "tokenizer"
+
+    def __init__(self, args, device, world, resume, steps_per_epoch):
+        self.args, self.world = args, world
+        self.tok = build_tokenizer(args, resume).to(device)
+        self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
+        self.lpips = losses.LPIPS(weights(args.vgg_weights, losses.VGG16_URL),
+                                  weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device) if args.lpips_weight else None
+        self.disc = losses.Discriminator(weights(args.disc_weights, losses.DINO_S8_URL), **DISCRIMINATORS[args.disc]).to(device)
+        self.opt, self.sched = make_optimizer([p for p in self.tok.parameters() if p.requires_grad], args, device)
+        self.d_opt, self.d_sched = make_optimizer([p for p in self.disc.parameters() if p.requires_grad], args, device)
+        if resume is not None:
+            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
+            model.load_strict(self.disc, resume["disc"], f"{resume['path']} disc")
+            for key, obj in (("optimizer", self.opt), ("scheduler", self.sched), ("disc_optimizer", self.d_opt),
+                             ("disc_scheduler", self.d_sched)):
+                obj.load_state_dict(resume[key])
+        by_epoch = lambda s, e: s if s is not None else e * steps_per_epoch  # noqa: E731
+        self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
+        self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
+        net = torch.compile(self.tok) if args.compile else self.tok
+        ids = [device.index] if device.type == "cuda" else None
+        self.net = DDP(net, device_ids=ids) if world > 1 else net
+        self.d_net = DDP(self.disc, device_ids=ids) if world > 1 else self.disc
+        self.last_layer = self.tok.last_layer()
+
+    def step(self, batches, step, out):
+        a, tok, disc = self.args, self.tok, self.disc
+        xs = [x for x, _ in batches]
+        gan = step >= self.g_start and a.gan_weight > 0
+        tok.train()
+        disc.eval()  # D is fixed during the generator update
+        logs = accumulate(self.net, xs, lambda x: tokenizer_loss(self.net, x, a, self.lpips, disc if gan else None,
+                                                                 self.last_layer))
+        check_finite(logs["loss"], step, self.world, out)
+        if a.clip_grad > 0:
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], a.clip_grad))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema, tok, a.ema)
+        if step >= self.d_start and a.gan_weight > 0:  # fakes from the updated decoder, eval mode, 8 bit
+            tok.eval()
+            with torch.no_grad(), torch.autocast(xs[0].device.type, torch.bfloat16, enabled=a.precision == "bf16"):
+                fakes = [losses.quantize_fake(tok(x)[0].float()) for x in xs]
+            disc.train()
+            self.d_opt.zero_grad(set_to_none=True)  # drop the generator update's gradients on the heads
+            logs.update(accumulate(self.d_net, list(zip(xs, fakes)), lambda rf: discriminator_loss(self.d_net, *rf, a)))
+            self.d_opt.step()
+            self.d_sched.step()
+            self.d_opt.zero_grad(set_to_none=True)
+        return dict(logs, lr=self.sched.get_last_lr()[0])
+
+    def state(self):
+        return dict(config=self.tok.config, model=self.tok.state_dict(), ema=self.ema.state_dict(),
+                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), disc=self.disc.state_dict(),
+                    disc_optimizer=self.d_opt.state_dict(), disc_scheduler=self.d_sched.state_dict())
+
+    @torch.no_grad()
+    def grid(self, x, path):
+        """Originals (top) and EMA reconstructions (bottom)."""
+        data.save_image_grid(torch.cat([x, self.ema(x)[0]]), path, nrow=len(x))
+
+    def export(self):
+        """The final EMA tokenizer: rebuild with model.build_tokenizer(ck["config"]) + ck["ema"]."""
+        return dict(config=self.tok.config, ema=self.ema.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The loop shared by every phase: data order, logging, grids, checkpoints, signals
+# ----------------------------------------------------------------------------------------------------
+
+
+def train(args, rank, world, device, stop):
+    out = Path(args.out_dir)
+    kind = "generator" if args.phase == "gen" else "tokenizer"
+    resume = load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
+    if resume is None and (out / "ckpt-last.pt").exists():
+        raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
+    dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
+    accum, rem = divmod(args.global_batch, world * args.micro_batch)
+    if rem or not accum:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
+                         f"--micro-batch {args.micro_batch}")
+    steps_per_epoch = len(dataset) // args.global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
+                         f"({args.global_batch})")
+    args.total_steps = args.epochs * steps_per_epoch
+    args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    trainer = (GeneratorTrainer if kind == "generator" else TokenizerTrainer)(args, device, world, resume, steps_per_epoch)
+    step = resume["step"] if resume is not None else 0
+    if resume is not None and len(resume["rng"]) == world:
+        set_rng_state(resume["rng"][rank])
+    else:  # per-rank randomness (noise augmentation, dropout, DiffAugment, flow-matching noise)
+        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+            seed_fn(args.seed * world + rank)
+    loader = data.make_loader(dataset, args.micro_batch, seed=args.seed, num_workers=args.workers)
+
+    def save(path):
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state()) if world > 1 else rngs.__setitem__(0, rng_state())
+        if rank == 0:
+            save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.state(), step=step,
+                            epoch=step // steps_per_epoch, args=vars(args), rng=rngs)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
+        print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} "
+              f"epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
+    end = min(args.total_steps, args.max_steps or args.total_steps)
+    bar = tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True)
+    it, t0, seen = None, time.time(), 0
+    while step < end:
+        epoch, k = divmod(step, steps_per_epoch)
+        if it is None or k == 0:  # mid-epoch resume skips the micro-batches already consumed
+            loader.set_epoch(epoch, skip_batches=k * accum)
+            it = iter(loader)
+        with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG: isolate it
+            batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(accum)]
+        logs = trainer.step(batches, step, out)
+        step, seen = step + 1, seen + args.global_batch
+        bar.update(1)
+        if step % args.log_every == 0 or step == end:
+            logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # skipped: total over ranks
+            if rank == 0:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=seen / (time.time() - t0))) + "\n")
+            t0, seen = time.time(), 0
+        if rank == 0 and args.grid_every and step % args.grid_every == 0:
+            trainer.grid(grid_x, out / f"grid-{step:07d}.png")
+        signalled = any_rank("signal" in stop, world, device)
+        if signalled or step == end or step % args.ckpt_every == 0:
+            save(out / "ckpt-last.pt")
+        if args.keep_every and step % args.keep_every == 0:
+            save(out / f"ckpt-{step:07d}.pt")
+        if signalled:
+            break
+    bar.close()
+    if rank == 0 and step == args.total_steps:
+        path = out / f"{kind}.pt"
+        save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.export(), step=step,
+                        args=vars(args))
+        print(f"done: {path}")
+    elif rank == 0:
+        print(f"stopped at step {step} of {args.total_steps}; continue with --resume {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Generator phase
+# ----------------------------------------------------------------------------------------------------
+
+
+class GeneratorTrainer:
+    """--phase gen: not implemented yet."""
+
+    def __init__(self, args, *_):
+        raise SystemExit(f"--method {args.method} --phase gen is not implemented yet")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.out_dir and not args.resume:
+        raise SystemExit("--out-dir is required (or --resume RUN_DIR)")
+    if not args.out_dir:
+        args.out_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
+    if not args.data_path:
+        raise SystemExit("--data-path is required")
+    rank, world, device = setup_distributed(args.device)
+    stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
+    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(args, rank, world, device, stop)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
