@@ -1,14 +1,12 @@
 """evaluate.py: the FID Inception vs pytorch-fid / torch-fidelity, metrics vs reference packages and brute force,
 npz I/O, the CLI (reference layouts, known answers, bad input) and sharded extraction under 2 processes."""
 import json
-import os
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import evaluate as ev
 
@@ -48,7 +46,7 @@ def test_inception_equals_pytorch_fid_and_torch_fidelity(fid_weights, monkeypatc
     theirs = pfi.InceptionV3([3], use_fid_inception=True).eval()  # strict: our key set is pytorch-fid's
     taps = []
     theirs.blocks[2][6].branch1x1.register_forward_hook(lambda m, i, o: taps.append(o))
-    x = torch.randint(0, 256, (2, 40, 48, 3), dtype=torch.uint8)
+    x = torch.randint(0, 256, (1, 40, 48, 3), dtype=torch.uint8)
 
     ours = ev.InceptionFeatures(weights=str(fid_weights), preprocess="pytorch-fid")
     pool, logits, spatial = ours(x)
@@ -58,12 +56,13 @@ def test_inception_equals_pytorch_fid_and_torch_fidelity(fid_weights, monkeypatc
     torch.testing.assert_close(pool, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(spatial, taps[0][:, :7].permute(0, 2, 3, 1).flatten(1), atol=1e-4, rtol=0)
     torch.testing.assert_close(logits, ref @ sd["fc.weight"].T, atol=1e-4, rtol=1e-5)
-    assert spatial.shape == (2, 17 * 17 * 7) and logits.shape == (2, 1008)
+    assert spatial.shape == (1, 17 * 17 * 7) and logits.shape == (1, 1008)
 
     # ADM mode end to end (TF1 resize, (x − 128)/128, unbiased logits) vs torch-fidelity's TF1 port
     tfid = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                        feature_extractor_weights_path=str(fid_weights)).eval()
-    pool, logits, _ = ev.InceptionFeatures(weights=str(fid_weights))(x)
+    ours.preprocess = "adm"
+    pool, logits, _ = ours(x)
     ref_pool, ref_logits = tfid(x.permute(0, 3, 1, 2).contiguous())
     torch.testing.assert_close(pool, ref_pool, atol=1e-4, rtol=0)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-5)
@@ -283,7 +282,7 @@ def test_cli_bad_input(fake_net, tmp_path):
         cli("--samples", tmp_path / "missing.npz")
 
 
-# ---- sharded extraction: 2 real gloo processes give the 1-process result ------------------------------------
+# ---- sharded extraction: 2 ranks (threads with an in-memory all_gather) give the 1-process result ----------
 
 
 class Ramp:
@@ -296,29 +295,81 @@ class Ramp:
         return np.arange(i, j, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
 
 
-def _step(x):  # per-image outputs that also depend on the batch composition
+def _step(x):  # per-image outputs, one of which also depends on the batch composition
     x = torch.from_numpy(x).float()
     return {"v": x.mean((1, 2, 3)), "w": x.flatten(1) + len(x) * 100}
 
 
-def _worker(rank, path, q):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    out = ev.collect(ev.sharded(Ramp(), _step, 3, "test"))
-    q.put((rank, {k: v.numpy() for k, v in out.items()}))
-    dist.destroy_process_group()
-
-
-def test_sharded_two_processes_equal_one(tmp_path):
+def test_sharded_two_ranks_equal_one(monkeypatch):
     one = ev.collect(ev.sharded(Ramp(), _step, 3, "test"))
     assert one["v"].tolist() == list(range(11))
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, tmp_path / "init", q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join()
+    local, barrier, slots = threading.local(), threading.Barrier(2), [None, None]
+
+    def all_gather(parts, buf):
+        slots[local.rank] = buf.clone()
+        barrier.wait()
+        for p, s in zip(parts, slots):
+            p.copy_(s)
+        barrier.wait()
+    monkeypatch.setattr(ev, "rank_world", lambda: (local.rank, 2))
+    monkeypatch.setattr(ev.dist, "all_gather", all_gather)
+    got = {}
+
+    def run(rank):
+        local.rank = rank
+        got[rank] = ev.collect(ev.sharded(Ramp(), _step, 3, "test"))
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     for rank in range(2):
         for k in one:
-            assert np.array_equal(got[rank][k], one[k].numpy()), (rank, k)
+            assert torch.equal(got[rank][k], one[k]), (rank, k)
+
+
+def test_cli_tokenizer_reconstruction(fake_net, monkeypatch, tmp_path):
+    import data
+    import model
+    import vq
+    from PIL import Image
+    lpips = ev.LPIPS
+    monkeypatch.setattr(ev, "LPIPS", lambda vgg, lin: lpips(None, None))  # random VGG, no download
+    tok = model.build_tokenizer(vq.IDEAL_PRESETS["tiny"]).eval()
+    torch.save(dict(kind="tokenizer", method="ideal", phase="1", config=tok.config, ema=tok.state_dict()),
+               tmp_path / "ck.pt")
+    size = tok.config["image_size"]
+    (tmp_path / "val" / "n01").mkdir(parents=True)
+    for i, im in enumerate(images(7, 3, size=size + 10)):
+        Image.fromarray(im[:, 5:]).save(tmp_path / "val" / "n01" / f"{i}.png")  # non-square: centre crop matters
+    res = cli("--tokenizer", tmp_path / "ck.pt", "--data-path", tmp_path / "val", "--save-recon", tmp_path / "r.npz")
+
+    crops = np.stack([np.asarray(data.center_crop_arr(Image.open(tmp_path / "val" / "n01" / f"{i}.png"), size))
+                      for i in range(7)])
+    x = torch.from_numpy(crops)
+    with torch.no_grad():
+        codes = tok.encode(x.permute(0, 3, 1, 2).float() / 255)
+        recon = (tok.decode(codes).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.array_equal(np.load(tmp_path / "r.npz")["arr_0"], recon.numpy())
+    assert res["images"] == 7 and res["PSNR"] == pytest.approx(ev.psnr(x, recon).mean().item())
+    assert res["SSIM"] == pytest.approx(ev.ssim(x, recon).mean().item())
+    assert res["codebook_usage"] == pytest.approx(len(codes.unique()) / tok.config["codebook_size"])
+    fr, fx = FakeInception()(recon)[0], FakeInception()(x)[0]
+    assert res["rFID"] == pytest.approx(ev.frechet_distance(*ev.gaussian(fr), *ev.gaussian(fx)))
+    assert res["LPIPS"] > 0
+
+
+def test_fd_dinov2_features_and_cli(fake_net, monkeypatch, tmp_path):
+    import model
+    dinov2 = model.dinov2
+    monkeypatch.setattr(model, "dinov2", lambda name, weights: dinov2("vitt14", None))  # tiny stand-in for vitl14
+    net = ev.DINOv2Features()
+    x = torch.from_numpy(images(3, 0, size=40))
+    y = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic", antialias=True)
+    y = (y / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.net.forward_features(y)["x_norm_clstoken"])
+    np.savez(tmp_path / "s.npz", arr_0=images(6, 0, size=40))
+    np.savez(tmp_path / "r.npz", arr_0=images(6, 1, size=40))
+    assert abs(cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--fd-dinov2")["FD-DINOv2"]) < 1e-6
+    assert cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "r.npz", "--fd-dinov2")["FD-DINOv2"] > 0
