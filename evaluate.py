@@ -193,11 +193,12 @@ def _sqdist(u, v):
     return ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None]).clamp_min_(0)
 
 
-def precision_recall(ref_features, sample_features, k=3, block=2048):
+def precision_recall(ref_features, sample_features, k=3, block=2048, device=None):
     """Improved precision/recall (Kynkäänniemi et al. 2019): each point's ball has the squared distance to its k-th
     nearest other point of its own set (k+1-th smallest with self); precision = fraction of samples inside some
     reference ball (d ≤ r), recall = fraction of references inside some sample ball. Row blocks of `block`."""
-    ref, smp = (torch.as_tensor(f, dtype=torch.float32) for f in (ref_features, sample_features))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref, smp = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (ref_features, sample_features))
 
     def radii(f):
         return torch.cat([_sqdist(f[i:i + block], f).kthvalue(k + 1, dim=1).values for i in range(0, len(f), block)])
@@ -402,8 +403,8 @@ def reference(path, extract, size):
             raise SystemExit(f"{path}: a reference needs statistics (mu, sigma) or images (arr_0); found {sorted(keys)}")
         if "mu" in keys:
             st = {k: z[k] for k in keys - {"arr_0", "arr_1"}}
-            if "pool" not in st and "arr_0" in keys:
-                st["pool"] = extract(open_images(path), "reference images", size)["pool"].numpy()
+            if "pool" not in st and "arr_0" in keys:  # P/R (and FD-DINOv2) features from the images
+                st = {**statistics(extract(open_images(path), "reference images", size)), **st}
             return st
     return statistics(extract(open_images(path), "reference", size))
 
@@ -479,7 +480,8 @@ def run(args):
     st = statistics(f)
     res.update(images=len(samples), IS=inception_score(f["logits"], shuffle_seed=args.is_shuffle_seed))
     if args.ref:
-        res.update(compare(st, reference(args.ref, extract, samples.size)))
+        ref = reference(args.ref, extract, samples.size)
+        res.update(compare(st, ref) if rank_world()[0] == 0 else {})
     if args.save_stats and rank_world()[0] == 0:
         np.savez(args.save_stats, **st)
     return res
@@ -507,32 +509,34 @@ def reconstruct(args, features, device):
             z = tok.encode(x.permute(0, 3, 1, 2).float() / 255)
             r = (tok.decode(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         fr, fx = features(r), features(x)
-        out = dict(pool=fr["pool"], ref_pool=fx["pool"], psnr=psnr(x, r), ssim=ssim(x, r, args.ssim))
+        out = dict(pool=fr["pool"], ref_pool=fx["pool"], psnr=psnr(x, r), ssim=ssim(x, r, args.ssim), lpips=lpips(x, r, lp))
         if "dino" in fr:
             out.update(dino=fr["dino"], ref_dino=fx["dino"])
-        out["lpips"] = lpips(x, r, lp)
         if codebook:
             out["codes"] = z.flatten(1)
         if args.save_recon:
             out["recon"] = r
         return out
 
-    f, used = defaultdict(list), torch.zeros(codebook or 0, dtype=torch.bool)
-    for b in sharded(images, step, args.batch_size, "reconstruct"):
-        if codebook:
-            used[b.pop("codes").flatten().cpu()] = True
-        if args.save_recon:
-            recon = b.pop("recon")
+    used = torch.zeros(codebook or 0, dtype=torch.bool)
+
+    def stream():  # marks used codes and writes reconstructions on the fly
+        for b in sharded(images, step, args.batch_size, "reconstruct"):
+            if codebook:
+                used[b.pop("codes").flatten().cpu()] = True
+            recon = b.pop("recon", None)
             if writer:
                 writer.write(recon.cpu().numpy())
-        for k, v in b.items():
-            f[k].append(v.cpu())
+            yield b
+    f = collect(stream())
     if writer:
         writer.close()
-    f = {k: torch.cat(v) for k, v in f.items()}
-    res = {"images": len(images), **compare(statistics(f), statistics({k[4:]: v for k, v in f.items() if k.startswith("ref_")}), "r")}
-    res.update(PSNR=f["psnr"].mean().item(), SSIM=f["ssim"].mean().item(), ssim_window=args.ssim)
-    res["LPIPS"] = f["lpips"].mean().item()
+    if rank:
+        return {}
+    ref = statistics({k[4:]: v for k, v in f.items() if k.startswith("ref_")})
+    res = {"images": len(images), **compare(statistics(f), ref, "r")}
+    res.update(PSNR=f["psnr"].mean().item(), SSIM=f["ssim"].mean().item(), ssim_window=args.ssim,
+               LPIPS=f["lpips"].mean().item())
     if codebook:
         res["codebook_usage"] = used.double().mean().item()
     return res
