@@ -180,11 +180,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def inception_score(logits, splits=10, shuffle_seed=None):
     """Mean over `splits` contiguous chunks (file order, as ADM) of exp E_x KL(p(y|x) ‖ p(y)); softmax over all
-    1008 logits in float64 with 0·log 0 = 0. shuffle_seed permutes first (for class-sorted files)."""
+    1008 logits in float64 with 0·log 0 = 0 (at most one split per image). shuffle_seed permutes first (for
+    class-sorted files)."""
     p = torch.as_tensor(logits, dtype=torch.float64).softmax(1)
     if shuffle_seed is not None:
         p = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(shuffle_seed))]
-    kl = [(torch.special.xlogy(s, s) - torch.special.xlogy(s, s.mean(0))).sum(1).mean().exp() for s in p.tensor_split(splits)]
+    kl = [(torch.special.xlogy(s, s) - torch.special.xlogy(s, s.mean(0))).sum(1).mean().exp() for s in p.tensor_split(min(splits, len(p)))]
     return torch.stack(kl).mean().item()
 
 

@@ -137,6 +137,7 @@ def test_inception_score_equals_numpy():
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(7)).numpy()
     assert ev.inception_score(logits, splits=4, shuffle_seed=7) == pytest.approx(numpy_is(logits[perm]), rel=1e-12)
     assert ev.inception_score(np.zeros((10, 5)), splits=2) == pytest.approx(1.0)
+    assert ev.inception_score(logits[:3]) == pytest.approx(1.0)  # fewer images than splits: 1 per split, no NaN
     onehot = np.full((10, 5), -np.inf)
     onehot[np.arange(10), np.arange(10) % 5] = 0  # p(y|x) one-hot, balanced over 5 classes per split
     assert ev.inception_score(onehot, splits=2) == pytest.approx(5.0)
@@ -280,6 +281,12 @@ def test_cli_bad_input(fake_net, tmp_path):
         ev.gaussian(np.zeros((8, 3)))
     with pytest.raises(SystemExit, match="missing.npz not found"):
         cli("--samples", tmp_path / "missing.npz")
+    from PIL import Image
+    (tmp_path / "dir").mkdir()
+    Image.fromarray(images(1, 0)[0]).save(tmp_path / "dir" / "a.png")
+    Image.fromarray(images(1, 0, size=20)[0]).save(tmp_path / "dir" / "b.png")
+    with pytest.raises(SystemExit, match=r"b.png is 20×20; the other images are 16×16"):
+        cli("--samples", tmp_path / "dir")
 
 
 # ---- sharded extraction: 2 ranks (threads with an in-memory all_gather) give the 1-process result ----------
