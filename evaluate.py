@@ -27,8 +27,10 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+import data
+import model
 from losses import LPIPS, LPIPS_VGG_URL, VGG16_URL, load_weights
-from model import load_strict
+from model import IMAGENET_MEAN, IMAGENET_STD, load_strict
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
@@ -134,10 +136,9 @@ class DINOv2Features(nn.Module):
 
     def __init__(self, weights="official"):
         super().__init__()
-        import model
         self.net = model.dinov2("vitl14", weights=weights).eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @torch.inference_mode()
     def forward(self, x):
@@ -280,7 +281,6 @@ class FolderImages:
     decoded by a thread pool. All images must share one size."""
 
     def __init__(self, path, transform=None):
-        import data
         self.files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in data.IMG_EXTENSIONS)
         if not self.files:
             raise SystemExit(f"{path}: no images (expected {'/'.join(data.IMG_EXTENSIONS)} files)")
@@ -459,6 +459,7 @@ def run(args):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    samples = open_images(args.samples) if args.samples else None  # bad input fails before any download
     net = InceptionFeatures(args.inception_weights, args.preprocess).to(device)
     dino = DINOv2Features(args.dinov2_weights).to(device) if args.fd_dinov2 else None
 
@@ -476,7 +477,6 @@ def run(args):
     if args.tokenizer:
         res.update(reconstruct(args, features, device))
         return res
-    samples = open_images(args.samples)
     f = extract(samples, "samples")
     st = statistics(f)
     res.update(images=len(samples), IS=inception_score(f["logits"], shuffle_seed=args.is_shuffle_seed))
@@ -490,8 +490,6 @@ def run(args):
 
 def reconstruct(args, features, device):
     """rFID (reconstructions vs the same ADM centre crops), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
-    import data
-    import model
     import train
     ck = train.load_checkpoint(args.tokenizer, expect_kind="tokenizer")
     tok = model.build_tokenizer(ck["config"], **{k: None for k in ("encoder_weights", "decoder_weights") if k in ck["config"]})
