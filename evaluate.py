@@ -444,7 +444,10 @@ def main(argv=None):
         if not str(e).startswith("could not download"):
             raise
         raise SystemExit(str(e)) from None
-    if rank_world()[0] == 0:
+    rank = rank_world()[0]
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
         out = args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json"
         Path(out).write_text(json.dumps(res, indent=1))
         print(table(res) + f"\nwrote {out}")
