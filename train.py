@@ -41,7 +41,7 @@ import model
 
 METHODS = ("rae", "drorae", "decq", "ideal")
 # (method, phase) → what --init-from must hold (accepted methods, phase), or None for a fresh tokenizer;
-# `defaults`: the recipe where it differs from RAE's (SPEC §4). A new method plugs in here + METHOD_CONFIG.
+# `defaults`: the recipe where it differs from RAE's (SPEC §4). A new method plugs in here + TOKENIZER_CONFIG.
 PHASES = {
     ("rae", "1"): dict(init=None),
     ("drorae", "1"): dict(init=None),
@@ -52,11 +52,15 @@ PHASES = {
         lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False, gan_start_step=20000,
         disc_start_step=20000, clip_grad=1.0, global_batch=256, epochs=50)),
 }
-# Flags that become tokenizer config keys, per method (on top of the RAE ones).
-METHOD_CONFIG = {"rae": (), "drorae": (), "decq": (), "ideal": ()}
-RAE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size", "noise_tau",
-              "noise")
-
+# Tokenizer config keys filled from flags, per method ("key:flag_dest" where the names differ).
+BASE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size")
+TOKENIZER_CONFIG = {
+    "rae": BASE_CONFIG + ("noise_tau", "noise"),
+    "drorae": BASE_CONFIG + ("noise_tau", "noise", "fusion_hidden", "fusion_layers", "beta", "route_eps", "smoothness"),
+    "decq": BASE_CONFIG + ("noise_tau", "noise", "num_queries", "query_layers", "query_heads", "query_mlp_ratio"),
+    "ideal": BASE_CONFIG + ("shallow_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta", "entropy_weight",
+                            "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
+}
 DISCRIMINATORS = {"S8": {}, "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
 PRESETS = {  # presets fill defaults; explicit flags win
     "published": dict(),  # the flag defaults below are the published RAE recipe (DINOv2-B/14-reg, ViT-XL decoder)
@@ -91,6 +95,29 @@ def parse_args(argv=None):
     a("--resize", type=int, default=384, help="training images: Resize(short side, bicubic) → RandomCrop(image size)")
     a("--noise-tau", type=float, default=0.8, help="latent noise augmentation τ")
     a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
+    # DRoRAE (SPEC §5)
+    a("--fusion-hidden", type=int, default=None, help="expert width H (default 2C)")
+    a("--fusion-layers", type=int, nargs="+", default=None, help="fused encoder blocks (default all)")
+    a("--beta", type=float, default=0.2, help="incremental-correction β")
+    a("--route-eps", type=float, default=1e-6)
+    a("--smoothness", type=float, default=0.0, help="routing-smoothness penalty weight")
+    # DecQ (SPEC §6)
+    a("--num-queries", type=int, default=8)
+    a("--query-layers", type=int, nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
+    a("--query-heads", type=int, default=None)
+    a("--query-mlp-ratio", type=float, default=4.0)
+    # Ideal (SPEC §7)
+    a("--shallow-layer", type=int, default=3)
+    a("--fuse", action=argparse.BooleanOptionalAction, default=True, help="AttnFuse shallow into deep features")
+    a("--codebook-size", type=int, default=16384)
+    a("--code-dim", type=int, default=64)
+    a("--commit-beta", type=float, default=0.25, help="VQ commitment weight")
+    a("--entropy-weight", type=float, default=0.01)
+    a("--restart-dead", action="store_true", help="restart codes unused for a whole usage window")
+    a("--shallow-weight", type=float, default=1.0)
+    a("--fuse-heads", type=int, default=12)
+    a("--feat-depth", type=int, default=6, help="feature decoder depth")
+    a("--feat-heads", type=int, default=12)
     # loss (SPEC §4)
     a("--rec-loss", choices=("l1", "l2"), default="l1")
     a("--lpips-weight", type=float, default=1.0)
@@ -124,7 +151,7 @@ def parse_args(argv=None):
     a("--keep-every", type=int, default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
     a("--grid-every", type=int, default=1000)
     pre, _ = p.parse_known_args(argv)
-    p.set_defaults(**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset])
+    p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset]})
     args = p.parse_args(argv)
     if (args.method, args.phase) not in PHASES:
         valid = ", ".join(f for m, f in PHASES if m == args.method)
@@ -156,11 +183,11 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or not {"kind", "method", "phase"} <= ck.keys():
         raise SystemExit(f"{path}: not a depthrae checkpoint (no kind/method/phase)")
-    for key, want in (("kind", expect_kind), ("method", expect_method), ("phase", expect_phase)):
-        want = (want,) if isinstance(want, str) else want
-        if want is not None and ck[key] not in want:
-            raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
-                             f"expected {key} {' or '.join(want)}")
+    wanted = {k: (w,) if isinstance(w, str) else tuple(w) for k, w in
+              (("kind", expect_kind), ("method", expect_method), ("phase", expect_phase)) if w is not None}
+    if any(ck[k] not in w for k, w in wanted.items()):
+        raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
+                         f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
     ck["path"] = str(path)
     return ck
 
@@ -264,7 +291,11 @@ def weights(flag, official):
 
 
 def tokenizer_config(args):
-    config = dict(method=args.method, **{k: getattr(args, k) for k in RAE_CONFIG + METHOD_CONFIG[args.method]})
+    """The new tokenizer's config (model.build_tokenizer) from the flags of its method."""
+    config = {"method": args.method}
+    for k in TOKENIZER_CONFIG[args.method]:
+        key, _, dest = k.partition(":")
+        config[key] = getattr(args, dest or key)
     return dict(config, encoder_weights=weights(config["encoder_weights"], "official"))
 
 
@@ -284,8 +315,8 @@ def build_tokenizer(args, resume):
                              f"{' or '.join(need[0])} phase {need[1]}")
         prev = load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
         config = dict(prev["config"])
-        if prev["method"] != args.method:  # e.g. rae phase 1 → drorae phase 2: add the method's modules
-            config.update(tokenizer_config(args), **{k: prev["config"][k] for k in RAE_CONFIG if k in prev["config"]})
+        if prev["method"] != args.method:  # e.g. RAE phase 1 → DRoRAE phase 2: add this method's modules
+            config = {**tokenizer_config(args), **config, "method": args.method}
         tok = model.build_tokenizer(config)
         new = tuple(k for k in tok.state_dict() if k not in prev["ema"]) if prev["method"] != args.method else ()
         state = {**{k: v for k, v in tok.state_dict().items() if k in new}, **prev["ema"]}
@@ -367,6 +398,7 @@ class TokenizerTrainer:
         logs = accumulate(self.net, xs, lambda x: tokenizer_loss(self.net, x, a, self.lpips, disc if gan else None,
                                                                  self.last_layer))
         check_finite(logs["loss"], step, self.world, out)
+        logs.update(getattr(tok, "last_stats", {}))  # e.g. codebook usage and perplexity (Ideal)
         if a.clip_grad > 0:
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], a.clip_grad))
         self.opt.step()
@@ -447,35 +479,34 @@ def train(args, rank, world, device, stop):
         print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} "
               f"epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
     end = min(args.total_steps, args.max_steps or args.total_steps)
-    bar = tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True)
-    it, t0, seen = None, time.time(), 0
-    while step < end:
-        epoch, k = divmod(step, steps_per_epoch)
-        if it is None or k == 0:  # mid-epoch resume skips the micro-batches already consumed
-            loader.set_epoch(epoch, skip_batches=k * accum)
-            it = iter(loader)
-        with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG: isolate it
-            batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(accum)]
-        logs = trainer.step(batches, step, out)
-        step, seen = step + 1, seen + args.global_batch
-        bar.update(1)
-        if step % args.log_every == 0 or step == end:
-            logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # skipped: total over ranks
-            if rank == 0:
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=seen / (time.time() - t0))) + "\n")
-            t0, seen = time.time(), 0
-        if rank == 0 and args.grid_every and step % args.grid_every == 0:
-            trainer.grid(grid_x, out / f"grid-{step:07d}.png")
-        signalled = any_rank("signal" in stop, world, device)
-        if signalled or step == end or step % args.ckpt_every == 0:
-            save(out / "ckpt-last.pt")
-        if args.keep_every and step % args.keep_every == 0:
-            save(out / f"ckpt-{step:07d}.pt")
-        if signalled:
-            break
-    bar.close()
+    with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
+        it, t0, seen = None, time.time(), 0
+        while step < end:
+            epoch, k = divmod(step, steps_per_epoch)
+            if it is None or k == 0:  # mid-epoch resume skips the micro-batches already consumed
+                loader.set_epoch(epoch, skip_batches=k * accum)
+                it = iter(loader)
+            with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG: isolate it
+                batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(accum)]
+            logs = trainer.step(batches, step, out)
+            step, seen = step + 1, seen + args.global_batch
+            bar.update(1)
+            if step % args.log_every == 0 or step == end:
+                logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # skipped: total over ranks
+                if rank == 0:
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=seen / (time.time() - t0))) + "\n")
+                t0, seen = time.time(), 0
+            if rank == 0 and args.grid_every and step % args.grid_every == 0:
+                trainer.grid(grid_x, out / f"grid-{step:07d}.png")
+            signalled = any_rank("signal" in stop, world, device)
+            if signalled or step == end or step % args.ckpt_every == 0:
+                save(out / "ckpt-last.pt")
+            if args.keep_every and step % args.keep_every == 0:
+                save(out / f"ckpt-{step:07d}.pt")
+            if signalled:
+                break
     if rank == 0 and step == args.total_steps:
         path = out / f"{kind}.pt"
         save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.export(), step=step,

@@ -144,6 +144,28 @@ def test_sigterm_saves_and_exits_cleanly(images, tmp_path):
     assert ck["step"] >= 1 and ck["step"] == log(out)[-1]["step"]
 
 
+def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
+    common = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--data-path", images,
+              "--lpips-weight", "0", "--gan-weight", "0", "--max-steps", "1"]
+    ideal = ["--shallow-layer", "1", "--codebook-size", "64", "--fuse-heads", "4", "--feat-heads", "4", "--feat-depth", "1"]
+    runs = [("rae", "1", []), ("decq", "1", []), ("ideal", "1", ideal),
+            ("drorae", "2", ["--init-from", str(tmp_path / "rae1")]),
+            ("drorae", "3", ["--init-from", str(tmp_path / "drorae2")])]
+    for method, phase, extra in runs:
+        train.main(["--method", method, "--phase", phase, *common, "--out-dir", str(tmp_path / f"{method}{phase}"), *extra])
+        ck = train.load_checkpoint(tmp_path / f"{method}{phase}", "tokenizer", method, phase)
+        assert ck["config"]["method"] == method and ck["step"] == 1
+        tok = model.build_tokenizer(ck["config"])
+        model.load_strict(tok, ck["ema"], f"{method}{phase}")
+        assert all(torch.isfinite(torch.tensor(v)) for v in log(tmp_path / f"{method}{phase}")[0].values())
+    rae1, dr2 = train.load_checkpoint(tmp_path / "rae1"), train.load_checkpoint(tmp_path / "drorae2")
+    assert all(torch.equal(rae1["ema"][k], v) for k, v in dr2["model"].items() if k.startswith("decoder."))
+    for phase, src, found in (("2", "decq1", "method decq phase 1"), ("3", "rae1", "method rae phase 1")):
+        msg = error(["--method", "drorae", "--phase", phase, *common, "--out-dir", str(tmp_path / f"x{phase}"),
+                     "--init-from", str(tmp_path / src)])
+        assert found in msg and "expected kind tokenizer, method " in msg
+
+
 # --- learning -----------------------------------------------------------------------------------------------
 
 
@@ -151,7 +173,7 @@ def test_tiny_model_overfits_eight_images(images, tmp_path):
     out = tmp_path / "run"
     train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
                 "--global-batch", "8", "--micro-batch", "8", "--lpips-weight", "0", "--gan-weight", "0",
-                "--noise-tau", "0", "--lr", "3e-3", "--lr-min", "3e-3", "--epochs", "70", "--ema", "0"])
+                "--noise-tau", "0", "--lr", "3e-3", "--lr-min", "3e-3", "--epochs", "60", "--ema", "0"])
     rec = [r["rec"] for r in log(out)]
     assert rec[-1] < rec[0] / 5, (rec[0], rec[-1])
     ck = train.load_checkpoint(out / "tokenizer.pt", expect_kind="tokenizer")
@@ -189,11 +211,29 @@ def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp
     before = (out / "ckpt-last.pt").read_bytes()
     r = run("--method", "decq", "--phase", "1", *TINY, "--data-path", images, "--resume", str(out))
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "holds a tokenizer checkpoint of method rae phase 1; expected method decq" in r.stderr
+    assert "holds a tokenizer checkpoint of method rae phase 1; expected kind tokenizer, method decq, phase 1" in r.stderr
     assert (out / "ckpt-last.pt").read_bytes() == before
     assert "already holds a checkpoint" in error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images,
                                                   "--out-dir", str(out)])
     assert (out / "ckpt-last.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
+    calls, real = [], train.tokenizer_loss
+
+    def nan_from_second_step(*a, **kw):
+        loss, terms = real(*a, **kw)
+        calls.append(1)
+        loss = loss * float("nan") if len(calls) > 2 else loss  # 2 micro-batches per step
+        return loss, dict(terms, loss=loss)
+
+    monkeypatch.setattr(train, "tokenizer_loss", nan_from_second_step)
+    out = tmp_path / "run"
+    msg = error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
+                 "--global-batch", "4", "--micro-batch", "2", "--lpips-weight", "0", "--ckpt-every", "1"])
+    assert "non-finite loss nan at step 1" in msg and str(out) in msg
+    ck = train.load_checkpoint(out)
+    assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
