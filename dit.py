@@ -247,7 +247,8 @@ def flow_matching_loss(model, x, y, q=None, lam=1.0, dist="logit-normal", alpha=
     the same t and an independent ε for the queries; loss = MSE_patch + λ·MSE_query (SPEC §6)."""
     alpha = alpha or shift_alpha(x[0].numel())
     t = sample_t(x.shape[0], alpha, dist, device=x.device)
-    y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, model.num_classes, y)
+    null = getattr(model, "module", model).num_classes  # the null label (model may be wrapped in DDP)
+    y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
     noise = torch.randn_like(x)
     x_t = torch.lerp(x, noise, t.view(-1, 1, 1, 1))
     if q is None:

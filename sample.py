@@ -1,0 +1,144 @@
+"""Class-conditional sampling from a generator checkpoint and its frozen tokenizer → PNG grid and/or an
+ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` labels, in sample-index order) + a JSON sidecar.
+
+    python sample.py --ckpt runs/gen --per-class 50                       # 50K samples for FID (SPEC §9)
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/gen --per-class 50 --guide runs/guide --scale 1.42
+    python sample.py --ckpt runs/gen --classes 207 360 387 --num-samples 24 --formats png
+
+Sample i has label classes[i % len(classes)] (all classes by default: every contiguous tenth of the file is
+class-balanced, as IS splits expect) and its noise comes from a generator seeded by (seed, i). Batches are
+fixed slices of the index range dealt round-robin to the processes, so sample i is bit-identical whatever
+the number of processes.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import dit
+import model
+import train
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="generator checkpoint (file or run directory)")
+    ap.add_argument("--guide", help="AutoGuidance: a second (weaker) generator checkpoint, e.g. DiT-DH-S")
+    ap.add_argument("--out-dir", default="samples")
+    ap.add_argument("--per-class", type=int, default=50, help="samples per class (ignored with --num-samples)")
+    ap.add_argument("--num-samples", type=int, help="total number of samples")
+    ap.add_argument("--classes", type=int, nargs="+", help="labels to cycle through (default: all classes)")
+    ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    ap.add_argument("--steps", type=int, default=50, help="grid points (RAE: 50 → 49 Euler steps)")
+    ap.add_argument("--scale", type=float, default=1.0, help="guidance scale (1 = none); CFG unless --guide")
+    ap.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=32, help="samples per forward (fixed slices of the index range)")
+    ap.add_argument("--formats", nargs="+", choices=("npz", "png"), default=["npz", "png"])
+    ap.add_argument("--device", help="default: cuda if available, else cpu")
+    return ap.parse_args(argv)
+
+
+def load_generator(path, device):
+    """(network, checkpoint) with its EMA weights. Dispatch on the checkpoint's method."""
+    ck = train.load_checkpoint(path, expect_kind="generator")
+    if ck["method"] == "ideal":
+        raise SystemExit(f"{ck['path']}: AR (ideal) generators are not wired into sample.py yet")
+    net = model.load_strict(dit.DiTDH(**ck["config"]), ck["ema"], f"generator {ck['path']}")
+    return net.to(device).eval().requires_grad_(False), ck
+
+
+def load_tokenizer(ck, device):
+    """The generator's frozen tokenizer (weights from its checkpoint) with the generator's latent statistics."""
+    tck = train.load_checkpoint(ck["tokenizer"]["path"], expect_kind="tokenizer")
+    tok = model.build_tokenizer(tck["config"], encoder_weights=None, decoder_weights=None)
+    model.load_strict(tok, tck["ema"], f"tokenizer {tck['path']}")
+    tok.set_stats(ck["stats"])
+    return tok.to(device).eval().requires_grad_(False)
+
+
+def noise_for(index, seed, net):
+    """Noise of sample `index`: patches (C, h, w) [+ DecQ queries (Q, C)] from a generator seeded by (seed, index)."""
+    g = torch.Generator().manual_seed(seed * 2**32 + index)
+    cfg = net.config
+    x = torch.randn(cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=g)
+    return (x, torch.randn(cfg["num_queries"], cfg["in_channels"], generator=g)) if cfg["num_queries"] else (x,)
+
+
+@torch.no_grad()
+def generate(net, tok, indices, labels, args, guide=None):
+    """uint8 images (B, H, W, 3) for the given sample indices and labels."""
+    device = labels.device
+    noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
+    out = dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
+                     interval=tuple(args.interval), guide=guide)
+    latent = out[0].flatten(2).transpose(1, 2)  # (B, h·w, C) tokens, row-major
+    img = tok.decode((latent, out[1]) if len(out) > 1 else latent)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def run_name(ck, args, n):
+    guidance = "noguid" if args.scale == 1 else f"{'ag' if args.guide else 'cfg'}{args.scale:g}"
+    if args.scale != 1 and tuple(args.interval) != (0.0, 1.0):
+        guidance += f"-t{args.interval[0]:g}-{args.interval[1]:g}"
+    path = Path(ck["path"])
+    return f"{path.parent.name}-{path.stem}_{args.sampler}{args.steps}_{guidance}_seed{args.seed}_n{n}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = train.setup_distributed(args.device)
+    net, ck = load_generator(args.ckpt, device)
+    guide = load_generator(args.guide, device)[0] if args.guide else None
+    tok = load_tokenizer(ck, device)
+    classes = args.classes or list(range(net.num_classes))
+    if not all(0 <= c < net.num_classes for c in classes):
+        raise SystemExit(f"--classes: labels must be in [0, {net.num_classes})")
+    n = args.num_samples or args.per_class * len(classes)
+    labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    name = run_name(ck, args, n)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    batches = [range(s, min(s + args.batch, n)) for s in range(0, n, args.batch)][rank::world]
+    t0 = time.time()
+    images = [generate(net, tok, b, labels[b.start:b.stop].to(device), args, guide)
+              for b in tqdm(batches, desc=f"sampling {name}", disable=rank != 0)]
+    mine = torch.cat([torch.arange(b.start, b.stop) for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
+    shard = out / f"{name}.rank{rank}.pt"
+    torch.save({"index": mine, "images": torch.cat(images) if images else None}, shard)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        arr = None
+        for r in range(world):
+            part = torch.load(out / f"{name}.rank{r}.pt", weights_only=True)
+            if part["images"] is not None:
+                arr = torch.zeros((n, *part["images"].shape[1:]), dtype=torch.uint8) if arr is None else arr
+                arr[part["index"]] = part["images"]
+            os.remove(out / f"{name}.rank{r}.pt")
+        if "npz" in args.formats:
+            np.savez(out / f"{name}.npz", arr_0=arr.numpy(), arr_1=labels.numpy())
+        if "png" in args.formats:
+            grid = arr[:64].permute(0, 3, 1, 2).float() / 255
+            save_image(grid, out / f"{name}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
+        info = dict(vars(args), name=name, num_samples=n, classes=classes, world_size=world, method=ck["method"],
+                    generator=ck["path"], generator_step=ck.get("step"), tokenizer=ck["tokenizer"]["path"],
+                    seconds=round(time.time() - t0, 1))
+        (out / f"{name}.json").write_text(json.dumps(info, indent=2))
+        print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
