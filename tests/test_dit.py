@@ -262,6 +262,7 @@ def test_sample_is_bit_identical_under_torchrun(generator_ckpt, tmp_path):
     import subprocess
     import sys
     import numpy as np
+    import sample
     from conftest import ROOT
     cmd = ["sample.py", "--ckpt", str(generator_ckpt / "generator.pt"), "--num-samples", "5", "--steps", "2", "--batch", "2",
            "--formats", "npz", "--device", "cpu"]
@@ -269,8 +270,21 @@ def test_sample_is_bit_identical_under_torchrun(generator_ckpt, tmp_path):
     with socket.socket() as sock:  # a free port (torchrun's --master_port=0 can hang)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    subprocess.run([sys.executable, *cmd, "--out-dir", str(tmp_path / "one")], cwd=ROOT, env=env, check=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the two workers: same kernels, so bitwise comparable
+    try:
+        sample.main([*cmd[1:], "--out-dir", str(tmp_path / "one")])  # one process: this one
+    finally:
+        torch.set_num_threads(threads)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *cmd,
                     "--out-dir", str(tmp_path / "two")], cwd=ROOT, env=env, check=True)
     one, two = (np.load(next((tmp_path / d).glob("*.npz"))) for d in ("one", "two"))
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_sample_bad_input_is_one_line(generator_ckpt, tmp_path):
+    import sample
+    with pytest.raises(SystemExit, match=r"--classes: labels must be in \[0, 3\)"):
+        sample.main(["--ckpt", str(generator_ckpt / "generator.pt"), "--classes", "3", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds a tokenizer checkpoint.*expected kind generator"):
+        sample.main(["--ckpt", str(generator_ckpt / "tok.pt"), "--out-dir", str(tmp_path)])
