@@ -220,21 +220,27 @@ def test_decq_lambda_zero_has_no_query_loss_gradient():
 # ---- sample.py -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def generator_ckpt(tmp_path_factory):
+def make_generator_ckpt(root, method="rae", num_queries=0):
     """A tiny tokenizer checkpoint and a tiny random DiT-DH generator checkpoint pointing at it."""
     import model
-    root = tmp_path_factory.mktemp("gen")
     torch.manual_seed(0)
-    tok = model.build_tokenizer("tiny")
-    _, n, c = tok.encode(torch.rand(1, 3, 64, 64)).shape
-    torch.save(dict(kind="tokenizer", method="rae", phase="1", config=tok.config, ema=tok.state_dict()), root / "tok.pt")
-    net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3)
+    tok = model.build_tokenizer("tiny", **({"method": "decq", "num_queries": num_queries} if num_queries else {}))
+    z = tok.encode(torch.rand(1, 3, 64, 64))
+    _, n, c = (z[0] if num_queries else z).shape
+    torch.save(dict(kind="tokenizer", method=method, phase="1", config=tok.config, ema=tok.state_dict()), root / "tok.pt")
+    net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3, num_queries=num_queries)
     stats = {"mean": None, "var": torch.full((c, math.isqrt(n), math.isqrt(n)), 4.0)}
-    torch.save(dict(kind="generator", method="rae", phase="gen", config=net.config, ema=net.state_dict(),
+    if num_queries:
+        stats.update(query_mean=torch.zeros(num_queries, c), query_var=torch.full((num_queries, c), 2.0))
+    torch.save(dict(kind="generator", method=method, phase="gen", config=net.config, ema=net.state_dict(),
                     tokenizer=dict(path=str(root / "tok.pt"), config=tok.config), stats=stats, step=7),
                root / "generator.pt")
     return root
+
+
+@pytest.fixture(scope="module")
+def generator_ckpt(tmp_path_factory):
+    return make_generator_ckpt(tmp_path_factory.mktemp("gen"))
 
 
 def test_sample_writes_adm_npz_grid_and_sidecar(generator_ckpt, tmp_path):
@@ -288,3 +294,12 @@ def test_sample_bad_input_is_one_line(generator_ckpt, tmp_path):
         sample.main(["--ckpt", str(generator_ckpt / "generator.pt"), "--classes", "3", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="holds a tokenizer checkpoint.*expected kind generator"):
         sample.main(["--ckpt", str(generator_ckpt / "tok.pt"), "--out-dir", str(tmp_path)])
+
+
+def test_sample_decq_generates_patches_and_queries(tmp_path):
+    import numpy as np
+    import sample
+    root = make_generator_ckpt(tmp_path, method="decq", num_queries=2)
+    sample.main(["--ckpt", str(root / "generator.pt"), "--num-samples", "2", "--steps", "2",
+                 "--out-dir", str(tmp_path / "out"), "--formats", "npz", "--device", "cpu"])
+    assert np.load(next((tmp_path / "out").glob("*.npz")))["arr_0"].shape == (2, 64, 64, 3)
