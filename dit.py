@@ -284,7 +284,8 @@ def guided_velocity(model, x, t, y, scale=1.0, interval=(0.0, 1.0), guide=None):
     if guide is not None:
         v_m, v_g = _call(model, x, tt, y), _call(guide, x, tt, y)
         return tuple(g + scale * (m - g) for m, g in zip(v_m, v_g))
-    both = _call(model, tuple(torch.cat([a, a]) for a in x), tt.repeat(2), torch.cat([y, torch.full_like(y, model.num_classes)]))
+    null = torch.full_like(y, model.num_classes)
+    both = _call(model, tuple(torch.cat([a, a]) for a in x), tt.repeat(2), torch.cat([y, null]))
     return tuple(u + scale * (c - u) for c, u in (v.chunk(2) for v in both))
 
 

@@ -227,7 +227,8 @@ def make_generator_ckpt(root, method="rae", num_queries=0):
     tok = model.build_tokenizer("tiny", **({"method": "decq", "num_queries": num_queries} if num_queries else {}))
     z = tok.encode(torch.rand(1, 3, 64, 64))
     _, n, c = (z[0] if num_queries else z).shape
-    torch.save(dict(kind="tokenizer", method=method, phase="1", config=tok.config, ema=tok.state_dict()), root / "tok.pt")
+    torch.save(dict(kind="tokenizer", method=method, phase="1", config=tok.config, ema=tok.state_dict()),
+               root / "tok.pt")
     net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3, num_queries=num_queries)
     stats = {"mean": None, "var": torch.full((c, math.isqrt(n), math.isqrt(n)), 4.0)}
     if num_queries:
@@ -270,8 +271,8 @@ def test_sample_is_bit_identical_under_torchrun(generator_ckpt, tmp_path):
     import numpy as np
     import sample
     from conftest import ROOT
-    cmd = ["sample.py", "--ckpt", str(generator_ckpt / "generator.pt"), "--num-samples", "5", "--steps", "2", "--batch", "2",
-           "--formats", "npz", "--device", "cpu"]
+    cmd = ["sample.py", "--ckpt", str(generator_ckpt / "generator.pt"), "--num-samples", "5", "--steps", "2",
+           "--batch", "2", "--formats", "npz", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as sock:  # a free port (torchrun's --master_port=0 can hang)
         sock.bind(("127.0.0.1", 0))
