@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import ar
 import data
+import dit
 import losses
 import model
 
@@ -51,6 +53,12 @@ PHASES = {
     ("ideal", "1"): dict(init=None, defaults=dict(  # SPEC §7
         lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False, gan_start_step=20000,
         disc_start_step=20000, clip_grad=1.0, global_batch=256, epochs=50)),
+    **{(m, "gen"): dict(init=None, defaults=dict(  # DiT-DH, SPEC §8
+        lr=2e-4, lr_min=2e-5, global_batch=1024, clip_grad=1.0, ema=0.9995, epochs=800, warmup_epochs=0,
+        schedule="linear", decay_start_epoch=40)) for m in ("rae", "drorae", "decq")},
+    ("ideal", "gen"): dict(init=None, defaults=dict(  # LlamaGen GPT, SPEC §7 (no EMA: decay 0 copies the model)
+        lr=1e-4, weight_decay=0.05, global_batch=256, clip_grad=1.0, ema=0.0, epochs=300, warmup_epochs=0,
+        schedule="constant")),
 }
 # Tokenizer config keys filled from flags, per method ("key:flag_dest" where the names differ).
 BASE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size")
@@ -67,7 +75,7 @@ PRESETS = {  # presets fill defaults; explicit flags win
     "tiny": dict(  # CPU smoke runs and tests: no downloads, tiny random models (model.TOKENIZER_PRESETS["tiny"])
         **{k: v for k, v in model.TOKENIZER_PRESETS["tiny"].items() if k != "method"}, resize=80, global_batch=8, micro_batch=4,
         epochs=4, warmup_epochs=0, disc_start_epoch=2, gan_start_epoch=3, lpips_weights="random",
-        vgg_weights="random", disc_weights="random", disc="tiny", log_every=1, grid_every=50, workers=0, lr=1e-3, lr_min=1e-4),
+        vgg_weights="random", disc_weights="random", disc="tiny", dit="tiny", gpt="tiny", num_classes=10, log_every=1, grid_every=50, workers=0, lr=1e-3, lr_min=1e-4),
 }
 
 
@@ -81,7 +89,7 @@ def parse_args(argv=None):
     a("--out-dir", help="run directory (checkpoints, log.jsonl, grids); default: the --resume directory")
     a("--resume", help="run directory or checkpoint file to continue exactly")
     a("--init-from", help="checkpoint of the previous phase (drorae phases 2 and 3)")
-    a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen")
+    a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen (on resume: the one it was trained with)")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (schedule unchanged)")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--seed", type=int, default=0)
@@ -118,6 +126,16 @@ def parse_args(argv=None):
     a("--fuse-heads", type=int, default=12)
     a("--feat-depth", type=int, default=6, help="feature decoder depth")
     a("--feat-heads", type=int, default=12)
+    # generators (--phase gen; SPEC §7, §8)
+    a("--dit", default="XL", choices=tuple(dit.PRESETS), help="DiT-DH size")
+    a("--dit-head", action=argparse.BooleanOptionalAction, default=True, help="DDT head (off: plain DiT)")
+    a("--gpt", default="B", choices=tuple(ar.GPT_PRESETS), help="AR GPT size (ideal)")
+    a("--num-classes", type=int, default=1000)
+    a("--stats", default=None, help="latent statistics file (default: computed over the training set)")
+    a("--stats-batches", type=int, default=None, help="micro-batches per process for the statistics (default all)")
+    a("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-matching training t")
+    a("--p-uncond", type=float, default=0.1, help="class dropout (null label) for guidance")
+    a("--query-weight", type=float, default=1.0, help="DecQ λ on the query flow-matching loss")
     # loss (SPEC §4)
     a("--rec-loss", choices=("l1", "l2"), default="l1")
     a("--lpips-weight", type=float, default=1.0)
@@ -137,6 +155,8 @@ def parse_args(argv=None):
     a("--betas", type=float, nargs=2, default=(0.9, 0.95))
     a("--weight-decay", type=float, default=0.0)
     a("--warmup-epochs", type=float, default=1.0)
+    a("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="after warm-up (see make_optimizer)")
+    a("--decay-start-epoch", type=float, default=40, help="linear schedule: constant until this epoch")
     a("--epochs", type=int, default=16)
     a("--global-batch", type=int, default=512)
     a("--micro-batch", type=int, default=32, help="per-process batch of one forward/backward")
@@ -225,16 +245,21 @@ def setup_distributed(device):
 
 
 def make_optimizer(params, args, device):
-    """AdamW (fused on CUDA) with linear warm-up then cosine to lr_min, stepped once per global batch."""
+    """AdamW (fused on CUDA) and its per-step LambdaLR: linear warm-up, then `cosine` to lr_min at the end
+    (tokenizers), `linear` = constant until decay_start_epoch then linear to lr_min at the end (DiT-DH), or
+    `constant` (AR GPT)."""
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     warmup, total, floor = args.warmup_steps, args.total_steps, args.lr_min / args.lr
+    start = warmup if args.schedule == "cosine" else max(warmup, args.decay_start_epoch * args.steps_per_epoch)
 
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if args.schedule == "constant" or step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, total - start))
+        return floor + (1 - floor) * (0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress)
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -283,6 +308,22 @@ def any_rank(flag, world, device):
 # ----------------------------------------------------------------------------------------------------
 # 4. Tokenizer phases
 # ----------------------------------------------------------------------------------------------------
+
+
+def plan(args, dataset, world):
+    """Micro-batches per process per global batch and optimizer steps per epoch (drop_last); fills
+    args.steps_per_epoch, total_steps and warmup_steps. Clear errors for impossible batch sizes."""
+    accum, rem = divmod(args.global_batch, world * args.micro_batch)
+    if rem or not accum:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
+                         f"--micro-batch {args.micro_batch}")
+    args.steps_per_epoch = len(dataset) // args.global_batch
+    if args.steps_per_epoch == 0:
+        raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
+                         f"({args.global_batch})")
+    args.total_steps = args.epochs * args.steps_per_epoch
+    args.warmup_steps = round(args.warmup_epochs * args.steps_per_epoch)
+    return accum
 
 
 def weights(flag, official):
@@ -365,8 +406,11 @@ class TokenizerTrainer:
 
     kind = "tokenizer"
 
-    def __init__(self, args, device, world, resume, steps_per_epoch):
+    def __init__(self, args, device, world, resume):
         self.args, self.world = args, world
+        self.dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
+        self.accum = plan(args, self.dataset, world)
+        torch.manual_seed(args.seed)  # identical initialisation on every rank
         self.tok = build_tokenizer(args, resume).to(device)
         self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
         self.lpips = losses.LPIPS(weights(args.vgg_weights, losses.VGG16_URL),
@@ -380,7 +424,7 @@ class TokenizerTrainer:
             for key, obj in (("optimizer", self.opt), ("scheduler", self.sched), ("disc_optimizer", self.d_opt),
                              ("disc_scheduler", self.d_sched)):
                 obj.load_state_dict(resume[key])
-        by_epoch = lambda s, e: s if s is not None else e * steps_per_epoch  # noqa: E731
+        by_epoch = lambda s, e: s if s is not None else e * args.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
         net = torch.compile(self.tok) if args.compile else self.tok
@@ -433,6 +477,119 @@ class TokenizerTrainer:
 
 
 # ----------------------------------------------------------------------------------------------------
+# 5. Generator phase: DiT-DH by flow matching (rae, drorae, decq) or AR GPT (ideal) on a frozen tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+def frozen_tokenizer(path, args, device):
+    """The tokenizer checkpoint's EMA weights, frozen, in eval mode; it must be of this --method."""
+    if not path:
+        raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer checkpoint")
+    tck = load_checkpoint(path, "tokenizer", args.method)
+    tok = model.build_tokenizer(tck["config"], encoder_weights=None, decoder_weights=None)  # weights: the checkpoint
+    model.load_strict(tok, tck["ema"], f"{tck['path']} ema")
+    return tok.to(device).eval().requires_grad_(False), dict(path=tck["path"], config=tck["config"])
+
+
+class GeneratorTrainer:
+    """--phase gen: the generator (+ EMA) and its optimiser on latents encoded on the fly by the frozen tokenizer
+    from ADM centre crops with random flips. Latent statistics: --stats FILE, or computed over the training set
+    (centre crops, --stats-batches micro-batches per process), saved in the checkpoint. Ideal: code indices."""
+
+    kind = "generator"
+
+    def __init__(self, args, device, world, resume):
+        self.args, self.world, self.device = args, world, device
+        self.tok, self.tokenizer = frozen_tokenizer(args.tokenizer or resume and resume["tokenizer"]["path"], args, device)
+        size = self.tokenizer["config"]["image_size"]
+        self.dataset = data.ImageFolder(args.data_path, size=size, flip=True)
+        self.accum = plan(args, self.dataset, world)
+        self.stats = None
+        if args.method != "ideal":
+            self.stats = (resume["stats"] if resume is not None else model.load_stats(args.stats) if args.stats else
+                          model.compute_latent_stats(self.tok, data.make_loader(
+                              data.ImageFolder(args.data_path, size=size), args.micro_batch, shuffle=False,
+                              drop_last=False, num_workers=args.workers), args.stats_batches))
+            self.tok.set_stats(self.stats)
+        torch.manual_seed(args.seed)  # identical initialisation on every rank
+        if resume is not None:
+            config = resume["config"]
+        elif args.method == "ideal":
+            config = dict(ar.GPT_PRESETS[args.gpt], vocab_size=self.tok.config["codebook_size"],
+                          num_classes=args.num_classes, grid=self.tok.decoder.grid)
+        else:
+            config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.tok.decoder.grid,
+                                    in_channels=self.tok.encoder.embed_dim, num_classes=args.num_classes,
+                                    num_queries=self.tok.config.get("num_queries", 0))
+        self.gen = (ar.GPT if args.method == "ideal" else dit.DiTDH)(**config).to(device)
+        self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
+        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, device)
+        if resume is not None:
+            model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
+            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
+            self.opt.load_state_dict(resume["optimizer"])
+            self.sched.load_state_dict(resume["scheduler"])
+        net = torch.compile(self.gen) if args.compile else self.gen
+        self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+
+    def latent(self, x):
+        """Normalised latent as the generator sees it: (B, C, h, w) [+ DecQ queries (B, Q, C)], or codes (B, N)."""
+        with torch.no_grad():
+            z = self.tok.encode(x)
+        if self.args.method == "ideal":
+            return z
+        p, q = z if isinstance(z, tuple) else (z, None)
+        return p.transpose(1, 2).unflatten(2, (self.tok.decoder.grid, -1)), q
+
+    def loss(self, batch):
+        (x, y), a = batch, self.args
+        z = self.latent(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            if a.method == "ideal":
+                logits = self.net(z, y)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), z.flatten())
+            else:
+                loss = dit.flow_matching_loss(self.net, z[0], y, z[1], lam=a.query_weight, dist=a.t_dist,
+                                              p_uncond=a.p_uncond)
+        return loss, dict(loss=loss)
+
+    def step(self, batches, step, out):
+        self.gen.train()
+        logs = accumulate(self.net, batches, self.loss)
+        check_finite(logs["loss"], step, self.world, out)
+        if self.args.clip_grad > 0:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.gen.parameters(), self.args.clip_grad)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.gen, self.args.ema)
+        return dict(logs, lr=self.sched.get_last_lr()[0])
+
+    def state(self):
+        return dict(self.export(), model=self.gen.state_dict(), optimizer=self.opt.state_dict(),
+                    scheduler=self.sched.state_dict())
+
+    @torch.no_grad()
+    def grid(self, x, path):
+        """EMA samples for classes 0..7 (fixed noise): Euler 25 steps (DiT-DH) or temperature-1 sampling (GPT)."""
+        g = torch.Generator(self.device).manual_seed(0)
+        y = torch.arange(len(x), device=self.device) % self.args.num_classes
+        if self.args.method == "ideal":
+            images = self.tok.decode(self.ema.generate(y, generator=g))
+        else:
+            p, q = self.latent(x)
+            noise = tuple(torch.randn(t.shape, generator=g, device=self.device) for t in (p, q) if t is not None)
+            z = dit.sample(self.ema, noise, y, num_steps=25)
+            p = z[0].flatten(2).transpose(1, 2)
+            images = self.tok.decode((p, z[1]) if q is not None else p)
+        data.save_image_grid(images, path, nrow=len(x))
+
+    def export(self):
+        """The EMA generator with what sample.py needs: its config, the tokenizer (path, config), the stats."""
+        return dict(config=self.gen.config, ema=self.ema.state_dict(), tokenizer=self.tokenizer, stats=self.stats)
+
+
+# ----------------------------------------------------------------------------------------------------
 # 6. The loop shared by every phase: data order, logging, grids, checkpoints, signals
 # ----------------------------------------------------------------------------------------------------
 
@@ -443,20 +600,8 @@ def train(args, rank, world, device, stop):
     resume = load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
-    dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
-    accum, rem = divmod(args.global_batch, world * args.micro_batch)
-    if rem or not accum:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
-                         f"--micro-batch {args.micro_batch}")
-    steps_per_epoch = len(dataset) // args.global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
-                         f"({args.global_batch})")
-    args.total_steps = args.epochs * steps_per_epoch
-    args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-
-    torch.manual_seed(args.seed)  # identical initialisation on every rank
-    trainer = (GeneratorTrainer if kind == "generator" else TokenizerTrainer)(args, device, world, resume, steps_per_epoch)
+    trainer = (GeneratorTrainer if kind == "generator" else TokenizerTrainer)(args, device, world, resume)
+    dataset, accum, steps_per_epoch = trainer.dataset, trainer.accum, args.steps_per_epoch
     step = resume["step"] if resume is not None else 0
     if resume is not None and len(resume["rng"]) == world:
         set_rng_state(resume["rng"][rank])
@@ -514,18 +659,6 @@ def train(args, rank, world, device, stop):
         print(f"done: {path}")
     elif rank == 0:
         print(f"stopped at step {step} of {args.total_steps}; continue with --resume {out}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. Generator phase
-# ----------------------------------------------------------------------------------------------------
-
-
-class GeneratorTrainer:
-    """--phase gen: not implemented yet."""
-
-    def __init__(self, args, *_):
-        raise SystemExit(f"--method {args.method} --phase gen is not implemented yet")
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """train.py: end to end under torchrun, DDP gradients = accumulation, exact resume, overfitting, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -164,6 +165,49 @@ def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
         msg = error(["--method", "drorae", "--phase", phase, *common, "--out-dir", str(tmp_path / f"x{phase}"),
                      "--init-from", str(tmp_path / src)])
         assert found in msg and "expected kind tokenizer, method " in msg
+
+
+GEN = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--lpips-weight", "0",
+       "--gan-weight", "0", "--global-batch", "4", "--micro-batch", "2", "--max-steps", "1", "--grid-every", "0"]
+IDEAL = ["--shallow-layer", "1", "--codebook-size", "64", "--fuse-heads", "4", "--feat-heads", "4", "--feat-depth", "1"]
+
+
+def tokenizer_then_generator(method, images, tmp_path, *extra):
+    tok = tmp_path / f"{method}-tok"
+    train.main(["--method", method, "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(tok),
+                *(IDEAL if method == "ideal" else [])])
+    out = tmp_path / f"{method}-gen"
+    train.main(["--method", method, "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(out),
+                "--tokenizer", str(tok), "--grid-every", "1", *extra])
+    ck = train.load_checkpoint(out, "generator", method, "gen")
+    assert ck["tokenizer"]["config"]["method"] == method and (ck["stats"] is None) == (method == "ideal")
+    assert (out / "grid-0000001.png").exists() and math.isfinite(log(out)[0]["loss"])
+    return tok, out
+
+
+def test_generator_phase_dit_and_gpt(images, tmp_path):
+    tokenizer_then_generator("ideal", images, tmp_path)
+    tok, _ = tokenizer_then_generator("rae", images, tmp_path)
+    gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(tmp_path / "x")]
+    assert "needs --tokenizer" in error(gen)
+    assert "expected kind tokenizer, method rae" in error(gen + ["--tokenizer", str(tmp_path / "ideal-tok")])
+
+
+@pytest.mark.slow
+def test_generator_decq_queries_and_exact_resume(images, tmp_path):
+    _, out = tokenizer_then_generator("decq", images, tmp_path)
+    assert "query_var" in train.load_checkpoint(out)["stats"]
+    tok, _ = tokenizer_then_generator("rae", images, tmp_path)
+    gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--tokenizer", str(tok)]
+    train.main(gen + ["--max-steps", "4", "--out-dir", str(tmp_path / "a")])
+    train.main(gen + ["--max-steps", "2", "--out-dir", str(tmp_path / "b")])
+    train.main(["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--max-steps", "4",
+                "--resume", str(tmp_path / "b")])  # the tokenizer comes from the checkpoint
+    a, b = torch.load(tmp_path / "a" / "ckpt-last.pt"), torch.load(tmp_path / "b" / "ckpt-last.pt")
+    assert a["step"] == b["step"] == 4 and a["stats"]["var"].equal(b["stats"]["var"])
+    for key in ("model", "ema"):
+        assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), key
+    assert [r["loss"] for r in log(tmp_path / "a")] == [r["loss"] for r in log(tmp_path / "b")]
 
 
 # --- learning -----------------------------------------------------------------------------------------------
