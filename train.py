@@ -1,17 +1,19 @@
 """Training for depthrae: every tokenizer phase and the generator phase, one file, no framework.
 
-Tokenizer phases share one loop (SPEC §4): loss = rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge,
-adaptive weight) + the tokenizer's own aux losses; AdamW, cosine with warm-up, EMA, discriminator by epoch.
-  rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (from a phase-1 checkpoint) · drorae/3 decoder
-  fine-tune (from phase 2) · decq/1 queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
+Tokenizer phases (SPEC §4–§7) share one step: loss = rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge,
+adaptive weight) + the tokenizer's own aux losses; AdamW, warm-up + cosine, EMA, discriminator from an epoch.
+  rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1) · drorae/3 decoder fine-tune
+  (--init-from phase 2) · decq/1 queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
+Generator phase (--phase gen, SPEC §7–§8): DiT-DH by flow matching (rae, drorae, decq) or the AR GPT (ideal) on the
+latents of a frozen --tokenizer checkpoint. Every phase runs in the same loop (section 6).
 
     python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     torchrun --nproc_per_node=8 train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     python train.py --method rae --phase 1 --data-path imagenet/train --resume runs/rae   # continues exactly
     python train.py --method rae --phase 1 --preset tiny --data-path DIR --out-dir runs/smoke   # CPU, no downloads
 
-Exact resume: the data order and every random crop are functions of (seed, epoch, index), RNG states of every
-rank are saved, so N steps + resume + N steps equals 2N straight steps bitwise (CPU, same number of processes).
+Exact resume: data order and augmentation are functions of (seed, epoch, position) (data.py), the RNG states of
+every rank are saved, so N steps + resume + N steps equals 2N straight steps bitwise (CPU, same process count).
 """
 import argparse
 import contextlib
@@ -42,23 +44,25 @@ import model
 # ----------------------------------------------------------------------------------------------------
 
 METHODS = ("rae", "drorae", "decq", "ideal")
-# (method, phase) → what --init-from must hold (accepted methods, phase), or None for a fresh tokenizer;
-# `defaults`: the recipe where it differs from RAE's (SPEC §4). A new method plugs in here + TOKENIZER_CONFIG.
+# (method, phase) → `init`: what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer;
+# `defaults`: the recipe where it differs from RAE's decoder training (SPEC §4). A new method or phase plugs in
+# here, in TOKENIZER_CONFIG (+ its flags) and, if its tokenizer needs it, nowhere else.
+DIT_RECIPE = dict(lr=2e-4, lr_min=2e-5, global_batch=1024, clip_grad=1.0, ema=0.9995, epochs=800, warmup_epochs=0,
+                  schedule="linear", decay_start_epoch=40)  # SPEC §8
 PHASES = {
-    ("rae", "1"): dict(init=None),
-    ("drorae", "1"): dict(init=None),
+    ("rae", "1"): {},
+    ("drorae", "1"): {},
     ("drorae", "2"): dict(init=(("rae", "drorae"), "1")),
     ("drorae", "3"): dict(init=(("drorae",), "2")),
-    ("decq", "1"): dict(init=None),
-    ("ideal", "1"): dict(init=None, defaults=dict(  # SPEC §7
-        lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False, gan_start_step=20000,
-        disc_start_step=20000, clip_grad=1.0, global_batch=256, epochs=50)),
-    **{(m, "gen"): dict(init=None, defaults=dict(  # DiT-DH, SPEC §8
-        lr=2e-4, lr_min=2e-5, global_batch=1024, clip_grad=1.0, ema=0.9995, epochs=800, warmup_epochs=0,
-        schedule="linear", decay_start_epoch=40)) for m in ("rae", "drorae", "decq")},
-    ("ideal", "gen"): dict(init=None, defaults=dict(  # LlamaGen GPT, SPEC §7 (no EMA: decay 0 copies the model)
-        lr=1e-4, weight_decay=0.05, global_batch=256, clip_grad=1.0, ema=0.0, epochs=300, warmup_epochs=0,
-        schedule="constant")),
+    ("decq", "1"): {},
+    ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
+                                       gan_start_step=20000, disc_start_step=20000, clip_grad=1.0, global_batch=256,
+                                       epochs=50)),  # SPEC §7
+    ("rae", "gen"): dict(defaults=DIT_RECIPE),
+    ("drorae", "gen"): dict(defaults=DIT_RECIPE),
+    ("decq", "gen"): dict(defaults=DIT_RECIPE),
+    ("ideal", "gen"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, global_batch=256, clip_grad=1.0, epochs=300,
+                                         warmup_epochs=0, schedule="constant", ema=0.0)),  # LlamaGen: no EMA
 }
 # Tokenizer config keys filled from flags, per method ("key:flag_dest" where the names differ).
 BASE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size")
@@ -69,18 +73,21 @@ TOKENIZER_CONFIG = {
     "ideal": BASE_CONFIG + ("shallow_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta", "entropy_weight",
                             "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
 }
-DISCRIMINATORS = {"S8": {}, "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
+DISCRIMINATORS = {"S8": {},  # DINO ViT-S/8 at 224 (losses.Discriminator defaults); tiny: random, for tests
+                  "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
 PRESETS = {  # presets fill defaults; explicit flags win
-    "published": dict(),  # the flag defaults below are the published RAE recipe (DINOv2-B/14-reg, ViT-XL decoder)
+    "published": {},  # the flag defaults are the published recipes (DINOv2-B/14-reg, ViT-XL decoder, DiT-DH-XL)
     "tiny": dict(  # CPU smoke runs and tests: no downloads, tiny random models (model.TOKENIZER_PRESETS["tiny"])
-        **{k: v for k, v in model.TOKENIZER_PRESETS["tiny"].items() if k != "method"}, resize=80, global_batch=8, micro_batch=4,
-        epochs=4, warmup_epochs=0, disc_start_epoch=2, gan_start_epoch=3, lpips_weights="random",
-        vgg_weights="random", disc_weights="random", disc="tiny", dit="tiny", gpt="tiny", num_classes=10, log_every=1, grid_every=50, workers=0, lr=1e-3, lr_min=1e-4),
+        **{k: v for k, v in model.TOKENIZER_PRESETS["tiny"].items() if k != "method"}, resize=80, global_batch=8,
+        micro_batch=4, epochs=4, warmup_epochs=0, lr=1e-3, lr_min=1e-4, disc_start_epoch=2, gan_start_epoch=3,
+        lpips_weights="random", vgg_weights="random", disc_weights="random", disc="tiny", dit="tiny", gpt="tiny",
+        num_classes=10, log_every=1, grid_every=50, workers=0),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", choices=METHODS, required=True)
     a("--phase", choices=("1", "2", "3", "gen"), required=True)
@@ -155,7 +162,7 @@ def parse_args(argv=None):
     a("--betas", type=float, nargs=2, default=(0.9, 0.95))
     a("--weight-decay", type=float, default=0.0)
     a("--warmup-epochs", type=float, default=1.0)
-    a("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="after warm-up (see make_optimizer)")
+    a("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="after warm-up: make_optimizer")
     a("--decay-start-epoch", type=float, default=40, help="linear schedule: constant until this epoch")
     a("--epochs", type=int, default=16)
     a("--global-batch", type=int, default=512)
@@ -198,7 +205,7 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
     if not path.is_file():
         raise SystemExit(f"{path}: no such checkpoint")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: cheap to inspect
     except Exception as e:  # noqa: BLE001 — any unreadable file gets the same one-line answer
         raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or not {"kind", "method", "phase"} <= ck.keys():
@@ -228,7 +235,7 @@ def set_rng_state(s):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Distributed, data order, optimisation helpers (shared by every phase)
+# 3. Distributed training helpers (shared by every phase)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -242,6 +249,22 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def plan(args, dataset, world):
+    """Micro-batches per process per global batch and optimizer steps per epoch (drop_last); fills
+    args.steps_per_epoch, total_steps and warmup_steps. Clear errors for impossible batch sizes."""
+    accum, rem = divmod(args.global_batch, world * args.micro_batch)
+    if rem or not accum:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
+                         f"--micro-batch {args.micro_batch}")
+    args.steps_per_epoch = len(dataset) // args.global_batch
+    if args.steps_per_epoch == 0:
+        raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
+                         f"({args.global_batch})")
+    args.total_steps = args.epochs * args.steps_per_epoch
+    args.warmup_steps = round(args.warmup_epochs * args.steps_per_epoch)
+    return accum
 
 
 def make_optimizer(params, args, device):
@@ -259,7 +282,8 @@ def make_optimizer(params, args, device):
         if args.schedule == "constant" or step < start:
             return 1.0
         progress = min(1.0, (step - start) / max(1, total - start))
-        return floor + (1 - floor) * (0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * decay
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -310,22 +334,6 @@ def any_rank(flag, world, device):
 # ----------------------------------------------------------------------------------------------------
 
 
-def plan(args, dataset, world):
-    """Micro-batches per process per global batch and optimizer steps per epoch (drop_last); fills
-    args.steps_per_epoch, total_steps and warmup_steps. Clear errors for impossible batch sizes."""
-    accum, rem = divmod(args.global_batch, world * args.micro_batch)
-    if rem or not accum:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
-                         f"--micro-batch {args.micro_batch}")
-    args.steps_per_epoch = len(dataset) // args.global_batch
-    if args.steps_per_epoch == 0:
-        raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
-                         f"({args.global_batch})")
-    args.total_steps = args.epochs * args.steps_per_epoch
-    args.warmup_steps = round(args.warmup_epochs * args.steps_per_epoch)
-    return accum
-
-
 def weights(flag, official):
     """A --*-weights flag: "official" → the official source, "random" → None (random init), else a local path."""
     return {"official": official, "random": None}.get(flag, flag)
@@ -344,7 +352,7 @@ def build_tokenizer(args, resume):
     """The tokenizer of this phase: from the resume checkpoint, from the previous phase (--init-from, refused
     unless it holds the required method/phase), or new. Phase 2/3 start from the previous phase's EMA weights;
     tensors new in this method (e.g. the fusion module on top of an RAE) keep their fresh initialisation."""
-    need = PHASES[(args.method, args.phase)]["init"]
+    need = PHASES[(args.method, args.phase)].get("init")
     if resume is not None:
         tok = model.build_tokenizer(resume["config"])
         model.load_strict(tok, resume["model"], f"{resume['path']} model")
@@ -408,21 +416,24 @@ class TokenizerTrainer:
 
     def __init__(self, args, device, world, resume):
         self.args, self.world = args, world
-        self.dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
-        self.accum = plan(args, self.dataset, world)
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         self.tok = build_tokenizer(args, resume).to(device)
         self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
-        self.lpips = losses.LPIPS(weights(args.vgg_weights, losses.VGG16_URL),
-                                  weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device) if args.lpips_weight else None
-        self.disc = losses.Discriminator(weights(args.disc_weights, losses.DINO_S8_URL), **DISCRIMINATORS[args.disc]).to(device)
+        self.lpips = None if not args.lpips_weight else losses.LPIPS(
+            weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
         self.opt, self.sched = make_optimizer([p for p in self.tok.parameters() if p.requires_grad], args, device)
-        self.d_opt, self.d_sched = make_optimizer([p for p in self.disc.parameters() if p.requires_grad], args, device)
+        self.disc = d_state = None
+        if args.gan_weight > 0:  # no discriminator (nor its download) without a GAN term
+            dino = weights(args.disc_weights, losses.DINO_S8_URL)
+            self.disc = losses.Discriminator(dino, **DISCRIMINATORS[args.disc]).to(device)
+            d_params = [p for p in self.disc.parameters() if p.requires_grad]
+            self.d_opt, self.d_sched = make_optimizer(d_params, args, device)
+            d_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
         if resume is not None:
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-            model.load_strict(self.disc, resume["disc"], f"{resume['path']} disc")
-            for key, obj in (("optimizer", self.opt), ("scheduler", self.sched), ("disc_optimizer", self.d_opt),
-                             ("disc_scheduler", self.d_sched)):
+            for key, obj in dict(optimizer=self.opt, scheduler=self.sched, **(d_state or {})).items():
+                if resume[key] is None:
+                    raise SystemExit(f"{resume['path']} has no discriminator state: resume with --gan-weight 0")
                 obj.load_state_dict(resume[key])
         by_epoch = lambda s, e: s if s is not None else e * args.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
@@ -430,7 +441,7 @@ class TokenizerTrainer:
         net = torch.compile(self.tok) if args.compile else self.tok
         ids = [device.index] if device.type == "cuda" else None
         self.net = DDP(net, device_ids=ids) if world > 1 else net
-        self.d_net = DDP(self.disc, device_ids=ids) if world > 1 else self.disc
+        self.d_net = DDP(self.disc, device_ids=ids) if world > 1 and self.disc else self.disc
         self.last_layer = self.tok.last_layer()
 
     def step(self, batches, step, out):
@@ -438,13 +449,14 @@ class TokenizerTrainer:
         xs = [x for x, _ in batches]
         gan = step >= self.g_start and a.gan_weight > 0
         tok.train()
-        disc.eval()  # D is fixed during the generator update
+        if gan:
+            disc.eval()  # D is fixed during the generator update
         logs = accumulate(self.net, xs, lambda x: tokenizer_loss(self.net, x, a, self.lpips, disc if gan else None,
                                                                  self.last_layer))
         check_finite(logs["loss"], step, self.world, out)
         logs.update(getattr(tok, "last_stats", {}))  # e.g. codebook usage and perplexity (Ideal)
         if a.clip_grad > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], a.clip_grad))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], a.clip_grad)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -455,16 +467,19 @@ class TokenizerTrainer:
                 fakes = [losses.quantize_fake(tok(x)[0].float()) for x in xs]
             disc.train()
             self.d_opt.zero_grad(set_to_none=True)  # drop the generator update's gradients on the heads
-            logs.update(accumulate(self.d_net, list(zip(xs, fakes)), lambda rf: discriminator_loss(self.d_net, *rf, a)))
+            d_loss = lambda rf: discriminator_loss(self.d_net, *rf, a)  # noqa: E731
+            logs.update(accumulate(self.d_net, list(zip(xs, fakes)), d_loss))
             self.d_opt.step()
             self.d_sched.step()
             self.d_opt.zero_grad(set_to_none=True)
         return dict(logs, lr=self.sched.get_last_lr()[0])
 
     def state(self):
+        d = self.disc is not None
         return dict(config=self.tok.config, model=self.tok.state_dict(), ema=self.ema.state_dict(),
-                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), disc=self.disc.state_dict(),
-                    disc_optimizer=self.d_opt.state_dict(), disc_scheduler=self.d_sched.state_dict())
+                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                    disc=self.disc.state_dict() if d else None, disc_optimizer=self.d_opt.state_dict() if d else None,
+                    disc_scheduler=self.d_sched.state_dict() if d else None)
 
     @torch.no_grad()
     def grid(self, x, path):
@@ -481,11 +496,9 @@ class TokenizerTrainer:
 # ----------------------------------------------------------------------------------------------------
 
 
-def frozen_tokenizer(path, args, device):
-    """The tokenizer checkpoint's EMA weights, frozen, in eval mode; it must be of this --method."""
-    if not path:
-        raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer checkpoint")
-    tck = load_checkpoint(path, "tokenizer", args.method)
+def frozen_tokenizer(args, device):
+    """The --tokenizer checkpoint's EMA weights, frozen, in eval mode; it must be of this --method."""
+    tck = load_checkpoint(args.tokenizer, "tokenizer", args.method)
     tok = model.build_tokenizer(tck["config"], encoder_weights=None, decoder_weights=None)  # weights: the checkpoint
     model.load_strict(tok, tck["ema"], f"{tck['path']} ema")
     return tok.to(device).eval().requires_grad_(False), dict(path=tck["path"], config=tck["config"])
@@ -500,16 +513,15 @@ class GeneratorTrainer:
 
     def __init__(self, args, device, world, resume):
         self.args, self.world, self.device = args, world, device
-        self.tok, self.tokenizer = frozen_tokenizer(args.tokenizer or resume and resume["tokenizer"]["path"], args, device)
-        size = self.tokenizer["config"]["image_size"]
-        self.dataset = data.ImageFolder(args.data_path, size=size, flip=True)
-        self.accum = plan(args, self.dataset, world)
+        self.tok, self.tokenizer = frozen_tokenizer(args, device)
         self.stats = None
         if args.method != "ideal":
-            self.stats = (resume["stats"] if resume is not None else model.load_stats(args.stats) if args.stats else
-                          model.compute_latent_stats(self.tok, data.make_loader(
-                              data.ImageFolder(args.data_path, size=size), args.micro_batch, shuffle=False,
-                              drop_last=False, num_workers=args.workers), args.stats_batches))
+            if resume is not None or args.stats:
+                self.stats = resume["stats"] if resume is not None else model.load_stats(args.stats)
+            else:
+                crops = data.make_loader(data.ImageFolder(args.data_path, size=self.tok.image_size), args.micro_batch,
+                                         shuffle=False, drop_last=False, num_workers=args.workers)
+                self.stats = model.compute_latent_stats(self.tok, crops, args.stats_batches)
             self.tok.set_stats(self.stats)
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         if resume is not None:
@@ -600,8 +612,17 @@ def train(args, rank, world, device, stop):
     resume = load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
+    if kind == "tokenizer":  # RAE training crops
+        dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
+    else:  # ADM centre crops with flips at the frozen tokenizer's size
+        args.tokenizer = args.tokenizer or resume and resume["tokenizer"]["path"]
+        if not args.tokenizer:
+            raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
+                             "checkpoint")
+        size = load_checkpoint(args.tokenizer, "tokenizer", args.method)["config"]["image_size"]
+        dataset = data.ImageFolder(args.data_path, size=size, flip=True)
+    accum, steps_per_epoch = plan(args, dataset, world), args.steps_per_epoch
     trainer = (GeneratorTrainer if kind == "generator" else TokenizerTrainer)(args, device, world, resume)
-    dataset, accum, steps_per_epoch = trainer.dataset, trainer.accum, args.steps_per_epoch
     step = resume["step"] if resume is not None else 0
     if resume is not None and len(resume["rng"]) == world:
         set_rng_state(resume["rng"][rank])
@@ -612,7 +633,10 @@ def train(args, rank, world, device, stop):
 
     def save(path):
         rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state()) if world > 1 else rngs.__setitem__(0, rng_state())
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs[0] = rng_state()
         if rank == 0:
             save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.state(), step=step,
                             epoch=step // steps_per_epoch, args=vars(args), rng=rngs)
@@ -621,8 +645,8 @@ def train(args, rank, world, device, stop):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
-        print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} "
-              f"epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
+        print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × "
+              f"{args.epochs} epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
     end = min(args.total_steps, args.max_steps or args.total_steps)
     with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
         it, t0, seen = None, time.time(), 0
@@ -631,7 +655,7 @@ def train(args, rank, world, device, stop):
             if it is None or k == 0:  # mid-epoch resume skips the micro-batches already consumed
                 loader.set_epoch(epoch, skip_batches=k * accum)
                 it = iter(loader)
-            with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG: isolate it
+            with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG
                 batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(accum)]
             logs = trainer.step(batches, step, out)
             step, seen = step + 1, seen + args.global_batch
@@ -641,7 +665,8 @@ def train(args, rank, world, device, stop):
                 if rank == 0:
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
                     with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=seen / (time.time() - t0))) + "\n")
+                        rate = seen / (time.time() - t0)
+                        f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=rate)) + "\n")
                 t0, seen = time.time(), 0
             if rank == 0 and args.grid_every and step % args.grid_every == 0:
                 trainer.grid(grid_x, out / f"grid-{step:07d}.png")
@@ -671,7 +696,8 @@ def main(argv=None):
         raise SystemExit("--data-path is required")
     rank, world, device = setup_distributed(args.device)
     stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
-    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         train(args, rank, world, device, stop)
     finally:

@@ -68,9 +68,8 @@ def test_torchrun_two_processes_end_to_end(images, tmp_path):
 def tiny_trainer(world):
     """The real TokenizerTrainer of the tiny preset (DDP-wrapped when world > 1), GAN term on, no latent noise."""
     args = train.parse_args(["--method", "rae", "--phase", "1", *TINY, "--noise-tau", "0", "--lpips-weight", "0"])
-    args.total_steps, args.warmup_steps = 10, 0
-    torch.manual_seed(0)
-    return args, train.TokenizerTrainer(args, torch.device("cpu"), world, None, steps_per_epoch=1)
+    args.steps_per_epoch, args.total_steps, args.warmup_steps = 1, 10, 0
+    return args, train.TokenizerTrainer(args, torch.device("cpu"), world, None)
 
 
 def global_batch_grads(world, micro_batches):
