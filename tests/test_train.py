@@ -1,9 +1,12 @@
-"""train.py: end to end under torchrun, DDP gradients = accumulation, exact resume, overfitting, bad input."""
+"""train.py: torchrun end to end, DDP gradients = accumulation, exact resume, signals, every method and phase,
+generators, overfitting, bad input."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,7 @@ def run(*argv, **kw):
                 if nproc > 1 else [sys.executable])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(launcher + [str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=300)
 
 
 def log(out):
@@ -135,9 +138,10 @@ def test_sigterm_saves_and_exits_cleanly(images, tmp_path):
     for _ in range(600):  # wait for the first logged step
         if (out / "log.jsonl").exists():
             break
-        p.poll() is None or pytest.fail(p.stderr.read())
-        __import__("time").sleep(0.1)
-    p.send_signal(__import__("signal").SIGTERM)
+        if p.poll() is not None:
+            pytest.fail(p.stderr.read())
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 0
     assert "Traceback" not in p.stderr.read()
     ck = train.load_checkpoint(out)
