@@ -2,24 +2,35 @@
 
 The claim of DRoRAE, DecQ and Ideal is that a frozen, semantically trained encoder keeps low-level detail
 (colour, texture) only as a weak residual in its last layer, and that reading shallower layers recovers it.
-Here the world is procedurally generated 32×32 images whose class is a shape and whose colours, texture,
-background and pose are random; the "VFM" is a small ViT in DINOv2's layout pretrained on this world with a
-semantic, colour-invariant objective (class + per-patch shape segmentation, plus DINO-style invariance of the
-last block to recolouring). Every method then runs through the normal train.py / sample.py / evaluate.py paths.
+Here the world is procedurally generated 32×32 images whose class is a shape and whose colours, stripes,
+background gradient and pose are random; the "VFM" is a small ViT in DINOv2's layout pretrained on this world with
+a semantic, colour-invariant objective (class + per-patch shape segmentation, plus DINO-style invariance of the
+last block to recolouring). Every method then runs through the normal train.py / sample.py code paths and is
+scored with evaluate.py's PSNR / SSIM / Fréchet distance, in the toy VFM's feature space.
 
     python toy.py                 # everything, ~15 min on 2 CPU cores; table + runs/toy/results.json
 """
 import argparse
+import json
 import math
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
+import data
+import evaluate
 import model
+import sample
+import train
 
-SHAPES = ("disk", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
+SHAPES = ("disk", "square", "triangle", "cross", "ring", "ell", "bar", "star")
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: scenes = (shape, pose) + appearance = (colours, texture), rendered with 4× supersampling
@@ -39,8 +50,8 @@ def shape_mask(kind, u, v):
         return ((abs(u) < 0.25) | (abs(v) < 0.25)) & (np.maximum(abs(u), abs(v)) < 0.85)
     if kind == "ring":
         return (r < 0.85) & (r > 0.5)
-    if kind == "diamond":
-        return abs(u) + abs(v) < 0.85
+    if kind == "ell":
+        return (np.maximum(abs(u), abs(v)) < 0.75) & ((u < 0) | (v < 0))
     if kind == "bar":
         return (abs(u) < 0.85) & (abs(v) < 0.28)
     if kind == "star":
@@ -56,10 +67,13 @@ def sample_scenes(n, rng):
 
 
 def sample_appearance(n, rng):
-    """Appearance of n scenes: two foreground colours mixed by stripes, a background colour and gradient."""
-    return dict(fg1=rng.uniform(0, 1, (n, 3)), fg2=rng.uniform(0, 1, (n, 3)), bg=rng.uniform(0, 1, (n, 3)),
-                bg2=rng.uniform(0, 1, (n, 3)), freq=rng.uniform(1, 4, n), stripe_angle=rng.uniform(0, math.pi, n),
-                stripes=rng.uniform(0, 1, n) < 0.5)
+    """Appearance of n scenes: two foreground colours mixed by stripes, a background colour and gradient. The
+    object is either lighter or darker than its background (colours drawn in the upper / lower half of [0, 1]),
+    so it is always visible; hue and saturation are free."""
+    light = rng.uniform(0, 1, n) < 0.5
+    half = lambda up: 0.5 * rng.uniform(0, 1, (n, 3)) + 0.5 * up[:, None]  # noqa: E731
+    return dict(fg1=half(light), fg2=half(light), bg=half(~light), bg2=half(~light), freq=rng.uniform(1, 4, n),
+                stripe_angle=rng.uniform(0, math.pi, n), stripes=rng.uniform(0, 1, n) < 0.5)
 
 
 def render(scenes, looks, size=32, ss=4):
@@ -93,13 +107,26 @@ def make_world(n, seed, size=32):
     return torch.from_numpy(imgs), torch.from_numpy(scenes["label"]), torch.from_numpy(masks)
 
 
+def to_uint8(x01):
+    """(B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and evaluate.py hold images."""
+    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def write_folder(x01, labels, root):
+    """Images as PNGs in class sub-folders '<label>_<shape>' (an ImageFolder: sorted folder index = label)."""
+    for i, (img, label) in enumerate(zip(to_uint8(x01).numpy(), labels.tolist())):
+        d = Path(root) / f"{label}_{SHAPES[label]}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:05d}.png")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. The toy VFM: a small DINOv2-layout ViT trained to be semantic and colour-invariant
 # ----------------------------------------------------------------------------------------------------
 
 VFM_CONFIG = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, num_register_tokens=4,
                   interpolate_antialias=True, interpolate_offset=0.0)
-IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor(model.IMAGENET_MEAN), torch.tensor(model.IMAGENET_STD)
 
 
 def vfm_input(x01):
@@ -121,10 +148,10 @@ def patch_targets(masks, labels, patch):
     return torch.where(frac > 0.5, labels[:, None] + 1, torch.zeros_like(frac, dtype=torch.long))
 
 
-def pretrain_vfm(steps, seed, batch=64, lr=1e-3, invariance=1.0, pool=4096, log=None):
+def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=None):
     """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's
     (LN₀) patch tokens of the same scene under two random appearances (DINO-style colour augmentation).
-    Batches are drawn from a pool of scenes rendered once, each with two appearances."""
+    Batches of `batch` scenes × 2 appearances are drawn from a pool of scenes rendered once."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(pool, rng)
@@ -137,7 +164,7 @@ def pretrain_vfm(steps, seed, batch=64, lr=1e-3, invariance=1.0, pool=4096, log=
     heads = VFMHeads(VFM_CONFIG["embed_dim"], len(SHAPES))
     params = list(vfm.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     r = 1 + VFM_CONFIG["num_register_tokens"]
     for step in range(steps):
         i = torch.from_numpy(rng.integers(pool, size=batch))
@@ -179,26 +206,184 @@ def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
 
 
 @torch.no_grad()
+def vfm_features(vfm, x01, batch=256):
+    """The toy VFM's normed cls token (its 'FD-DINOv2' feature space)."""
+    return torch.cat([vfm.forward_features(vfm_input(x01[i:i + batch]))["x_norm_clstoken"]
+                      for i in range(0, len(x01), batch)])
+
+
+@torch.no_grad()
 def vfm_classify(vfm, heads, x01):
     """The toy VFM's classifier (used to score class-conditional samples)."""
-    return heads.cls(vfm.forward_features(vfm_input(x01))["x_norm_clstoken"]).argmax(-1)
+    return heads.cls(vfm_features(vfm, x01)).argmax(-1)
 
 
-def main():
+# ----------------------------------------------------------------------------------------------------
+# 3. The pipeline: every tokenizer phase and generator through train.py, samples through sample.py
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_train(flags, encoder=None):
+    """One train.py run, in process. train.py's --encoder takes a hub name, so the toy VFM's architecture dict is
+    set on the parsed arguments; the normal loop then builds the tokenizer and keeps the dict in its config."""
+    args = train.parse_args(flags)
+    if encoder is not None:
+        args.encoder = encoder
+    train.train(args, 0, 1, torch.device(args.device), {})
+
+
+def tokenizer_runs(depth):
+    """(result key, method, phase, init-from key, extra flags) of every tokenizer run, in order. Ideal's shallow
+    block is a quarter of the depth (block 3 of DINOv2-B's 12); its codebook is scaled to the toy world."""
+    ideal = ["--shallow-layer", str(depth // 4), "--codebook-size", "1024", "--fuse-heads", "4", "--feat-heads", "4",
+             "--feat-depth", "2"]
+    return [("rae", "rae", "1", None, []), ("drorae_p2", "drorae", "2", "rae", []),
+            ("drorae_p3", "drorae", "3", "drorae_p2", []), ("decq", "decq", "1", None, []),
+            ("ideal", "ideal", "1", None, ideal), ("ideal_deep_only", "ideal", "1", None, ideal + ["--no-fuse"])]
+
+
+GENERATORS = ("rae", "drorae_p3", "decq", "ideal")  # DiT-DH for the continuous latents, the AR GPT for Ideal
+
+
+def common_flags(args, out, epochs):
+    return ["--data-path", str(out / "data" / "train"), "--global-batch", str(args.batch), "--micro-batch",
+            str(args.batch), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", str(args.lr), "--lr-min",
+            str(args.lr / 10), "--schedule", "cosine", "--ema", "0.99", "--workers", "0", "--log-every", "10",
+            "--grid-every", "0", "--ckpt-every", "1000000", "--device", "cpu", "--seed", str(args.seed)]
+
+
+def load_tokenizer(path):
+    ck = train.load_checkpoint(path, "tokenizer")
+    tok = model.build_tokenizer(ck["config"], encoder_weights=None, decoder_weights=None)
+    return model.load_strict(tok, ck["ema"], f"{ck['path']} ema").eval()
+
+
+@torch.no_grad()
+def reconstruct(tok, x01, batch=256):
+    return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
+
+
+@torch.no_grad()
+def ar_samples(path, labels, seed):
+    """Ideal's AR samples: sample.py does not load AR generators yet, so the GPT's own KV-cache sampler
+    (temperature 1, no guidance) on the EMA weights, decoded by the frozen tokenizer."""
+    import ar
+    ck = train.load_checkpoint(path, "generator", "ideal")
+    gpt = model.load_strict(ar.GPT(**ck["config"]), ck["ema"], f"{ck['path']} ema").eval()
+    tok = load_tokenizer(ck["tokenizer"]["path"])
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([tok.decode(gpt.generate(y, generator=g)) for y in labels.split(128)]).clamp(0, 1)
+
+
+def dit_samples(path, n, seed, out):
+    """Class-conditional DiT-DH samples through sample.py (label i % 8, Euler 50-point grid, no guidance)."""
+    sample.main(["--ckpt", str(path), "--num-samples", str(n), "--out-dir", str(out), "--seed", str(seed),
+                 "--batch", "128", "--device", "cpu"])
+    arr = np.load(next(Path(out).glob("*.npz")))
+    return torch.from_numpy(arr["arr_0"]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(arr["arr_1"])
+
+
+def fd(f1, f2):
+    with warnings.catch_warnings():  # the toy FD uses < 2048 images on purpose (64-d features)
+        warnings.simplefilter("ignore")
+        return evaluate.frechet_distance(*evaluate.gaussian(f1.double().numpy()), *evaluate.gaussian(f2.double().numpy()))
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="runs/toy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vfm-steps", type=int, default=600)
-    args = p.parse_args()
-    from tqdm import tqdm
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    bar = tqdm(total=args.vfm_steps, desc="toy VFM")
-    vfm, heads = pretrain_vfm(args.vfm_steps, args.seed, log=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
+    p.add_argument("--vfm-steps", type=int, default=1500)
+    p.add_argument("--vfm-pool", type=int, default=4096, help="scenes rendered for VFM pretraining")
+    p.add_argument("--probe-images", type=int, default=2000, help="images of the colour probe (half fit, half test)")
+    p.add_argument("--train-images", type=int, default=4096)
+    p.add_argument("--test-images", type=int, default=1000, help="held-out images for PSNR / SSIM / FD")
+    p.add_argument("--tok-epochs", type=int, default=6, help="epochs of every tokenizer run")
+    p.add_argument("--gen-epochs", type=int, default=10, help="epochs of every generator run")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--samples-per-class", type=int, default=64)
+    args = p.parse_args(argv)
+    out, t0 = Path(args.out_dir), time.time()
+    if (out / "data").exists():
+        raise SystemExit(f"{out} already holds a toy run: choose another --out-dir or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
+    vfm, heads = pretrain_vfm(args.vfm_steps, args.seed, pool=args.vfm_pool,
+                              log=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
     bar.close()
-    x, y, _ = make_world(1000, args.seed + 1)
-    acc = (vfm_classify(vfm, heads, x) == y).float().mean().item()
-    r2 = colour_probe(vfm)
-    print(f"VFM held-out accuracy {acc:.3f}; colour probe R² per block: " + " ".join(f"{s:.3f}" for s in r2))
+    vfm_path = out / "vfm.pth"  # DINOv2 checkpoint layout; from here on the VFM is the one loaded from this file
+    torch.save(vfm.state_dict(), vfm_path)
+    torch.save(heads.state_dict(), out / "vfm_heads.pth")
+    vfm = model.dinov2(VFM_CONFIG, weights=str(vfm_path)).eval()
+    x_test, y_test, _ = make_world(args.test_images, args.seed + 1000)
+    x_test = to_uint8(x_test).permute(0, 3, 1, 2).float() / 255  # exactly what a PNG file holds
+    acc = (vfm_classify(vfm, heads, x_test) == y_test).float().mean().item()
+    r2 = colour_probe(vfm, args.probe_images)
+    shallow = VFM_CONFIG["depth"] // 4
+    print(f"toy VFM: held-out class accuracy {acc:.3f}; colour probe R² per block " + " ".join(f"{s:.3f}" for s in r2)
+          + f" (shallow block {shallow}: {r2[shallow]:.3f}, last block: {r2[-1]:.3f})")
+
+    x_train, y_train, _ = make_world(args.train_images, args.seed)
+    write_folder(x_train, y_train, out / "data" / "train")
+    ckpt = {}
+    for key, method, phase, init, extra in tokenizer_runs(VFM_CONFIG["depth"]):
+        print(f"== {key}: {method} phase {phase}")
+        flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key), *common_flags(args, out, args.tok_epochs),
+                 "--encoder-weights", str(vfm_path), "--image-size", "32", "--encoder-size", "32", "--resize", "32",
+                 "--decoder", "tiny", "--lpips-weight", "0", "--gan-weight", "0", "--disc", "tiny",
+                 "--disc-weights", "random", *extra]
+        run_train(flags + (["--init-from", str(ckpt[init])] if init else []), encoder=None if init else VFM_CONFIG)
+        ckpt[key] = out / key / "tokenizer.pt"
+
+    samples, results = {}, {}
+    labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
+    for key in GENERATORS:
+        print(f"== {key}: generator")
+        gen = out / f"{key}_gen"
+        flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
+                 "--num-classes", str(len(SHAPES)), *common_flags(args, out, args.gen_epochs)]
+        run_train(flags + (["--gpt", "tiny"] if key == "ideal" else ["--dit", "tiny"]))
+        if key == "ideal":
+            samples[key] = ar_samples(gen / "generator.pt", labels, args.seed)
+        else:
+            samples[key], sample_labels = dit_samples(gen / "generator.pt", len(labels), args.seed, gen / "samples")
+            assert torch.equal(sample_labels, labels)
+
+    f_test = vfm_features(vfm, x_test)
+    recons = [x_test[:16]]
+    for key in ckpt:
+        tok = load_tokenizer(ckpt[key])
+        r = reconstruct(tok, x_test)
+        recons.append(r[:16])
+        a, b = to_uint8(x_test), to_uint8(r)
+        res = dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
+                   sample_accuracy=None, fd=None)
+        if key in samples:
+            s = samples[key]
+            res.update(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(),
+                       fd=fd(vfm_features(vfm, s), f_test))
+        results[key] = res
+    data.save_image_grid(torch.cat(recons), out / "reconstructions.png", nrow=16)
+    data.save_image_grid(torch.cat([s[:16] for s in samples.values()]), out / "samples.png", nrow=16)
+    n = len(labels)
+    fd_real = fd(vfm_features(vfm, x_train[:n]), f_test)
+    results.update(vfm=dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), fd_real_train_vs_test=fd_real,
+                   seconds=round(time.time() - t0, 1), args=vars(args))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'sample acc':>12}{'FD (VFM)':>10}")
+    f = lambda v, spec: format(v, spec) if v is not None else "—"  # noqa: E731
+    for key in ckpt:
+        r = results[key]
+        print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}")
+    print(f"(— = no generator trained for this tokenizer; chance accuracy {1 / len(SHAPES):.3f}; FD of {n} real "
+          f"training vs held-out images {fd_real:.3f})")
+    print(f"toy VFM accuracy {acc:.3f}; colour R² shallow block {shallow} {r2[shallow]:.3f} vs last block {r2[-1]:.3f}")
+    print(f"wrote {out}/results.json, reconstructions.png, samples.png in {time.time() - t0:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

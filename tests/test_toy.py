@@ -1,0 +1,57 @@
+"""The toy world: determinism, the toy VFM's DINOv2 checkpoint round trip, a miniature end-to-end run."""
+import json
+
+import pytest
+import torch
+
+import model
+import toy
+
+TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train-images", "64", "--test-images", "16",
+        "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2"]
+KEYS = {"rae", "drorae_p2", "drorae_p3", "decq", "ideal", "ideal_deep_only"}
+
+
+def test_world_is_deterministic_in_the_seed():
+    x, y, m = toy.make_world(12, seed=3)
+    x2, y2, m2 = toy.make_world(12, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(m, m2)
+    assert not torch.equal(x, toy.make_world(12, seed=4)[0])
+    assert x.shape == (12, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert set(y.tolist()) <= set(range(len(toy.SHAPES)))
+    assert ((m > 0) & (m < 1)).any() and (m == 1).any() and (m == 0).any()  # antialiased edges, inside, outside
+
+
+def test_vfm_checkpoint_round_trip(tmp_path):
+    vfm, heads = toy.pretrain_vfm(2, seed=0, batch=4, pool=8)
+    torch.save(vfm.state_dict(), tmp_path / "vfm.pth")
+    loaded = model.dinov2(toy.VFM_CONFIG, weights=str(tmp_path / "vfm.pth")).eval()
+    x = toy.make_world(4, seed=1)[0]
+    a, b = vfm.forward_features(toy.vfm_input(x)), loaded.forward_features(toy.vfm_input(x))
+    assert torch.equal(a["x_prenorm"], b["x_prenorm"])
+    assert toy.vfm_classify(loaded, heads, x).shape == (4,)
+    assert len(toy.colour_probe(loaded, n=8)) == toy.VFM_CONFIG["depth"]
+
+
+def test_miniature_end_to_end(tmp_path):
+    out = tmp_path / "toy"
+    res = toy.main(["--out-dir", str(out), *TINY])
+    saved = json.loads((out / "results.json").read_text())
+    assert KEYS <= saved.keys() and KEYS <= res.keys()
+    for k in KEYS:
+        assert set(saved[k]) == {"psnr", "ssim", "sample_accuracy", "fd"}
+        assert saved[k]["psnr"] > 0 and 0 < saved[k]["ssim"] <= 1
+        assert (saved[k]["fd"] is None) == (k not in toy.GENERATORS)
+    assert (out / "reconstructions.png").is_file() and (out / "samples.png").is_file()
+    with pytest.raises(SystemExit, match="already holds a toy run"):
+        toy.main(["--out-dir", str(out), *TINY])
+
+
+@pytest.mark.slow
+def test_full_run(tmp_path):
+    """The README's main job (~15 min): the papers' ordering on held-out images."""
+    r = toy.main(["--out-dir", str(tmp_path / "toy")])
+    assert r["rae"]["psnr"] < r["drorae_p2"]["psnr"] < r["drorae_p3"]["psnr"]
+    assert r["decq"]["psnr"] > r["rae"]["psnr"] and r["ideal"]["psnr"] > r["ideal_deep_only"]["psnr"]
+    assert r["vfm"]["colour_r2"][-1] < r["vfm"]["colour_r2"][r["vfm"]["shallow_block"]]
+    assert r["rae"]["sample_accuracy"] > 2 / len(toy.SHAPES)
