@@ -443,6 +443,9 @@ class TokenizerTrainer:
         self.net = DDP(net, device_ids=ids) if world > 1 else net
         self.d_net = DDP(self.disc, device_ids=ids) if world > 1 and self.disc else self.disc
         self.last_layer = self.tok.last_layer()
+        if args.gan_weight > 0 and args.adaptive_gan and not self.last_layer.requires_grad:
+            raise SystemExit(f"--method {args.method} --phase {args.phase}: the layer of the adaptive GAN weight "
+                             "(tokenizer.last_layer()) is frozen in this phase; pass --no-adaptive-gan or --gan-weight 0")
 
     def step(self, batches, step, out):
         a, tok, disc = self.args, self.tok, self.disc
