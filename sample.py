@@ -1,14 +1,16 @@
-"""Class-conditional sampling from a generator checkpoint and its frozen tokenizer → PNG grid and/or an
-ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` labels, in sample-index order) + a JSON sidecar.
+"""Class-conditional sampling from a generator checkpoint (DiT-DH, or the AR GPT for Ideal codes) and its frozen
+tokenizer → PNG grid and/or an ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` labels, in sample-index order) + a
+JSON sidecar.
 
     python sample.py --ckpt runs/gen --per-class 50                       # 50K samples for FID (SPEC §9)
     torchrun --nproc_per_node=8 sample.py --ckpt runs/gen --per-class 50 --guide runs/guide --scale 1.42
     python sample.py --ckpt runs/gen --classes 207 360 387 --num-samples 24 --formats png
+    python sample.py --ckpt runs/ideal-gen --per-class 50 --scale 2.0 --top-k 0 --top-p 1.0   # AR: CFG on logits
 
 Sample i has label classes[i % len(classes)] (all classes by default: every contiguous tenth of the file is
 class-balanced, as IS splits expect) and its noise comes from a generator seeded by (seed, i). Batches are
 fixed slices of the index range dealt round-robin to the processes, so sample i is bit-identical whatever
-the number of processes.
+the number of processes. The AR model draws sample i's tokens from its own generator seeded the same way.
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+import ar
 import dit
 import model
 import train
@@ -39,6 +42,9 @@ def parse_args(argv=None):
     ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     ap.add_argument("--steps", type=int, default=50, help="grid points (RAE: 50 → 49 Euler steps)")
     ap.add_argument("--scale", type=float, default=1.0, help="guidance scale (1 = none); CFG unless --guide")
+    ap.add_argument("--temperature", type=float, default=1.0, help="AR only: 0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="AR only: 0 = off")
+    ap.add_argument("--top-p", type=float, default=1.0, help="AR only: 1 = off")
     ap.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32, help="samples per forward (fixed slices of the index range)")
@@ -48,11 +54,10 @@ def parse_args(argv=None):
 
 
 def load_generator(path, device):
-    """(network, checkpoint) with its EMA weights. Dispatch on the checkpoint's method."""
+    """(network, checkpoint) with its EMA weights: the AR GPT for Ideal codes, else DiT-DH."""
     ck = train.load_checkpoint(path, expect_kind="generator")
-    if ck["method"] == "ideal":
-        raise SystemExit(f"{ck['path']}: AR (ideal) generators are not wired into sample.py yet")
-    net = model.load_strict(dit.DiTDH(**ck["config"]), ck["ema"], f"generator {ck['path']}")
+    net = (ar.GPT if ck["method"] == "ideal" else dit.DiTDH)(**ck["config"])
+    net = model.load_strict(net, ck["ema"], f"generator {ck['path']}")
     return net.to(device).eval().requires_grad_(False), ck
 
 
@@ -77,6 +82,11 @@ def noise_for(index, seed, net):
 def generate(net, tok, indices, labels, args, guide=None):
     """uint8 images (B, H, W, 3) for the given sample indices and labels."""
     device = labels.device
+    if isinstance(net, ar.GPT):
+        gens = [torch.Generator(device).manual_seed(args.seed * 2**32 + i) for i in indices]
+        codes = net.generate(labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             cfg_scale=args.scale, generator=gens)
+        return (tok.decode(codes).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
     out = dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
                      interval=tuple(args.interval), guide=guide)
@@ -89,14 +99,18 @@ def run_name(ck, args, n):
     guidance = "noguid" if args.scale == 1 else f"{'ag' if args.guide else 'cfg'}{args.scale:g}"
     if args.scale != 1 and tuple(args.interval) != (0.0, 1.0):
         guidance += f"-t{args.interval[0]:g}-{args.interval[1]:g}"
+    sampler = (f"ar-t{args.temperature:g}-k{args.top_k}-p{args.top_p:g}" if ck["method"] == "ideal"
+               else f"{args.sampler}{args.steps}")
     path = Path(ck["path"])
-    return f"{path.parent.name}-{path.stem}_{args.sampler}{args.steps}_{guidance}_seed{args.seed}_n{n}"
+    return f"{path.parent.name}-{path.stem}_{sampler}_{guidance}_seed{args.seed}_n{n}"
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = train.setup_distributed(args.device)
     net, ck = load_generator(args.ckpt, device)
+    if args.guide and ck["method"] == "ideal":
+        raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
     guide = load_generator(args.guide, device)[0] if args.guide else None
     tok = load_tokenizer(ck, device)
     classes = args.classes or list(range(net.num_classes))

@@ -208,3 +208,30 @@ def test_uniform_zero_draw_keeps_the_only_candidate(monkeypatch):
     logits = torch.tensor([[0.0, 3.0, 1.0]])
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
     assert sample_logits(logits, top_k=1).item() == 1
+
+
+def test_sample_py_drives_the_ar_generator(tmp_path):
+    """sample.py on an Ideal tokenizer + GPT checkpoint: ADM npz with balanced labels, CFG + top-k in the name,
+    and each sample depends only on (seed, index), not on the batch it was drawn in."""
+    import model
+    import sample
+    import vq
+    tok = model.build_tokenizer(vq.IDEAL_PRESETS["tiny"])
+    torch.save(dict(kind="tokenizer", method="ideal", phase="1", config=tok.config, ema=tok.state_dict()),
+               tmp_path / "tok.pt")
+    gpt = tiny_gpt(vocab_size=tok.config["codebook_size"], num_classes=3, grid=tok.decoder.grid)
+    torch.save(dict(kind="generator", method="ideal", phase="gen", config=gpt.config, ema=gpt.state_dict(),
+                    tokenizer=dict(path=str(tmp_path / "tok.pt"), config=tok.config), stats=None),
+               tmp_path / "generator.pt")
+    run = ["--ckpt", str(tmp_path / "generator.pt"), "--per-class", "2", "--scale", "2", "--top-k", "5",
+           "--formats", "npz", "--device", "cpu"]
+    sample.main(run + ["--batch", "6", "--out-dir", str(tmp_path / "a")])
+    sample.main(run + ["--batch", "1", "--out-dir", str(tmp_path / "b")])
+    name = f"{tmp_path.name}-generator_ar-t1-k5-p1_cfg2_seed0_n6.npz"
+    a, b = np.load(tmp_path / "a" / name), np.load(tmp_path / "b" / name)
+    assert a["arr_0"].shape == (6, 64, 64, 3) and a["arr_0"].dtype == np.uint8
+    assert a["arr_1"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+    assert len({a["arr_0"][i].tobytes() for i in range(6)}) > 1  # the seeds differ per sample
+    with pytest.raises(SystemExit, match="AutoGuidance"):
+        sample.main(run + ["--guide", str(tmp_path / "generator.pt"), "--out-dir", str(tmp_path / "c")])
