@@ -143,6 +143,8 @@ def parse_args(argv=None):
     a("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-matching training t")
     a("--p-uncond", type=float, default=0.1, help="class dropout (null label) for guidance")
     a("--query-weight", type=float, default=1.0, help="DecQ λ on the query flow-matching loss")
+    a("--latent-cache", default=None, help="directory of the encoded training set, filled on first use (centre crops "
+      "and mirrors, normalised latents): reuse only with the same tokenizer and stats")
     # loss (SPEC §4)
     a("--rec-loss", choices=("l1", "l2"), default="l1")
     a("--lpips-weight", type=float, default=1.0)
@@ -445,7 +447,8 @@ class TokenizerTrainer:
         self.last_layer = self.tok.last_layer()
         if args.gan_weight > 0 and args.adaptive_gan and not self.last_layer.requires_grad:
             raise SystemExit(f"--method {args.method} --phase {args.phase}: the layer of the adaptive GAN weight "
-                             "(tokenizer.last_layer()) is frozen in this phase; pass --no-adaptive-gan or --gan-weight 0")
+                             "(tokenizer.last_layer()) is frozen in this phase; pass --no-adaptive-gan or "
+                             "--gan-weight 0")
 
     def step(self, batches, step, out):
         a, tok, disc = self.args, self.tok, self.disc
@@ -507,6 +510,59 @@ def frozen_tokenizer(args, device):
     return tok.to(device).eval().requires_grad_(False), dict(path=tck["path"], config=tck["config"])
 
 
+class LatentCache(torch.utils.data.Dataset):
+    """The training set encoded once (each centre crop and its mirror: entries 2i, 2i + 1) by the frozen tokenizer:
+    `latents.npy` (fp16 normalised tokens, or int codes) and `labels.npy`, memory-mapped. Items follow data.py's
+    (index, key) protocol: (tokens, label, 0)."""
+
+    def __init__(self, root, images):
+        self.root, self.n = Path(root), 2 * len(images)
+
+    def __len__(self):
+        return self.n
+
+    def __getstate__(self):  # never pickle the memory maps (workers reopen them)
+        return {k: v for k, v in self.__dict__.items() if k not in ("z", "y")}
+
+    def __getitem__(self, item):
+        if not hasattr(self, "z"):  # opened lazily: the cache may be filled after this object is made
+            self.z, self.y = np.load(self.root / "latents.npy", mmap_mode="r"), np.load(self.root / "labels.npy")
+        i = item[0] if isinstance(item, tuple) else item
+        z = torch.from_numpy(np.array(self.z[i]))
+        return (z.long() if z.dtype in (torch.int16, torch.int32) else z.float()), int(self.y[i]), 0
+
+
+@torch.no_grad()
+def fill_cache(root, encode, args, world, device):
+    """Encode every training image and its mirror into `root` (ranks write interleaved rows of one memmap)."""
+    images = data.ImageFolder(args.data_path, size=args.image_size)
+    loader = data.make_loader(images, args.micro_batch, shuffle=False, drop_last=False, num_workers=args.workers)
+    loader.set_epoch(0)
+    order = iter([i for i, _ in loader.sampler])
+    probe = encode(images[0][0][None].to(device))[0].cpu()
+    dtype = np.float16 if probe.is_floating_point() else np.int16 if probe.max() < 2**15 else np.int32
+    path = Path(root) / "latents.npy"
+    rank = dist.get_rank() if world > 1 else 0
+    if rank == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(path, "w+", dtype, (2 * len(images), *probe.shape)).flush()
+    if world > 1:
+        dist.barrier()
+    z = np.load(path, mmap_mode="r+")
+    for x, _ in tqdm(loader, desc="latent cache", disable=rank != 0):
+        rows = [next(order) for _ in range(len(x))]
+        x = x.to(device)
+        for flip, view in enumerate((x, x.flip(-1))):
+            z[[2 * i + flip for i in rows]] = encode(view).cpu().numpy().astype(dtype)
+    z.flush()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:  # written last: marks the cache complete
+        np.save(Path(root) / "labels.npy", np.repeat([label for _, label in images.samples], 2))
+    if world > 1:
+        dist.barrier()
+
+
 class GeneratorTrainer:
     """--phase gen: the generator (+ EMA) and its optimiser on latents encoded on the fly by the frozen tokenizer
     from ADM centre crops with random flips. Latent statistics: --stats FILE, or computed over the training set
@@ -526,6 +582,8 @@ class GeneratorTrainer:
                                          shuffle=False, drop_last=False, num_workers=args.workers)
                 self.stats = model.compute_latent_stats(self.tok, crops, args.stats_batches)
             self.tok.set_stats(self.stats)
+        if args.latent_cache and not (Path(args.latent_cache) / "labels.npy").exists():
+            fill_cache(args.latent_cache, self.encode, args, world, device)
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         if resume is not None:
             config = resume["config"]
@@ -547,13 +605,20 @@ class GeneratorTrainer:
         net = torch.compile(self.gen) if args.compile else self.gen
         self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
 
+    @torch.no_grad()
+    def encode(self, x01):
+        """Normalised tokens (B, N [+ Q], C) — DecQ queries appended — or codes (B, N): what the cache stores."""
+        z = self.tok.encode(x01)
+        return torch.cat(z, 1) if isinstance(z, tuple) else z
+
     def latent(self, x):
-        """Normalised latent as the generator sees it: (B, C, h, w) [+ DecQ queries (B, Q, C)], or codes (B, N)."""
-        with torch.no_grad():
-            z = self.tok.encode(x)
+        """Images (or cached tokens) → the generator's input: ((B, C, h, w), DecQ queries (B, Q, C) | None), or
+        codes (B, N)."""
+        z = x if self.args.latent_cache else self.encode(x)
         if self.args.method == "ideal":
             return z
-        p, q = z if isinstance(z, tuple) else (z, None)
+        n = self.tok.decoder.grid ** 2
+        p, q = z[:, :n], (z[:, n:] if z.shape[1] > n else None)
         return p.transpose(1, 2).unflatten(2, (self.tok.decoder.grid, -1)), q
 
     def loss(self, batch):
@@ -622,8 +687,9 @@ def train(args, rank, world, device, stop):
         if not args.tokenizer:
             raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
                              "checkpoint")
-        size = load_checkpoint(args.tokenizer, "tokenizer", args.method)["config"]["image_size"]
-        dataset = data.ImageFolder(args.data_path, size=size, flip=True)
+        args.image_size = load_checkpoint(args.tokenizer, "tokenizer", args.method)["config"]["image_size"]
+        dataset = data.ImageFolder(args.data_path, size=args.image_size, flip=True)
+        dataset = LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset
     accum, steps_per_epoch = plan(args, dataset, world), args.steps_per_epoch
     trainer = (GeneratorTrainer if kind == "generator" else TokenizerTrainer)(args, device, world, resume)
     step = resume["step"] if resume is not None else 0

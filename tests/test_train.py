@@ -15,12 +15,16 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+import data
 import losses
 import model
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--grid-every", "0"]
+GEN = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--lpips-weight", "0",
+       "--gan-weight", "0", "--global-batch", "4", "--micro-batch", "2", "--max-steps", "1", "--grid-every", "0"]
+IDEAL = ["--shallow-layer", "1", "--codebook-size", "64", "--fuse-heads", "4", "--feat-heads", "4", "--feat-depth", "1"]
 
 
 def write_images(folder, n=8, size=64, seed=0):
@@ -110,8 +114,9 @@ def test_ddp_gradients_equal_single_process_accumulation(tmp_path):
 
 
 def test_resume_is_bitwise_exact(images, tmp_path):
-    common = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--global-batch", "4", "--lpips-weight", "0",
-              "--micro-batch", "2", "--disc-start-step", "1", "--gan-start-step", "2", "--ckpt-every", "100"]
+    common = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--global-batch", "4",
+              "--lpips-weight", "0", "--micro-batch", "2", "--disc-start-step", "1", "--gan-start-step", "2",
+              "--ckpt-every", "100"]
     train.main(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "6"])
     train.main(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "3"])  # stops mid-epoch 1 (2 steps/epoch)
     train.main(common + ["--resume", str(tmp_path / "b"), "--max-steps", "6"])
@@ -151,12 +156,12 @@ def test_sigterm_saves_and_exits_cleanly(images, tmp_path):
 def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
     common = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--data-path", images,
               "--lpips-weight", "0", "--gan-weight", "0", "--max-steps", "1"]
-    ideal = ["--shallow-layer", "1", "--codebook-size", "64", "--fuse-heads", "4", "--feat-heads", "4", "--feat-depth", "1"]
-    runs = [("rae", "1", []), ("decq", "1", []), ("ideal", "1", ideal),
+    runs = [("rae", "1", []), ("decq", "1", []), ("ideal", "1", IDEAL),
             ("drorae", "2", ["--init-from", str(tmp_path / "rae1")]),
             ("drorae", "3", ["--init-from", str(tmp_path / "drorae2")])]
     for method, phase, extra in runs:
-        train.main(["--method", method, "--phase", phase, *common, "--out-dir", str(tmp_path / f"{method}{phase}"), *extra])
+        out = tmp_path / f"{method}{phase}"
+        train.main(["--method", method, "--phase", phase, *common, "--out-dir", str(out), *extra])
         ck = train.load_checkpoint(tmp_path / f"{method}{phase}", "tokenizer", method, phase)
         assert ck["config"]["method"] == method and ck["step"] == 1
         tok = model.build_tokenizer(ck["config"])
@@ -172,16 +177,12 @@ def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
         assert found in msg and "expected kind tokenizer, method " in msg
 
 
-GEN = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--lpips-weight", "0",
-       "--gan-weight", "0", "--global-batch", "4", "--micro-batch", "2", "--max-steps", "1", "--grid-every", "0"]
-IDEAL = ["--shallow-layer", "1", "--codebook-size", "64", "--fuse-heads", "4", "--feat-heads", "4", "--feat-depth", "1"]
-
-
 def tokenizer_then_generator(method, images, tmp_path, *extra):
     tok = tmp_path / f"{method}-tok"
-    train.main(["--method", method, "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(tok),
-                *(IDEAL if method == "ideal" else [])])
-    out = tmp_path / f"{method}-gen"
+    if not tok.exists():
+        train.main(["--method", method, "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(tok),
+                    *(IDEAL if method == "ideal" else [])])
+    out = tmp_path / f"{method}-gen{'-cached' if extra else ''}"
     train.main(["--method", method, "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(out),
                 "--tokenizer", str(tok), "--grid-every", "1", *extra])
     ck = train.load_checkpoint(out, "generator", method, "gen")
@@ -193,6 +194,15 @@ def tokenizer_then_generator(method, images, tmp_path, *extra):
 def test_generator_phase_dit_and_gpt(images, tmp_path):
     tokenizer_then_generator("ideal", images, tmp_path)
     tok, _ = tokenizer_then_generator("rae", images, tmp_path)
+    _, out = tokenizer_then_generator("rae", images, tmp_path, "--latent-cache", str(tmp_path / "cache"), "--seed", "1")
+    ck = train.load_checkpoint(out)  # the cache holds each centre crop and its mirror, normalised, fp16
+    tok = model.build_tokenizer(ck["tokenizer"]["config"])
+    model.load_strict(tok, train.load_checkpoint(tok_path := ck["tokenizer"]["path"])["ema"], tok_path)
+    tok.set_stats(ck["stats"])
+    x = torch.stack([data.ImageFolder(images, size=64)[i][0] for i in (0, 5)])
+    cache = np.load(tmp_path / "cache" / "latents.npy")
+    expect = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1).flatten(0, 1)
+    torch.testing.assert_close(torch.from_numpy(cache[[0, 1, 10, 11]]).float(), expect, atol=2e-3, rtol=1e-3)
     gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(tmp_path / "x")]
     assert "needs --tokenizer" in error(gen)
     assert "expected kind tokenizer, method rae" in error(gen + ["--tokenizer", str(tmp_path / "ideal-tok")])
@@ -260,7 +270,8 @@ def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp
     before = (out / "ckpt-last.pt").read_bytes()
     r = run("--method", "decq", "--phase", "1", *TINY, "--data-path", images, "--resume", str(out))
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "holds a tokenizer checkpoint of method rae phase 1; expected kind tokenizer, method decq, phase 1" in r.stderr
+    assert "holds a tokenizer checkpoint of method rae phase 1; expected kind tokenizer, method decq, phase 1" \
+        in r.stderr
     assert (out / "ckpt-last.pt").read_bytes() == before
     assert "already holds a checkpoint" in error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images,
                                                   "--out-dir", str(out)])
