@@ -273,7 +273,10 @@ def make_optimizer(params, args, device):
     """AdamW (fused on CUDA) and its per-step LambdaLR: linear warm-up, then `cosine` to lr_min at the end
     (tokenizers), `linear` = constant until decay_start_epoch then linear to lr_min at the end (DiT-DH), or
     `constant` (AR GPT)."""
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+    params = list(params)  # with weight decay: only on ≥ 2-D tensors (nanoGPT, LlamaGen), not biases and gains
+    groups = [dict(params=[p for p in params if p.dim() >= 2]),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)] if args.weight_decay else params
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     warmup, total, floor = args.warmup_steps, args.total_steps, args.lr_min / args.lr
     start = warmup if args.schedule == "cosine" else max(warmup, args.decay_start_epoch * args.steps_per_epoch)
@@ -462,7 +465,8 @@ class TokenizerTrainer:
         check_finite(logs["loss"], step, self.world, out)
         logs.update(getattr(tok, "last_stats", {}))  # e.g. codebook usage and perplexity (Ideal)
         if a.clip_grad > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], a.clip_grad)
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, a.clip_grad)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
