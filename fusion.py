@@ -132,6 +132,12 @@ class DRoRAE(model.RAE):
         self.requires_grad_(False)
         (self.fusion if phase == "2" else self.decoder).requires_grad_(True)
 
+    def last_layer(self):
+        """The weight of λ_adapt (the GAN's adaptive weight): the decoder's last linear, or in phase 2, where the
+        decoder is frozen, the trainable layer nearest the latent: the last fused block's expert output linear."""
+        frozen = not self.decoder.decoder_pred.weight.requires_grad and self.fusion.router.weight.requires_grad
+        return self.fusion.experts[-1].fc2.weight if frozen else super().last_layer()
+
     @torch.no_grad()
     def routing_maps(self, x01):
         """Per-layer routing weights w_k = a_k/sqrt(Σa² + ε) on the token grid: (B, L, h, w)."""

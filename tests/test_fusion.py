@@ -160,6 +160,9 @@ def test_phases_train_exactly_their_tensors(phase):
         assert not _changed(before[m], m)  # bitwise unchanged
     assert _changed(before[trained], trained) == {k for k, _ in trained.named_parameters()}  # every one moved
     assert all(p.grad is None for p in tok.encoder.parameters())
+    # the GAN's adaptive weight needs a trainable layer: the decoder's last linear, or in phase 2 the last expert's
+    assert tok.last_layer() is (tok.fusion.experts[-1].fc2.weight if phase == "2" else tok.decoder.decoder_pred.weight)
+    assert tok.last_layer().requires_grad
 
 
 def test_smoothness_penalty_is_an_aux_loss_only_when_weighted():
