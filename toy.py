@@ -263,20 +263,9 @@ def reconstruct(tok, x01, batch=256):
     return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
 
 
-@torch.no_grad()
-def ar_samples(path, labels, seed):
-    """Ideal's AR samples: sample.py does not load AR generators yet, so the GPT's own KV-cache sampler
-    (temperature 1, no guidance) on the EMA weights, decoded by the frozen tokenizer."""
-    import ar
-    ck = train.load_checkpoint(path, "generator", "ideal")
-    gpt = model.load_strict(ar.GPT(**ck["config"]), ck["ema"], f"{ck['path']} ema").eval()
-    tok = load_tokenizer(ck["tokenizer"]["path"])
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([tok.decode(gpt.generate(y, generator=g)) for y in labels.split(128)]).clamp(0, 1)
-
-
-def dit_samples(path, n, seed, out):
-    """Class-conditional DiT-DH samples through sample.py (label i % 8, Euler 50-point grid, no guidance)."""
+def generate(path, n, seed, out):
+    """Class-conditional samples through sample.py, label i % 8, no guidance (DiT-DH: Euler on the 50-point grid;
+    AR: temperature 1) → (images in [0, 1], labels)."""
     sample.main(["--ckpt", str(path), "--num-samples", str(n), "--out-dir", str(out), "--seed", str(seed),
                  "--batch", "128", "--device", "cpu"])
     arr = np.load(next(Path(out).glob("*.npz")))
@@ -346,11 +335,8 @@ def main(argv=None):
         flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
                  "--num-classes", str(len(SHAPES)), *common_flags(args, out, args.gen_epochs)]
         run_train(flags + (["--gpt", "tiny"] if key == "ideal" else ["--dit", "tiny"]))
-        if key == "ideal":
-            samples[key] = ar_samples(gen / "generator.pt", labels, args.seed)
-        else:
-            samples[key], sample_labels = dit_samples(gen / "generator.pt", len(labels), args.seed, gen / "samples")
-            assert torch.equal(sample_labels, labels)
+        samples[key], sample_labels = generate(gen / "generator.pt", len(labels), args.seed, gen / "samples")
+        assert torch.equal(sample_labels, labels)
 
     f_test = vfm_features(vfm, x_test)
     recons = [x_test[:16]]
