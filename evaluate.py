@@ -43,6 +43,17 @@ def _avg3(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
+class BasicConv2d(tvi.BasicConv2d):
+    """Conv → BatchNorm (eval, eps 0.001) → ReLU with the BatchNorm folded into the conv at call time: one pass over
+    the activations instead of two (inference only; the parameters stay those of the weights file)."""
+
+    def forward(self, x):
+        conv, bn = self.conv, self.bn
+        s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        w, b = conv.weight * s[:, None, None, None], bn.bias - bn.running_mean * s
+        return F.relu(F.conv2d(x, w, b, conv.stride, conv.padding))
+
+
 class FIDInceptionA(tvi.InceptionA):
     """Mixed_5b–5d."""
 
@@ -95,8 +106,10 @@ class InceptionFeatures(tvi.Inception3):
     ADM runs); "pytorch-fid": half-pixel bilinear of [0, 1] values, 2x − 1. weights: path or URL, None = random."""
 
     def __init__(self, weights=FID_WEIGHTS_URL, preprocess="adm"):
-        super().__init__(num_classes=1008, aux_logits=False, init_weights=False, inception_blocks=[
-            tvi.BasicConv2d, FIDInceptionA, tvi.InceptionB, FIDInceptionC, tvi.InceptionD, FIDInceptionE, None])
+        blocks = [partial(b, conv_block=BasicConv2d) for b in (FIDInceptionA, tvi.InceptionB, FIDInceptionC,
+                                                                 tvi.InceptionD, FIDInceptionE)]
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False,
+                         inception_blocks=[BasicConv2d, *blocks, None])
         assert preprocess in ("adm", "pytorch-fid"), preprocess
         self.preprocess = preprocess
         if weights is not None:

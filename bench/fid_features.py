@@ -14,12 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate as ev  # noqa: E402
 
 
-def rate(fn, images, batch_size):
-    fn(images[:2])  # warm-up
-    t = time.perf_counter()
+def rates(fns, images, batch_size):
+    """images/s of each extractor, batches interleaved (A, B, A, B, ...) so load changes hit both alike."""
+    for fn in fns:
+        fn(images[:2])  # warm-up
+    seconds = [0.0] * len(fns)
     for i in range(0, len(images), batch_size):
-        fn(images[i:i + batch_size])
-    return len(images) / (time.perf_counter() - t)
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn(images[i:i + batch_size])
+            seconds[k] += time.perf_counter() - t
+    return [len(images) / s for s in seconds]
 
 
 def main():
@@ -39,12 +44,11 @@ def main():
     def pytorch_fid(x):  # its pipeline: ToTensor ([0, 1] NCHW float), then the net under no_grad
         with torch.no_grad():
             return theirs(x.permute(0, 3, 1, 2).float() / 255)[0]
-    r_theirs = rate(pytorch_fid, images, args.batch_size)
-    r_ours = rate(ours, images, args.batch_size)
+    r_theirs, r_ours = rates([pytorch_fid, ours], images, args.batch_size)
     print(f"{'extractor':<34}{'images/s':>10}{'speed-up':>10}")
     print(f"{'pytorch-fid InceptionV3 (pool)':<34}{r_theirs:>10.2f}{1.0:>10.2f}")
     print(f"{'ours (pool, logits, spatial)':<34}{r_ours:>10.2f}{r_ours / r_theirs:>10.2f}")
-    print(f"({args.n} images 256×256, batch {args.batch_size}, {args.threads} threads, CPU fp32)")
+    print(f"({args.n} images 256×256, batch {args.batch_size}, {args.threads} threads, CPU fp32, batches interleaved)")
 
 
 if __name__ == "__main__":
