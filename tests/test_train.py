@@ -134,6 +134,34 @@ def test_resume_is_bitwise_exact(images, tmp_path):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tmp_path):
+    """DRoRAE phases 2 and 3 and DecQ: the optimizer holds exactly the tensors the phase trains (by count and
+    shapes), and N + resume + N steps equal 2N straight steps bitwise (phase 2 and DecQ, mid-epoch)."""
+    common = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
+              "--micro-batch", "1"]
+    train.main(["--method", "rae", "--phase", "1", *common, "--out-dir", str(tmp_path / "p1"), "--max-steps", "1"])
+    runs = [("drorae", "2", ["--init-from", str(tmp_path / "p1")], ("fusion.",)),
+            ("drorae", "3", ["--init-from", str(tmp_path / "drorae2-a")], ("decoder.",)),
+            ("decq", "1", [], ("condenser.", "decoder."))]
+    for method, phase, extra, trained in runs:
+        run = ["--method", method, "--phase", phase, *common, *extra]
+        train.main(run + ["--out-dir", str(tmp_path / f"{method}{phase}-a"), "--max-steps", "2"])
+        a = torch.load(tmp_path / f"{method}{phase}-a" / "ckpt-last.pt")
+        tok = model.build_tokenizer(a["config"])
+        mine = [p for n, p in tok.named_parameters() if n.startswith(trained)]  # by module, not requires_grad
+        states = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
+        assert sum(len(g["params"]) for g in a["optimizer"]["param_groups"]) == len(states) == len(mine)
+        assert sorted(t.shape for t in states) == sorted(t.shape for t in mine)
+        if phase == "3":
+            continue
+        train.main(run + ["--out-dir", str(tmp_path / f"{method}{phase}-b"), "--max-steps", "1"])
+        train.main(run + ["--resume", str(tmp_path / f"{method}{phase}-b"), "--max-steps", "2"])
+        b = torch.load(tmp_path / f"{method}{phase}-b" / "ckpt-last.pt")
+        for key in ("model", "ema"):
+            assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), (method, key)
+        assert all(torch.equal(t, b["optimizer"]["state"][i]["exp_avg"]) for i, t in enumerate(states))
+
+
 def test_sigterm_saves_and_exits_cleanly(images, tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--method", "rae", "--phase", "1", *TINY,
