@@ -13,7 +13,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
-import queries  # noqa: E402, F401  (registers nothing; build_tokenizer imports it by name)
 
 
 def forward_flops(method, image_size=256, **kw):

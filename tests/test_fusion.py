@@ -212,7 +212,6 @@ def test_log_linear_fit_and_table(capsys):
     assert set(fits) == {"psnr/all", "psnr/width", "psnr/layers"} and "R²" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_scaling_command_on_tiny_preset(tmp_path, capsys):
     """python fusion.py --scaling on the tiny preset: 2 widths × 2 layer counts, 1 phase-2 step each."""
     import numpy as np

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import model
-import queries
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])  # DINOv2 tiny: 4 blocks of width 64, 4×4 tokens
 DECQ = dict(TINY, method="decq", query_heads=4, query_layers=[0, 1, 3])

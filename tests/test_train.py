@@ -233,7 +233,6 @@ def test_generator_phase_dit_and_gpt(images, tmp_path):
     assert "expected kind tokenizer, method rae" in error(gen + ["--tokenizer", str(tmp_path / "ideal-tok")])
 
 
-@pytest.mark.slow
 def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     _, out = tokenizer_then_generator("decq", images, tmp_path)
     assert "query_var" in train.load_checkpoint(out)["stats"]
