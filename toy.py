@@ -224,12 +224,8 @@ def vfm_classify(vfm, heads, x01):
 
 
 def run_train(flags, encoder=None):
-    """One train.py run, in process. train.py's --encoder takes a hub name, so the toy VFM's architecture dict is
-    set on the parsed arguments; the normal loop then builds the tokenizer and keeps the dict in its config."""
-    args = train.parse_args(flags)
-    if encoder is not None:
-        args.encoder = encoder
-    train.train(args, 0, 1, torch.device(args.device), {})
+    """One train.py run, in process; the toy VFM's architecture goes in as --encoder JSON (kept in the config)."""
+    train.main(flags + (["--encoder", json.dumps(encoder)] if encoder is not None else []))
 
 
 def tokenizer_runs(depth):

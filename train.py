@@ -101,7 +101,8 @@ def parse_args(argv=None):
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--seed", type=int, default=0)
     # tokenizer (SPEC §2, §3)
-    a("--encoder", default="vitb14_reg", help="DINOv2 name: vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny)")
+    a("--encoder", default="vitb14_reg", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,
+      help="DINOv2 name vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny), or a JSON dict of model.DINOv2 arguments")
     a("--encoder-weights", default="official", help="official | random | PATH")
     a("--decoder", default="XL", choices=tuple(model.DECODERS), help="ViT decoder size")
     a("--decoder-weights", default=None, help="initialise the decoder from a released RAE decoder / checkpoint")
