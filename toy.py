@@ -6,7 +6,8 @@ Here the world is procedurally generated 32×32 images whose class is a shape an
 background gradient and pose are random; the "VFM" is a small ViT in DINOv2's layout pretrained on this world with
 a semantic, colour-invariant objective (class + per-patch shape segmentation, plus DINO-style invariance of the
 last block to recolouring). Every method then runs through the normal train.py / sample.py code paths and is
-scored with evaluate.py's PSNR / SSIM / Fréchet distance, in the toy VFM's feature space.
+scored with evaluate.py's PSNR / SSIM / Fréchet distance in the toy VFM's feature space, and by the toy VFM's
+classifier on reconstructions and on class-conditional samples.
 
     python toy.py                 # everything, ~15 min on 2 CPU cores; table + runs/toy/results.json
 """
@@ -244,7 +245,7 @@ GENERATORS = ("rae", "drorae_p3", "decq", "ideal")  # DiT-DH for the continuous 
 def common_flags(args, out, epochs):
     return ["--data-path", str(out / "data" / "train"), "--global-batch", str(args.batch), "--micro-batch",
             str(args.batch), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", str(args.lr), "--lr-min",
-            str(args.lr / 10), "--schedule", "cosine", "--ema", "0.99", "--workers", "0", "--log-every", "10",
+            str(args.lr / 10), "--schedule", "cosine", "--ema", "0.99", "--workers", "1", "--log-every", "10",
             "--grid-every", "0", "--ckpt-every", "1000000", "--device", "cpu", "--seed", str(args.seed)]
 
 
@@ -259,11 +260,11 @@ def reconstruct(tok, x01, batch=256):
     return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
 
 
-def generate(path, n, seed, out):
-    """Class-conditional samples through sample.py, label i % 8, no guidance (DiT-DH: Euler on the 50-point grid;
-    AR: temperature 1) → (images in [0, 1], labels)."""
+def generate(path, n, seed, scale, out):
+    """Class-conditional samples through sample.py, label i % 8, CFG scale `scale` (DiT-DH: Euler on the 50-point
+    grid; AR: temperature 1) → (images in [0, 1], labels)."""
     sample.main(["--ckpt", str(path), "--num-samples", str(n), "--out-dir", str(out), "--seed", str(seed),
-                 "--batch", "128", "--device", "cpu"])
+                 "--batch", "128", "--device", "cpu", "--scale", str(scale)])
     arr = np.load(next(Path(out).glob("*.npz")))
     return torch.from_numpy(arr["arr_0"]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(arr["arr_1"])
 
@@ -284,10 +285,12 @@ def main(argv=None):
     p.add_argument("--train-images", type=int, default=4096)
     p.add_argument("--test-images", type=int, default=1000, help="held-out images for PSNR / SSIM / FD")
     p.add_argument("--tok-epochs", type=int, default=6, help="epochs of every tokenizer run")
-    p.add_argument("--gen-epochs", type=int, default=10, help="epochs of every generator run")
+    p.add_argument("--gen-epochs", type=int, default=5,
+                   help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--samples-per-class", type=int, default=64)
+    p.add_argument("--scale", type=float, default=1.0, help="classifier-free guidance scale of the samples")
     args = p.parse_args(argv)
     out, t0 = Path(args.out_dir), time.time()
     if (out / "data").exists():
@@ -315,7 +318,7 @@ def main(argv=None):
     write_folder(x_train, y_train, out / "data" / "train")
     ckpt = {}
     for key, method, phase, init, extra in tokenizer_runs(VFM_CONFIG["depth"]):
-        print(f"== {key}: {method} phase {phase}")
+        print(f"== {key}: {method} phase {phase} ({time.time() - t0:.0f} s)")
         flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key), *common_flags(args, out, args.tok_epochs),
                  "--encoder-weights", str(vfm_path), "--image-size", "32", "--encoder-size", "32", "--resize", "32",
                  "--decoder", "tiny", "--lpips-weight", "0", "--gan-weight", "0", "--disc", "tiny",
@@ -326,12 +329,14 @@ def main(argv=None):
     samples, results = {}, {}
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     for key in GENERATORS:
-        print(f"== {key}: generator")
+        print(f"== {key}: generator ({time.time() - t0:.0f} s)")
         gen = out / f"{key}_gen"
         flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
-                 "--num-classes", str(len(SHAPES)), *common_flags(args, out, args.gen_epochs)]
+                 "--num-classes", str(len(SHAPES)), "--latent-cache", str(gen / "cache"),
+                 *common_flags(args, out, args.gen_epochs)]
         run_train(flags + (["--gpt", "tiny"] if key == "ideal" else ["--dit", "tiny"]))
-        samples[key], sample_labels = generate(gen / "generator.pt", len(labels), args.seed, gen / "samples")
+        samples[key], sample_labels = generate(gen / "generator.pt", len(labels), args.seed, args.scale,
+                                               gen / "samples")
         assert torch.equal(sample_labels, labels)
 
     f_test = vfm_features(vfm, x_test)
@@ -342,6 +347,7 @@ def main(argv=None):
         recons.append(r[:16])
         a, b = to_uint8(x_test), to_uint8(r)
         res = dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
+                   recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
                    sample_accuracy=None, fd=None)
         if key in samples:
             s = samples[key]
@@ -356,11 +362,12 @@ def main(argv=None):
                    seconds=round(time.time() - t0, 1), args=vars(args))
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'sample acc':>12}{'FD (VFM)':>10}")
+    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'recon acc':>11}{'sample acc':>12}{'FD (VFM)':>10}")
     f = lambda v, spec: format(v, spec) if v is not None else "—"  # noqa: E731
     for key in ckpt:
         r = results[key]
-        print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}")
+        print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['recon_accuracy']:>11.3f}"
+              f"{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}")
     print(f"(— = no generator trained for this tokenizer; chance accuracy {1 / len(SHAPES):.3f}; FD of {n} real "
           f"training vs held-out images {fd_real:.3f})")
     print(f"toy VFM accuracy {acc:.3f}; colour R² shallow block {shallow} {r2[shallow]:.3f} vs last block {r2[-1]:.3f}")
@@ -369,4 +376,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # models this small gain nothing from a second thread; each run has a loader worker
     main()
