@@ -5,15 +5,20 @@ The claim of DRoRAE, DecQ and Ideal is that a frozen, semantically trained encod
 Here the world is procedurally generated 32×32 images whose class is a shape and whose colours, stripes,
 background gradient and pose are random; the "VFM" is a small ViT in DINOv2's layout pretrained on this world with
 a semantic, colour-invariant objective (class + per-patch shape segmentation, plus DINO-style invariance of the
-last block to recolouring). Every method then runs through the normal train.py / sample.py code paths and is
-scored with evaluate.py's PSNR / SSIM / Fréchet distance in the toy VFM's feature space, and by the toy VFM's
-classifier on reconstructions and on class-conditional samples.
+last block to recolouring). Every method then runs as the normal `python train.py …` / `python sample.py …`
+commands (written to <out-dir>/commands.sh; two at a time, one per core) and is scored with evaluate.py's
+PSNR / SSIM / Fréchet distance in the toy VFM's feature space, and by the toy VFM's classifier on reconstructions
+and on class-conditional samples.
 
-    python toy.py                 # everything, ~15 min on 2 CPU cores; table + runs/toy/results.json
+    python toy.py                 # everything, ~10 min on 2 CPU cores; table + runs/toy/results.json
 """
 import argparse
 import json
 import math
+import os
+import shlex
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +33,6 @@ from tqdm import tqdm
 import data
 import evaluate
 import model
-import sample
 import train
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "ell", "bar", "star")
@@ -220,13 +224,40 @@ def vfm_classify(vfm, heads, x01):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The pipeline: every tokenizer phase and generator through train.py, samples through sample.py
+# 3. The pipeline: every tokenizer phase and generator a train.py run, the samples a sample.py run
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_train(flags, encoder=None):
-    """One train.py run, in process; the toy VFM's architecture goes in as --encoder JSON (kept in the config)."""
-    train.main(flags + (["--encoder", json.dumps(encoder)] if encoder is not None else []))
+def run_jobs(jobs, out, lanes):
+    """Run jobs (name, script, argv, deps) as `python script argv…` subprocesses, `lanes` at a time, each once its
+    deps have finished, with one intra-op thread each (models this small gain nothing from a second). The command
+    lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log; a failed run stops the toy run."""
+    root, logs = Path(__file__).resolve().parent, out / "logs"
+    logs.mkdir(exist_ok=True)
+    (out / "commands.sh").write_text("".join(shlex.join(["python", s, *a]) + "\n" for _, s, a, _ in jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "5"}
+    todo, running, done = list(jobs), {}, set()
+    bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
+    while todo or running:
+        for job in [j for j in todo if set(j[3]) <= done][:lanes - len(running)]:
+            log = open(logs / f"{job[0]}.log", "w")
+            cmd = [sys.executable, str(root / job[1]), *job[2]]
+            running[job[0]] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+            todo.remove(job)
+            bar.set_postfix_str(" ".join(running))
+        time.sleep(0.5)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode:
+                for other, _ in running.values():
+                    other.kill()
+                raise SystemExit(f"toy: {name} failed (exit {proc.returncode}); see {logs / name}.log")
+            done.add(name)
+            bar.update(1)
+    bar.close()
 
 
 def tokenizer_runs(depth):
@@ -242,11 +273,11 @@ def tokenizer_runs(depth):
 GENERATORS = ("rae", "drorae_p3", "decq", "ideal")  # DiT-DH for the continuous latents, the AR GPT for Ideal
 
 
-def common_flags(args, out, epochs):
+def common_flags(args, out, epochs, lr):
     return ["--data-path", str(out / "data" / "train"), "--global-batch", str(args.batch), "--micro-batch",
-            str(args.batch), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", str(args.lr), "--lr-min",
-            str(args.lr / 10), "--schedule", "cosine", "--ema", "0.99", "--workers", "1", "--log-every", "10",
-            "--grid-every", "0", "--ckpt-every", "1000000", "--device", "cpu", "--seed", str(args.seed)]
+            str(args.batch), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", str(lr), "--lr-min", str(lr / 10),
+            "--schedule", "cosine", "--ema", "0.99", "--workers", "1", "--log-every", "10", "--grid-every", "0",
+            "--ckpt-every", "1000000", "--device", "cpu", "--seed", str(args.seed)]
 
 
 def load_tokenizer(path):
@@ -260,11 +291,15 @@ def reconstruct(tok, x01, batch=256):
     return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
 
 
-def generate(path, n, seed, scale, out):
-    """Class-conditional samples through sample.py, label i % 8, CFG scale `scale` (DiT-DH: Euler on the 50-point
-    grid; AR: temperature 1) → (images in [0, 1], labels)."""
-    sample.main(["--ckpt", str(path), "--num-samples", str(n), "--out-dir", str(out), "--seed", str(seed),
-                 "--batch", "128", "--device", "cpu", "--scale", str(scale)])
+def sample_flags(path, n, args, out):
+    """sample.py flags of the class-conditional samples: label i % 8, CFG scale --scale (DiT-DH: Euler on the
+    50-point grid; AR: temperature 1)."""
+    return ["--ckpt", str(path), "--num-samples", str(n), "--out-dir", str(out), "--seed", str(args.seed),
+            "--batch", "128", "--device", "cpu", "--scale", str(args.scale)]
+
+
+def read_samples(out):
+    """sample.py's .npz (uint8 NHWC images, labels) → (images in [0, 1], labels)."""
     arr = np.load(next(Path(out).glob("*.npz")))
     return torch.from_numpy(arr["arr_0"]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(arr["arr_1"])
 
@@ -288,9 +323,11 @@ def main(argv=None):
     p.add_argument("--gen-epochs", type=int, default=5,
                    help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the tokenizers")
+    p.add_argument("--gen-lr", type=float, default=4e-3, help="peak learning rate of the generators")
     p.add_argument("--samples-per-class", type=int, default=64)
-    p.add_argument("--scale", type=float, default=1.0, help="classifier-free guidance scale of the samples")
+    p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale of the samples")
+    p.add_argument("--lanes", type=int, default=2, help="train.py / sample.py runs at a time (one per core)")
     args = p.parse_args(argv)
     out, t0 = Path(args.out_dir), time.time()
     if (out / "data").exists():
@@ -316,27 +353,28 @@ def main(argv=None):
 
     x_train, y_train, _ = make_world(args.train_images, args.seed)
     write_folder(x_train, y_train, out / "data" / "train")
-    ckpt = {}
+    jobs, ckpt = [], {}
     for key, method, phase, init, extra in tokenizer_runs(VFM_CONFIG["depth"]):
-        print(f"== {key}: {method} phase {phase} ({time.time() - t0:.0f} s)")
-        flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key), *common_flags(args, out, args.tok_epochs),
-                 "--encoder-weights", str(vfm_path), "--image-size", "32", "--encoder-size", "32", "--resize", "32",
-                 "--decoder", "tiny", "--lpips-weight", "0", "--gan-weight", "0", "--disc", "tiny",
-                 "--disc-weights", "random", *extra]
-        run_train(flags + (["--init-from", str(ckpt[init])] if init else []), encoder=None if init else VFM_CONFIG)
+        flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key),
+                 *common_flags(args, out, args.tok_epochs, args.lr), "--encoder-weights", str(vfm_path),
+                 "--image-size", "32", "--encoder-size", "32", "--resize", "32", "--decoder", "tiny",
+                 "--lpips-weight", "0", "--gan-weight", "0", "--disc", "tiny", "--disc-weights", "random", *extra]
+        flags += ["--init-from", str(ckpt[init])] if init else ["--encoder", json.dumps(VFM_CONFIG)]
+        jobs.append((key, "train.py", flags, [init] if init else []))
         ckpt[key] = out / key / "tokenizer.pt"
-
-    samples, results = {}, {}
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     for key in GENERATORS:
-        print(f"== {key}: generator ({time.time() - t0:.0f} s)")
         gen = out / f"{key}_gen"
         flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
-                 "--num-classes", str(len(SHAPES)), "--latent-cache", str(gen / "cache"),
-                 *common_flags(args, out, args.gen_epochs)]
-        run_train(flags + (["--gpt", "tiny"] if key == "ideal" else ["--dit", "tiny"]))
-        samples[key], sample_labels = generate(gen / "generator.pt", len(labels), args.seed, args.scale,
-                                               gen / "samples")
+                 "--num-classes", str(len(SHAPES)), "--latent-cache", str(gen / "cache"), "--t-dist", "uniform",
+                 *common_flags(args, out, args.gen_epochs, args.gen_lr), "--gpt" if key == "ideal" else "--dit", "tiny"]
+        jobs.append((f"{key}_gen", "train.py", flags, [key]))
+        jobs.append((f"{key}_samples", "sample.py", sample_flags(gen / "generator.pt", len(labels), args,
+                                                                 gen / "samples"), [f"{key}_gen"]))
+    run_jobs(jobs, out, args.lanes)
+    samples, results = {}, {}
+    for key in GENERATORS:
+        samples[key], sample_labels = read_samples(out / f"{key}_gen" / "samples")
         assert torch.equal(sample_labels, labels)
 
     f_test = vfm_features(vfm, x_test)
@@ -368,13 +406,13 @@ def main(argv=None):
         r = results[key]
         print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['recon_accuracy']:>11.3f}"
               f"{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}")
-    print(f"(— = no generator trained for this tokenizer; chance accuracy {1 / len(SHAPES):.3f}; FD of {n} real "
-          f"training vs held-out images {fd_real:.3f})")
+    print(f"(— = no generator trained for this tokenizer; samples at CFG scale {args.scale:g}; chance accuracy "
+          f"{1 / len(SHAPES):.3f}; FD of {n} real training vs held-out images {fd_real:.3f})")
     print(f"toy VFM accuracy {acc:.3f}; colour R² shallow block {shallow} {r2[shallow]:.3f} vs last block {r2[-1]:.3f}")
     print(f"wrote {out}/results.json, reconstructions.png, samples.png in {time.time() - t0:.0f} s")
     return results
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)  # models this small gain nothing from a second thread; each run has a loader worker
+    torch.set_num_threads(1)  # as every run: one thread, so the numbers do not depend on the machine's core count
     main()
