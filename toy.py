@@ -68,7 +68,7 @@ def shape_mask(kind, u, v):
 def sample_scenes(n, rng):
     """Geometry of n scenes: class, centre, scale, rotation."""
     return dict(label=rng.integers(len(SHAPES), size=n), cx=rng.uniform(-0.25, 0.25, n), cy=rng.uniform(-0.25, 0.25, n),
-                scale=rng.uniform(0.45, 0.75, n), angle=rng.uniform(0, 2 * math.pi, n))
+                scale=rng.uniform(0.6, 0.85, n), angle=rng.uniform(0, 2 * math.pi, n))
 
 
 def sample_appearance(n, rng):
