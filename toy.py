@@ -336,8 +336,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like every run: the same VFM whatever the core count or the caller's thread setting
     vfm, heads = pretrain_vfm(args.vfm_steps, args.seed, pool=args.vfm_pool,
                               log=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
+    torch.set_num_threads(threads)
     bar.close()
     vfm_path = out / "vfm.pth"  # DINOv2 checkpoint layout; from here on the VFM is the one loaded from this file
     torch.save(vfm.state_dict(), vfm_path)

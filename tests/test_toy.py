@@ -34,8 +34,9 @@ def test_vfm_checkpoint_round_trip(tmp_path):
 
 
 def test_miniature_end_to_end(tmp_path):
-    out = tmp_path / "toy"
+    out, threads = tmp_path / "toy", torch.get_num_threads()
     res = toy.main(["--out-dir", str(out), *TINY])
+    assert torch.get_num_threads() == threads  # the VFM trains on one thread (as every run), then the caller's count
     saved = json.loads((out / "results.json").read_text())
     assert KEYS <= saved.keys() and KEYS <= res.keys()
     for k in KEYS:
