@@ -56,9 +56,11 @@ def nearest_code(z, codes, chunk=4096):
 
 
 def _entropy_parts(z, codes, temperature):
-    # logits −‖z − c‖²/T without the per-row ‖z‖²/T, which softmax ignores; one fused op for the N×K matrix
-    logp = torch.addmm(codes.pow(2).sum(-1) / -temperature, z, codes.t(), alpha=2 / temperature).log_softmax(-1)
-    p = logp.exp()
+    # logits −‖z − c‖²/T without the per-row ‖z‖²/T, which softmax ignores; one fused op for the N×K matrix.
+    # p by its own softmax, as the official code: exp(logp) of log-probabilities far below −87 takes the CPU's
+    # ~20× slower underflow path (T = 0.01 puts most of them there)
+    logits = torch.addmm(codes.pow(2).sum(-1) / -temperature, z, codes.t(), alpha=2 / temperature)
+    logp, p = logits.log_softmax(-1), logits.softmax(-1)
     return -torch.vdot(p.flatten(), logp.flatten()), p.sum(0)
 
 
