@@ -319,7 +319,7 @@ def main(argv=None):
     p.add_argument("--probe-images", type=int, default=2000, help="images of the colour probe (half fit, half test)")
     p.add_argument("--train-images", type=int, default=4096)
     p.add_argument("--test-images", type=int, default=1000, help="held-out images for PSNR / SSIM / FD")
-    p.add_argument("--tok-epochs", type=int, default=6, help="epochs of every tokenizer run")
+    p.add_argument("--tok-epochs", type=int, default=12, help="epochs of every tokenizer run")
     p.add_argument("--gen-epochs", type=int, default=5,
                    help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
     p.add_argument("--batch", type=int, default=64)
