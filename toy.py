@@ -10,7 +10,7 @@ commands (written to <out-dir>/commands.sh; two at a time, one per core) and is 
 PSNR / SSIM / Fréchet distance in the toy VFM's feature space, and by the toy VFM's classifier on reconstructions
 and on class-conditional samples.
 
-    python toy.py                 # everything, ~12 min on 2 CPU cores; table + runs/toy/results.json
+    python toy.py                 # everything, ~14 min on 2 CPU cores; table + runs/toy/results.json
 """
 import argparse
 import json
