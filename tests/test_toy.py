@@ -61,7 +61,7 @@ def test_a_failed_run_stops_the_pipeline(tmp_path):
 
 @pytest.mark.slow
 def test_full_run(tmp_path):
-    """The README's main job (~12 min): the papers' ordering, the colour premise, DiT-DH samples above chance."""
+    """The README's main job (~14 min): the papers' ordering, the colour premise, DiT-DH samples above chance."""
     r = toy.main(["--out-dir", str(tmp_path / "toy")])
     assert r["rae"]["psnr"] < r["drorae_p2"]["psnr"] < r["drorae_p3"]["psnr"]
     assert r["decq"]["psnr"] > r["rae"]["psnr"] and r["ideal"]["psnr"] > r["ideal_deep_only"]["psnr"]
