@@ -2,16 +2,13 @@
 
 Sequence = [class token, code_0, …, code_{N−2}] → logits for code_0 … code_{N−1}. Llama blocks (RMSNorm,
 SwiGLU, no biases), 2-D RoPE on the image tokens, a class-embedding table with a null row for
-classifier-free guidance. Sampling: KV cache, temperature, top-k, top-p, CFG on logits.
-Also here: extraction of codes with a frozen tokenizer into shards, and the dataset reading them.
+classifier-free guidance. Sampling: KV cache, temperature, top-k, top-p, CFG on logits. Training reads the codes
+of a frozen Ideal tokenizer from the latent cache (data.LatentCache) or encodes images on the fly (train.py).
 """
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from model import Attention, RMSNorm, SwiGLU, apply_rope, rope_2d
 
@@ -174,59 +171,3 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # u = 0 would give −inf
     return (logits + gumbel).argmax(dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pre-extracted code shards
-# ----------------------------------------------------------------------------------------------------
-
-
-def save_code_shard(stem, codes, labels):
-    """Write `stem`.codes.npy (M, N) (int16 when the indices fit, else int32) and `stem`.labels.npy (M,) int64."""
-    codes = codes.cpu().numpy()
-    codes = codes.astype(np.int16 if codes.max(initial=0) < 2**15 else np.int32)
-    np.save(f"{stem}.codes.npy", codes)
-    np.save(f"{stem}.labels.npy", labels.cpu().numpy().astype(np.int64))
-
-
-@torch.no_grad()
-def extract_codes(tokenizer, loader, out_dir, flip=True, shard_size=100_000, prefix="shard"):
-    """Encode every (x01, label) batch of `loader` (centre-cropped images) with `tokenizer.encode` → (B, N)
-    indices; with flip the horizontal mirror is a separate entry (LlamaGen/Ideal: centre crop + flip).
-    Writes shards `prefix`00000.codes.npy / .labels.npy of about `shard_size` entries to out_dir (use a
-    per-rank prefix when ranks extract disjoint parts). Puts the tokenizer in eval mode."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tokenizer.eval()
-    device = next(tokenizer.parameters()).device
-    codes, labels, count, shard = [], [], 0, 0
-    for x, y in tqdm(loader, desc="extract codes"):
-        x = x.to(device)
-        for view in ([x, x.flip(-1)] if flip else [x]):
-            codes.append(tokenizer.encode(view).to("cpu", torch.int32))
-            labels.append(y)
-            count += len(y)
-        if count >= shard_size:
-            save_code_shard(Path(out_dir) / f"{prefix}{shard:05d}", torch.cat(codes), torch.cat(labels))
-            codes, labels, count, shard = [], [], 0, shard + 1
-    if codes:
-        save_code_shard(Path(out_dir) / f"{prefix}{shard:05d}", torch.cat(codes), torch.cat(labels))
-
-
-class CodeShards(torch.utils.data.Dataset):
-    """All `*.codes.npy` / `*.labels.npy` shards in a directory (memory-mapped) → (codes LongTensor (N,), label)."""
-
-    def __init__(self, root):
-        files = sorted(Path(root).glob("*.codes.npy"))
-        if not files:
-            raise ValueError(f"{root}: no *.codes.npy shards found (extract codes first)")
-        self.codes = [np.load(f, mmap_mode="r") for f in files]
-        self.labels = [np.load(str(f)[: -len(".codes.npy")] + ".labels.npy") for f in files]
-        self.offsets = np.cumsum([0] + [len(c) for c in self.codes])
-
-    def __len__(self):
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i):
-        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        j = i - self.offsets[s]
-        return torch.from_numpy(self.codes[s][j].astype(np.int64)), int(self.labels[s][j])

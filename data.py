@@ -1,4 +1,5 @@
-"""Image data: an ImageNet-style folder dataset, the ADM centre crop, a resumable (distributed) loader, PNG grids.
+"""Image data: an ImageNet-style folder dataset, the ADM centre crop, a resumable (distributed) loader, the latent
+cache of a frozen tokenizer, the process-group set-up, 8-bit conversion and PNG grids.
 
 Randomness (crop offsets, flips) never touches the global RNG: every sample gets its own numpy generator keyed by
 (seed, epoch, global position in the epoch), so data are identical across worker counts, world sizes and resumes.
@@ -14,6 +15,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.utils import save_image
+from tqdm import tqdm
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -139,6 +141,90 @@ def make_loader(dataset, batch_size, shuffle=True, seed=0, drop_last=True, num_w
     epoch being resumed call `loader.set_epoch(epoch, skip_batches=step % steps_per_epoch)`, later epochs
     `loader.set_epoch(epoch)`. `loader.skipped` counts unreadable images replaced on this rank."""
     return Loader(dataset, batch_size, shuffle, seed, drop_last, num_workers, distributed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The latent cache: a training set encoded once by a frozen tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+class LatentCache(Dataset):
+    """The training set encoded once (each centre crop and its mirror: entries 2i, 2i + 1) by a frozen tokenizer:
+    `latents.npy` (fp16 normalised tokens, or int codes) and `labels.npy`, memory-mapped. Items follow ImageFolder's
+    (index, key) protocol: (tokens or codes, label, 0)."""
+
+    def __init__(self, root, images):
+        self.root, self.n = Path(root), 2 * len(images)
+
+    def __len__(self):
+        return self.n
+
+    def __getstate__(self):  # never pickle the memory maps (workers reopen them)
+        return {k: v for k, v in self.__dict__.items() if k not in ("z", "y")}
+
+    def __getitem__(self, item):
+        if not hasattr(self, "z"):  # opened lazily: the cache may be filled after this object is made
+            self.z, self.y = np.load(self.root / "latents.npy", mmap_mode="r"), np.load(self.root / "labels.npy")
+        i = item[0] if isinstance(item, tuple) else item
+        z = torch.from_numpy(np.array(self.z[i]))
+        return (z.long() if z.dtype in (torch.int16, torch.int32) else z.float()), int(self.y[i]), 0
+
+
+@torch.no_grad()
+def fill_cache(root, encode, images, batch_size, num_workers, device):
+    """Encode every image of `images` (an ImageFolder of centre crops) and its mirror with `encode` into `root`;
+    under torch.distributed the ranks write interleaved rows of one memmap. `labels.npy` is written last: it marks
+    the cache complete."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    loader = make_loader(images, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+    loader.set_epoch(0)
+    order = iter([i for i, _ in loader.sampler])
+    probe = encode(images[0][0][None].to(device))[0].cpu()
+    dtype = np.float16 if probe.is_floating_point() else np.int16 if probe.max() < 2**15 else np.int32
+    path = Path(root) / "latents.npy"
+    rank = dist.get_rank() if world > 1 else 0
+    if rank == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(path, "w+", dtype, (2 * len(images), *probe.shape)).flush()
+    if world > 1:
+        dist.barrier()
+    z = np.load(path, mmap_mode="r+")
+    for x, _ in tqdm(loader, desc="latent cache", disable=rank != 0):
+        rows = [next(order) for _ in range(len(x))]
+        x = x.to(device)
+        for flip, view in enumerate((x, x.flip(-1))):
+            z[[2 * i + flip for i in rows]] = encode(view).cpu().numpy().astype(dtype)
+    z.flush()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        np.save(Path(root) / "labels.npy", np.repeat([label for _, label in images.samples], 2))
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes and images
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device=None):
+    """(rank, world size, device). Under torchrun: one process per device, the process group made once (NCCL on
+    CUDA, gloo on CPU); otherwise a single process (or the group the caller already made)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ and not dist.is_initialized():
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def to_uint8(x01):
+    """Images (B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and ADM .npz files hold them."""
+    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def save_image_grid(x01, path, nrow=8):

@@ -3,7 +3,8 @@
 Read top to bottom: (1) the network, with presets and the loader for the released RAE checkpoints,
 (2) flow matching in RAE's convention (t = 0 data, t = 1 noise, dimension-dependent shift),
 (3) Euler / Heun samplers with CFG or AutoGuidance inside a t-interval.
-DecQ joint denoising (SPEC §6): optional query tokens (B, Q, C) that ride along with the patches.
+DecQ joint denoising: optional query tokens (B, Q, C) that ride along with the patches; a tokenizer's latent
+tokens (B, h·w [+ Q], C) become the network's state by `from_tokens` and come back by `to_tokens`.
 """
 import math
 
@@ -218,6 +219,21 @@ def load_rae_dit(path_or_state_dict, num_heads=None):
             if theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours, atol=1e-5):
                 raise ValueError(f"load_rae_dit: {name}.{table} does not match the 2-D RoPE this model computes")
     return load_strict(model, sd, "RAE DiT-DH" + ("" if isinstance(src, dict) else f" from {src}"))
+
+
+def from_tokens(z, size):
+    """Latent tokens (B, size² [+ Q], C), as a tokenizer encodes them → DiT-DH's state: (patches (B, C, size, size),)
+    or (patches, DecQ queries (B, Q, C)); views, no copy."""
+    n = size * size
+    x = z[:, :n].transpose(1, 2).unflatten(2, (size, size))
+    return (x, z[:, n:]) if z.shape[1] > n else (x,)
+
+
+def to_tokens(state):
+    """DiT-DH's state (patches (B, C, h, w) [, queries (B, Q, C)]), or patches alone → latent tokens
+    (B, h·w [+ Q], C), as a tokenizer decodes them."""
+    state = state if isinstance(state, tuple) else (state,)
+    return torch.cat([state[0].flatten(2).transpose(1, 2), *state[1:]], 1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+import checkpoint
 import data
 import model
 from losses import LPIPS, LPIPS_VGG_URL, VGG16_URL, load_weights
@@ -468,13 +469,7 @@ def main(argv=None):
 
 
 def run(args):
-    device = torch.device(args.device)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = data.setup_distributed(args.device)[2]
     samples = open_images(args.samples) if args.samples else None  # bad input fails before any download
     net = InceptionFeatures(args.inception_weights, args.preprocess).to(device)
     dino = DINOv2Features(args.dinov2_weights).to(device) if args.fd_dinov2 else None
@@ -506,13 +501,9 @@ def run(args):
 
 def reconstruct(args, features, device):
     """rFID (reconstructions vs the same ADM centre crops), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
-    import train
-    ck = train.load_checkpoint(args.tokenizer, expect_kind="tokenizer")
-    tok = model.build_tokenizer(ck["config"], **{k: None for k in ("encoder_weights", "decoder_weights") if k in ck["config"]})
-    load_strict(tok, ck["ema"], f"{ck['path']} ema")
-    tok.to(device).eval()
+    tok = checkpoint.load_tokenizer(args.tokenizer, device)
     lp = LPIPS(args.lpips_vgg, args.lpips_lin).to(device)
-    codebook = tok.quantizer.codebook.shape[0] if tok.method == "ideal" else None
+    codebook = tok.num_codes
     size = tok.config["image_size"]
     images = FolderImages(args.data_path, partial(data.center_crop_arr, image_size=size))
     rank = rank_world()[0]
@@ -522,7 +513,7 @@ def reconstruct(args, features, device):
         x = torch.from_numpy(x).to(device)
         with torch.inference_mode():
             z = tok.encode(x.permute(0, 3, 1, 2).float() / 255)
-            r = (tok.decode(z).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            r = data.to_uint8(tok.decode(z))
         fr, fx = features(r), features(x)
         out = dict(pool=fr["pool"], ref_pool=fx["pool"], psnr=psnr(x, r), ssim=ssim(x, r, args.ssim), lpips=lpips(x, r, lp))
         if "dino" in fr:

@@ -6,12 +6,8 @@ aggregation, Eq. 5 incremental correction, Eq. 6 training loss); the stored text
 is anchored on the text's "Eq. 6" for the loss.
 
 Read top to bottom: (1) the equations, (2) the fusion module, (3) the DRoRAE tokenizer and its three training
-phases, (4) routing-map images, (5) the capacity scaling study (`python fusion.py --scaling`).
+phases, (4) routing-map images. The capacity scaling study (§4.4) is `python experiments.py drorae-scaling`.
 """
-import argparse
-import json
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -92,6 +88,7 @@ class DRoRAE(model.RAE):
     is on is kept in `config["fuse"]`, so a checkpoint's config rebuilds the tokenizer of its phase."""
 
     method = "drorae"
+    phases = {"1": ("decoder",), "2": ("fusion",), "3": ("decoder",)}
 
     def __init__(self, fusion_hidden=None, fusion_layers=None, beta=0.2, route_eps=1e-6, smoothness=0.0, fuse=True,
                  **rae):
@@ -125,12 +122,10 @@ class DRoRAE(model.RAE):
         return self.to01(self.decoder(z)), aux
 
     def set_phase(self, phase):
-        """Exactly the tensors of the phase are trainable: "1" and "3" the decoder, "2" the fusion module."""
-        if phase not in ("1", "2", "3"):
-            raise ValueError(f"DRoRAE has phases '1', '2', '3', got '{phase}'")
+        """Exactly the tensors of the phase are trainable (`phases`: "1" and "3" the decoder, "2" the fusion
+        module); the fusion is bypassed in phase 1."""
+        super().set_phase(phase)
         self.fuse = self.config["fuse"] = phase != "1"
-        self.requires_grad_(False)
-        (self.fusion if phase == "2" else self.decoder).requires_grad_(True)
 
     def last_layer(self):
         """The weight of λ_adapt (the GAN's adaptive weight): the decoder's last linear, or in phase 2, where the
@@ -166,127 +161,3 @@ def save_routing_maps(tok, x01, path):
     tiles = diverging(tiles).unflatten(0, (B, L))
     grid = torch.cat([x01.detach().float().cpu().clamp(0, 1)[:, None], tiles], dim=1).flatten(0, 1)
     save_image(grid, path, nrow=L + 1, padding=2, pad_value=0.5)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Scaling study: reconstruction vs fusion capacity (DRoRAE §4.4, log-linear, R² = 0.86 for rFID)
-# ----------------------------------------------------------------------------------------------------
-
-
-def spread_layers(depth, n):
-    """n block indices spread evenly over the depth, always including the last block (n = depth: all)."""
-    return sorted({round(depth - 1 - i * (depth - 1) / max(n - 1, 1)) for i in range(n)})
-
-
-def fusion_params(dim, hidden, n):
-    """Parameters of a fusion module with n experts dim→hidden→dim and an (n·dim → n) router."""
-    return n * (2 * dim * hidden + hidden + dim) + n * n * dim + n
-
-
-def fit_log_linear(capacity, metric):
-    """Least-squares fit metric = a + b·log(capacity); returns a, b and R²."""
-    x = torch.tensor(capacity, dtype=torch.float64).log()
-    y = torch.tensor(metric, dtype=torch.float64)
-    a, b = torch.linalg.lstsq(torch.stack([torch.ones_like(x), x], 1), y[:, None]).solution.flatten().tolist()
-    r2 = 1 - ((y - a - b * x) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-300)
-    return a, b, r2.item()
-
-
-def scaling_table(rows, metrics):
-    """Print the grid (one row per run: hidden, layers, params, metrics) and a log-linear fit per metric over
-    all runs, over expert width at the largest layer count and over layer count at the largest width."""
-    names = ["hidden", "layers", "params"] + metrics
-    print(" ".join(f"{n:>10}" for n in names))
-    for r in rows:
-        print(" ".join(f"{r[n]:>10.4g}" if isinstance(r[n], float) else f"{str(r[n]):>10}" for n in names))
-    axes = {"all": rows,
-            "width": [r for r in rows if r["layers"] == max(q["layers"] for q in rows)],
-            "layers": [r for r in rows if r["hidden"] == max(q["hidden"] for q in rows)]}
-    fits = {}
-    for m in metrics:
-        for axis, rs in axes.items():
-            if len({r["params"] for r in rs}) > 1 and all(r[m] is not None for r in rs):
-                a, b, r2 = fit_log_linear([r["params"] for r in rs], [r[m] for r in rs])
-                fits[f"{m}/{axis}"] = dict(a=a, b=b, r2=r2, n=len(rs))
-                print(f"{m:>6} vs log(params), {axis:>6} ({len(rs)} runs): {m} = {a:.4g} + {b:.4g}·log(params), R² = {r2:.3f}")
-    return fits
-
-
-def reconstruction_metrics(run, args):
-    """rFID and PSNR of a run's EMA tokenizer on the held-out folder through evaluate.py; where its Inception
-    (or LPIPS) weights are unavailable, PSNR alone (evaluate.psnr on 8-bit images, ADM centre crops)."""
-    import data
-    import evaluate
-    import train
-
-    try:
-        res = evaluate.main(["--tokenizer", run, "--data-path", args.eval_path, "--device", args.device,
-                             "--batch-size", str(args.batch), "--out", f"{run}/eval.json", *args.eval_args])
-        return dict(psnr=res["PSNR"], rfid=res["rFID"])
-    except SystemExit as e:
-        print(f"{run}: no rFID ({e}); PSNR only")
-    ck = train.load_checkpoint(run, "tokenizer", "drorae")
-    tok = model.build_tokenizer(ck["config"], encoder_weights=None, decoder_weights=None)
-    model.load_strict(tok, ck["ema"], f"{run} ema")
-    tok.to(args.device).eval()
-    images = data.ImageFolder(args.eval_path, tok.config["image_size"])
-    u8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()  # noqa: E731
-    psnr = []
-    for s in range(0, len(images), args.batch):
-        x = torch.stack([images[i][0] for i in range(s, min(s + args.batch, len(images)))]).to(args.device)
-        with torch.no_grad():
-            psnr.append(evaluate.psnr(u8(x), u8(tok.decode(tok.encode(x)))))
-    return dict(psnr=torch.cat(psnr).mean().item(), rfid=None)
-
-
-def scaling(argv=None):
-    """Phase 2 (fusion only) for every (expert width × number of fused blocks) from the same phase-1 weights at
-    the same step budget, through train.py; reconstruction on a held-out folder; fit metric = a + b·log(fusion
-    parameters); print the table with R². Extra flags go to train.py (e.g. --preset tiny), --eval-args to
-    evaluate.py (e.g. --inception-weights PATH)."""
-    import train
-
-    p = argparse.ArgumentParser(description="DRoRAE capacity scaling study (phase-2 grid)")
-    p.add_argument("--scaling", action="store_true", required=True)
-    p.add_argument("--init-from", required=True, help="phase-1 checkpoint (rae or drorae)")
-    p.add_argument("--data-path", required=True, help="training ImageFolder")
-    p.add_argument("--eval-path", required=True, help="held-out ImageFolder")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--widths", type=int, nargs="+", default=[384, 768, 1536, 3072], help="expert hidden widths")
-    p.add_argument("--layer-counts", type=int, nargs="+", default=[3, 6, 12], help="numbers of fused blocks")
-    p.add_argument("--max-steps", type=int, default=5000, help="phase-2 budget of every run")
-    p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[], help="flags for evaluate.py (last)")
-    args, train_args = p.parse_known_args(argv)
-
-    ck = train.load_checkpoint(args.init_from, "tokenizer", ("rae", "drorae"), "1")
-    depth = 1 + max(int(k.split(".")[2]) for k in ck["ema"] if k.startswith("encoder.blocks."))
-    dim = ck["ema"]["decoder.decoder_embed.weight"].shape[1]
-    rows = []
-    for hidden in args.widths:
-        for count in args.layer_counts:
-            run = os.path.join(args.out_dir, f"h{hidden}-l{count}")
-            if not os.path.exists(os.path.join(run, "ckpt-last.pt")):
-                # this grid point's phase-1 checkpoint: the shared phase-1 weights + a fresh fusion of its size
-                tok = model.build_tokenizer(dict(ck["config"], method="drorae", fusion_hidden=hidden,
-                                                 fusion_layers=spread_layers(depth, count)),
-                                            encoder_weights=None, decoder_weights=None)
-                shared = {k: v for k, v in ck["ema"].items() if not k.startswith("fusion.")}
-                model.load_strict(tok, {**tok.state_dict(), **shared}, f"{ck['path']} ema")
-                os.makedirs(run, exist_ok=True)
-                train.save_checkpoint(f"{run}/init.pt", kind="tokenizer", method="drorae", phase="1",
-                                      config=tok.config, model=tok.state_dict(), ema=tok.state_dict())
-                train.main(["--method", "drorae", "--phase", "2", "--init-from", f"{run}/init.pt", "--data-path",
-                            args.data_path, "--out-dir", run, "--max-steps", str(args.max_steps), "--device",
-                            args.device, *train_args])
-            rows.append(dict(hidden=hidden, layers=count, params=fusion_params(dim, hidden, count),
-                             **reconstruction_metrics(run, args)))
-    fits = scaling_table(rows, ["psnr", "rfid"])
-    with open(os.path.join(args.out_dir, "scaling.json"), "w") as f:
-        json.dump(dict(rows=rows, fits=fits), f, indent=1)
-    return rows, fits
-
-
-if __name__ == "__main__":
-    scaling()

@@ -11,12 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DINOv2, load_strict, read_state_dict
+from model import IMAGENET_MEAN, IMAGENET_STD, DINOv2, load_strict, read_state_dict
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision ImageNet VGG16
 LPIPS_VGG_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 DINO_S8_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_weights(src, what):

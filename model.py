@@ -4,8 +4,8 @@ the RAE ViT pixel decoder and the RAE tokenizer.
 Read top to bottom: (1) building blocks, (2) DINOv2, (3) ViT decoder, (4) RAE tokenizer.
 Every other file (fusion.py, queries.py, vq.py, dit.py, ar.py, losses.py, evaluate.py) builds on the
 blocks here: one Attention, one Mlp, one SwiGLU, one RMSNorm, one Block, one sin-cos and one RoPE.
+This file imports no other file of the project: it knows no method and no generator.
 """
-import importlib
 import itertools
 import math
 import os
@@ -457,13 +457,14 @@ class ViTDecoder(nn.Module):
     """Latent tokens (B, h·w, C) → image (B, 3, h·p, w·p) in ImageNet-normalised space.
     Linear embed, zero-init learned cls, fixed sin-cos positions (cls slot zero; a buffer loaded from the
     released checkpoint), pre-LN blocks (LN eps 1e-12, no LayerScale), final LN, Linear to p·p·3, drop cls,
-    unpatchify. With num_queries > 0 (DecQ §6) query tokens get their own embed and a learned position and
-    join the self-attention; only patch outputs are decoded. num_queries=0 is exactly the RAE decoder."""
+    unpatchify. With num_queries > 0 (DecQ Eq. 5) the latent may carry Q query tokens after the h·w patch tokens;
+    they get their own embed and a learned position and join the self-attention; only patch outputs are decoded.
+    Given only the h·w patch tokens (or num_queries=0) it is exactly the RAE decoder."""
 
     def __init__(self, latent_dim=768, dim=1152, depth=28, num_heads=16, mlp_hidden=4096, patch_size=16, grid=16,
                  num_queries=0):
         super().__init__()
-        self.patch_size, self.grid = patch_size, grid
+        self.patch_size, self.grid, self.num_queries = patch_size, grid, num_queries
         self.decoder_embed = nn.Linear(latent_dim, dim)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(dim, grid, cls_token=True)[None])
@@ -475,11 +476,13 @@ class ViTDecoder(nn.Module):
             self.query_embed = nn.Linear(latent_dim, dim)
             self.query_pos_embed = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
 
-    def forward(self, z, queries=None):
-        B, N, _ = z.shape
-        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), self.decoder_embed(z)], 1) + self.decoder_pos_embed
-        if queries is not None:
-            x = torch.cat([x, self.query_embed(queries) + self.query_pos_embed], dim=1)
+    def forward(self, z):
+        """z: latent tokens (B, h·w [+ Q], C), patches row-major, then DecQ's queries."""
+        B, N = z.shape[0], self.grid * self.grid
+        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), self.decoder_embed(z[:, :N])], 1)
+        x = x + self.decoder_pos_embed
+        if z.shape[1] > N:
+            x = torch.cat([x, self.query_embed(z[:, N:]) + self.query_pos_embed], dim=1)
         for blk in self.blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x[:, 1:1 + N]))  # per-token ops: slicing first is exact
@@ -552,8 +555,19 @@ def load_rae_decoder(src, num_heads=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder; SPEC §2)
+# 4. The tokenizer contract and the RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder)
 # ----------------------------------------------------------------------------------------------------
+# Every tokenizer (RAE here; DRoRAE in fusion.py, DecQ in queries.py, Ideal in vq.py) is an RAE subclass with:
+#   encoder_features(x01) → every frozen encoder block's patch tokens (B, h·w, C) from one pass;
+#   latent(feats)         → the raw latent tokens (B, h·w [+ num_queries], C): what the method changes;
+#   encode(x01)           → the generator's input: normalised latent tokens, or code indices (B, h·w) when
+#                           `num_codes` is set (a discrete tokenizer; then decode takes the indices);
+#   decode(z)             → image in [0, 1] space, unclamped; forward(x01) → (recon01, aux losses) for training;
+#   num_queries           → tokens after the h·w patch tokens (DecQ's queries; 0 otherwise);
+#   num_codes             → None for continuous tokens, else the codebook size: the generator is then the AR
+#                           GPT instead of DiT-DH, the latent cache holds integers and evaluation counts codes;
+#   phases / set_phase    → which submodules each training phase trains (a table per class);
+#   last_layer()          → the weight of the GAN's adaptive weight; config → the constructor's keywords + method.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -571,6 +585,8 @@ class RAE(nn.Module):
     encoder (encoder_weights=None) is seeded with 0, so rebuilding from `config` gives the same encoder."""
 
     method = "rae"
+    num_queries, num_codes = 0, None  # continuous patch tokens only (see the contract above)
+    phases = {"1": ("decoder",)}  # phase → the submodules it trains; the encoder is always frozen
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
                  image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform", num_queries=0):
@@ -658,11 +674,16 @@ class RAE(nn.Module):
         return self.to01(self.decoder(z)), {}
 
     def set_phase(self, phase):
-        """RAE has one phase: "1" trains the decoder; the encoder is always frozen."""
-        if phase != "1":
-            raise ValueError(f"RAE has only phase '1', got '{phase}'")
+        """Exactly the submodules of `phase` in the class's `phases` table become trainable (RAE: "1" = the
+        decoder); everything else, the encoder always, is frozen."""
+        if phase not in self.phases:
+            valid = ", ".join(f"'{p}'" for p in self.phases)
+            has = f"only phase {valid}" if len(self.phases) == 1 else f"phases {valid}"
+            raise ValueError(f"{type(self).__name__} has {has}, got '{phase}'")
         self.requires_grad_(False)
-        self.decoder.requires_grad_(True)
+        for name in self.phases[phase]:
+            if getattr(self, name) is not None:  # an optional module (Ideal without AttnFuse)
+                getattr(self, name).requires_grad_(True)
 
     def last_layer(self):
         return self.decoder.decoder_pred.weight
@@ -673,15 +694,13 @@ def compute_latent_stats(tokenizer, loader, max_batches=None):
     """Exact per-element mean and population variance of the raw latents (B, h·w, C) over a loader of images
     (or (images, labels) batches), streamed in float64 and summed over ranks when torch.distributed is
     initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w];
-    for a (patch, query) latent (DecQ) also {"query_mean", "query_var"} as [Q, C]."""
+    with query tokens (DecQ) also {"query_mean", "query_var"} as [Q, C]."""
     device, s1, s2, n = tokenizer.pixel_mean.device, 0.0, 0.0, 0
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
     for batch in tqdm(batches, desc="latent stats", disable=not rank0, total=max_batches):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        z = tokenizer.latent(tokenizer.encoder_features(x.to(device)))
-        parts = z if isinstance(z, tuple) else (z,)
-        z = torch.cat(parts, 1).double()
+        z = tokenizer.latent(tokenizer.encoder_features(x.to(device))).double()
         s1, s2, n = s1 + z.sum(0), s2 + (z * z).sum(0), n + z.shape[0]
     if dist.is_available() and dist.is_initialized():
         total = torch.stack([s1, s2, torch.full_like(s1, n)])
@@ -689,11 +708,11 @@ def compute_latent_stats(tokenizer, loader, max_batches=None):
         s1, s2, n = total[0], total[1], total[2]
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0)
-    N = parts[0].shape[1]
+    N = len(mean) - tokenizer.num_queries
     h = math.isqrt(N)
     grid = lambda t: t[:N].T.reshape(-1, h, h).float().cpu()  # (h·w, C) → [C, h, w]
     stats = {"mean": grid(mean), "var": grid(var)}
-    if len(parts) > 1:
+    if tokenizer.num_queries:
         stats.update(query_mean=mean[N:].float().cpu(), query_var=var[N:].float().cpu())
     return stats
 
@@ -710,22 +729,3 @@ def load_stats(path):
     if not isinstance(stats, dict) or "var" not in stats:
         raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
     return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}
-
-
-TOKENIZERS = {"drorae": ("fusion", "DRoRAE"), "decq": ("queries", "DecQ"),
-              "ideal": ("vq", "Ideal")}
-
-
-def build_tokenizer(config, **overrides):
-    """Rebuild a tokenizer from its `config` dict (or a TOKENIZER_PRESETS name), with overrides, e.g.
-    decoder_weights=None when a checkpoint's state dict will be loaded next. Convention: every tokenizer class
-    takes its config minus "method" as keyword arguments, `Class(**kwargs)`, and stores the full dict
-    (with "method") as `self.config`."""
-    config = {**(TOKENIZER_PRESETS[config] if isinstance(config, str) else config), **overrides}
-    method = config.pop("method", None)
-    if method == "rae":
-        return RAE(**config)
-    if method not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer method '{method}': expected rae or one of {sorted(TOKENIZERS)}")
-    module, name = TOKENIZERS[method]
-    return getattr(importlib.import_module(module), name)(**config)

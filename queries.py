@@ -5,7 +5,8 @@ cross-attention "condensers"; the patch latent stays exactly the RAE latent (pat
 and the decoder reads patches and queries together. Equation numbers follow §3 of the paper (Eq. 3 cross-attention,
 Eq. 4 condenser, Eq. 5 decoder input, Eq. 6–7 generation; reconstructed, the stored text lost the displays).
 
-Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer.
+Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer. Training and noise augmentation are
+RAE's (one σ per sample over patches and queries), on the longer token sequence.
 """
 import torch
 import torch.nn as nn
@@ -59,17 +60,20 @@ class DetailQueries(nn.Module):
 
 
 class DecQ(model.RAE):
-    """RAE plus detail-condensing queries (method "decq"). The latent is a pair (patch (B, N, C), queries
-    (B, Q, C)): the patch part is exactly the RAE latent; each part has its own statistics. The decoder reads
-    both (DecQ Eq. 5: separate input projections, sin-cos positions for patches, learned ones for queries) and
-    decodes the patch outputs. One phase, "1": queries, condensers and decoder train together. Defaults: the
-    condensers read every quarter of the depth (blocks 0, 3, 6, 9 of DINOv2-B), 12 heads of 64 on width 768."""
+    """RAE plus detail-condensing queries (method "decq"). The latent is one token sequence (B, N + Q, C): the N
+    patch tokens are exactly the RAE latent, the Q query tokens follow (`num_queries`); each part has its own
+    statistics. The decoder reads both (DecQ Eq. 5: separate input projections, sin-cos positions for patches,
+    learned ones for queries) and decodes the patch outputs. One phase, "1": queries, condensers and decoder train
+    together. Defaults: the condensers read every quarter of the depth (blocks 0, 3, 6, 9 of DINOv2-B), 12 heads
+    of 64 on width 768."""
 
     method = "decq"
+    phases = {"1": ("condenser", "decoder")}
 
     def __init__(self, num_queries=8, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
         super().__init__(num_queries=num_queries, **rae)  # the decoder takes the query tokens too
         C, depth = self.encoder.embed_dim, len(self.encoder.blocks)
+        self.num_queries = num_queries
         self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
                            query_mlp_ratio=query_mlp_ratio)
         query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
@@ -83,8 +87,13 @@ class DecQ(model.RAE):
         self.set_phase("1")
 
     def latent(self, feats):
-        """(RAE latent LN₀(h_L), untouched; query latent from the condensers)."""
-        return super().latent(feats), self.condenser(feats)
+        """[RAE latent LN₀(h_L), untouched | query latent from the condensers] along the token axis."""
+        return torch.cat([super().latent(feats), self.condenser(feats)], 1)
+
+    def split(self, z):
+        """Latent tokens (B, N + Q, C) → patch tokens (B, N, C), query tokens (B, Q, C) (views)."""
+        n = self.decoder.grid ** 2
+        return z[:, :n], z[:, n:]
 
     def set_stats(self, stats):
         """Patch statistics as RAE ("mean", "var": [C, h, w]); query statistics "query_mean", "query_var" of
@@ -95,32 +104,13 @@ class DecQ(model.RAE):
         self.query_mean, self.query_var = (stats["query_mean"].float().to(dev), stats["query_var"].float().to(dev)) if q else (None, None)
 
     def normalize(self, z):
-        p, q = z
+        p, q = self.split(z)
         if self.query_var is not None:
             q = (q - self.query_mean) / torch.sqrt(self.query_var + 1e-5)
-        return super().normalize(p), q
+        return torch.cat([super().normalize(p), q], 1)
 
     def denormalize(self, z):
-        p, q = z
+        p, q = self.split(z)
         if self.query_var is not None:
             q = q * torch.sqrt(self.query_var + 1e-5) + self.query_mean
-        return super().denormalize(p), q
-
-    def decode(self, z):
-        p, q = self.denormalize(z)
-        return self.to01(self.decoder(p, queries=q))
-
-    def forward(self, x01):
-        """Training path → (recon01, {}); noise augmentation with one σ per sample over patches and queries."""
-        p, q = self.latent(self.encoder_features(x01))
-        if self.training and self.noise_tau > 0:
-            p, q = self.add_noise(torch.cat([p, q], 1)).split([p.shape[1], q.shape[1]], 1)
-        return self.to01(self.decoder(p, queries=q)), {}
-
-    def set_phase(self, phase):
-        """DecQ has one phase: "1" trains queries, condensers and decoder; the encoder is always frozen."""
-        if phase != "1":
-            raise ValueError(f"DecQ has only phase '1', got '{phase}'")
-        self.requires_grad_(False)
-        self.condenser.requires_grad_(True)
-        self.decoder.requires_grad_(True)
+        return torch.cat([super().denormalize(p), q], 1)

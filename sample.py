@@ -25,10 +25,9 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-import ar
+import checkpoint
+import data
 import dit
-import model
-import train
 
 
 def parse_args(argv=None):
@@ -53,23 +52,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def load_generator(path, device):
-    """(network, checkpoint) with its EMA weights: the AR GPT for Ideal codes, else DiT-DH."""
-    ck = train.load_checkpoint(path, expect_kind="generator")
-    net = (ar.GPT if ck["method"] == "ideal" else dit.DiTDH)(**ck["config"])
-    net = model.load_strict(net, ck["ema"], f"generator {ck['path']}")
-    return net.to(device).eval().requires_grad_(False), ck
-
-
-def load_tokenizer(ck, device):
-    """The generator's frozen tokenizer (weights from its checkpoint) with the generator's latent statistics."""
-    tck = train.load_checkpoint(ck["tokenizer"]["path"], expect_kind="tokenizer")
-    tok = model.build_tokenizer(tck["config"], encoder_weights=None, decoder_weights=None)
-    model.load_strict(tok, tck["ema"], f"tokenizer {tck['path']}")
-    tok.set_stats(ck["stats"])
-    return tok.to(device).eval().requires_grad_(False)
-
-
 def noise_for(index, seed, net):
     """Noise of sample `index`: patches (C, h, w) [+ DecQ queries (Q, C)] from a generator seeded by (seed, index)."""
     g = torch.Generator().manual_seed(seed * 2**32 + index)
@@ -82,24 +64,22 @@ def noise_for(index, seed, net):
 def generate(net, tok, indices, labels, args, guide=None):
     """uint8 images (B, H, W, 3) for the given sample indices and labels."""
     device = labels.device
-    if isinstance(net, ar.GPT):
+    if tok.num_codes:  # the AR GPT over codes
         gens = [torch.Generator(device).manual_seed(args.seed * 2**32 + i) for i in indices]
-        codes = net.generate(labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             cfg_scale=args.scale, generator=gens)
-        return (tok.decode(codes).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
-    out = dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
-                     interval=tuple(args.interval), guide=guide)
-    latent = out[0].flatten(2).transpose(1, 2)  # (B, h·w, C) tokens, row-major
-    img = tok.decode((latent, out[1]) if len(out) > 1 else latent)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        z = net.generate(labels, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         cfg_scale=args.scale, generator=gens)
+    else:  # DiT-DH over latent tokens
+        noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
+        z = dit.to_tokens(dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
+                                     interval=tuple(args.interval), guide=guide))
+    return data.to_uint8(tok.decode(z)).cpu()
 
 
-def run_name(ck, args, n):
+def run_name(ck, tok, args, n):
     guidance = "noguid" if args.scale == 1 else f"{'ag' if args.guide else 'cfg'}{args.scale:g}"
     if args.scale != 1 and tuple(args.interval) != (0.0, 1.0):
         guidance += f"-t{args.interval[0]:g}-{args.interval[1]:g}"
-    sampler = (f"ar-t{args.temperature:g}-k{args.top_k}-p{args.top_p:g}" if ck["method"] == "ideal"
+    sampler = (f"ar-t{args.temperature:g}-k{args.top_k}-p{args.top_p:g}" if tok.num_codes
                else f"{args.sampler}{args.steps}")
     path = Path(ck["path"])
     return f"{path.parent.name}-{path.stem}_{sampler}_{guidance}_seed{args.seed}_n{n}"
@@ -107,18 +87,17 @@ def run_name(ck, args, n):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = train.setup_distributed(args.device)
-    net, ck = load_generator(args.ckpt, device)
-    if args.guide and ck["method"] == "ideal":
+    rank, world, device = data.setup_distributed(args.device)
+    net, tok, ck = checkpoint.load_generator(args.ckpt, device)
+    if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
-    guide = load_generator(args.guide, device)[0] if args.guide else None
-    tok = load_tokenizer(ck, device)
+    guide = checkpoint.load_generator(args.guide, device, tok)[0] if args.guide else None
     classes = args.classes or list(range(net.num_classes))
     if not all(0 <= c < net.num_classes for c in classes):
         raise SystemExit(f"--classes: labels must be in [0, {net.num_classes})")
     n = args.num_samples or args.per_class * len(classes)
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
-    name = run_name(ck, args, n)
+    name = run_name(ck, tok, args, n)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import data
 import evaluate
 import model
-import train
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "ell", "bar", "star")
 
@@ -112,14 +112,9 @@ def make_world(n, seed, size=32):
     return torch.from_numpy(imgs), torch.from_numpy(scenes["label"]), torch.from_numpy(masks)
 
 
-def to_uint8(x01):
-    """(B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and evaluate.py hold images."""
-    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 def write_folder(x01, labels, root):
     """Images as PNGs in class sub-folders '<label>_<shape>' (an ImageFolder: sorted folder index = label)."""
-    for i, (img, label) in enumerate(zip(to_uint8(x01).numpy(), labels.tolist())):
+    for i, (img, label) in enumerate(zip(data.to_uint8(x01).numpy(), labels.tolist())):
         d = Path(root) / f"{label}_{SHAPES[label]}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i:05d}.png")
@@ -228,14 +223,15 @@ def vfm_classify(vfm, heads, x01):
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_jobs(jobs, out, lanes):
+def run_jobs(jobs, out, lanes, threads=1):
     """Run jobs (name, script, argv, deps) as `python script argv…` subprocesses, `lanes` at a time, each once its
-    deps have finished, with one intra-op thread each (models this small gain nothing from a second). The command
-    lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log; a failed run stops the toy run."""
+    deps have finished, with `threads` intra-op threads each (toy models gain nothing from a second; None: the
+    environment's setting). The command lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log;
+    a failed run stops the whole run."""
     root, logs = Path(__file__).resolve().parent, out / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     (out / "commands.sh").write_text("".join(shlex.join(["python", s, *a]) + "\n" for _, s, a, _ in jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "5"}
+    env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     todo, running, done = list(jobs), {}, set()
     bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
     while todo or running:
@@ -278,12 +274,6 @@ def common_flags(args, out, epochs, lr):
             str(args.batch), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", str(lr), "--lr-min", str(lr / 10),
             "--schedule", "cosine", "--ema", "0.99", "--workers", "1", "--log-every", "10", "--grid-every", "0",
             "--ckpt-every", "1000000", "--device", "cpu", "--seed", str(args.seed)]
-
-
-def load_tokenizer(path):
-    ck = train.load_checkpoint(path, "tokenizer")
-    tok = model.build_tokenizer(ck["config"], encoder_weights=None, decoder_weights=None)
-    return model.load_strict(tok, ck["ema"], f"{ck['path']} ema").eval()
 
 
 @torch.no_grad()
@@ -347,7 +337,7 @@ def main(argv=None):
     torch.save(heads.state_dict(), out / "vfm_heads.pth")
     vfm = model.dinov2(VFM_CONFIG, weights=str(vfm_path)).eval()
     x_test, y_test, _ = make_world(args.test_images, args.seed + 1000)
-    x_test = to_uint8(x_test).permute(0, 3, 1, 2).float() / 255  # exactly what a PNG file holds
+    x_test = data.to_uint8(x_test).permute(0, 3, 1, 2).float() / 255  # exactly what a PNG file holds
     acc = (vfm_classify(vfm, heads, x_test) == y_test).float().mean().item()
     r2 = colour_probe(vfm, args.probe_images)
     shallow = VFM_CONFIG["depth"] // 4
@@ -370,7 +360,7 @@ def main(argv=None):
         gen = out / f"{key}_gen"
         flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
                  "--num-classes", str(len(SHAPES)), "--latent-cache", str(gen / "cache"), "--t-dist", "uniform",
-                 *common_flags(args, out, args.gen_epochs, args.gen_lr), "--gpt" if key == "ideal" else "--dit", "tiny"]
+                 *common_flags(args, out, args.gen_epochs, args.gen_lr), "--dit", "tiny", "--gpt", "tiny"]
         jobs.append((f"{key}_gen", "train.py", flags, [key]))
         jobs.append((f"{key}_samples", "sample.py", sample_flags(gen / "generator.pt", len(labels), args,
                                                                  gen / "samples"), [f"{key}_gen"]))
@@ -383,10 +373,10 @@ def main(argv=None):
     f_test = vfm_features(vfm, x_test)
     recons = [x_test[:16]]
     for key in ckpt:
-        tok = load_tokenizer(ckpt[key])
+        tok = checkpoint.load_tokenizer(ckpt[key])
         r = reconstruct(tok, x_test)
         recons.append(r[:16])
-        a, b = to_uint8(x_test), to_uint8(r)
+        a, b = data.to_uint8(x_test), data.to_uint8(r)
         res = dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
                    recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
                    sample_accuracy=None, fd=None)

@@ -16,11 +16,11 @@ Exact resume: data order and augmentation are functions of (seed, epoch, positio
 every rank are saved, so N steps + resume + N steps equals 2N straight steps bitwise (CPU, same process count).
 """
 import argparse
+import collections
 import contextlib
 import copy
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import ar
+import checkpoint
 import data
 import dit
 import losses
@@ -190,36 +191,8 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Checkpoints
+# 2. RNG states (checkpoints themselves: checkpoint.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path, **state):
-    """Write a checkpoint dict atomically (model.save_atomic): a crash never leaves a half-written file."""
-    model.save_atomic(state, path)
-
-
-def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
-    """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
-    value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was
-    expected."""
-    path = Path(path)
-    path = path / "ckpt-last.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: cheap to inspect
-    except Exception as e:  # noqa: BLE001 — any unreadable file gets the same one-line answer
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ck, dict) or not {"kind", "method", "phase"} <= ck.keys():
-        raise SystemExit(f"{path}: not a depthrae checkpoint (no kind/method/phase)")
-    wanted = {k: (w,) if isinstance(w, str) else tuple(w) for k, w in
-              (("kind", expect_kind), ("method", expect_method), ("phase", expect_phase)) if w is not None}
-    if any(ck[k] not in w for k, w in wanted.items()):
-        raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
-                         f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
-    ck["path"] = str(path)
-    return ck
 
 
 def rng_state():
@@ -242,35 +215,24 @@ def set_rng_state(s):
 # ----------------------------------------------------------------------------------------------------
 
 
-def setup_distributed(device):
-    """One process per device under torchrun (NCCL on CUDA, gloo on CPU), else a single process."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+Plan = collections.namedtuple("Plan", "accum steps_per_epoch total_steps warmup_steps")
 
 
 def plan(args, dataset, world):
-    """Micro-batches per process per global batch and optimizer steps per epoch (drop_last); fills
-    args.steps_per_epoch, total_steps and warmup_steps. Clear errors for impossible batch sizes."""
+    """The Plan of a run: micro-batches per process per global batch (accum), optimizer steps per epoch
+    (drop_last), total and warm-up steps. Clear errors for impossible batch sizes."""
     accum, rem = divmod(args.global_batch, world * args.micro_batch)
     if rem or not accum:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
                          f"--micro-batch {args.micro_batch}")
-    args.steps_per_epoch = len(dataset) // args.global_batch
-    if args.steps_per_epoch == 0:
+    steps_per_epoch = len(dataset) // args.global_batch
+    if steps_per_epoch == 0:
         raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
                          f"({args.global_batch})")
-    args.total_steps = args.epochs * args.steps_per_epoch
-    args.warmup_steps = round(args.warmup_epochs * args.steps_per_epoch)
-    return accum
+    return Plan(accum, steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch))
 
 
-def make_optimizer(params, args, device):
+def make_optimizer(params, args, plan, device):
     """AdamW (fused on CUDA) and its per-step LambdaLR: linear warm-up, then `cosine` to lr_min at the end
     (tokenizers), `linear` = constant until decay_start_epoch then linear to lr_min at the end (DiT-DH), or
     `constant` (AR GPT)."""
@@ -279,8 +241,8 @@ def make_optimizer(params, args, device):
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)] if args.weight_decay else params
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    warmup, total, floor = args.warmup_steps, args.total_steps, args.lr_min / args.lr
-    start = warmup if args.schedule == "cosine" else max(warmup, args.decay_start_epoch * args.steps_per_epoch)
+    warmup, total, floor = plan.warmup_steps, plan.total_steps, args.lr_min / args.lr
+    start = warmup if args.schedule == "cosine" else max(warmup, args.decay_start_epoch * plan.steps_per_epoch)
 
     def factor(step):
         if step < warmup:
@@ -360,19 +322,19 @@ def build_tokenizer(args, resume):
     tensors new in this method (e.g. the fusion module on top of an RAE) keep their fresh initialisation."""
     need = PHASES[(args.method, args.phase)].get("init")
     if resume is not None:
-        tok = model.build_tokenizer(resume["config"])
+        tok = checkpoint.build_tokenizer(resume["config"])
         model.load_strict(tok, resume["model"], f"{resume['path']} model")
     elif need is None:
-        tok = model.build_tokenizer(tokenizer_config(args))
+        tok = checkpoint.build_tokenizer(tokenizer_config(args))
     else:
         if not args.init_from:
             raise SystemExit(f"--method {args.method} --phase {args.phase} needs --init-from: a checkpoint of "
                              f"{' or '.join(need[0])} phase {need[1]}")
-        prev = load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
+        prev = checkpoint.load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
         config = dict(prev["config"])
         if prev["method"] != args.method:  # e.g. RAE phase 1 → DRoRAE phase 2: add this method's modules
             config = {**tokenizer_config(args), **config, "method": args.method}
-        tok = model.build_tokenizer(config)
+        tok = checkpoint.build_tokenizer(config)
         new = tuple(k for k in tok.state_dict() if k not in prev["ema"]) if prev["method"] != args.method else ()
         state = {**{k: v for k, v in tok.state_dict().items() if k in new}, **prev["ema"]}
         model.load_strict(tok, state, f"{prev['path']} ema")
@@ -420,20 +382,20 @@ class TokenizerTrainer:
 
     kind = "tokenizer"
 
-    def __init__(self, args, device, world, resume):
+    def __init__(self, args, plan, device, world, resume):
         self.args, self.world = args, world
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         self.tok = build_tokenizer(args, resume).to(device)
         self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
         self.lpips = None if not args.lpips_weight else losses.LPIPS(
             weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
-        self.opt, self.sched = make_optimizer([p for p in self.tok.parameters() if p.requires_grad], args, device)
+        self.opt, self.sched = make_optimizer([p for p in self.tok.parameters() if p.requires_grad], args, plan, device)
         self.disc = d_state = None
         if args.gan_weight > 0:  # no discriminator (nor its download) without a GAN term
             dino = weights(args.disc_weights, losses.DINO_S8_URL)
             self.disc = losses.Discriminator(dino, **DISCRIMINATORS[args.disc]).to(device)
             d_params = [p for p in self.disc.parameters() if p.requires_grad]
-            self.d_opt, self.d_sched = make_optimizer(d_params, args, device)
+            self.d_opt, self.d_sched = make_optimizer(d_params, args, plan, device)
             d_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
         if resume is not None:
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
@@ -441,7 +403,7 @@ class TokenizerTrainer:
                 if resume[key] is None:
                     raise SystemExit(f"{resume['path']} has no discriminator state: resume with --gan-weight 0")
                 obj.load_state_dict(resume[key])
-        by_epoch = lambda s, e: s if s is not None else e * args.steps_per_epoch  # noqa: E731
+        by_epoch = lambda s, e: s if s is not None else e * plan.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
         net = torch.compile(self.tok) if args.compile else self.tok
@@ -507,79 +469,21 @@ class TokenizerTrainer:
 # ----------------------------------------------------------------------------------------------------
 
 
-def frozen_tokenizer(args, device):
-    """The --tokenizer checkpoint's EMA weights, frozen, in eval mode; it must be of this --method."""
-    tck = load_checkpoint(args.tokenizer, "tokenizer", args.method)
-    tok = model.build_tokenizer(tck["config"], encoder_weights=None, decoder_weights=None)  # weights: the checkpoint
-    model.load_strict(tok, tck["ema"], f"{tck['path']} ema")
-    return tok.to(device).eval().requires_grad_(False), dict(path=tck["path"], config=tck["config"])
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """The training set encoded once (each centre crop and its mirror: entries 2i, 2i + 1) by the frozen tokenizer:
-    `latents.npy` (fp16 normalised tokens, or int codes) and `labels.npy`, memory-mapped. Items follow data.py's
-    (index, key) protocol: (tokens, label, 0)."""
-
-    def __init__(self, root, images):
-        self.root, self.n = Path(root), 2 * len(images)
-
-    def __len__(self):
-        return self.n
-
-    def __getstate__(self):  # never pickle the memory maps (workers reopen them)
-        return {k: v for k, v in self.__dict__.items() if k not in ("z", "y")}
-
-    def __getitem__(self, item):
-        if not hasattr(self, "z"):  # opened lazily: the cache may be filled after this object is made
-            self.z, self.y = np.load(self.root / "latents.npy", mmap_mode="r"), np.load(self.root / "labels.npy")
-        i = item[0] if isinstance(item, tuple) else item
-        z = torch.from_numpy(np.array(self.z[i]))
-        return (z.long() if z.dtype in (torch.int16, torch.int32) else z.float()), int(self.y[i]), 0
-
-
-@torch.no_grad()
-def fill_cache(root, encode, args, world, device):
-    """Encode every training image and its mirror into `root` (ranks write interleaved rows of one memmap)."""
-    images = data.ImageFolder(args.data_path, size=args.image_size)
-    loader = data.make_loader(images, args.micro_batch, shuffle=False, drop_last=False, num_workers=args.workers)
-    loader.set_epoch(0)
-    order = iter([i for i, _ in loader.sampler])
-    probe = encode(images[0][0][None].to(device))[0].cpu()
-    dtype = np.float16 if probe.is_floating_point() else np.int16 if probe.max() < 2**15 else np.int32
-    path = Path(root) / "latents.npy"
-    rank = dist.get_rank() if world > 1 else 0
-    if rank == 0:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(path, "w+", dtype, (2 * len(images), *probe.shape)).flush()
-    if world > 1:
-        dist.barrier()
-    z = np.load(path, mmap_mode="r+")
-    for x, _ in tqdm(loader, desc="latent cache", disable=rank != 0):
-        rows = [next(order) for _ in range(len(x))]
-        x = x.to(device)
-        for flip, view in enumerate((x, x.flip(-1))):
-            z[[2 * i + flip for i in rows]] = encode(view).cpu().numpy().astype(dtype)
-    z.flush()
-    if world > 1:
-        dist.barrier()
-    if rank == 0:  # written last: marks the cache complete
-        np.save(Path(root) / "labels.npy", np.repeat([label for _, label in images.samples], 2))
-    if world > 1:
-        dist.barrier()
-
-
 class GeneratorTrainer:
-    """--phase gen: the generator (+ EMA) and its optimiser on latents encoded on the fly by the frozen tokenizer
-    from ADM centre crops with random flips. Latent statistics: --stats FILE, or computed over the training set
-    (centre crops, --stats-batches micro-batches per process), saved in the checkpoint. Ideal: code indices."""
+    """--phase gen: the generator (+ EMA) and its optimiser on the latents of the frozen tokenizer checkpoint `tck`,
+    encoded on the fly from ADM centre crops with random flips, or read from --latent-cache. DiT-DH by flow matching
+    on continuous latent tokens; the AR GPT on code indices when the tokenizer is discrete (`tok.num_codes`).
+    Latent statistics: --stats FILE, or computed over the training set (centre crops, --stats-batches micro-batches
+    per process), saved in the checkpoint."""
 
     kind = "generator"
 
-    def __init__(self, args, device, world, resume):
+    def __init__(self, args, plan, device, world, resume, tck):
         self.args, self.world, self.device = args, world, device
-        self.tok, self.tokenizer = frozen_tokenizer(args, device)
+        self.tok = checkpoint.load_tokenizer(tck, device)
+        self.tokenizer, self.token_grid = dict(path=tck["path"], config=tck["config"]), self.tok.decoder.grid
         self.stats = None
-        if args.method != "ideal":
+        if not self.tok.num_codes:
             if resume is not None or args.stats:
                 self.stats = resume["stats"] if resume is not None else model.load_stats(args.stats)
             else:
@@ -588,20 +492,21 @@ class GeneratorTrainer:
                 self.stats = model.compute_latent_stats(self.tok, crops, args.stats_batches)
             self.tok.set_stats(self.stats)
         if args.latent_cache and not (Path(args.latent_cache) / "labels.npy").exists():
-            fill_cache(args.latent_cache, self.encode, args, world, device)
+            crops = data.ImageFolder(args.data_path, size=self.tok.image_size)
+            data.fill_cache(args.latent_cache, self.encode, crops, args.micro_batch, args.workers, device)
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         if resume is not None:
             config = resume["config"]
-        elif args.method == "ideal":
-            config = dict(ar.GPT_PRESETS[args.gpt], vocab_size=self.tok.config["codebook_size"],
-                          num_classes=args.num_classes, grid=self.tok.decoder.grid)
+        elif self.tok.num_codes:
+            config = dict(ar.GPT_PRESETS[args.gpt], vocab_size=self.tok.num_codes, num_classes=args.num_classes,
+                          grid=self.token_grid)
         else:
-            config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.tok.decoder.grid,
+            config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.token_grid,
                                     in_channels=self.tok.encoder.embed_dim, num_classes=args.num_classes,
-                                    num_queries=self.tok.config.get("num_queries", 0))
-        self.gen = (ar.GPT if args.method == "ideal" else dit.DiTDH)(**config).to(device)
+                                    num_queries=self.tok.num_queries)
+        self.gen = checkpoint.build_generator(config, self.tok).to(device)
         self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
-        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, device)
+        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, plan, device)
         if resume is not None:
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
@@ -612,29 +517,19 @@ class GeneratorTrainer:
 
     @torch.no_grad()
     def encode(self, x01):
-        """Normalised tokens (B, N [+ Q], C) — DecQ queries appended — or codes (B, N): what the cache stores."""
-        z = self.tok.encode(x01)
-        return torch.cat(z, 1) if isinstance(z, tuple) else z
-
-    def latent(self, x):
-        """Images (or cached tokens) → the generator's input: ((B, C, h, w), DecQ queries (B, Q, C) | None), or
-        codes (B, N)."""
-        z = x if self.args.latent_cache else self.encode(x)
-        if self.args.method == "ideal":
-            return z
-        n = self.tok.decoder.grid ** 2
-        p, q = z[:, :n], (z[:, n:] if z.shape[1] > n else None)
-        return p.transpose(1, 2).unflatten(2, (self.tok.decoder.grid, -1)), q
+        """Normalised latent tokens (B, N [+ Q], C) or codes (B, N): what the latent cache stores."""
+        return self.tok.encode(x01)
 
     def loss(self, batch):
         (x, y), a = batch, self.args
-        z = self.latent(x)
+        z = x if a.latent_cache else self.encode(x)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-            if a.method == "ideal":
+            if self.tok.num_codes:
                 logits = self.net(z, y)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), z.flatten())
             else:
-                loss = dit.flow_matching_loss(self.net, z[0], y, z[1], lam=a.query_weight, dist=a.t_dist,
+                patches, *queries = dit.from_tokens(z, self.token_grid)
+                loss = dit.flow_matching_loss(self.net, patches, y, *queries, lam=a.query_weight, dist=a.t_dist,
                                               p_uncond=a.p_uncond)
         return loss, dict(loss=loss)
 
@@ -659,14 +554,12 @@ class GeneratorTrainer:
         """EMA samples for classes 0..7 (fixed noise): Euler 25 steps (DiT-DH) or temperature-1 sampling (GPT)."""
         g = torch.Generator(self.device).manual_seed(0)
         y = torch.arange(len(x), device=self.device) % self.args.num_classes
-        if self.args.method == "ideal":
+        if self.tok.num_codes:
             images = self.tok.decode(self.ema.generate(y, generator=g))
         else:
-            p, q = self.latent(x)
-            noise = tuple(torch.randn(t.shape, generator=g, device=self.device) for t in (p, q) if t is not None)
-            z = dit.sample(self.ema, noise, y, num_steps=25)
-            p = z[0].flatten(2).transpose(1, 2)
-            images = self.tok.decode((p, z[1]) if q is not None else p)
+            z = x if self.args.latent_cache else self.encode(x)
+            noise = dit.from_tokens(torch.randn(z.shape, generator=g, device=self.device), self.token_grid)
+            images = self.tok.decode(dit.to_tokens(dit.sample(self.ema, noise, y, num_steps=25)))
         data.save_image_grid(images, path, nrow=len(x))
 
     def export(self):
@@ -682,21 +575,23 @@ class GeneratorTrainer:
 def train(args, rank, world, device, stop):
     out = Path(args.out_dir)
     kind = "generator" if args.phase == "gen" else "tokenizer"
-    resume = load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
+    resume = checkpoint.load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops
         dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
     else:  # ADM centre crops with flips at the frozen tokenizer's size
-        args.tokenizer = args.tokenizer or resume and resume["tokenizer"]["path"]
-        if not args.tokenizer:
+        tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
+        if not tok_path:
             raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
                              "checkpoint")
-        args.image_size = load_checkpoint(args.tokenizer, "tokenizer", args.method)["config"]["image_size"]
-        dataset = data.ImageFolder(args.data_path, size=args.image_size, flip=True)
-        dataset = LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset
-    accum, steps_per_epoch = plan(args, dataset, world), args.steps_per_epoch
-    trainer = (GeneratorTrainer if kind == "generator" else TokenizerTrainer)(args, device, world, resume)
+        tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)
+        dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
+        dataset = data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset
+    schedule = plan(args, dataset, world)
+    accum, steps_per_epoch, total_steps = schedule.accum, schedule.steps_per_epoch, schedule.total_steps
+    trainer = (TokenizerTrainer(args, schedule, device, world, resume) if kind == "tokenizer" else
+               GeneratorTrainer(args, schedule, device, world, resume, tck))
     step = resume["step"] if resume is not None else 0
     if resume is not None and len(resume["rng"]) == world:
         set_rng_state(resume["rng"][rank])
@@ -712,8 +607,8 @@ def train(args, rank, world, device, stop):
         else:
             rngs[0] = rng_state()
         if rank == 0:
-            save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.state(), step=step,
-                            epoch=step // steps_per_epoch, args=vars(args), rng=rngs)
+            checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.state(),
+                                       step=step, epoch=step // steps_per_epoch, args=vars(args), rng=rngs)
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -721,7 +616,7 @@ def train(args, rank, world, device, stop):
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
         print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × "
               f"{args.epochs} epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
-    end = min(args.total_steps, args.max_steps or args.total_steps)
+    end = min(total_steps, args.max_steps or total_steps)
     with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
         it, t0, seen = None, time.time(), 0
         while step < end:
@@ -751,13 +646,13 @@ def train(args, rank, world, device, stop):
                 save(out / f"ckpt-{step:07d}.pt")
             if signalled:
                 break
-    if rank == 0 and step == args.total_steps:
+    if rank == 0 and step == total_steps:
         path = out / f"{kind}.pt"
-        save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.export(), step=step,
-                        args=vars(args))
+        checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.export(),
+                                   step=step, args=vars(args))
         print(f"done: {path}")
     elif rank == 0:
-        print(f"stopped at step {step} of {args.total_steps}; continue with --resume {out}")
+        print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
 
 
 def main(argv=None):
@@ -768,7 +663,7 @@ def main(argv=None):
         args.out_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     if not args.data_path:
         raise SystemExit("--data-path is required")
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = data.setup_distributed(args.device)
     stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
     handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig))
                 for s in (signal.SIGTERM, signal.SIGINT)}

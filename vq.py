@@ -227,6 +227,7 @@ class Ideal(RAE):
     `last_stats` (usage, perplexity, entropy; not losses)."""
 
     method = "ideal"
+    phases = {"1": ("attn_fuse", "quantizer", "feature_decoder", "decoder")}  # all but the frozen encoder
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
                  image_size=256, encoder_size=None, shallow_layer=3, fuse=True, codebook_size=16384, code_dim=64,
@@ -244,7 +245,7 @@ class Ideal(RAE):
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
         if not 0 <= shallow_layer < depth:
             raise ValueError(f"shallow_layer must be a block of {encoder} in [0, {depth - 1}], got {shallow_layer}")
-        self.shallow_layer, self.shallow_weight = shallow_layer, shallow_weight
+        self.shallow_layer, self.shallow_weight, self.num_codes = shallow_layer, shallow_weight, codebook_size
         self.attn_fuse = AttnFuse(C, fuse_heads, mlp_ratio, drop) if fuse else None
         self.quantizer = VectorQuantizer(C, codebook_size, code_dim, beta, entropy_weight, entropy_temperature,
                                          usage_window, restart_dead)
@@ -283,10 +284,3 @@ class Ideal(RAE):
         aux = {"vq": vq_loss, "deep": alignment_loss(f_d_hat, f_d)}
         aux["shallow"] = self.shallow_weight * alignment_loss(f_s_hat, f_s)
         return recon, aux
-
-    def set_phase(self, phase):
-        """Ideal has one phase: "1" trains everything but the frozen encoder."""
-        if phase != "1":
-            raise ValueError(f"Ideal has only phase '1', got '{phase}'")
-        self.requires_grad_(True)
-        self.encoder.requires_grad_(False)

@@ -12,14 +12,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import model  # noqa: E402
 
 
 def forward_flops(method, image_size=256, **kw):
     """{part: forward FLOPs} of one image through encode → decode: encoder, condenser, decoder, total."""
     with torch.device("meta"):
-        tok = model.build_tokenizer({**model.TOKENIZER_PRESETS["published"], "method": method, **kw},
-                                    encoder_weights=None).eval()
+        tok = checkpoint.build_tokenizer({**model.TOKENIZER_PRESETS["published"], "method": method, **kw},
+                                         encoder_weights=None).eval()
         x = torch.rand(1, 3, image_size, image_size)
         counter = FlopCounterMode(display=False)
         with counter:

@@ -36,12 +36,11 @@ def bench(name, gan, a):
     device = torch.device(a.device)
     args = train.parse_args(["--method", "rae", "--phase", "1", *CONFIGS[name], "--micro-batch", str(a.batch),
                              "--precision", a.precision, *(["--compile"] if a.compile else [])])
-    args.steps_per_epoch, args.total_steps, args.warmup_steps = 1, 1000, 0
     args.gan_start_step = args.disc_start_step = 0 if gan else 10**9
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = train.TokenizerTrainer(args, device, 1, None)
+    trainer = train.TokenizerTrainer(args, train.Plan(1, 1, 1000, 0), device, 1, None)
     x = torch.rand(a.batch, 3, args.image_size, args.image_size, device=device)
     for i in range(a.warmup + a.steps):
         if i == a.warmup:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import apply_rope, load_strict
-from ar import GPT, GPT_PRESETS, CodeShards, KVCache, extract_codes, filter_logits, sample_logits
+from ar import GPT, GPT_PRESETS, KVCache, filter_logits, sample_logits
 
 TINY = dict(GPT_PRESETS["tiny"], vocab_size=32, num_classes=4, grid=4)
 
@@ -187,21 +187,25 @@ class FakeTokenizer(nn.Module):
         return (F.avg_pool2d(x[:, :1], x.shape[-1] // 2).flatten(1) * self.scale).round().long()
 
 
-def test_code_shards_round_trip(tmp_path):
-    tok = FakeTokenizer()
-    images, labels = torch.rand(5, 3, 8, 8), torch.tensor([3, 1, 4, 1, 5])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
-    extract_codes(tok, loader, tmp_path, shard_size=4)
-    assert len(list(tmp_path.glob("*.codes.npy"))) == 3  # 4 + 4 + 2 entries
-    assert np.load(tmp_path / "shard00000.codes.npy").dtype == np.int16
-    ds = CodeShards(tmp_path)
-    assert len(ds) == 10  # each image and its mirror
-    got = {(tuple(c.tolist()), y) for c, y in (ds[i] for i in range(len(ds)))}
-    want = {(tuple(c.tolist()), int(y)) for x in (images, images.flip(-1)) for c, y in zip(tok.encode(x), labels)}
-    assert got == want
-    assert ds[0][0].dtype == torch.long
-    with pytest.raises(ValueError, match="no \\*.codes.npy shards"):
-        CodeShards(tmp_path / "empty")
+def test_latent_cache_holds_the_codes_of_each_image_and_its_mirror(tmp_path):
+    """data.fill_cache + data.LatentCache with a discrete tokenizer (what the GPT trains on): int16 codes, entry 2i
+    is image i, 2i + 1 its mirror, labels from the folders."""
+    from PIL import Image
+
+    import data
+    tok, rng = FakeTokenizer(), np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    images = data.ImageFolder(tmp_path / "img", size=8)
+    data.fill_cache(tmp_path / "cache", tok.encode, images, 4, 0, "cpu")
+    assert np.load(tmp_path / "cache" / "latents.npy").dtype == np.int16
+    ds = data.LatentCache(tmp_path / "cache", images)
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    want = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1).flatten(0, 1)
+    assert len(ds) == 12 and torch.equal(torch.stack([ds[i][0] for i in range(12)]), want)
+    assert ds[0][0].dtype == torch.long and [ds[i][1] for i in range(12)] == [0] * 6 + [1] * 6
 
 
 def test_uniform_zero_draw_keeps_the_only_candidate(monkeypatch):
@@ -213,10 +217,10 @@ def test_uniform_zero_draw_keeps_the_only_candidate(monkeypatch):
 def test_sample_py_drives_the_ar_generator(tmp_path):
     """sample.py on an Ideal tokenizer + GPT checkpoint: ADM npz with balanced labels, CFG + top-k in the name,
     and each sample depends only on (seed, index), not on the batch it was drawn in."""
-    import model
+    import checkpoint
     import sample
     import vq
-    tok = model.build_tokenizer(vq.IDEAL_PRESETS["tiny"])
+    tok = checkpoint.build_tokenizer(vq.IDEAL_PRESETS["tiny"])
     torch.save(dict(kind="tokenizer", method="ideal", phase="1", config=tok.config, ema=tok.state_dict()),
                tmp_path / "tok.pt")
     gpt = tiny_gpt(vocab_size=tok.config["codebook_size"], num_classes=3, grid=tok.decoder.grid)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import dit
 from conftest import reference
 
@@ -222,11 +223,10 @@ def test_decq_lambda_zero_has_no_query_loss_gradient():
 
 def make_generator_ckpt(root, method="rae", num_queries=0):
     """A tiny tokenizer checkpoint and a tiny random DiT-DH generator checkpoint pointing at it."""
-    import model
     torch.manual_seed(0)
-    tok = model.build_tokenizer("tiny", **({"method": "decq", "num_queries": num_queries} if num_queries else {}))
-    z = tok.encode(torch.rand(1, 3, 64, 64))
-    _, n, c = (z[0] if num_queries else z).shape
+    tok = checkpoint.build_tokenizer("tiny", **({"method": "decq", "num_queries": num_queries} if num_queries else {}))
+    _, n, c = tok.encode(torch.rand(1, 3, 64, 64)).shape
+    n -= tok.num_queries  # patch tokens only
     torch.save(dict(kind="tokenizer", method=method, phase="1", config=tok.config, ema=tok.state_dict()),
                root / "tok.pt")
     net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3, num_queries=num_queries)

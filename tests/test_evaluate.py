@@ -336,13 +336,13 @@ def test_sharded_two_ranks_equal_one(monkeypatch):
 
 
 def test_cli_tokenizer_reconstruction(fake_net, monkeypatch, tmp_path):
+    import checkpoint
     import data
-    import model
     import vq
     from PIL import Image
     lpips = ev.LPIPS
     monkeypatch.setattr(ev, "LPIPS", lambda vgg, lin: lpips(None, None))  # random VGG, no download
-    tok = model.build_tokenizer(vq.IDEAL_PRESETS["tiny"]).eval()
+    tok = checkpoint.build_tokenizer(vq.IDEAL_PRESETS["tiny"]).eval()
     torch.save(dict(kind="tokenizer", method="ideal", phase="1", config=tok.config, ema=tok.state_dict()),
                tmp_path / "ck.pt")
     size = tok.config["image_size"]

@@ -3,6 +3,7 @@ the scaling-law fit."""
 import pytest
 import torch
 
+import checkpoint
 import fusion
 from model import ln0
 
@@ -107,8 +108,8 @@ TINY = dict(model.TOKENIZER_PRESETS["tiny"])
 
 def _pair(**kw):
     """A tiny RAE and a DRoRAE with the same (seeded) encoder and the same decoder weights."""
-    rae = model.build_tokenizer(TINY).eval()
-    tok = model.build_tokenizer({**TINY, "method": "drorae", **kw}).eval()
+    rae = checkpoint.build_tokenizer(TINY).eval()
+    tok = checkpoint.build_tokenizer({**TINY, "method": "drorae", **kw}).eval()
     tok.decoder.load_state_dict(rae.decoder.state_dict())
     return rae, tok
 
@@ -123,7 +124,7 @@ def test_tokenizer_beta_zero_and_phase_one_are_rae_bitwise():
     tok.set_phase("1")  # phase 1: the RAE latent, whatever the fusion weights
     assert torch.equal(tok.encode(x), rae.encode(x)) and torch.equal(tok(x)[0], rae(x)[0])
     assert tok.config["method"] == "drorae" and not tok.config["fuse"]
-    again = model.build_tokenizer(tok.config)  # a phase-1 checkpoint's config rebuilds the phase-1 tokenizer
+    again = checkpoint.build_tokenizer(tok.config)  # a phase-1 checkpoint's config rebuilds the phase-1 tokenizer
     again.load_state_dict(tok.state_dict())
     assert again.config == tok.config and torch.equal(again.encode(x), rae.encode(x))
     tok.set_phase("2")
@@ -192,45 +193,3 @@ def test_routing_maps_png(tmp_path):
     assert img.size == (2 + 4 * (64 + 2), 2 + 2 * (64 + 2))  # 4 columns (image + 3 layers), 2 rows
     assert torch.equal(fusion.diverging(torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1, 1)).flatten(1),
                        torch.tensor([[0.0, 0, 1], [1, 1, 1], [1, 0, 0]]))
-
-
-# ---------------------------------------------------------------------------------------------------- scaling fit
-
-
-def test_log_linear_fit_and_table(capsys):
-    cap = [1e5, 3e5, 1e6, 3e6, 1e7]
-    a, b, r2 = fusion.fit_log_linear(cap, [2.0 - 0.1 * torch.tensor(c).log().item() for c in cap])
-    assert a == pytest.approx(2.0) and b == pytest.approx(-0.1) and r2 == pytest.approx(1.0)
-    assert fusion.fit_log_linear(cap, [1.0, 0.5, 0.9, 0.2, 0.4])[2] < 0.9
-    assert fusion.spread_layers(12, 12) == list(range(12)) and fusion.spread_layers(12, 1) == [11]
-    assert fusion.spread_layers(12, 3) == [0, 6, 11] and len(fusion.spread_layers(12, 5)) == 5
-    with torch.device("meta"):
-        assert fusion.fusion_params(768, 1536, 12) == sum(p.numel() for p in fusion.DepthRoutedFusion(768, 12).parameters())
-    rows = [dict(hidden=h, layers=n, params=fusion.fusion_params(64, h, n), psnr=20 + h / 100 + n / 10, rfid=None)
-            for h in (64, 128) for n in (2, 4)]
-    fits = fusion.scaling_table(rows, ["psnr", "rfid"])
-    assert set(fits) == {"psnr/all", "psnr/width", "psnr/layers"} and "R²" in capsys.readouterr().out
-
-
-def test_scaling_command_on_tiny_preset(tmp_path, capsys):
-    """python fusion.py --scaling on the tiny preset: 2 widths × 2 layer counts, 1 phase-2 step each."""
-    import numpy as np
-    from PIL import Image
-
-    import train
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train/a", 8), ("val/a", 4)):
-        (tmp_path / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
-    rae = model.build_tokenizer(TINY)
-    train.save_checkpoint(tmp_path / "p1.pt", kind="tokenizer", method="rae", phase="1", config=rae.config,
-                          model=rae.state_dict(), ema=rae.state_dict())
-    rows, fits = fusion.scaling(["--scaling", "--init-from", str(tmp_path / "p1.pt"), "--data-path",
-                                 str(tmp_path / "train"), "--eval-path", str(tmp_path / "val"), "--out-dir",
-                                 str(tmp_path / "sc"), "--widths", "16", "64", "--layer-counts", "2", "4",
-                                 "--max-steps", "1", "--device", "cpu", "--preset", "tiny", "--lpips-weight", "0"])
-    assert [(r["hidden"], r["layers"]) for r in rows] == [(16, 2), (16, 4), (64, 2), (64, 4)]
-    assert all(r["psnr"] > 0 for r in rows) and "psnr/all" in fits
-    assert "R²" in capsys.readouterr().out and (tmp_path / "sc" / "scaling.json").exists()

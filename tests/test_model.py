@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import reference
 
+import checkpoint
 import model
 from model import DINOv2, ViTDecoder, load_rae_decoder, load_strict
 
@@ -200,7 +201,7 @@ def test_parameter_counts_meta():
         dino_v1 = DINOv2(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6, layer_scale=False,
                          mask_token=False)
         assert count(dino_v1) == 21_670_272  # DINO ViT-S/8
-        tok = model.build_tokenizer("published", encoder_weights=None)  # DINOv2-B reg4 + ViT-XL, 256 px
+        tok = checkpoint.build_tokenizer("published", encoder_weights=None)  # DINOv2-B reg4 + ViT-XL, 256 px
         assert (tok.decoder.grid, tok.decoder.patch_size, tok.encoder_size) == (16, 16, 224)
         assert sum(p.numel() for p in tok.parameters() if p.requires_grad) == 415_056_640
 
@@ -244,7 +245,7 @@ def test_decoder_queries_zero_is_rae_decoder():
     z, q = torch.randn(2, 16, 32), torch.randn(2, 8, 32)
     with torch.no_grad():
         assert torch.equal(withq(z), plain(z))
-        out = withq(z, q)
+        out = withq(torch.cat([z, q], 1))  # patch tokens, then the query tokens
     assert out.shape == (2, 3, 16, 16) and (out - plain(z)).abs().max() > 1e-4
     assert 0.01 < withq.query_pos_embed.std() < 0.03
     assert torch.equal(load_rae_decoder(withq.state_dict(), num_heads=4).query_pos_embed, withq.query_pos_embed)
@@ -254,7 +255,7 @@ def test_decoder_queries_zero_is_rae_decoder():
 
 
 def tiny_rae(**kw):
-    return model.build_tokenizer("tiny", **kw)
+    return checkpoint.build_tokenizer("tiny", **kw)
 
 
 def test_rae_encode_pipeline_and_phase():
@@ -272,12 +273,12 @@ def test_rae_encode_pipeline_and_phase():
     assert z.shape == (2, 16, 64) and not z.requires_grad
     torch.testing.assert_close(z, ref, atol=1e-6, rtol=0)
     assert tok.decode(z).shape == (2, 3, 64, 64)
-    again = model.build_tokenizer(tok.config)  # the seeded random encoder is rebuilt identically
+    again = checkpoint.build_tokenizer(tok.config)  # the seeded random encoder is rebuilt identically
     assert same_state(again.encoder.state_dict(), tok.encoder.state_dict())
     with pytest.raises(ValueError, match="only phase"):
         tok.set_phase("2")
     with pytest.raises(ValueError, match="unknown tokenizer method"):
-        model.build_tokenizer({"method": "vae"})
+        checkpoint.build_tokenizer({"method": "vae"})
 
 
 @pytest.mark.parametrize("noise", ["uniform", "halfnormal"])

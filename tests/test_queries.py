@@ -3,6 +3,7 @@ without queries is the RAE decoder, separate statistics, noise on both parts, th
 import pytest
 import torch
 
+import checkpoint
 import model
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])  # DINOv2 tiny: 4 blocks of width 64, 4×4 tokens
@@ -10,22 +11,24 @@ DECQ = dict(TINY, method="decq", query_heads=4, query_layers=[0, 1, 3])
 
 
 def _pair():
-    rae = model.build_tokenizer(TINY).eval()
-    tok = model.build_tokenizer(DECQ).eval()
+    rae = checkpoint.build_tokenizer(TINY).eval()
+    tok = checkpoint.build_tokenizer(DECQ).eval()
     return rae, tok
 
 
 def test_patch_latent_is_the_rae_latent_bitwise():
     rae, tok = _pair()
     x = torch.rand(2, 3, 64, 64)
-    patch, q = tok.encode(x)
+    z = tok.encode(x)  # one token sequence: 16 patch tokens, then 8 queries
+    assert z.shape == (2, 24, 64) and tok.num_queries == 8
+    patch, q = tok.split(z)
     assert torch.equal(patch, rae.encode(x)) and q.shape == (2, 8, 64)
     assert torch.allclose(q.mean(-1), torch.zeros(2, 8), atol=1e-5)  # final LN₀ on the queries
-    assert model.build_tokenizer(tok.config).config == tok.config
-    default = model.build_tokenizer(dict(TINY, method="decq"))  # every quarter of the depth, head dim 64
+    assert checkpoint.build_tokenizer(tok.config).config == tok.config
+    default = checkpoint.build_tokenizer(dict(TINY, method="decq"))  # every quarter of the depth, head dim 64
     assert default.condenser.layers == [0, 1, 2, 3] and default.condenser.condensers[0].attn.num_heads == 1
     with pytest.raises(ValueError, match="query_layers"):
-        model.build_tokenizer({**DECQ, "query_layers": [0, 9]})
+        checkpoint.build_tokenizer({**DECQ, "query_layers": [0, 9]})
 
 
 def test_no_gradient_reaches_the_encoder_and_phase_one_trains_the_rest():
@@ -51,7 +54,7 @@ def test_decoder_without_queries_is_the_rae_decoder():
     plain = model.ViTDecoder(64, **model.DECODERS["tiny"], patch_size=16, grid=4, num_queries=0)
     plain.load_state_dict({k: v for k, v in tok.decoder.state_dict().items() if not k.startswith("query_")})
     assert torch.equal(plain(z), tok.decoder(z))
-    assert not torch.equal(tok.decoder(z, queries=torch.randn(2, 8, 64)), rae.decoder(z))
+    assert not torch.equal(tok.decoder(torch.cat([z, torch.randn(2, 8, 64)], 1)), rae.decoder(z))
 
 
 def test_separate_statistics_round_trip():
@@ -61,23 +64,23 @@ def test_separate_statistics_round_trip():
     assert torch.equal(recon, tok(x)[0])  # eval: decode(encode(x)) is the training path without noise
     stats = {"mean": torch.randn(64, 4, 4), "var": torch.rand(64, 4, 4) + 0.5,
              "query_mean": torch.randn(8, 64), "query_var": torch.rand(8, 64) + 0.5}
-    patch, q = tok.encode(x)
+    patch, q = tok.split(tok.encode(x))
     tok.set_stats(stats)
-    patch_n, q_n = tok.encode(x)
+    patch_n, q_n = tok.split(tok.encode(x))
     assert torch.allclose(q_n, (q - stats["query_mean"]) / torch.sqrt(stats["query_var"] + 1e-5), atol=1e-6)
     assert not torch.allclose(patch_n, patch)
-    assert torch.allclose(tok.decode((patch_n, q_n)), recon, atol=1e-5)
+    assert torch.allclose(tok.decode(torch.cat([patch_n, q_n], 1)), recon, atol=1e-5)
     tok.set_stats(None)
-    assert torch.equal(tok.encode(x)[1], q)
+    assert torch.equal(tok.split(tok.encode(x))[1], q)
 
 
 def test_noise_augmentation_on_patches_and_queries():
     _, tok = _pair()
     seen = {}
     decoder_forward = tok.decoder.forward
-    tok.decoder.forward = lambda z, queries=None: seen.update(z=z, q=queries) or decoder_forward(z, queries)
+    tok.decoder.forward = lambda z: seen.update(zip("zq", tok.split(z))) or decoder_forward(z)
     x = torch.rand(2, 3, 64, 64)
-    patch, q = tok.latent(tok.encoder_features(x))
+    patch, q = tok.split(tok.latent(tok.encoder_features(x)))
     tok.train()(x)
     assert not torch.allclose(seen["z"], patch, atol=1e-3) and not torch.allclose(seen["q"], q, atol=1e-3)
     tok.eval()(x)
@@ -88,7 +91,7 @@ def test_published_configuration_and_its_extra_compute():
     from bench.decq_flops import forward_flops
 
     with torch.device("meta"):
-        tok = model.build_tokenizer({**model.TOKENIZER_PRESETS["published"], "method": "decq"}, encoder_weights=None)
+        tok = checkpoint.build_tokenizer({**model.TOKENIZER_PRESETS["published"], "method": "decq"}, encoder_weights=None)
     assert tok.condenser.layers == [0, 3, 6, 9] and tok.condenser.condensers[0].attn.num_heads == 12
     n = sum(p.numel() for p in tok.condenser.parameters())
     n_dec = sum(p.numel() for k, p in tok.decoder.named_parameters() if k.startswith("query_"))
@@ -106,7 +109,7 @@ def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
     _, tok = _pair()
     images = [torch.rand(3, 3, 64, 64) for _ in range(3)]
     stats = model.compute_latent_stats(tok, images)
-    p, q = zip(*(tok.latent(tok.encoder_features(x)) for x in images))
+    p, q = zip(*(tok.split(tok.latent(tok.encoder_features(x))) for x in images))
     p, q = torch.cat(p).double(), torch.cat(q).double()
     assert torch.allclose(stats["mean"], p.mean(0).T.reshape(64, 4, 4).float(), atol=1e-6)
     assert torch.allclose(stats["var"], p.var(0, unbiased=False).T.reshape(64, 4, 4).float(), atol=1e-6)

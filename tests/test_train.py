@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+import checkpoint
 import data
 import losses
 import model
@@ -65,7 +66,7 @@ def test_torchrun_two_processes_end_to_end(images, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = log(out)
     assert [row["step"] for row in rows] == [1, 2] and "d" in rows[0] and "gan" in rows[1]
-    ck = train.load_checkpoint(out, expect_kind="tokenizer", expect_method="rae", expect_phase="1")
+    ck = checkpoint.load_checkpoint(out, expect_kind="tokenizer", expect_method="rae", expect_phase="1")
     assert ck["step"] == 2 and len(ck["rng"]) == 2  # both ranks' RNG states
 
 
@@ -75,8 +76,7 @@ def test_torchrun_two_processes_end_to_end(images, tmp_path):
 def tiny_trainer(world):
     """The real TokenizerTrainer of the tiny preset (DDP-wrapped when world > 1), GAN term on, no latent noise."""
     args = train.parse_args(["--method", "rae", "--phase", "1", *TINY, "--noise-tau", "0", "--lpips-weight", "0"])
-    args.steps_per_epoch, args.total_steps, args.warmup_steps = 1, 10, 0
-    return args, train.TokenizerTrainer(args, torch.device("cpu"), world, None)
+    return args, train.TokenizerTrainer(args, train.Plan(1, 1, 10, 0), torch.device("cpu"), world, None)
 
 
 def global_batch_grads(world, micro_batches):
@@ -147,7 +147,7 @@ def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tm
         run = ["--method", method, "--phase", phase, *common, *extra]
         train.main(run + ["--out-dir", str(tmp_path / f"{method}{phase}-a"), "--max-steps", "2"])
         a = torch.load(tmp_path / f"{method}{phase}-a" / "ckpt-last.pt")
-        tok = model.build_tokenizer(a["config"])
+        tok = checkpoint.build_tokenizer(a["config"])
         mine = [p for n, p in tok.named_parameters() if n.startswith(trained)]  # by module, not requires_grad
         states = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
         assert sum(len(g["params"]) for g in a["optimizer"]["param_groups"]) == len(states) == len(mine)
@@ -176,7 +176,7 @@ def test_sigterm_saves_and_exits_cleanly(images, tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 0
     assert "Traceback" not in p.stderr.read()
-    ck = train.load_checkpoint(out)
+    ck = checkpoint.load_checkpoint(out)
     assert ck["step"] >= 1 and ck["step"] == log(out)[-1]["step"]
 
 
@@ -189,12 +189,12 @@ def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
     for method, phase, extra in runs:
         out = tmp_path / f"{method}{phase}"
         train.main(["--method", method, "--phase", phase, *common, "--out-dir", str(out), *extra])
-        ck = train.load_checkpoint(tmp_path / f"{method}{phase}", "tokenizer", method, phase)
+        ck = checkpoint.load_checkpoint(tmp_path / f"{method}{phase}", "tokenizer", method, phase)
         assert ck["config"]["method"] == method and ck["step"] == 1
-        tok = model.build_tokenizer(ck["config"])
+        tok = checkpoint.build_tokenizer(ck["config"])
         model.load_strict(tok, ck["ema"], f"{method}{phase}")
         assert all(torch.isfinite(torch.tensor(v)) for v in log(tmp_path / f"{method}{phase}")[0].values())
-    rae1, dr2 = train.load_checkpoint(tmp_path / "rae1"), train.load_checkpoint(tmp_path / "drorae2")
+    rae1, dr2 = checkpoint.load_checkpoint(tmp_path / "rae1"), checkpoint.load_checkpoint(tmp_path / "drorae2")
     assert all(torch.equal(rae1["ema"][k], v) for k, v in dr2["model"].items() if k.startswith("decoder."))
     for phase, src, found in (("2", "decq1", "method decq phase 1"), ("3", "rae1", "method rae phase 1")):
         msg = error(["--method", "drorae", "--phase", phase, *common, "--out-dir", str(tmp_path / f"x{phase}"),
@@ -210,7 +210,7 @@ def tokenizer_then_generator(method, images, tmp_path, *extra):
     out = tmp_path / f"{method}-gen{'-cached' if extra else ''}"
     train.main(["--method", method, "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(out),
                 "--tokenizer", str(tok), "--grid-every", "1", *extra])
-    ck = train.load_checkpoint(out, "generator", method, "gen")
+    ck = checkpoint.load_checkpoint(out, "generator", method, "gen")
     assert ck["tokenizer"]["config"]["method"] == method and (ck["stats"] is None) == (method == "ideal")
     assert (out / "grid-0000001.png").exists() and math.isfinite(log(out)[0]["loss"])
     return tok, out
@@ -220,9 +220,9 @@ def test_generator_phase_dit_and_gpt(images, tmp_path):
     tokenizer_then_generator("ideal", images, tmp_path)
     tok, _ = tokenizer_then_generator("rae", images, tmp_path)
     _, out = tokenizer_then_generator("rae", images, tmp_path, "--latent-cache", str(tmp_path / "cache"), "--seed", "1")
-    ck = train.load_checkpoint(out)  # the cache holds each centre crop and its mirror, normalised, fp16
-    tok = model.build_tokenizer(ck["tokenizer"]["config"])
-    model.load_strict(tok, train.load_checkpoint(tok_path := ck["tokenizer"]["path"])["ema"], tok_path)
+    ck = checkpoint.load_checkpoint(out)  # the cache holds each centre crop and its mirror, normalised, fp16
+    tok = checkpoint.build_tokenizer(ck["tokenizer"]["config"])
+    model.load_strict(tok, checkpoint.load_checkpoint(tok_path := ck["tokenizer"]["path"])["ema"], tok_path)
     tok.set_stats(ck["stats"])
     x = torch.stack([data.ImageFolder(images, size=64)[i][0] for i in (0, 5)])
     cache = np.load(tmp_path / "cache" / "latents.npy")
@@ -235,7 +235,7 @@ def test_generator_phase_dit_and_gpt(images, tmp_path):
 
 def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     _, out = tokenizer_then_generator("decq", images, tmp_path)
-    assert "query_var" in train.load_checkpoint(out)["stats"]
+    assert "query_var" in checkpoint.load_checkpoint(out)["stats"]
     tok, _ = tokenizer_then_generator("rae", images, tmp_path)
     gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--tokenizer", str(tok)]
     train.main(gen + ["--max-steps", "4", "--out-dir", str(tmp_path / "a")])
@@ -259,8 +259,8 @@ def test_tiny_model_overfits_eight_images(images, tmp_path):
                 "--noise-tau", "0", "--lr", "3e-3", "--lr-min", "3e-3", "--epochs", "60", "--ema", "0"])
     rec = [r["rec"] for r in log(out)]
     assert rec[-1] < rec[0] / 5, (rec[0], rec[-1])
-    ck = train.load_checkpoint(out / "tokenizer.pt", expect_kind="tokenizer")
-    tok = model.build_tokenizer(ck["config"])
+    ck = checkpoint.load_checkpoint(out / "tokenizer.pt", expect_kind="tokenizer")
+    tok = checkpoint.build_tokenizer(ck["config"])
     model.load_strict(tok, ck["ema"], "tokenizer.pt")
 
 
@@ -316,7 +316,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
     msg = error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
                  "--global-batch", "4", "--micro-batch", "2", "--lpips-weight", "0", "--ckpt-every", "1"])
     assert "non-finite loss nan at step 1" in msg and str(out) in msg
-    ck = train.load_checkpoint(out)
+    ck = checkpoint.load_checkpoint(out)
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 

@@ -9,13 +9,14 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import checkpoint
 import model
 import vq
 from conftest import ROOT
 
 
 def tiny(**kw):
-    return model.build_tokenizer(vq.IDEAL_PRESETS["tiny"], **kw)
+    return checkpoint.build_tokenizer(vq.IDEAL_PRESETS["tiny"], **kw)
 
 
 def blobs(n, size=64, gen=None):
@@ -160,7 +161,7 @@ def test_tokenizer_phase_config_and_gradients():
     assert tok.quantizer.codebook.grad.abs().sum() > 0 and tok.attn_fuse.attn.qkv.weight.grad.abs().sum() > 0
     assert set(tok.last_stats) == {"usage", "perplexity", "entropy"}
     # the config rebuilds the same architecture; the state dict round-trips strictly
-    again = model.build_tokenizer(tok.config)
+    again = checkpoint.build_tokenizer(tok.config)
     model.load_strict(again, tok.state_dict(), "ideal")
     tok.eval(), again.eval()
     assert torch.equal(again.encode(x), tok.encode(x))
@@ -181,7 +182,7 @@ def test_deep_only_ablation_quantises_the_deep_feature_alone():
 
 def test_published_configuration_sizes():
     with torch.device("meta"):
-        tok = model.build_tokenizer(vq.IDEAL_PRESETS["published"], encoder_weights=None)
+        tok = checkpoint.build_tokenizer(vq.IDEAL_PRESETS["published"], encoder_weights=None)
     assert tok.quantizer.codebook.shape == (16384, 64) and tok.quantizer.down.weight.shape == (64, 768)
     assert len(tok.feature_decoder.blocks) == 6 and tok.feature_decoder.blocks[0].attn.num_heads == 12
     assert tok.feature_decoder.blocks[0].mlp.fc1.weight.shape == (1536, 768)

@@ -1,0 +1,86 @@
+"""Loading and saving: depthrae checkpoints, the tokenizer registry, and the frozen tokenizer or generator a tool needs.
+
+Every tool (train.py, sample.py, evaluate.py, toy.py, experiments.py, bench/) reads checkpoints through this file,
+the only one that knows every method. A checkpoint is a dict written atomically by `save_checkpoint`:
+  kind "tokenizer": method, phase, config (the tokenizer's constructor keywords + "method"), ema (+ model,
+      optimiser, discriminator and RNG states in a training run's ckpt-last.pt; the final tokenizer.pt has no more);
+  kind "generator": method, phase "gen", config (DiT-DH or GPT keywords), ema, tokenizer {path, config}, stats (the
+      latent statistics it was trained on; None for codes).
+"""
+from pathlib import Path
+
+import torch
+
+import ar
+import dit
+import fusion
+import model
+import queries
+import vq
+
+TOKENIZERS = {"rae": model.RAE, "drorae": fusion.DRoRAE, "decq": queries.DecQ, "ideal": vq.Ideal}
+
+
+def build_tokenizer(config, **overrides):
+    """A new tokenizer from a `config` dict (or a model.TOKENIZER_PRESETS name) with overrides, e.g.
+    decoder_weights=None when a checkpoint's state dict will be loaded next. Every tokenizer class takes its config
+    minus "method" as keyword arguments and keeps the whole dict as `tok.config`."""
+    config = {**(model.TOKENIZER_PRESETS[config] if isinstance(config, str) else config), **overrides}
+    method = config.pop("method", None)
+    if method not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer method '{method}': expected one of {sorted(TOKENIZERS)}")
+    return TOKENIZERS[method](**config)
+
+
+def save_checkpoint(path, **state):
+    """Write a checkpoint dict atomically (model.save_atomic): a crash never leaves a half-written file."""
+    model.save_atomic(state, path)
+
+
+def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
+    """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
+    value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was
+    expected. The dict gets the file's "path"."""
+    path = Path(path)
+    path = path / "ckpt-last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: cheap to inspect
+    except Exception as e:  # noqa: BLE001 — any unreadable file gets the same one-line answer
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or not {"kind", "method", "phase"} <= ck.keys():
+        raise SystemExit(f"{path}: not a depthrae checkpoint (no kind/method/phase)")
+    wanted = {k: (w,) if isinstance(w, str) else tuple(w) for k, w in
+              (("kind", expect_kind), ("method", expect_method), ("phase", expect_phase)) if w is not None}
+    if any(ck[k] not in w for k, w in wanted.items()):
+        raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
+                         f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
+    ck["path"] = str(path)
+    return ck
+
+
+def load_tokenizer(src, device="cpu", method=None):
+    """The EMA tokenizer of a checkpoint (path, run directory or a dict from load_checkpoint), frozen, in eval
+    mode on `device`; its encoder and decoder weights come from the checkpoint, nothing is downloaded."""
+    ck = src if isinstance(src, dict) else load_checkpoint(src, "tokenizer", method)
+    tok = build_tokenizer(ck["config"], encoder_weights=None, decoder_weights=None)
+    model.load_strict(tok, ck["ema"], f"{ck['path']} ema")
+    return tok.to(device).eval().requires_grad_(False)
+
+
+def build_generator(config, tok):
+    """The generator of a tokenizer's latents from its config: the AR GPT over codes when the tokenizer is discrete
+    (`tok.num_codes`), else DiT-DH over latent tokens."""
+    return (ar.GPT if tok.num_codes else dit.DiTDH)(**config)
+
+
+def load_generator(path, device="cpu", tok=None):
+    """(EMA generator, frozen and in eval mode; its frozen tokenizer with the generator's latent statistics; the
+    checkpoint). `tok`: the tokenizer already loaded for another generator on the same latents (a guide)."""
+    ck = load_checkpoint(path, "generator")
+    if tok is None:
+        tok = load_tokenizer(ck["tokenizer"]["path"], device, ck["method"])
+        tok.set_stats(ck["stats"])
+    net = model.load_strict(build_generator(ck["config"], tok), ck["ema"], f"generator {ck['path']}")
+    return net.to(device).eval().requires_grad_(False), tok, ck
