@@ -1,4 +1,4 @@
-"""LlamaGen-style class-conditional GPT over discrete image codes (the Ideal generator, SPEC §7).
+"""LlamaGen-style class-conditional GPT over discrete image codes (the Ideal generator: Ideal §3.4, App. A.2).
 
 Sequence = [class token, code_0, …, code_{N−2}] → logits for code_0 … code_{N−1}. Llama blocks (RMSNorm,
 SwiGLU, no biases), 2-D RoPE on the image tokens, a class-embedding table with a null row for

@@ -18,14 +18,14 @@ from model import Attention, RMSNorm, SwiGLU, load_strict, read_state_dict, rope
 # 1. DiT-DH
 # ----------------------------------------------------------------------------------------------------
 
-PRESETS = {  # SPEC §8 (RAE configs); widths/depths/heads are (body, head)
+PRESETS = {  # RAE stage-2 configs (DiT-DH S/B/L/XL); widths/depths/heads are (body, head)
     "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
     "B": dict(hidden_size=(768, 2048), depth=(12, 2), num_heads=(12, 16)),
     "L": dict(hidden_size=(1024, 2048), depth=(24, 2), num_heads=(16, 16)),
     "XL": dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)),
     "tiny": dict(hidden_size=(64, 128), depth=(2, 1), num_heads=(4, 4)),
 }
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 2048: 16}  # released checkpoints (SPEC §8)
+HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 2048: 16}  # released RAE checkpoints
 
 
 def dit_config(preset="XL", head=True, **overrides):
@@ -116,7 +116,7 @@ class DiTDH(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(d1, num_heads[0], mlp_ratio) for _ in range(n1)] +
                                     [DiTBlock(d2, num_heads[1], mlp_ratio) for _ in range(n2)])
         self.final_layer = FinalLayer(out_width, in_channels)
-        if num_queries:  # DecQ (SPEC §6)
+        if num_queries:  # DecQ §3.3 (own output projection: README, Decisions)
             self.query_s_embedder = nn.Linear(in_channels, d1)
             self.query_pos_embed = nn.Parameter(torch.zeros(num_queries, d1))
             if n2:
@@ -247,7 +247,7 @@ def shift_alpha(dim, base=4096):
 
 
 def shift_t(t, alpha):
-    """SD3 time shift t ← α t / (1 + (α − 1) t): pushes t toward noise for α > 1 (RAE, SPEC §8)."""
+    """SD3 time shift t ← α t / (1 + (α − 1) t): pushes t toward noise for α > 1 (RAE stage 2)."""
     return alpha * t / (1 + (alpha - 1) * t)
 
 
@@ -260,7 +260,7 @@ def sample_t(n, alpha, dist="logit-normal", t_max=0.999, device=None):
 def flow_matching_loss(model, x, y, q=None, lam=1.0, dist="logit-normal", alpha=None, p_uncond=0.1):
     """RAE flow-matching loss: plain MSE on v = ε − x at x_t = (1 − t)x + tε; the net sees the shifted t.
     Labels are dropped to the null class with probability p_uncond. DecQ: with query latents q (B, Q, C),
-    the same t and an independent ε for the queries; loss = MSE_patch + λ·MSE_query (SPEC §6)."""
+    the same t and an independent ε for the queries; loss = MSE_patch + λ·MSE_query (DecQ §3.3, §4.1)."""
     alpha = alpha or shift_alpha(x[0].numel())
     t = sample_t(x.shape[0], alpha, dist, device=x.device)
     null = getattr(model, "module", model).num_classes  # the null label (model may be wrapped in DDP)

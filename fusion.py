@@ -1,9 +1,9 @@
 """DRoRAE — depth-routed fusion of every encoder layer into the RAE latent (Zhu et al. 2026, "Beyond the Last
-Layer", arXiv 2605.10780; SPEC §5).
+Layer", arXiv 2605.10780, §3).
 
 Equation numbers follow §3 of the paper (Eq. 1 encoder, Eq. 2 experts, Eq. 3 router, Eq. 4 energy-constrained
-aggregation, Eq. 5 incremental correction, Eq. 6 training loss); the stored text lost the displays, the numbering
-is anchored on the text's "Eq. 6" for the loss.
+aggregation, Eq. 5 incremental correction, Eq. 6 training loss), inferred from the paper's in-text references
+and anchored on its "Eq. 6" for the loss.
 
 Read top to bottom: (1) the equations, (2) the fusion module, (3) the DRoRAE tokenizer and its three training
 phases, (4) routing-map images. The capacity scaling study (§4.4) is `python experiments.py drorae-scaling`.

@@ -1,4 +1,4 @@
-"""Decoder training losses (RAE stage-1 recipe, SPEC §4): LPIPS-VGG, the frozen-DINO discriminator, DiffAugment,
+"""Decoder training losses (RAE stage-1 recipe, as in the released RAE code): LPIPS-VGG, the frozen-DINO discriminator, DiffAugment,
 hinge / generator GAN losses and the adaptive GAN weight λ_adapt.
 
 Images at this API are in [0, 1] except where a docstring says [−1, 1] (the discriminator path, as in RAE).

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 
 def ln0(x, eps=1e-6):
-    """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize' trick, SPEC §0)."""
+    """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize' trick: the final LayerNorm without its affine)."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
@@ -239,7 +239,7 @@ def read_state_dict(path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference; SPEC §1)
+# 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -442,7 +442,7 @@ def dinov2(name, weights="official", **overrides):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style; SPEC §3)
+# 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style)
 # ----------------------------------------------------------------------------------------------------
 
 DECODERS = {

@@ -1,9 +1,9 @@
-"""DecQ — detail-condensing queries for the RAE tokenizer (Wang et al. 2026, arXiv 2605.22777; SPEC §6).
+"""DecQ — detail-condensing queries for the RAE tokenizer (Wang et al. 2026, arXiv 2605.22777, §3.2–3.3).
 
 A few learnable queries condense detail from intermediate blocks of the frozen encoder through chained
 cross-attention "condensers"; the patch latent stays exactly the RAE latent (patches never attend to queries),
 and the decoder reads patches and queries together. Equation numbers follow §3 of the paper (Eq. 3 cross-attention,
-Eq. 4 condenser, Eq. 5 decoder input, Eq. 6–7 generation; reconstructed, the stored text lost the displays).
+Eq. 4 condenser, Eq. 5 decoder input, Eq. 6–7 generation; inferred from the paper's in-text references).
 
 Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer. Training and noise augmentation are
 RAE's (one σ per sample over patches and queries), on the longer token sequence.

@@ -2,7 +2,7 @@
 tokenizer → PNG grid and/or an ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` labels, in sample-index order) + a
 JSON sidecar.
 
-    python sample.py --ckpt runs/gen --per-class 50                       # 50K samples for FID (SPEC §9)
+    python sample.py --ckpt runs/gen --per-class 50                       # 50K samples, 50 per class (ADM gFID protocol)
     torchrun --nproc_per_node=8 sample.py --ckpt runs/gen --per-class 50 --guide runs/guide --scale 1.42
     python sample.py --ckpt runs/gen --classes 207 360 387 --num-samples 24 --formats png
     python sample.py --ckpt runs/ideal-gen --per-class 50 --scale 2.0 --top-k 0 --top-p 1.0   # AR: CFG on logits

@@ -1,10 +1,10 @@
 """Training for depthrae: every tokenizer phase and the generator phase, one file, no framework.
 
-Tokenizer phases (SPEC §4–§7) share one step: loss = rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge,
+Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1) share one step: loss = rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge,
 adaptive weight) + the tokenizer's own aux losses; AdamW, warm-up + cosine, EMA, discriminator from an epoch.
   rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1) · drorae/3 decoder fine-tune
   (--init-from phase 2) · decq/1 queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
-Generator phase (--phase gen, SPEC §7–§8): DiT-DH by flow matching (rae, drorae, decq) or the AR GPT (ideal) on the
+Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by flow matching (rae, drorae, decq) or the AR GPT (ideal) on the
 latents of a frozen --tokenizer checkpoint. Every phase runs in the same loop (section 6).
 
     python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
@@ -46,10 +46,10 @@ import model
 
 METHODS = ("rae", "drorae", "decq", "ideal")
 # (method, phase) → `init`: what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer;
-# `defaults`: the recipe where it differs from RAE's decoder training (SPEC §4). A new method or phase plugs in
+# `defaults`: the recipe where it differs from RAE's decoder training (README, Decisions). A new method or phase plugs in
 # here, in TOKENIZER_CONFIG (+ its flags) and, if its tokenizer needs it, nowhere else.
 DIT_RECIPE = dict(lr=2e-4, lr_min=2e-5, global_batch=1024, clip_grad=1.0, ema=0.9995, epochs=800, warmup_epochs=0,
-                  schedule="linear", decay_start_epoch=40)  # SPEC §8
+                  schedule="linear", decay_start_epoch=40)  # RAE stage-2 recipe (released RAE code)
 PHASES = {
     ("rae", "1"): {},
     ("drorae", "1"): {},
@@ -58,7 +58,7 @@ PHASES = {
     ("decq", "1"): {},
     ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
                                        gan_start_step=20000, disc_start_step=20000, clip_grad=1.0, global_batch=256,
-                                       epochs=50)),  # SPEC §7
+                                       epochs=50)),  # Ideal App. A.1, Table 8 (README, Decisions)
     ("rae", "gen"): dict(defaults=DIT_RECIPE),
     ("drorae", "gen"): dict(defaults=DIT_RECIPE),
     ("decq", "gen"): dict(defaults=DIT_RECIPE),
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (schedule unchanged)")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--seed", type=int, default=0)
-    # tokenizer (SPEC §2, §3)
+    # tokenizer (RAE encoder and ViT decoder)
     a("--encoder", default="vitb14_reg", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,
       help="DINOv2 name vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny), or a JSON dict of model.DINOv2 arguments")
     a("--encoder-weights", default="official", help="official | random | PATH")
@@ -112,18 +112,18 @@ def parse_args(argv=None):
     a("--resize", type=int, default=384, help="training images: Resize(short side, bicubic) → RandomCrop(image size)")
     a("--noise-tau", type=float, default=0.8, help="latent noise augmentation τ")
     a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
-    # DRoRAE (SPEC §5)
+    # DRoRAE (§3.2–3.3)
     a("--fusion-hidden", type=int, default=None, help="expert width H (default 2C)")
     a("--fusion-layers", type=int, nargs="+", default=None, help="fused encoder blocks (default all)")
     a("--beta", type=float, default=0.2, help="incremental-correction β")
     a("--route-eps", type=float, default=1e-6)
     a("--smoothness", type=float, default=0.0, help="routing-smoothness penalty weight")
-    # DecQ (SPEC §6)
+    # DecQ (§3.2, §4.1)
     a("--num-queries", type=int, default=8)
     a("--query-layers", type=int, nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
     a("--query-heads", type=int, default=None)
     a("--query-mlp-ratio", type=float, default=4.0)
-    # Ideal (SPEC §7)
+    # Ideal (§3.3, App. A.1)
     a("--shallow-layer", type=int, default=3)
     a("--fuse", action=argparse.BooleanOptionalAction, default=True, help="AttnFuse shallow into deep features")
     a("--codebook-size", type=int, default=16384)
@@ -135,7 +135,7 @@ def parse_args(argv=None):
     a("--fuse-heads", type=int, default=12)
     a("--feat-depth", type=int, default=6, help="feature decoder depth")
     a("--feat-heads", type=int, default=12)
-    # generators (--phase gen; SPEC §7, §8)
+    # generators (--phase gen; RAE stage 2, Ideal App. A.2)
     a("--dit", default="XL", choices=tuple(dit.PRESETS), help="DiT-DH size")
     a("--dit-head", action=argparse.BooleanOptionalAction, default=True, help="DDT head (off: plain DiT)")
     a("--gpt", default="B", choices=tuple(ar.GPT_PRESETS), help="AR GPT size (ideal)")
@@ -147,7 +147,7 @@ def parse_args(argv=None):
     a("--query-weight", type=float, default=1.0, help="DecQ λ on the query flow-matching loss")
     a("--latent-cache", default=None, help="directory of the encoded training set, filled on first use (centre crops "
       "and mirrors, normalised latents): reuse only with the same tokenizer and stats")
-    # loss (SPEC §4)
+    # loss (RAE stage 1; README, Decisions)
     a("--rec-loss", choices=("l1", "l2"), default="l1")
     a("--lpips-weight", type=float, default=1.0)
     a("--lpips-weights", default="official", help="LPIPS v0.1 lin layers: official | random | PATH")

@@ -1,11 +1,11 @@
-"""Ideal: in-depth alignment makes a discrete representation autoencoder (seed 004, SPEC §7).
+"""Ideal: in-depth alignment makes a discrete representation autoencoder (Diao et al. 2026, arXiv 2606.11096).
 
 A frozen VFM gives a shallow feature f_s = LN₀(h_s) and a deep one f_d = LN₀(h_L). AttnFuse lets the deep
 tokens read the shallow ones (Eq. 6); the fused tokens are quantised by a factorised, ℓ2-normalised VQ
 (Eq. 2, 4); a ViT feature decoder reconstructs both features from the codes (Eq. 7, 9, 10), and the pixel
 decoder maps the reconstructed deep feature to pixels (Eq. 8). Read top to bottom: AttnFuse, the quantiser
 and its entropy term, the feature decoder and alignment loss, the tokenizer.
-Training objective (train.py --method ideal --phase 1, SPEC §7): L2 + LPIPS + 0.5·GAN from step 20k (no adaptive
+Training objective (train.py --method ideal --phase 1; Ideal Eq. 11, App. A.1): L2 + LPIPS + 0.5·GAN from step 20k (no adaptive
 weight) + the aux losses returned by `Ideal.forward` (VQ, L_deep, L_shallow); AdamW lr 1e-4, betas (0.9, 0.95),
 wd 0.05, cosine, clip 1.0, batch 256, 50 epochs.
 """
@@ -221,7 +221,7 @@ class Ideal(RAE):
     f_d = LN₀(last block) → AttnFuse (Eq. 6) → VQ (Eq. 2) → feature decoder (Eq. 7) → f̂_d → pixel decoder
     (Eq. 8). `encode` gives code indices (B, N); `decode(indices)` runs the same path as `forward` (which, in
     eval mode, is exactly decode(encode(x))). fuse=False quantises f_d alone (Table 7a "None");
-    shallow_weight=0 drops L_shallow (Table 7b). The pixel decoder is the RAE ViT decoder (SPEC §7 decision;
+    shallow_weight=0 drops L_shallow (Table 7b). The pixel decoder is the RAE ViT decoder (README, Decisions;
     the official code uses a VQGAN-style CNN, not implemented); decoder_weights may initialise it from a released
     RAE decoder, since f̂_d targets the RAE latent LN₀(last block). Stats of the last training step:
     `last_stats` (usage, perplexity, entropy; not losses)."""

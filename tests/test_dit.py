@@ -181,7 +181,7 @@ def test_heun_is_exact_for_velocity_linear_in_t():
     assert not torch.allclose(dit.sample(stub, x1, y, num_steps=10, alpha=2.0), exact)
 
 
-# ---- DecQ joint denoising (SPEC §6) ----------------------------------------------------------------
+# ---- DecQ joint denoising (DecQ §3.3) ----------------------------------------------------------------
 
 
 def test_decq_queries_change_the_patch_velocity():
