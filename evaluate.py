@@ -428,7 +428,7 @@ def table(res):
     return "\n".join(f"{k:>12}  {v:.6g}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in res.items())
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", help="sample npz (arr_0 uint8 N×H×W×3) or image folder")
     p.add_argument("--ref", help="ADM reference batch npz, sample npz, image folder or a --save-stats file")
@@ -450,6 +450,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.samples) == bool(args.tokenizer) or bool(args.tokenizer) != bool(args.data_path):
         p.error("give --samples [--ref] or --tokenizer with --data-path")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         res = run(args)
     except (ValueError, FileNotFoundError) as e:  # bad weights or inputs found deep inside: one line

@@ -1,19 +1,29 @@
-"""The papers' experiments as commands: each study is a list of plain `python train.py …` runs (written to
-<out-dir>/commands.sh, each run's output to <out-dir>/logs/), a scoring step and a table.
+"""The papers' experiments as commands. A study is a named list of runs, each a plain `python train.py …` /
+`sample.py` / `evaluate.py` / `toy.py --stage …` command (all of them in <out-dir>/<study>/commands.sh, each run's
+output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's layout with the mean and the spread
+(max − min) over seeds, also drawn as a PNG chart. The default world is the toy world of toy.py, two runs at a time;
+`--world imagenet` gives the same study at full scale with the published recipes. A rerun reuses finished runs
+(keyed by their command) and continues interrupted ones.
 
     python experiments.py --list
+    python experiments.py main --seeds 0 1 2                          # toy.py's table over three seeds
+    python experiments.py main --dry-run --world imagenet --data-path imagenet/train --eval-path imagenet/val \\
+        --ref VIRTUAL_imagenet256_labeled.npz                        # the full-scale commands
     python experiments.py drorae-scaling --init-from runs/rae/tokenizer.pt --data-path imagenet/train \\
         --eval-path imagenet/val --out-dir runs/drorae-scaling          # DRoRAE §4.4 at full scale
 
-Read top to bottom: (1) the DRoRAE capacity scaling study, (2) the command line.
+Read top to bottom: (1) the DRoRAE capacity scaling study, (2) studies over seeds: aggregation, table, chart,
+(3) the main table, (4) the command line.
 """
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 import checkpoint
 import data
@@ -136,10 +146,226 @@ def drorae_scaling(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 2. Studies over seeds: aggregation, table, chart
+# ----------------------------------------------------------------------------------------------------
+
+METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lower, format)
+    "psnr": ("PSNR", 1, ".2f"), "ssim": ("SSIM", 1, ".3f"), "recon_accuracy": ("recon acc", 1, ".3f"),
+    "rFID": ("rFID", -1, ".3f"), "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"),
+    "gFID": ("gFID", -1, ".2f"), "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"),
+    "recall": ("recall", 1, ".3f")}
+GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
+
+
+def study_args(name, argv, seeds=(0, 1, 2)):
+    """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
+    p = argparse.ArgumentParser(prog=f"experiments.py {name}")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
+    p.add_argument("--lanes", type=int, default=2, help="runs at a time (toy world: one per core)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--world", choices=("toy", "imagenet"), default="toy")
+    p.add_argument("--data-path", help="imagenet world: the training ImageFolder")
+    p.add_argument("--eval-path", help="imagenet world: the held-out ImageFolder (ImageNet val)")
+    p.add_argument("--ref", help="imagenet world: ADM reference batch for gFID (default: --eval-path images)")
+    p.add_argument("--gpus", type=int, default=8, help="imagenet world: processes per run (torchrun)")
+    args, extra = p.parse_known_args(argv)
+    if args.world == "imagenet" and not (args.data_path and args.eval_path):
+        p.error("--world imagenet needs --data-path TRAIN and --eval-path VAL")
+    if args.world == "imagenet" and extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)} (toy.py flags belong to the toy world)")
+    return args, extra
+
+
+def aggregate(per_seed, rows):
+    """{seed: {row: {metric: value}}} → {row: {metric: {"values" per seed, "mean", "spread" = max − min}}}."""
+    table = {}
+    for row in rows:
+        for metric in METRICS:
+            values = [per_seed[s][row].get(metric) for s in per_seed if row in per_seed[s]]
+            if values and all(v is not None for v in values):
+                table.setdefault(row, {})[metric] = dict(values=values, mean=sum(values) / len(values),
+                                                         spread=max(values) - min(values))
+    return table
+
+
+def comparisons(table, base, others):
+    """For every generation metric: each tokenizer's difference of means from `base`, and whether it exceeds the
+    larger of the two spreads over seeds (the claim is resolved in this world) or not."""
+    out = []
+    for metric in GENERATION:
+        for row in others:
+            if metric in table.get(base, {}) and metric in table.get(row, {}):
+                a, b = table[base][metric], table[row][metric]
+                margin = max(a["spread"], b["spread"])
+                out.append(dict(metric=metric, tokenizer=row, diff=b["mean"] - a["mean"], spread_base=a["spread"],
+                                spread=b["spread"], resolved=abs(b["mean"] - a["mean"]) > margin,
+                                better=(b["mean"] - a["mean"]) * METRICS[metric][1] > 0))
+    return out
+
+
+def print_table(table, rows, seeds, base=None, others=()):
+    """Mean ± spread over the seeds, a row per run; then the generation comparisons against `base`."""
+    metrics = [m for m in METRICS if any(m in table.get(r, {}) for r in rows)]
+    print(f"\nmean ± spread (max − min) over seeds {' '.join(map(str, seeds))}")
+    print(f"{'':<16}" + "".join(f"{METRICS[m][0]:>17}" for m in metrics))
+    for r in rows:
+        cells = [format(table[r][m]["mean"], METRICS[m][2]) + " ± " + format(table[r][m]["spread"], METRICS[m][2])
+                 if m in table.get(r, {}) else "—" for m in metrics]
+        print(f"{r:<16}" + "".join(f"{c:>17}" for c in cells))
+    cmp = comparisons(table, base, others) if base else []
+    for c in cmp:
+        verdict = "exceeds" if c["resolved"] else "is inside"
+        better = "better" if c["better"] else "worse" if c["diff"] else "equal"
+        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {base} = {c['diff']:+.3f} ({better}); {verdict} the spreads ({base} {c['spread_base']:.3f}, "
+              f"{c['tokenizer']} {c['spread']:.3f})")
+    return cmp
+
+
+COLOURS = [(86, 119, 164), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
+           (218, 139, 195), (140, 140, 140)]
+
+
+def chart(table, rows, path, title):
+    """A PNG panel per metric: a bar per run at the mean over seeds, a whisker from the lowest to the highest seed,
+    a dot per seed (drawn with Pillow alone)."""
+    metrics = [m for m in METRICS if any(m in table.get(r, {}) for r in rows)]
+    pw, ph, top, cols = 300, 240, 40, min(4, len(metrics))
+    img = Image.new("RGB", (pw * cols, top + ph * -(-len(metrics) // cols) + 20 * len(rows) // 2 + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), title, fill="black")
+    for k, m in enumerate(metrics):
+        x0, y0 = pw * (k % cols), top + ph * (k // cols)
+        cells = [(i, table[r][m]) for i, r in enumerate(rows) if m in table.get(r, {})]
+        lo = min(0.0, *(min(c["values"]) for _, c in cells))
+        hi = max(max(c["values"]) for _, c in cells) * 1.08 or 1.0
+        y = lambda v: y0 + ph - 30 - (v - lo) / (hi - lo) * (ph - 60)  # noqa: E731
+        d.text((x0 + 10, y0 + 4), f"{METRICS[m][0]} ({'higher' if METRICS[m][1] > 0 else 'lower'} is better)",
+               fill="black")
+        d.line([(x0 + 30, y(lo)), (x0 + pw - 10, y(lo))], fill="grey")
+        bw = (pw - 50) / len(rows)
+        for i, c in cells:
+            bx = x0 + 35 + i * bw
+            d.rectangle([bx, y(c["mean"]), bx + bw * 0.7, y(lo)], fill=COLOURS[i % len(COLOURS)])
+            mid = bx + bw * 0.35
+            d.line([(mid, y(min(c["values"]))), (mid, y(max(c["values"])))], fill="black", width=2)
+            for v in c["values"]:
+                d.ellipse([mid - 2, y(v) - 2, mid + 2, y(v) + 2], outline="black")
+            d.text((bx, y(c["mean"]) - 12), format(c["mean"], METRICS[m][2]), fill="black")
+    ly = img.height - 20 * (len(rows) // 2 + 1)
+    for i, r in enumerate(rows):
+        lx, ly_i = 10 + (i % 2) * 300, ly + 20 * (i // 2)
+        d.rectangle([lx, ly_i, lx + 12, ly_i + 12], fill=COLOURS[i % len(COLOURS)])
+        d.text((lx + 18, ly_i), r, fill="black")
+    img.save(path)
+
+
+def run_study(name, jobs, root, args, gpus=0):
+    """Print the commands (--dry-run) or run them: reuse finished runs, continue interrupted ones."""
+    if args.dry_run:
+        launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]
+        print("\n".join(shlex.join([*launch, script, *argv]) for _, script, argv, _ in jobs))
+        return False
+    toy.run_jobs(jobs, root, args.lanes, threads=None if gpus else 1, reuse=True, gpus=gpus)
+    return True
+
+
+def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None):
+    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png."""
+    table = aggregate(per_seed, rows)
+    cmp = print_table(table, rows, args.seeds, base, others)
+    chart(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max")
+    res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp, **(extra or {}))
+    (root / "results.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {root}/results.json, chart.png")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The main table: every method and generator, toy.py's table (or its full-scale equivalent) over seeds
+# ----------------------------------------------------------------------------------------------------
+
+MAIN_ROWS = ("rae", "drorae_p2", "drorae_p3", "decq", "ideal", "ideal_deep_only")
+
+
+def toy_seed_jobs(seed, root, toy_flags):
+    """One seed of the toy table as jobs: the world (toy VFM + data), every run of toy.plan_runs, the scoring."""
+    out = root / f"seed{seed}"
+    flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
+    runs = toy.plan_runs(toy.parse_args(flags), out)[0]
+    pre = f"s{seed}-"
+    return ([(pre + "world", "toy.py", [*flags, "--stage", "world"], [])]
+            + [(pre + n, script, argv, [pre + "world"] + [pre + d for d in deps]) for n, script, argv, deps in runs]
+            + [(pre + "score", "toy.py", [*flags, "--stage", "score"], [pre + n for n, *_ in runs])])
+
+
+def imagenet_seed_jobs(seed, root, args):
+    """One seed of the main table at full scale: the published recipes (train.py's defaults: DINOv2-B/14-reg, ViT-XL
+    decoder, DiT-DH-XL, LlamaGen-B), rFID etc. of every tokenizer, 50K unguided samples and gFID per generator."""
+    out, common = root / f"seed{seed}", ["--data-path", args.data_path, "--seed", str(seed)]
+    jobs = []
+    for key, method, phase, init, extra in toy.tokenizer_runs(12):
+        flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key), *common,
+                 *(["--no-fuse"] if "--no-fuse" in extra else [])]
+        flags += ["--init-from", str(out / init / "tokenizer.pt")] if init else []
+        jobs.append((key, "train.py", flags, [init] if init else []))
+        jobs.append((f"{key}_eval", "evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
+                                                    args.eval_path, "--out", str(out / key / "eval.json")], [key]))
+    for key in toy.GENERATORS:
+        gen = out / f"{key}_gen"
+        jobs.append((f"{key}_gen", "train.py", ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer",
+                                                str(out / key / "tokenizer.pt"), "--latent-cache", str(gen / "cache"),
+                                                "--out-dir", str(gen), *common], [key]))
+        jobs.append((f"{key}_samples", "sample.py", ["--ckpt", str(gen / "generator.pt"), "--per-class", "50",
+                                                     "--out-dir", str(gen / "samples"), "--name", "samples",
+                                                     "--seed", str(seed)], [f"{key}_gen"]))
+        jobs.append((f"{key}_gen_eval", "evaluate.py", ["--samples", str(gen / "samples" / "samples.npz"), "--ref",
+                                                        args.ref or args.eval_path, "--out", str(gen / "eval.json")],
+                     [f"{key}_samples"]))
+    pre = f"s{seed}-"
+    return [(pre + n, script, argv, [pre + d for d in deps]) for n, script, argv, deps in jobs]
+
+
+def imagenet_results(out):
+    """A seed's full-scale results from the eval.json files: rFID, PSNR, SSIM per tokenizer; gFID, IS, precision,
+    recall per generator."""
+    res = {}
+    for key in MAIN_ROWS:
+        r = json.loads((out / key / "eval.json").read_text())
+        res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
+        if key in toy.GENERATORS:
+            g = json.loads((out / f"{key}_gen" / "eval.json").read_text())
+            res[key].update(gFID=g["gFID"], IS=g["IS"], precision=g.get("precision"), recall=g.get("recall"))
+    return res
+
+
+def main_study(argv):
+    """toy.py's main table (every method's reconstruction, every generator's samples) over seeds."""
+    args, toy_flags = study_args("main", argv)
+    root = Path(args.out_dir) / "main"
+    if args.world == "imagenet":
+        jobs = [j for seed in args.seeds for j in imagenet_seed_jobs(seed, root, args)]
+    else:
+        jobs = [j for seed in args.seeds for j in toy_seed_jobs(seed, root, toy_flags)]
+    if not run_study("main", jobs, root, args, gpus=args.gpus if args.world == "imagenet" else 0):
+        return None
+    if args.world == "imagenet":
+        per_seed = {s: imagenet_results(root / f"seed{s}") for s in args.seeds}
+        vfm = None
+    else:
+        per_seed = {s: json.loads((root / f"seed{s}" / "results.json").read_text()) for s in args.seeds}
+        vfm = {s: per_seed[s]["vfm"] for s in args.seeds}
+    return finish("main", root, per_seed, MAIN_ROWS, args, "rae", [g for g in toy.GENERATORS if g != "rae"],
+                  dict(vfm=vfm))
+
+
+# ----------------------------------------------------------------------------------------------------
 # 2. Command line
 # ----------------------------------------------------------------------------------------------------
 
 STUDIES = {
+    "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
+                         "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (Fig. capacity scaling): phase-2 grid of expert width × fused "
                                        "blocks, reconstruction vs log(fusion parameters) with R²"),
 }

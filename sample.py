@@ -48,6 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32, help="samples per forward (fixed slices of the index range)")
     ap.add_argument("--formats", nargs="+", choices=("npz", "png"), default=["npz", "png"])
+    ap.add_argument("--name", help="output file name without extension (default: from the checkpoint and options)")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
     return ap.parse_args(argv)
 
@@ -97,7 +98,7 @@ def main(argv=None):
         raise SystemExit(f"--classes: labels must be in [0, {net.num_classes})")
     n = args.num_samples or args.per_class * len(classes)
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
-    name = run_name(ck, tok, args, n)
+    name = args.name or run_name(ck, tok, args, n)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

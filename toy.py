@@ -223,21 +223,37 @@ def vfm_classify(vfm, heads, x01):
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_jobs(jobs, out, lanes, threads=1):
+def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     """Run jobs (name, script, argv, deps) as `python script argv…` subprocesses, `lanes` at a time, each once its
     deps have finished, with `threads` intra-op threads each (toy models gain nothing from a second; None: the
     environment's setting). The command lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log;
-    a failed run stops the whole run."""
-    root, logs = Path(__file__).resolve().parent, out / "logs"
+    a failed run stops the whole run. With reuse, a job that <out>/finished.json records as finished with the same
+    command is not run again, and a train.py run interrupted after writing a checkpoint continues (--resume).
+    gpus > 0: every job runs under torchrun with that many processes."""
+    root, logs, record = Path(__file__).resolve().parent, out / "logs", out / "finished.json"
     logs.mkdir(parents=True, exist_ok=True)
-    (out / "commands.sh").write_text("".join(shlex.join(["python", s, *a]) + "\n" for _, s, a, _ in jobs))
+    launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]
+    command = {name: shlex.join([*launch, script, *argv]) for name, script, argv, _ in jobs}
+    (out / "commands.sh").write_text("".join(c + "\n" for c in command.values()))
+    finished = json.loads(record.read_text()) if reuse and record.exists() else {}
+    todo, done = [], {name for name in command if finished.get(name) == command[name]}
+    for name, script, argv, deps in jobs:
+        run_dir = Path(argv[argv.index("--out-dir") + 1]) if script == "train.py" else None
+        if name in done:
+            continue
+        if name in finished:
+            raise SystemExit(f"{name}: finished earlier with another command (see {record}); delete "
+                             f"{run_dir or 'its outputs'} and its entry there, or choose another --out-dir")
+        resume = reuse and run_dir is not None and (run_dir / "ckpt-last.pt").exists()
+        todo.append((name, script, argv + (["--resume", str(run_dir)] if resume else []), deps))
     env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    todo, running, done = list(jobs), {}, set()
-    bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
+    running = {}
+    bar = tqdm(total=len(jobs), initial=len(done), desc="runs", dynamic_ncols=True)
     while todo or running:
         for job in [j for j in todo if set(j[3]) <= done][:lanes - len(running)]:
             log = open(logs / f"{job[0]}.log", "w")
-            cmd = [sys.executable, str(root / job[1]), *job[2]]
+            torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
+            cmd = [*torchrun, str(root / job[1]), *job[2]]
             running[job[0]] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
             todo.remove(job)
             bar.set_postfix_str(" ".join(running))
@@ -248,10 +264,16 @@ def run_jobs(jobs, out, lanes, threads=1):
             log.close()
             del running[name]
             if proc.returncode:
-                for other, _ in running.values():
-                    other.kill()
-                raise SystemExit(f"toy: {name} failed (exit {proc.returncode}); see {logs / name}.log")
+                for other, other_log in running.values():  # SIGTERM: a train.py run saves its step first
+                    other.terminate()
+                    other.wait()
+                    other_log.close()
+                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
             done.add(name)
+            finished[name] = command[name]
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(finished, indent=1))
+            os.replace(tmp, record)
             bar.update(1)
     bar.close()
 
@@ -300,10 +322,12 @@ def fd(f1, f2):
         return evaluate.frechet_distance(*evaluate.gaussian(f1.double().numpy()), *evaluate.gaussian(f2.double().numpy()))
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="runs/toy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", choices=("all", "world", "score"), default="all",
+                   help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
     p.add_argument("--vfm-steps", type=int, default=1500)
     p.add_argument("--vfm-pool", type=int, default=4096, help="scenes rendered for VFM pretraining")
     p.add_argument("--probe-images", type=int, default=2000, help="images of the colour probe (half fit, half test)")
@@ -318,13 +342,14 @@ def main(argv=None):
     p.add_argument("--samples-per-class", type=int, default=64)
     p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale of the samples")
     p.add_argument("--lanes", type=int, default=2, help="train.py / sample.py runs at a time (one per core)")
-    args = p.parse_args(argv)
-    out, t0 = Path(args.out_dir), time.time()
-    if (out / "data").exists():
-        raise SystemExit(f"{out} already holds a toy run: choose another --out-dir or delete it")
+    return p.parse_args(argv)
+
+
+def world(args, out):
+    """The world of one seed: pretrain the toy VFM (one thread, whatever the caller's setting), save it in DINOv2's
+    checkpoint layout (vfm.pth, + vfm_heads.pth), probe it, write the training images; world.json holds the probes."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-
     bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like every run: the same VFM whatever the core count or the caller's thread setting
@@ -332,44 +357,68 @@ def main(argv=None):
                               log=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
     torch.set_num_threads(threads)
     bar.close()
-    vfm_path = out / "vfm.pth"  # DINOv2 checkpoint layout; from here on the VFM is the one loaded from this file
-    torch.save(vfm.state_dict(), vfm_path)
+    torch.save(vfm.state_dict(), out / "vfm.pth")
     torch.save(heads.state_dict(), out / "vfm_heads.pth")
-    vfm = model.dinov2(VFM_CONFIG, weights=str(vfm_path)).eval()
-    x_test, y_test, _ = make_world(args.test_images, args.seed + 1000)
-    x_test = data.to_uint8(x_test).permute(0, 3, 1, 2).float() / 255  # exactly what a PNG file holds
+    vfm, heads = load_vfm(out)  # from here on the VFM is the one loaded from the file, as the runs see it
+    x_test, y_test = test_set(args)
     acc = (vfm_classify(vfm, heads, x_test) == y_test).float().mean().item()
     r2 = colour_probe(vfm, args.probe_images)
     shallow = VFM_CONFIG["depth"] // 4
     print(f"toy VFM: held-out class accuracy {acc:.3f}; colour probe R² per block " + " ".join(f"{s:.3f}" for s in r2)
           + f" (shallow block {shallow}: {r2[shallow]:.3f}, last block: {r2[-1]:.3f})")
-
     x_train, y_train, _ = make_world(args.train_images, args.seed)
     write_folder(x_train, y_train, out / "data" / "train")
+    (out / "world.json").write_text(json.dumps(dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), indent=1))
+
+
+def load_vfm(out):
+    vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()
+    heads = VFMHeads(VFM_CONFIG["embed_dim"], len(SHAPES))
+    heads.load_state_dict(torch.load(out / "vfm_heads.pth", weights_only=True))
+    return vfm, heads.eval()
+
+
+def test_set(args):
+    """The held-out images of a seed, exactly as a PNG file holds them, and their labels."""
+    x, y, _ = make_world(args.test_images, args.seed + 1000)
+    return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y
+
+
+def plan_runs(args, out):
+    """Every tokenizer, generator and sample run as a job (name, script, argv, dependencies) for run_jobs, and the
+    tokenizer checkpoints {key: path}."""
     jobs, ckpt = [], {}
     for key, method, phase, init, extra in tokenizer_runs(VFM_CONFIG["depth"]):
         flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key),
-                 *common_flags(args, out, args.tok_epochs, args.lr), "--encoder-weights", str(vfm_path),
+                 *common_flags(args, out, args.tok_epochs, args.lr), "--encoder-weights", str(out / "vfm.pth"),
                  "--image-size", "32", "--encoder-size", "32", "--resize", "32", "--decoder", "tiny",
                  "--lpips-weight", "0", "--gan-weight", "0", "--disc", "tiny", "--disc-weights", "random", *extra]
         flags += ["--init-from", str(ckpt[init])] if init else ["--encoder", json.dumps(VFM_CONFIG)]
         jobs.append((key, "train.py", flags, [init] if init else []))
         ckpt[key] = out / key / "tokenizer.pt"
-    labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     for key in GENERATORS:
         gen = out / f"{key}_gen"
         flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
                  "--num-classes", str(len(SHAPES)), "--latent-cache", str(gen / "cache"), "--t-dist", "uniform",
                  *common_flags(args, out, args.gen_epochs, args.gen_lr), "--dit", "tiny", "--gpt", "tiny"]
         jobs.append((f"{key}_gen", "train.py", flags, [key]))
-        jobs.append((f"{key}_samples", "sample.py", sample_flags(gen / "generator.pt", len(labels), args,
-                                                                 gen / "samples"), [f"{key}_gen"]))
-    run_jobs(jobs, out, args.lanes)
+        jobs.append((f"{key}_samples", "sample.py", sample_flags(gen / "generator.pt", len(SHAPES) * args.samples_per_class,
+                                                                 args, gen / "samples"), [f"{key}_gen"]))
+    return jobs, ckpt
+
+
+def score(args, out, seconds=None):
+    """Score the finished runs of one seed: PSNR / SSIM / the toy VFM's accuracy on held-out reconstructions; on
+    class-conditional samples the toy VFM's accuracy, FD, precision and recall in its feature space (against the
+    held-out images). Writes results.json and the grids, prints the table, returns the results."""
+    vfm, heads = load_vfm(out)
+    x_test, y_test = test_set(args)
+    ckpt = plan_runs(args, out)[1]
+    labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     samples, results = {}, {}
     for key in GENERATORS:
         samples[key], sample_labels = read_samples(out / f"{key}_gen" / "samples")
         assert torch.equal(sample_labels, labels)
-
     f_test = vfm_features(vfm, x_test)
     recons = [x_test[:16]]
     for key in ckpt:
@@ -379,29 +428,46 @@ def main(argv=None):
         a, b = data.to_uint8(x_test), data.to_uint8(r)
         res = dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
                    recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
-                   sample_accuracy=None, fd=None)
+                   sample_accuracy=None, fd=None, precision=None, recall=None)
         if key in samples:
-            s = samples[key]
-            res.update(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(),
-                       fd=fd(vfm_features(vfm, s), f_test))
+            s, f_s = samples[key], vfm_features(vfm, samples[key])
+            res.update(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(), fd=fd(f_s, f_test))
+            res["precision"], res["recall"] = evaluate.precision_recall(f_test, f_s, device="cpu")
         results[key] = res
     data.save_image_grid(torch.cat(recons), out / "reconstructions.png", nrow=16)
     data.save_image_grid(torch.cat([s[:16] for s in samples.values()]), out / "samples.png", nrow=16)
-    n = len(labels)
-    fd_real = fd(vfm_features(vfm, x_train[:n]), f_test)
-    results.update(vfm=dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), fd_real_train_vs_test=fd_real,
-                   seconds=round(time.time() - t0, 1), args=vars(args))
+    x_train = make_world(args.train_images, args.seed)[0]
+    fd_real = fd(vfm_features(vfm, x_train[:len(labels)]), f_test)
+    vfm_res = json.loads((out / "world.json").read_text())
+    results.update(vfm=vfm_res, fd_real_train_vs_test=fd_real, seconds=seconds, args=vars(args))
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'recon acc':>11}{'sample acc':>12}{'FD (VFM)':>10}")
+    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'recon acc':>11}{'sample acc':>12}{'FD (VFM)':>10}{'P':>7}{'R':>7}")
     f = lambda v, spec: format(v, spec) if v is not None else "—"  # noqa: E731
     for key in ckpt:
         r = results[key]
         print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['recon_accuracy']:>11.3f}"
-              f"{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}")
+              f"{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}{f(r['precision'], '.3f'):>7}"
+              f"{f(r['recall'], '.3f'):>7}")
     print(f"(— = no generator trained for this tokenizer; samples at CFG scale {args.scale:g}; chance accuracy "
-          f"{1 / len(SHAPES):.3f}; FD of {n} real training vs held-out images {fd_real:.3f})")
-    print(f"toy VFM accuracy {acc:.3f}; colour R² shallow block {shallow} {r2[shallow]:.3f} vs last block {r2[-1]:.3f}")
+          f"{1 / len(SHAPES):.3f}; FD of {len(labels)} real training vs held-out images {fd_real:.3f})")
+    print(f"toy VFM accuracy {vfm_res['accuracy']:.3f}; colour R² shallow block {vfm_res['shallow_block']} "
+          f"{vfm_res['colour_r2'][vfm_res['shallow_block']]:.3f} vs last block {vfm_res['colour_r2'][-1]:.3f}")
+    return results
+
+
+def main(argv=None):
+    args, t0 = parse_args(argv), time.time()
+    out = Path(args.out_dir)
+    if args.stage == "world":
+        return world(args, out)
+    if args.stage == "score":
+        return score(args, out)
+    if (out / "data").exists():
+        raise SystemExit(f"{out} already holds a toy run: choose another --out-dir or delete it")
+    world(args, out)
+    run_jobs(plan_runs(args, out)[0], out, args.lanes)
+    results = score(args, out, seconds=round(time.time() - t0, 1))
     print(f"wrote {out}/results.json, reconstructions.png, samples.png in {time.time() - t0:.0f} s")
     return results
 

@@ -40,7 +40,7 @@ def test_miniature_end_to_end(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert KEYS <= saved.keys() and KEYS <= res.keys()
     for k in KEYS:
-        assert set(saved[k]) == {"psnr", "ssim", "recon_accuracy", "sample_accuracy", "fd"}
+        assert set(saved[k]) == {"psnr", "ssim", "recon_accuracy", "sample_accuracy", "fd", "precision", "recall"}
         assert saved[k]["psnr"] > 0 and 0 < saved[k]["ssim"] <= 1
         assert (saved[k]["fd"] is None) == (k not in toy.GENERATORS)
     assert (out / "reconstructions.png").is_file() and (out / "samples.png").is_file()
@@ -53,7 +53,7 @@ def test_miniature_end_to_end(tmp_path):
 
 def test_a_failed_run_stops_the_pipeline(tmp_path):
     jobs = [("bad", "train.py", ["--method", "nope"], []), ("after", "train.py", ["--help"], ["bad"])]
-    with pytest.raises(SystemExit, match=r"toy: bad failed \(exit 2\); see .*bad\.log"):
+    with pytest.raises(SystemExit, match=r"run bad failed \(exit 2\); see .*bad\.log"):
         toy.run_jobs(jobs, tmp_path, lanes=2)
     assert "invalid choice: 'nope'" in (tmp_path / "logs" / "bad.log").read_text()
     assert not (tmp_path / "logs" / "after.log").exists()  # waits for its dependency, which failed
