@@ -110,7 +110,7 @@ def drorae_scaling(argv):
     p.add_argument("--max-steps", type=int, default=5000, help="phase-2 budget of every run")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lanes", type=int, default=1, help="train.py runs at a time")
+    p.add_argument("--lanes", type=int, default=1, help="train.py runs at a time (more than one: one thread each)")
     p.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[], help="flags for evaluate.py (last)")
     args, train_args = p.parse_known_args(argv)
 
@@ -136,7 +136,7 @@ def drorae_scaling(argv):
             "--method", "drorae", "--phase", "2", "--init-from", f"{run}/init.pt", "--data-path", args.data_path,
             "--out-dir", run, "--max-steps", str(args.max_steps), "--device", args.device, *train_args], []))
     if jobs:
-        toy.run_jobs(jobs, Path(args.out_dir), args.lanes, threads=None)
+        toy.run_jobs(jobs, Path(args.out_dir), args.lanes, threads=1 if args.lanes > 1 else None)
     rows = [dict(hidden=hidden, layers=count, params=fusion_params(dim, hidden, count),
                  **reconstruction_metrics(run, args)) for hidden, count, run in grid]
     fits = scaling_table(rows, ["psnr", "rfid"])
@@ -190,17 +190,19 @@ def aggregate(per_seed, rows):
 
 
 def comparisons(table, base, others):
-    """For every generation metric: each tokenizer's difference of means from `base`, and whether it exceeds the
-    larger of the two spreads over seeds (the claim is resolved in this world) or not."""
+    """For every generation metric: each tokenizer's difference of means from `base`; whether it exceeds the larger
+    of the two spreads over seeds (resolved in this world); and the per-seed (paired) differences, which count even
+    where the seeds' worlds differ in scale (in the toy, each seed has its own VFM and FD space)."""
     out = []
     for metric in GENERATION:
         for row in others:
             if metric in table.get(base, {}) and metric in table.get(row, {}):
                 a, b = table[base][metric], table[row][metric]
-                margin = max(a["spread"], b["spread"])
+                paired = [y - x for x, y in zip(a["values"], b["values"])]
                 out.append(dict(metric=metric, tokenizer=row, diff=b["mean"] - a["mean"], spread_base=a["spread"],
-                                spread=b["spread"], resolved=abs(b["mean"] - a["mean"]) > margin,
-                                better=(b["mean"] - a["mean"]) * METRICS[metric][1] > 0))
+                                spread=b["spread"], resolved=abs(b["mean"] - a["mean"]) > max(a["spread"], b["spread"]),
+                                better=(b["mean"] - a["mean"]) * METRICS[metric][1] > 0, per_seed=paired,
+                                same_sign=all(d > 0 for d in paired) or all(d < 0 for d in paired)))
     return out
 
 
@@ -217,8 +219,10 @@ def print_table(table, rows, seeds, base=None, others=()):
     for c in cmp:
         verdict = "exceeds" if c["resolved"] else "is inside"
         better = "better" if c["better"] else "worse" if c["diff"] else "equal"
-        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {base} = {c['diff']:+.3f} ({better}); {verdict} the spreads ({base} {c['spread_base']:.3f}, "
-              f"{c['tokenizer']} {c['spread']:.3f})")
+        paired = "/".join(f"{d:+.3f}" for d in c["per_seed"])
+        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {base} = {c['diff']:+.3f} ({better}); {verdict} the "
+              f"spreads ({base} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); per seed {paired}"
+              f"{', one sign' if c['same_sign'] else ''}")
     return cmp
 
 

@@ -10,7 +10,9 @@ commands (written to <out-dir>/commands.sh; two at a time, one per core) and is 
 PSNR / SSIM / Fréchet distance in the toy VFM's feature space, and by the toy VFM's classifier on reconstructions
 and on class-conditional samples.
 
-    python toy.py                 # everything, ~14 min on 2 CPU cores; table + runs/toy/results.json
+    python toy.py                 # everything, ~11-14 min on 2 CPU cores; table + runs/toy/results.json
+    python toy.py --stage world   # the toy VFM and the data only; --stage score: the table of finished runs
+                                  # (experiments.py runs the stages as commands, one seed or many)
 """
 import argparse
 import json
@@ -238,7 +240,7 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     finished = json.loads(record.read_text()) if reuse and record.exists() else {}
     todo, done = [], {name for name in command if finished.get(name) == command[name]}
     for name, script, argv, deps in jobs:
-        run_dir = Path(argv[argv.index("--out-dir") + 1]) if script == "train.py" else None
+        run_dir = Path(argv[argv.index("--out-dir") + 1]) if script == "train.py" and "--out-dir" in argv else None
         if name in done:
             continue
         if name in finished:
@@ -347,7 +349,8 @@ def parse_args(argv=None):
 
 def world(args, out):
     """The world of one seed: pretrain the toy VFM (one thread, whatever the caller's setting), save it in DINOv2's
-    checkpoint layout (vfm.pth, + vfm_heads.pth), probe it, write the training images; world.json holds the probes."""
+    checkpoint layout (vfm.pth, + vfm_heads.pth), probe it, write the training and held-out images (data/train,
+    data/test); world.json holds the probes."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
@@ -368,6 +371,7 @@ def world(args, out):
           + f" (shallow block {shallow}: {r2[shallow]:.3f}, last block: {r2[-1]:.3f})")
     x_train, y_train, _ = make_world(args.train_images, args.seed)
     write_folder(x_train, y_train, out / "data" / "train")
+    write_folder(x_test, y_test, out / "data" / "test")  # the held-out images, for evaluate.py and the studies
     (out / "world.json").write_text(json.dumps(dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), indent=1))
 
 

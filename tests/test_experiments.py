@@ -8,6 +8,7 @@ import checkpoint
 import experiments
 import fusion
 import model
+import toy
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])
 
@@ -59,3 +60,72 @@ def test_list_and_unknown_study(capsys):
     assert "drorae-scaling" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown study 'nope'"):
         experiments.main(["nope"])
+
+
+# ---------------------------------------------------------------------------------------------------- studies over seeds
+
+TOY_TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train-images", "64", "--test-images",
+            "16", "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2"]
+
+
+def test_miniature_main_study_and_reuse(tmp_path, capsys):
+    """experiments.py main on tiny settings: every run a plain command, a table with mean ± spread, comparisons,
+    results.json and chart.png; a second call reuses every finished run and gives the same table."""
+    import json
+
+    argv = ["main", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY]
+    res = experiments.main(argv)
+    root = tmp_path / "main"
+    commands = (root / "commands.sh").read_text().splitlines()
+    assert commands[0].startswith("python toy.py ") and commands[0].endswith("--stage world")
+    assert commands[-1].endswith("--stage score") and len(commands) == 2 + 6 + 2 * 4
+    assert set(res["table"]) == set(experiments.MAIN_ROWS) and res["table"]["rae"]["psnr"]["spread"] == 0
+    assert {c["tokenizer"] for c in res["comparisons"]} == {"drorae_p3", "decq", "ideal"}
+    assert "mean ± spread" in capsys.readouterr().out and (root / "chart.png").exists()
+    finished = json.loads((root / "finished.json").read_text())
+    assert len(finished) == len(commands)
+    log_times = {p: p.stat().st_mtime_ns for p in (root / "logs").iterdir()}
+    again = experiments.main(argv)  # nothing runs again
+    assert {p: p.stat().st_mtime_ns for p in (root / "logs").iterdir()} == log_times
+    assert again["table"] == res["table"]
+
+
+def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / "a" / f"{i}.png")
+    run = ["--method", "rae", "--phase", "1", "--preset", "tiny", "--data-path", str(tmp_path / "img"), "--out-dir",
+           str(tmp_path / "rae"), "--lpips-weight", "0", "--gan-weight", "0", "--epochs", "2"]
+    import train
+    train.main(run + ["--max-steps", "1"])  # as if stopped: a checkpoint, not finished
+    toy.run_jobs([("rae", "train.py", run, [])], tmp_path, lanes=1, reuse=True)  # without --resume: would refuse
+    assert (tmp_path / "rae" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "rae")["step"] == 2
+    with pytest.raises(SystemExit, match="finished earlier with another command"):
+        toy.run_jobs([("rae", "train.py", run + ["--seed", "1"], [])], tmp_path, lanes=1, reuse=True)
+
+
+def test_full_scale_dry_run_commands_parse(capsys):
+    """--world imagenet --dry-run prints torchrun commands that train.py / sample.py / evaluate.py accept."""
+    import shlex
+
+    import evaluate
+    import sample
+    import train
+
+    experiments.main(["main", "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
+                      "--eval-path", "in/val", "--ref", "ref.npz"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
+    assert len(lines) == 2 * 6 + 3 * 4
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:2] == ["torchrun", "--nproc_per_node=8"]
+        args = parsers[words[2]](words[3:])
+        if words[2] == "train.py":
+            assert args.preset == "published" and args.encoder == "vitb14_reg" and args.decoder == "XL"
+    assert any("--phase gen" in line and "--dit" not in line for line in lines)  # DiT-DH-XL: the default
+    with pytest.raises(SystemExit):
+        experiments.main(["main", "--world", "imagenet", "--dry-run"])  # needs --data-path and --eval-path
