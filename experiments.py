@@ -13,7 +13,7 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
         --eval-path imagenet/val --out-dir runs/drorae-scaling          # DRoRAE §4.4 at full scale
 
 Read top to bottom: (1) the DRoRAE capacity scaling study, (2) studies over seeds: aggregation, table, chart,
-(3) the main table, (4) the command line.
+(3) the main table, (4) the scaling study in the toy world, (5) the command line.
 """
 import argparse
 import json
@@ -99,7 +99,10 @@ def drorae_scaling(argv):
     the same step budget, each a `python train.py --method drorae --phase 2` run; reconstruction on a held-out
     folder; fit metric = a + b·log(fusion parameters); print the table with R². Unknown flags go to train.py
     (e.g. --preset tiny), --eval-args to evaluate.py (e.g. --inception-weights PATH). A grid point whose run
-    directory already holds a checkpoint is not trained again."""
+    directory already holds a checkpoint is not trained again. Without --init-from: the toy world over seeds
+    (toy_scaling)."""
+    if "--init-from" not in argv:
+        return toy_scaling(argv)
     p = argparse.ArgumentParser(prog="experiments.py drorae-scaling", description=drorae_scaling.__doc__)
     p.add_argument("--init-from", required=True, help="phase-1 checkpoint (rae or drorae)")
     p.add_argument("--data-path", required=True, help="training ImageFolder")
@@ -364,14 +367,65 @@ def main_study(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Command line
+# 4. DRoRAE capacity scaling in the toy world, over seeds
+# ----------------------------------------------------------------------------------------------------
+
+TOY_WIDTHS, TOY_COUNTS = (32, 64, 128), (2, 3, 6)  # expert widths (2C = 128) × fused blocks of the toy VFM (depth 6)
+
+
+def toy_scaling(argv):
+    """DRoRAE §4.4 in the toy world over seeds: per seed the world and RAE phase 1 (the main study's commands), then
+    phase 2 for every (expert width × fused blocks) at the main table's budget, each `train.py --phase 2
+    --init-from RAE --fusion-hidden H --fusion-layers …`; PSNR on the held-out images; the log-linear fit of the mean
+    PSNR over the grid, and per seed. (128, 6) is the main table's DRoRAE phase 2."""
+    args, toy_flags = study_args("drorae-scaling", argv)
+    root, depth, dim = Path(args.out_dir) / "drorae-scaling", toy.VFM_CONFIG["depth"], toy.VFM_CONFIG["embed_dim"]
+    points = [(h, n, f"h{h}-l{n}") for h in TOY_WIDTHS for n in TOY_COUNTS]
+    jobs = []
+    for seed in args.seeds:
+        out, pre = root / f"seed{seed}", f"s{seed}-"
+        flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
+        runs = {name: (script, argv) for name, script, argv, _ in toy.plan_runs(toy.parse_args(flags), out)[0]}
+        jobs += [(pre + "world", "toy.py", [*flags, "--stage", "world"], []), (pre + "rae", *runs["rae"], [pre + "world"])]
+        for h, n, name in points:
+            argv_p2 = list(runs["drorae_p2"][1])
+            argv_p2[argv_p2.index("--out-dir") + 1] = str(out / name)
+            jobs.append((pre + name, "train.py", [*argv_p2, "--fusion-hidden", str(h), "--fusion-layers",
+                                                  *map(str, spread_layers(depth, n))], [pre + "rae"]))
+    if not run_study("drorae-scaling", jobs, root, args):
+        return None
+    per_seed, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as toy.py's scoring: the same digits
+    for seed in args.seeds:
+        out = root / f"seed{seed}"
+        x_test = toy.test_set(toy.parse_args(["--seed", str(seed), *toy_flags]))[0]
+        per_seed[seed] = {name: dict(psnr=evaluate.psnr(data.to_uint8(x_test), data.to_uint8(toy.reconstruct(
+            checkpoint.load_tokenizer(out / name / "tokenizer.pt"), x_test))).mean().item()) for _, _, name in points}
+    torch.set_num_threads(threads)
+    rows = [name for _, _, name in points]
+    res = finish("drorae-scaling", root, per_seed, rows, args)
+    grid = [dict(hidden=h, layers=n, params=fusion_params(dim, h, n), psnr=res["table"][name]["psnr"]["mean"])
+            for h, n, name in points]
+    print("\nmean PSNR over the seeds:")
+    fits = {"mean": scaling_table(grid, ["psnr"])}
+    for seed in args.seeds:
+        fits[seed] = {k: v for k, v in scaling_table([dict(g, psnr=per_seed[seed][f"h{g['hidden']}-l{g['layers']}"]["psnr"])
+                                                      for g in grid], ["psnr"]).items()}
+    res.update(grid=grid, fits=fits)
+    (root / "results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Command line
 # ----------------------------------------------------------------------------------------------------
 
 STUDIES = {
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
-    "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (Fig. capacity scaling): phase-2 grid of expert width × fused "
-                                       "blocks, reconstruction vs log(fusion parameters) with R²"),
+    "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "
+                                       "reconstruction vs log(fusion parameters) with R² (toy: --seeds; full scale: "
+                                       "--init-from P1 --data-path --eval-path --out-dir)"),
 }
 
 
