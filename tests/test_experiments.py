@@ -129,3 +129,14 @@ def test_full_scale_dry_run_commands_parse(capsys):
     assert any("--phase gen" in line and "--dit" not in line for line in lines)  # DiT-DH-XL: the default
     with pytest.raises(SystemExit):
         experiments.main(["main", "--world", "imagenet", "--dry-run"])  # needs --data-path and --eval-path
+
+
+def test_toy_scaling_study_on_tiny_settings(tmp_path, capsys):
+    """drorae-scaling without --init-from: the toy world, RAE phase 1 and the 3 × 3 phase-2 grid, each a plain
+    train.py command with its fusion size; one PSNR per grid point and the log-linear fits."""
+    res = experiments.main(["drorae-scaling", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
+    commands = (tmp_path / "drorae-scaling" / "commands.sh").read_text().splitlines()
+    assert len(commands) == 2 + 9 and all("--fusion-hidden" in c for c in commands[2:])
+    assert "--fusion-hidden 128 --fusion-layers 0 1 2 3 4 5" in commands[-1]
+    assert len(res["grid"]) == 9 and all(g["psnr"] > 0 for g in res["grid"]) and "psnr/all" in res["fits"]["mean"]
+    assert "R²" in capsys.readouterr().out and (tmp_path / "drorae-scaling" / "chart.png").exists()
