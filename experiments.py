@@ -386,7 +386,8 @@ def toy_scaling(argv):
         out, pre = root / f"seed{seed}", f"s{seed}-"
         flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
         runs = {name: (script, argv) for name, script, argv, _ in toy.plan_runs(toy.parse_args(flags), out)[0]}
-        jobs += [(pre + "world", "toy.py", [*flags, "--stage", "world"], []), (pre + "rae", *runs["rae"], [pre + "world"])]
+        jobs += [(pre + "world", "toy.py", [*flags, "--stage", "world"], []),
+                 (pre + "rae", *runs["rae"], [pre + "world"])]
         for h, n, name in points:
             argv_p2 = list(runs["drorae_p2"][1])
             argv_p2[argv_p2.index("--out-dir") + 1] = str(out / name)
@@ -402,18 +403,17 @@ def toy_scaling(argv):
         per_seed[seed] = {name: dict(psnr=evaluate.psnr(data.to_uint8(x_test), data.to_uint8(toy.reconstruct(
             checkpoint.load_tokenizer(out / name / "tokenizer.pt"), x_test))).mean().item()) for _, _, name in points}
     torch.set_num_threads(threads)
-    rows = [name for _, _, name in points]
-    res = finish("drorae-scaling", root, per_seed, rows, args)
-    grid = [dict(hidden=h, layers=n, params=fusion_params(dim, h, n), psnr=res["table"][name]["psnr"]["mean"])
-            for h, n, name in points]
-    print("\nmean PSNR over the seeds:")
-    fits = {"mean": scaling_table(grid, ["psnr"])}
+    grid = lambda psnr: [dict(hidden=h, layers=n, params=fusion_params(dim, h, n), psnr=psnr(name))  # noqa: E731
+                         for h, n, name in points]
+    fits = {}
     for seed in args.seeds:
-        fits[seed] = {k: v for k, v in scaling_table([dict(g, psnr=per_seed[seed][f"h{g['hidden']}-l{g['layers']}"]["psnr"])
-                                                      for g in grid], ["psnr"]).items()}
-    res.update(grid=grid, fits=fits)
-    (root / "results.json").write_text(json.dumps(res, indent=1))
-    return res
+        print(f"\nseed {seed}:")
+        fits[seed] = scaling_table(grid(lambda name: per_seed[seed][name]["psnr"]), ["psnr"])
+    print("\nmean PSNR over the seeds:")
+    mean = grid(lambda name: sum(per_seed[s][name]["psnr"] for s in args.seeds) / len(args.seeds))
+    fits["mean"] = scaling_table(mean, ["psnr"])
+    rows = [name for _, _, name in points]
+    return finish("drorae-scaling", root, per_seed, rows, args, extra=dict(grid=mean, fits=fits))
 
 
 # ----------------------------------------------------------------------------------------------------

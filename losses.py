@@ -1,5 +1,5 @@
-"""Decoder training losses (RAE stage-1 recipe, as in the released RAE code): LPIPS-VGG, the frozen-DINO discriminator, DiffAugment,
-hinge / generator GAN losses and the adaptive GAN weight λ_adapt.
+"""Decoder training losses (RAE stage-1 recipe, as in the released RAE code): LPIPS-VGG, the frozen-DINO
+discriminator, DiffAugment, hinge / generator GAN losses and the adaptive GAN weight λ_adapt.
 
 Images at this API are in [0, 1] except where a docstring says [−1, 1] (the discriminator path, as in RAE).
 Every pretrained file comes from its official URL (downloaded once into the torch hub cache), a local path, or

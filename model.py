@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 
 def ln0(x, eps=1e-6):
-    """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize' trick: the final LayerNorm without its affine)."""
+    """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize': the encoder's final LayerNorm
+    without its affine)."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 

@@ -1,11 +1,12 @@
 """Training for depthrae: every tokenizer phase and the generator phase, one file, no framework.
 
-Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1) share one step: loss = rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge,
-adaptive weight) + the tokenizer's own aux losses; AdamW, warm-up + cosine, EMA, discriminator from an epoch.
+Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1) share one step: loss = rec (L1 | L2) + LPIPS
++ GAN (frozen-DINO discriminator, hinge, adaptive weight) + the tokenizer's own aux losses; AdamW, warm-up + cosine,
+EMA, discriminator from an epoch.
   rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1) · drorae/3 decoder fine-tune
   (--init-from phase 2) · decq/1 queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
-Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by flow matching (rae, drorae, decq) or the AR GPT (ideal) on the
-latents of a frozen --tokenizer checkpoint. Every phase runs in the same loop (section 6).
+Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by flow matching on continuous latents (rae, drorae,
+decq) or the AR GPT on codes (ideal), on a frozen --tokenizer checkpoint. Every phase runs in the same loop (section 6).
 
     python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     torchrun --nproc_per_node=8 train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
@@ -46,8 +47,8 @@ import model
 
 METHODS = ("rae", "drorae", "decq", "ideal")
 # (method, phase) → `init`: what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer;
-# `defaults`: the recipe where it differs from RAE's decoder training (README, Decisions). A new method or phase plugs in
-# here, in TOKENIZER_CONFIG (+ its flags) and, if its tokenizer needs it, nowhere else.
+# `defaults`: the recipe where it differs from RAE's decoder training (README, Decisions). A new method or phase plugs
+# in here, in TOKENIZER_CONFIG (+ its flags) and in checkpoint.TOKENIZERS.
 DIT_RECIPE = dict(lr=2e-4, lr_min=2e-5, global_batch=1024, clip_grad=1.0, ema=0.9995, epochs=800, warmup_epochs=0,
                   schedule="linear", decay_start_epoch=40)  # RAE stage-2 recipe (released RAE code)
 PHASES = {

@@ -5,9 +5,9 @@ tokens read the shallow ones (Eq. 6); the fused tokens are quantised by a factor
 (Eq. 2, 4); a ViT feature decoder reconstructs both features from the codes (Eq. 7, 9, 10), and the pixel
 decoder maps the reconstructed deep feature to pixels (Eq. 8). Read top to bottom: AttnFuse, the quantiser
 and its entropy term, the feature decoder and alignment loss, the tokenizer.
-Training objective (train.py --method ideal --phase 1; Ideal Eq. 11, App. A.1): L2 + LPIPS + 0.5·GAN from step 20k (no adaptive
-weight) + the aux losses returned by `Ideal.forward` (VQ, L_deep, L_shallow); AdamW lr 1e-4, betas (0.9, 0.95),
-wd 0.05, cosine, clip 1.0, batch 256, 50 epochs.
+Training objective (train.py --method ideal --phase 1; Ideal Eq. 11, App. A.1): L2 + LPIPS + 0.5·GAN from step 20k
+(no adaptive weight) + the aux losses returned by `Ideal.forward` (VQ, L_deep, L_shallow); AdamW lr 1e-4, betas
+(0.9, 0.95), wd 0.05, cosine, clip 1.0, batch 256, 50 epochs.
 """
 import torch
 import torch.distributed as dist
