@@ -37,6 +37,15 @@ def save_checkpoint(path, **state):
     model.save_atomic(state, path)
 
 
+def is_checkpoint(path):
+    """Whether `path` is a file holding a depthrae checkpoint (rather than, e.g., released weights)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 — unreadable or another format: not ours
+        return False
+    return isinstance(ck, dict) and {"kind", "method", "phase"} <= ck.keys()
+
+
 def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
     """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
     value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was

@@ -34,6 +34,20 @@ def energy_route(a, e, eps=1e-6):
     return ln0(torch.einsum("bnl,bnlc->bnc", w, e)), w
 
 
+def softmax_route(a, e):
+    """The Mixture-of-Experts form DRoRAE §3.2 argues against ("without the winner-take-all behavior of softmax"):
+    the same logits and experts, w = softmax(a) (non-negative, summing to 1), z_fuse = LN₀(Σ_k w_k e_k)."""
+    w = a.softmax(-1)
+    return ln0(torch.einsum("bnl,bnlc->bnc", w, e)), w
+
+
+def mean_fuse(hs):
+    """The parameter-free multi-layer baseline (no experts, no router): z_fuse = LN₀(mean_k LN₀(h_k)), with the
+    uniform weights 1/L as its routing weights."""
+    h = torch.stack([ln0(h) for h in hs], dim=2)
+    return ln0(h.mean(2)), h.new_full(h.shape[:3], 1 / len(hs))
+
+
 def incremental_correction(z_base, z_fuse, beta):
     """DRoRAE Eq. 5: z = LN₀(z_base + β(z_fuse − z_base)). At β = 0 the equation is z_base up to LN₀'s
     rounding (LN₀∘LN₀ = LN₀ only in exact arithmetic), so β = 0 returns z_base itself: RAE bit for bit."""
@@ -52,25 +66,36 @@ def routing_smoothness(w, h, wd):
 # ----------------------------------------------------------------------------------------------------
 
 
+ROUTERS = ("energy", "softmax", "mean")
+
+
 class DepthRoutedFusion(nn.Module):
     """Experts on the chosen blocks (default: all), a linear router over their concatenated LN₀ features
     (DRoRAE Eq. 3, logits a ∈ R^L per token), energy-constrained aggregation and incremental correction.
-    DINOv2-B with hidden = 2C: 12 experts 768→1536→768 + router 9216→12 = 28,449,804 parameters."""
+    DINOv2-B with hidden = 2C: 12 experts 768→1536→768 + router 9216→12 = 28,449,804 parameters.
+    `router`: "energy" (Eq. 4, the paper's), "softmax" (the same module, softmax weights) or "mean" (mean_fuse:
+    no experts, no router, no parameters); the incremental correction (Eq. 5) applies to each."""
 
-    def __init__(self, dim, depth, hidden=None, layers=None, beta=0.2, eps=1e-6):
+    def __init__(self, dim, depth, hidden=None, layers=None, beta=0.2, eps=1e-6, router="energy"):
         super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got '{router}'")
         self.layers = list(range(depth)) if layers is None else list(layers)
-        self.beta, self.eps = beta, eps
-        self.experts = nn.ModuleList(Mlp(dim, hidden or 2 * dim) for _ in self.layers)
-        self.router = nn.Linear(len(self.layers) * dim, len(self.layers))
+        self.beta, self.eps, self.route = beta, eps, router
+        if router != "mean":
+            self.experts = nn.ModuleList(Mlp(dim, hidden or 2 * dim) for _ in self.layers)
+            self.router = nn.Linear(len(self.layers) * dim, len(self.layers))
 
     def forward(self, feats, z_base):
         """feats: every block output (B, N, C) of the frozen encoder; z_base: the RAE latent LN₀(h_L).
         Returns the fused latent z (B, N, C) and the routing weights w (B, N, L)."""
         hs = [feats[k] for k in self.layers]
-        e = torch.stack([expert(mlp, h) for mlp, h in zip(self.experts, hs)], dim=2)
-        a = self.router(torch.cat([ln0(h) for h in hs], dim=-1))
-        z_fuse, w = energy_route(a, e, self.eps)
+        if self.route == "mean":
+            z_fuse, w = mean_fuse(hs)
+        else:
+            e = torch.stack([expert(mlp, h) for mlp, h in zip(self.experts, hs)], dim=2)
+            a = self.router(torch.cat([ln0(h) for h in hs], dim=-1))
+            z_fuse, w = energy_route(a, e, self.eps) if self.route == "energy" else softmax_route(a, e)
         return incremental_correction(z_base, z_fuse, self.beta), w
 
 
@@ -84,23 +109,25 @@ class DRoRAE(model.RAE):
     is overridden, so encode(), statistics and generation use the fused latent with no special case.
     Phases (DRoRAE §3.3): "1" = RAE phase 1 (decoder on the last-layer latent, fusion bypassed, so a phase-1
     checkpoint serves RAE and DRoRAE alike); "2" = only the fusion module trains (decoder frozen, its implicit
-    distribution constraint); "3" = only the decoder fine-tunes on the frozen fused latent. Whether the fusion
-    is on is kept in `config["fuse"]`, so a checkpoint's config rebuilds the tokenizer of its phase."""
+    distribution constraint); "3" = only the decoder fine-tunes on the frozen fused latent; "joint" = fusion and
+    decoder together from phase 1, the ablation §3.3 reports failing ("the fusion module converges to shifted
+    distributions that degrade downstream diffusion training"). Whether the fusion is on is kept in
+    `config["fuse"]`, so a checkpoint's config rebuilds the tokenizer of its phase."""
 
     method = "drorae"
-    phases = {"1": ("decoder",), "2": ("fusion",), "3": ("decoder",)}
+    phases = {"1": ("decoder",), "2": ("fusion",), "3": ("decoder",), "joint": ("fusion", "decoder")}
 
     def __init__(self, fusion_hidden=None, fusion_layers=None, beta=0.2, route_eps=1e-6, smoothness=0.0, fuse=True,
-                 **rae):
+                 router="energy", **rae):
         super().__init__(**rae)
         depth = len(self.encoder.blocks)
         if fusion_layers is not None and not all(0 <= k < depth for k in fusion_layers):
             raise ValueError(f"fusion_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
                              f"got {list(fusion_layers)}")
         self.config.update(fusion_hidden=fusion_hidden, fusion_layers=fusion_layers, beta=beta, route_eps=route_eps,
-                           smoothness=smoothness)
-        self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden,
-                                        fusion_layers, beta, route_eps)
+                           smoothness=smoothness, router=router)
+        self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden, fusion_layers, beta,
+                                        route_eps, router)
         self.smoothness = smoothness
         self.set_phase("3" if fuse else "1")
 
@@ -123,19 +150,20 @@ class DRoRAE(model.RAE):
 
     def set_phase(self, phase):
         """Exactly the tensors of the phase are trainable (`phases`: "1" and "3" the decoder, "2" the fusion
-        module); the fusion is bypassed in phase 1."""
+        module, "joint" both); the fusion is bypassed in phase 1."""
         super().set_phase(phase)
         self.fuse = self.config["fuse"] = phase != "1"
 
     def last_layer(self):
         """The weight of λ_adapt (the GAN's adaptive weight): the decoder's last linear, or in phase 2, where the
         decoder is frozen, the trainable layer nearest the latent: the last fused block's expert output linear."""
-        frozen = not self.decoder.decoder_pred.weight.requires_grad and self.fusion.router.weight.requires_grad
+        frozen = not self.decoder.decoder_pred.weight.requires_grad and self.fusion.route != "mean"
         return self.fusion.experts[-1].fc2.weight if frozen else super().last_layer()
 
     @torch.no_grad()
     def routing_maps(self, x01):
-        """Per-layer routing weights w_k = a_k/sqrt(Σa² + ε) on the token grid: (B, L, h, w)."""
+        """Per-layer routing weights on the token grid (B, L, h, w): w_k = a_k/sqrt(Σa² + ε) for the energy
+        router, softmax(a)_k for softmax, 1/L for mean."""
         feats = self.encoder_features(x01)
         w = self.fusion(feats, super().latent(feats))[1]
         return w.transpose(1, 2).unflatten(-1, (self.decoder.grid, self.decoder.grid))

@@ -56,6 +56,7 @@ PHASES = {
     ("drorae", "1"): {},
     ("drorae", "2"): dict(init=(("rae", "drorae"), "1")),
     ("drorae", "3"): dict(init=(("drorae",), "2")),
+    ("drorae", "joint"): dict(init=(("rae", "drorae"), "1")),  # the §3.3 ablation: fusion + decoder at once
     ("decq", "1"): {},
     ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
                                        gan_start_step=20000, disc_start_step=20000, clip_grad=1.0, global_batch=256,
@@ -70,7 +71,8 @@ PHASES = {
 BASE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size")
 TOKENIZER_CONFIG = {
     "rae": BASE_CONFIG + ("noise_tau", "noise"),
-    "drorae": BASE_CONFIG + ("noise_tau", "noise", "fusion_hidden", "fusion_layers", "beta", "route_eps", "smoothness"),
+    "drorae": BASE_CONFIG + ("noise_tau", "noise", "fusion_hidden", "fusion_layers", "beta", "route_eps", "smoothness",
+                         "router"),
     "decq": BASE_CONFIG + ("noise_tau", "noise", "num_queries", "query_layers", "query_heads", "query_mlp_ratio"),
     "ideal": BASE_CONFIG + ("shallow_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta", "entropy_weight",
                             "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
@@ -92,14 +94,17 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", choices=METHODS, required=True)
-    a("--phase", choices=("1", "2", "3", "gen"), required=True)
+    a("--phase", choices=("1", "2", "3", "joint", "gen"), required=True)
     a("--preset", choices=tuple(PRESETS), default="published")
     a("--data-path", help="ImageFolder root (class sub-folders of images)")
     a("--out-dir", help="run directory (checkpoints, log.jsonl, grids); default: the --resume directory")
     a("--resume", help="run directory or checkpoint file to continue exactly")
-    a("--init-from", help="checkpoint of the previous phase (drorae phases 2 and 3)")
+    a("--init-from", help="checkpoint of the previous phase (drorae phases 2, 3, joint); where phase 1 is wanted, "
+      "also a released RAE decoder file (model.pt), the encoder named by --encoder")
     a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen (on resume: the one it was trained with)")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (schedule unchanged)")
+    a("--stop-epoch", type=float, default=None, help="stop after this many epochs, the --epochs schedule unchanged "
+      "(the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--seed", type=int, default=0)
     # tokenizer (RAE encoder and ViT decoder)
@@ -119,6 +124,8 @@ def parse_args(argv=None):
     a("--beta", type=float, default=0.2, help="incremental-correction β")
     a("--route-eps", type=float, default=1e-6)
     a("--smoothness", type=float, default=0.0, help="routing-smoothness penalty weight")
+    a("--router", choices=("energy", "softmax", "mean"), default="energy", help="energy: signed, ℓ2-normalised (DRoRAE Eq. 4); "
+      "softmax: MoE weights on the same logits; mean: LN₀(mean of LN₀(h_k)), no parameters (no phase 2)")
     # DecQ (§3.2, §4.1)
     a("--num-queries", type=int, default=8)
     a("--query-layers", type=int, nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
@@ -188,6 +195,11 @@ def parse_args(argv=None):
     if (args.method, args.phase) not in PHASES:
         valid = ", ".join(f for m, f in PHASES if m == args.method)
         raise SystemExit(f"--method {args.method} has no phase {args.phase} (valid: {valid})")
+    if args.method == "drorae" and args.router == "mean" and args.phase == "2":
+        raise SystemExit("--router mean has no parameters, so phase 2 has nothing to train: run --phase 3 "
+                         "--init-from the phase-1 checkpoint")
+    if args.max_steps is not None and args.max_steps < 1 or args.stop_epoch is not None and args.stop_epoch <= 0:
+        raise SystemExit("--max-steps and --stop-epoch must be positive (leave them out to train the whole schedule)")
     return args
 
 
@@ -319,26 +331,36 @@ def tokenizer_config(args):
 
 def build_tokenizer(args, resume):
     """The tokenizer of this phase: from the resume checkpoint, from the previous phase (--init-from, refused
-    unless it holds the required method/phase), or new. Phase 2/3 start from the previous phase's EMA weights;
-    tensors new in this method (e.g. the fusion module on top of an RAE) keep their fresh initialisation."""
+    unless it holds the required method/phase), or new. Later phases start from the previous phase's EMA weights.
+    From a phase-1 checkpoint (an RAE decoder, whatever the method) only the encoder and decoder and their config
+    are taken: the method's own modules are new, configured by this command's flags; where phase 1 is wanted,
+    --init-from may also be a released RAE decoder file (model.pt), the encoder named by --encoder."""
     need = PHASES[(args.method, args.phase)].get("init")
+    if args.method == "drorae" and args.router == "mean" and args.phase == "3":
+        need = PHASES[("drorae", "2")]["init"]  # no parameters: phase 3 comes straight after phase 1
     if resume is not None:
         tok = checkpoint.build_tokenizer(resume["config"])
         model.load_strict(tok, resume["model"], f"{resume['path']} model")
     elif need is None:
         tok = checkpoint.build_tokenizer(tokenizer_config(args))
+    elif not args.init_from:
+        raise SystemExit(f"--method {args.method} --phase {args.phase} needs --init-from: a checkpoint of "
+                         f"{' or '.join(need[0])} phase {need[1]}")
+    elif need[1] == "1" and Path(args.init_from).is_file() and not checkpoint.is_checkpoint(args.init_from):
+        try:  # a released RAE decoder (or any decoder state dict model.rae_decoder_state_dict reads)
+            tok = checkpoint.build_tokenizer(dict(tokenizer_config(args), decoder_weights=args.init_from))
+        except Exception as e:  # noqa: BLE001 — unreadable, or not a decoder of this shape: one line
+            raise SystemExit(f"--init-from {args.init_from}: neither a depthrae checkpoint nor a decoder for "
+                             f"--encoder {args.encoder} --decoder {args.decoder} ({str(e).splitlines()[0]})") from None
     else:
-        if not args.init_from:
-            raise SystemExit(f"--method {args.method} --phase {args.phase} needs --init-from: a checkpoint of "
-                             f"{' or '.join(need[0])} phase {need[1]}")
         prev = checkpoint.load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
-        config = dict(prev["config"])
-        if prev["method"] != args.method:  # e.g. RAE phase 1 → DRoRAE phase 2: add this method's modules
-            config = {**tokenizer_config(args), **config, "method": args.method}
+        config, state = dict(prev["config"]), prev["ema"]
+        if prev["phase"] == "1":
+            rae = TOKENIZER_CONFIG["rae"]
+            config = {**tokenizer_config(args), **{k: v for k, v in config.items() if k in rae}}
+            state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder."))}
         tok = checkpoint.build_tokenizer(config)
-        new = tuple(k for k in tok.state_dict() if k not in prev["ema"]) if prev["method"] != args.method else ()
-        state = {**{k: v for k, v in tok.state_dict().items() if k in new}, **prev["ema"]}
-        model.load_strict(tok, state, f"{prev['path']} ema")
+        model.load_strict(tok, {**tok.state_dict(), **state}, f"{prev['path']} ema")
     tok.set_phase(args.phase)
     return tok
 
@@ -617,7 +639,8 @@ def train(args, rank, world, device, stop):
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
         print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × "
               f"{args.epochs} epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
-    end = min(total_steps, args.max_steps or total_steps)
+    end = min(total_steps, args.max_steps or total_steps,
+              round(args.stop_epoch * steps_per_epoch) if args.stop_epoch else total_steps)
     with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
         it, t0, seen = None, time.time(), 0
         while step < end:

@@ -37,6 +37,27 @@ def test_beta_zero_is_the_rae_latent_bitwise():
     assert (z_small - z_base).abs().max() < 1e-4 and not torch.equal(z_small, z_base)
 
 
+@pytest.mark.parametrize("router", fusion.ROUTERS)
+def test_router_variants(router):
+    """β = 0 is RAE bitwise for every router; β = 1 is the routed latent alone (no incremental correction); softmax
+    weights are a distribution; the mean router has no parameters at all and is LN₀(mean_k LN₀(h_k))."""
+    feats = _feats()
+    z_base = ln0(feats[-1])
+    assert torch.equal(_module(beta=0.0, router=router)(feats, z_base)[0], z_base)
+    m = _module(beta=1.0, router=router)
+    z, w = m(feats, z_base)
+    z_other, _ = m(feats, torch.randn_like(z_base))
+    assert torch.allclose(z, z_other, atol=1e-5) and w.shape == (2, GRID * GRID, L)
+    if router == "softmax":
+        assert (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(2, GRID * GRID))
+    if router == "mean":
+        assert list(m.parameters()) == [] and torch.equal(w, torch.full_like(w, 1 / L))
+        mean = ln0(torch.stack([ln0(h) for h in feats]).mean(0))
+        assert torch.allclose(z, ln0(mean), atol=1e-5)
+    with pytest.raises(ValueError, match="router must be one of energy, softmax, mean"):
+        _module(router="max")
+
+
 def _scaled(m, c):
     m2 = _module(beta=m.beta, eps=m.eps).to(torch.float64)
     m2.load_state_dict(m.state_dict())
@@ -139,14 +160,14 @@ def _changed(before, module):
     return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
 
 
-@pytest.mark.parametrize("phase", ["2", "3"])
+@pytest.mark.parametrize("phase", ["2", "3", "joint"])
 def test_phases_train_exactly_their_tensors(phase):
     _, tok = _pair(smoothness=0.1)
     tok.set_phase(phase)
-    trained = tok.fusion if phase == "2" else tok.decoder
-    frozen = [m for m in (tok.encoder, tok.decoder, tok.fusion) if m is not trained]
+    trained = {"2": [tok.fusion], "3": [tok.decoder], "joint": [tok.fusion, tok.decoder]}[phase]
+    frozen = [m for m in (tok.encoder, tok.decoder, tok.fusion) if m not in trained]
     params = [p for p in tok.parameters() if p.requires_grad]
-    assert {id(p) for p in params} == {id(p) for p in trained.parameters()}
+    assert {id(p) for p in params} == {id(p) for m in trained for p in m.parameters()}
     opt = torch.optim.AdamW(params, lr=1e-3)
     before = {m: _snapshot(m) for m in (tok.encoder, tok.decoder, tok.fusion)}
     tok.train()
@@ -159,7 +180,8 @@ def test_phases_train_exactly_their_tensors(phase):
         opt.step()
     for m in frozen:
         assert not _changed(before[m], m)  # bitwise unchanged
-    assert _changed(before[trained], trained) == {k for k, _ in trained.named_parameters()}  # every one moved
+    for m in trained:
+        assert _changed(before[m], m) == {k for k, _ in m.named_parameters()}  # every one moved
     assert all(p.grad is None for p in tok.encoder.parameters())
     # the GAN's adaptive weight needs a trainable layer: the decoder's last linear, or in phase 2 the last expert's
     assert tok.last_layer() is (tok.fusion.experts[-1].fc2.weight if phase == "2" else tok.decoder.decoder_pred.weight)

@@ -202,6 +202,72 @@ def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
         assert found in msg and "expected kind tokenizer, method " in msg
 
 
+def released_layout(decoder_sd):
+    """Our ViTDecoder state dict → the released RAE decoder's names (HF ViT-MAE: query / key / value apart)."""
+    out = {k: decoder_sd[k] for k in model.RAE_DECODER_TOP}
+    depth = 1 + max(int(k.split(".")[1]) for k in decoder_sd if k.startswith("blocks."))
+    for i in range(depth):
+        for p in ("weight", "bias"):
+            for n, t in zip(("query", "key", "value"), decoder_sd[f"blocks.{i}.attn.qkv.{p}"].chunk(3)):
+                out[f"decoder_layers.{i}.attention.attention.{n}.{p}"] = t
+            out.update({f"decoder_layers.{i}.{a}.{p}": decoder_sd[f"blocks.{i}.{b}.{p}"]
+                        for a, b in model.RAE_DECODER_LAYER.items()})
+    return out
+
+
+def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
+    """DRoRAE §3.3's joint ablation trains exactly fusion + decoder from phase 1 (other methods refuse it);
+    --router mean has no phase 2 and goes from phase 1 to phase 3; phase 2 starts from a released-layout decoder
+    file; --stop-epoch stops on the unchanged schedule; --max-steps 0 is refused."""
+    common = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
+              "--micro-batch", "1", "--max-steps", "1"]
+    p1 = tmp_path / "p1"
+    train.main(["--method", "rae", "--phase", "1", *common, "--out-dir", str(p1)])
+
+    def trained(out):  # the parameter names whose optimizer state exists, by shape multiset, and the config
+        ck = torch.load(out / "ckpt-last.pt")
+        tok = checkpoint.build_tokenizer(ck["config"])
+        shapes = sorted(tuple(s["exp_avg"].shape) for s in ck["optimizer"]["state"].values())
+        return ck, tok, shapes
+
+    for router, phase, prefixes in (("softmax", "joint", ("fusion.", "decoder.")), ("mean", "3", ("decoder.",))):
+        out = tmp_path / f"{router}{phase}"
+        train.main(["--method", "drorae", "--phase", phase, *common, "--init-from", str(p1), "--router", router,
+                    "--out-dir", str(out)])
+        ck, tok, shapes = trained(out)
+        assert ck["config"]["router"] == router and ck["config"]["fuse"]
+        assert shapes == sorted(tuple(p.shape) for n, p in tok.named_parameters() if n.startswith(prefixes))
+    assert not [n for n, _ in tok.named_parameters() if n.startswith("fusion.")]  # mean: nothing to route with
+    assert "phase 2 has nothing to train" in error(["--method", "drorae", "--phase", "2", *common, "--router", "mean",
+                                                    "--init-from", str(p1), "--out-dir", str(tmp_path / "m2")])
+    for method in ("rae", "decq", "ideal"):
+        assert f"--method {method} has no phase joint" in error(["--method", method, "--phase", "joint", *common])
+
+    # phase 2 from a released RAE decoder file, the encoder named by the flags (here the tiny preset's)
+    rae1 = checkpoint.load_checkpoint(p1)
+    dec = {k[8:]: v for k, v in rae1["ema"].items() if k.startswith("decoder.")}
+    torch.save(released_layout(dec), tmp_path / "model.pt")
+    out = tmp_path / "from-released"
+    train.main(["--method", "drorae", "--phase", "2", *common, "--init-from", str(tmp_path / "model.pt"),
+                "--out-dir", str(out)])
+    ck = torch.load(out / "ckpt-last.pt")
+    assert all(torch.equal(ck["model"]["decoder." + k], v) for k, v in dec.items())  # frozen, exactly the file's
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "neither a depthrae checkpoint nor a decoder" in error(
+        ["--method", "drorae", "--phase", "2", *common, "--init-from", str(tmp_path / "junk.pt"),
+         "--out-dir", str(tmp_path / "j")])
+
+    # --stop-epoch: the epochs-long schedule, stopped early (8 images / batch 2 = 4 steps per epoch)
+    flags = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
+             "--micro-batch", "1", "--epochs", "4", "--log-every", "1", "--method", "rae", "--phase", "1"]
+    train.main([*flags, "--out-dir", str(tmp_path / "full")])
+    train.main([*flags, "--out-dir", str(tmp_path / "stop"), "--stop-epoch", "1.5"])
+    full, stop = log(tmp_path / "full"), log(tmp_path / "stop")
+    assert len(full) == 16 and len(stop) == 6 and [r["lr"] for r in stop] == [r["lr"] for r in full[:6]]
+    assert not (tmp_path / "stop" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "stop")["step"] == 6
+    assert "must be positive" in error([*flags, "--out-dir", str(tmp_path / "zero"), "--max-steps", "0"])
+
+
 def tokenizer_then_generator(method, images, tmp_path, *extra):
     tok = tmp_path / f"{method}-tok"
     if not tok.exists():
