@@ -11,9 +11,13 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
         --ref VIRTUAL_imagenet256_labeled.npz                        # the full-scale commands
     python experiments.py drorae-scaling --init-from runs/rae/tokenizer.pt --data-path imagenet/train \\
         --eval-path imagenet/val --out-dir runs/drorae-scaling          # DRoRAE §4.4 at full scale
+    python experiments.py drorae-phases --seeds 0 1 2                  # DRoRAE's ablations (they share their runs)
+    python experiments.py drorae-routing --seeds 0 1 2
+    python experiments.py drorae-routing-maps --seeds 0 1 2
 
 Read top to bottom: (1) the DRoRAE capacity scaling study, (2) studies over seeds: aggregation, table, chart,
-(3) the main table, (4) the scaling study in the toy world, (5) the command line.
+(3) the main table, (4) the scaling study in the toy world, (5) DRoRAE's phase and routing ablations and routing
+maps, (6) the command line.
 """
 import argparse
 import json
@@ -23,11 +27,13 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import checkpoint
 import data
 import evaluate
+import fusion
 import model
 import toy
 
@@ -153,11 +159,13 @@ def drorae_scaling(argv):
 # ----------------------------------------------------------------------------------------------------
 
 METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lower, format)
-    "psnr": ("PSNR", 1, ".2f"), "ssim": ("SSIM", 1, ".3f"), "recon_accuracy": ("recon acc", 1, ".3f"),
-    "rFID": ("rFID", -1, ".3f"), "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"),
-    "gFID": ("gFID", -1, ".2f"), "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"),
-    "recall": ("recall", 1, ".3f")}
+    "psnr": ("PSNR", 1, ".2f"), "psnr_p2": ("PSNR phase 2", 1, ".2f"), "ssim": ("SSIM", 1, ".3f"),
+    "recon_accuracy": ("recon acc", 1, ".3f"), "fd_recon": ("rFD (VFM)", -1, ".3f"), "rFID": ("rFID", -1, ".3f"),
+    "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"), "gFID": ("gFID", -1, ".2f"),
+    "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
+for _mode, _label in (("none", "unguided"), ("ag", "AG")):  # the same metrics of samples without guidance / with AG
+    METRICS.update({f"{k}_{_mode}": (f"{METRICS[k][0]} {_label}", *METRICS[k][1:]) for k in GENERATION})
 
 
 def study_args(name, argv, seeds=(0, 1, 2)):
@@ -180,6 +188,17 @@ def study_args(name, argv, seeds=(0, 1, 2)):
     return args, extra
 
 
+def with_flags(argv, *pairs):
+    """argv with each (flag, value) set: the value after the flag replaced where it is present, else appended."""
+    argv = list(argv)
+    for flag, value in pairs:
+        if flag in argv:
+            argv[argv.index(flag) + 1] = str(value)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def aggregate(per_seed, rows):
     """{seed: {row: {metric: value}}} → {row: {metric: {"values" per seed, "mean", "spread" = max − min}}}."""
     table = {}
@@ -192,12 +211,12 @@ def aggregate(per_seed, rows):
     return table
 
 
-def comparisons(table, base, others):
-    """For every generation metric: each tokenizer's difference of means from `base`; whether it exceeds the larger
+def comparisons(table, base, others, metrics=GENERATION):
+    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base`; whether it exceeds the larger
     of the two spreads over seeds (resolved in this world); and the per-seed (paired) differences, which count even
     where the seeds' worlds differ in scale (in the toy, each seed has its own VFM and FD space)."""
     out = []
-    for metric in GENERATION:
+    for metric in metrics:
         for row in others:
             if metric in table.get(base, {}) and metric in table.get(row, {}):
                 a, b = table[base][metric], table[row][metric]
@@ -209,16 +228,17 @@ def comparisons(table, base, others):
     return out
 
 
-def print_table(table, rows, seeds, base=None, others=()):
-    """Mean ± spread over the seeds, a row per run; then the generation comparisons against `base`."""
-    metrics = [m for m in METRICS if any(m in table.get(r, {}) for r in rows)]
+def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=GENERATION):
+    """Mean ± spread over the seeds, a row per run (columns: `metrics`, default every one present); then the
+    comparisons against `base` on the `compare` metrics."""
+    metrics = [m for m in metrics or METRICS if any(m in table.get(r, {}) for r in rows)]
     print(f"\nmean ± spread (max − min) over seeds {' '.join(map(str, seeds))}")
     print(f"{'':<16}" + "".join(f"{METRICS[m][0]:>17}" for m in metrics))
     for r in rows:
         cells = [format(table[r][m]["mean"], METRICS[m][2]) + " ± " + format(table[r][m]["spread"], METRICS[m][2])
                  if m in table.get(r, {}) else "—" for m in metrics]
         print(f"{r:<16}" + "".join(f"{c:>17}" for c in cells))
-    cmp = comparisons(table, base, others) if base else []
+    cmp = comparisons(table, base, others, compare) if base else []
     for c in cmp:
         verdict = "exceeds" if c["resolved"] else "is inside"
         better = "better" if c["better"] else "worse" if c["diff"] else "equal"
@@ -233,10 +253,10 @@ COLOURS = [(86, 119, 164), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 
            (218, 139, 195), (140, 140, 140)]
 
 
-def chart(table, rows, path, title):
+def chart(table, rows, path, title, metrics=None):
     """A PNG panel per metric: a bar per run at the mean over seeds, a whisker from the lowest to the highest seed,
     a dot per seed (drawn with Pillow alone)."""
-    metrics = [m for m in METRICS if any(m in table.get(r, {}) for r in rows)]
+    metrics = [m for m in metrics or METRICS if any(m in table.get(r, {}) for r in rows)]
     pw, ph, top, cols = 300, 240, 40, min(4, len(metrics))
     img = Image.new("RGB", (pw * cols, top + ph * -(-len(metrics) // cols) + 20 * len(rows) // 2 + 30), "white")
     d = ImageDraw.Draw(img)
@@ -277,11 +297,13 @@ def run_study(name, jobs, root, args, gpus=0):
     return True
 
 
-def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None):
+def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION):
     """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png."""
     table = aggregate(per_seed, rows)
-    cmp = print_table(table, rows, args.seeds, base, others)
-    chart(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max")
+    cmp = print_table(table, rows, args.seeds, base, others, metrics, compare)
+    root.mkdir(parents=True, exist_ok=True)
+    chart(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max",
+          metrics)
     res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp, **(extra or {}))
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {root}/results.json, chart.png")
@@ -389,9 +411,8 @@ def toy_scaling(argv):
         jobs += [(pre + "world", "toy.py", [*flags, "--stage", "world"], []),
                  (pre + "rae", *runs["rae"], [pre + "world"])]
         for h, n, name in points:
-            argv_p2 = list(runs["drorae_p2"][1])
-            argv_p2[argv_p2.index("--out-dir") + 1] = str(out / name)
-            jobs.append((pre + name, "train.py", [*argv_p2, "--fusion-hidden", str(h), "--fusion-layers",
+            jobs.append((pre + name, "train.py", [*with_flags(runs["drorae_p2"][1], ("--out-dir", out / name)),
+                                                  "--fusion-hidden", str(h), "--fusion-layers",
                                                   *map(str, spread_layers(depth, n))], [pre + "rae"]))
     if not run_study("drorae-scaling", jobs, root, args):
         return None
@@ -417,10 +438,215 @@ def toy_scaling(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Command line
+# 5. DRoRAE's ablations: phases (§3.3, §4.3), routing (§3.2), routing maps. Their runs share <out-dir>/drorae/seedN,
+#    so a run two studies need (the world, RAE, phase 2 with the paper's router) is trained once.
+# ----------------------------------------------------------------------------------------------------
+
+DRORAE_RUNS = {  # tokenizer key → (phase, --init-from key, flags); the energy router at β = 0.2 is the paper's
+    "drorae_p2": ("2", "rae", []), "drorae_p3": ("3", "drorae_p2", []), "drorae_joint": ("joint", "rae", []),
+    "softmax_p2": ("2", "rae", ["--router", "softmax"]), "softmax_p3": ("3", "softmax_p2", []),
+    "mean_p3": ("3", "rae", ["--router", "mean"]),  # no parameters, so no phase 2
+    **{f"beta{b}_{p}": (p[1], "rae" if p == "p2" else f"beta{b}_p2", ["--beta", b] if p == "p2" else [])
+       for b in ("0.1", "0.5", "1") for p in ("p2", "p3")}}
+GUIDE = {"toy": [("--epochs", "1")],  # AutoGuidance's weak model: shorter training (toy), DiT-DH-S at 14 epochs
+         "imagenet": [("--dit", "S"), ("--stop-epoch", "14")]}  # (RAE's released guide)
+
+
+def drorae_jobs(seed, root, args, toy_flags, tokenizers, samplings):
+    """One seed's jobs: the world (toy), RAE phase 1, the DRORAE_RUNS `tokenizers` with what they start from, and for
+    each (key, mode) of `samplings` a generator on that latent and its samples; mode "cfg" = the main table's
+    sampling (toy: CFG 3), "none" = no guidance, "ag" = AutoGuidance 1.5 with a weaker generator as guide (trained
+    too). Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80, as the papers report),
+    50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
+    out, full = root / f"seed{seed}", args.world == "imagenet"
+    if full:
+        common = ["--data-path", args.data_path, "--seed", str(seed)]
+        rae = ["--method", "rae", "--phase", "1", "--out-dir", str(out / "rae"), *common]
+        templates = dict(rae=rae, p2=with_flags(rae, ("--method", "drorae"), ("--phase", "2")),
+                         gen=["--method", "rae", "--phase", "gen", *common, "--epochs", "800", "--stop-epoch", "80"])
+        jobs = {"rae": ("train.py", rae, [])}
+    else:
+        flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
+        targs = toy.parse_args(flags)
+        runs = {name: argv for name, _, argv, _ in toy.plan_runs(targs, out)[0]}
+        templates = dict(rae=runs["rae"], p2=runs["drorae_p2"], gen=runs["rae_gen"])
+        jobs = {"world": ("toy.py", [*flags, "--stage", "world"], []), "rae": ("train.py", runs["rae"], ["world"])}
+
+    def tokenizer(key):
+        if key not in jobs:
+            phase, init, extra = DRORAE_RUNS[key]
+            tokenizer(init)
+            jobs[key] = ("train.py", with_flags(templates["p2"], ("--phase", phase), ("--out-dir", out / key),
+                                                ("--init-from", out / init / "tokenizer.pt")) + extra, [init])
+            if full:
+                jobs[f"{key}_eval"] = ("evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
+                                                       args.eval_path, "--out", str(out / key / "eval.json")], [key])
+
+    def generator(key, name):
+        run = out / f"{key}_{name}"
+        argv = with_flags(templates["gen"], ("--method", "rae" if key == "rae" else "drorae"),
+                          ("--tokenizer", out / key / "tokenizer.pt"), ("--out-dir", run),
+                          ("--latent-cache", run / "cache"))
+        jobs.setdefault(f"{key}_{name}", ("train.py", argv if name == "gen" else with_flags(argv, *GUIDE[args.world]),
+                                          [key]))
+        return run / "ckpt-last.pt" if full else run / "generator.pt"
+
+    for key in tokenizers:
+        tokenizer(key)
+    if full:
+        jobs["rae_eval"] = ("evaluate.py", ["--tokenizer", str(out / "rae" / "tokenizer.pt"), "--data-path",
+                                            args.eval_path, "--out", str(out / "rae" / "eval.json")], ["rae"])
+    for key, mode in samplings:
+        gen, where = generator(key, "gen"), out / f"{key}_gen" / f"samples_{mode}"
+        guide = generator(key, "guide") if mode == "ag" else None
+        scale = {"cfg": None, "none": 1.0, "ag": 1.5}[mode]
+        if full:
+            argv = ["--ckpt", str(gen), "--per-class", "50", "--out-dir", str(where), "--name", "samples", "--seed",
+                    str(seed), "--scale", str(scale or 1.0)]
+        else:
+            argv = toy.sample_flags(gen, len(toy.SHAPES) * targs.samples_per_class, targs, where)
+            argv = with_flags(argv, ("--scale", scale)) if scale else argv
+        argv += ["--guide", str(guide)] if guide else []
+        deps = [f"{key}_gen"] + ([f"{key}_guide"] if guide else [])
+        jobs[f"{key}_samples_{mode}"] = ("sample.py", argv, deps)
+        if full:
+            jobs[f"{key}_samples_{mode}_eval"] = ("evaluate.py", [
+                "--samples", str(where / "samples.npz"), "--ref", args.ref or args.eval_path, "--out",
+                str(where / "eval.json")], [f"{key}_samples_{mode}"])
+    pre = f"s{seed}-"
+    return [(pre + n, script, argv, [pre + d for d in deps]) for n, (script, argv, deps) in jobs.items()]
+
+
+def drorae_scores(seed, root, args, toy_flags, tokenizers, samplings):
+    """One seed's metrics {key: {metric: value}}: reconstruction of every tokenizer (toy: PSNR, SSIM, the toy VFM's
+    accuracy, rFD in its feature space; full scale: evaluate.py's PSNR, SSIM, rFID) and of every sample set (toy:
+    sample accuracy, FD, precision, recall; full scale: gFID, IS, precision, recall), suffixed _none / _ag by mode."""
+    out, res = root / f"seed{seed}", {}
+    suffix = {"cfg": "", "none": "_none", "ag": "_ag"}
+    if args.world == "imagenet":
+        for key in ("rae", *tokenizers):
+            r = json.loads((out / key / "eval.json").read_text())
+            res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
+        for key, mode in samplings:
+            g = json.loads((out / f"{key}_gen" / f"samples_{mode}" / "eval.json").read_text())
+            res[key].update({k + suffix[mode]: g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
+                                                                     ("precision", "precision"), ("recall", "recall"))})
+        return res
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as toy.py's scoring: the same digits
+    targs = toy.parse_args(["--seed", str(seed), *toy_flags])
+    vfm, heads = toy.load_vfm(out)
+    x_test, y_test = toy.test_set(targs)
+    f_test = toy.vfm_features(vfm, x_test)
+    for key in ("rae", *tokenizers):
+        res[key] = toy.recon_scores(checkpoint.load_tokenizer(out / key / "tokenizer.pt"), x_test, y_test, vfm, heads,
+                                    f_test)[1]
+    for key, mode in samplings:
+        s, labels = toy.read_samples(out / f"{key}_gen" / f"samples_{mode}")
+        res[key].update({k + suffix[mode]: v for k, v in toy.sample_scores(s, labels, vfm, heads, f_test).items()})
+    torch.set_num_threads(threads)
+    return res
+
+
+def drorae_study(name, argv, tokenizers, samplings):
+    """Run a DRoRAE study's jobs (shared runs in <out-dir>/drorae) and score every seed; None on --dry-run."""
+    args, toy_flags = study_args(name, argv)
+    runs = Path(args.out_dir) / "drorae"
+    jobs = [j for seed in args.seeds for j in drorae_jobs(seed, runs, args, toy_flags, tokenizers, samplings)]
+    if not run_study(name, jobs, runs, args, gpus=args.gpus if args.world == "imagenet" else 0):
+        return None
+    per_seed = {s: drorae_scores(s, runs, args, toy_flags, tokenizers, samplings) for s in args.seeds}
+    return args, runs, per_seed
+
+
+def drorae_phases(argv):
+    """DRoRAE §3.3 / §4.3: RAE, phase 2 (fusion only), phase 3 (decoder fine-tuned) and joint training (fusion and
+    decoder at once, the ablation the paper reports failing), each tokenizer's reconstruction and a generator on its
+    latent sampled without guidance and with AutoGuidance 1.5 (a weaker generator as guide, trained too)."""
+    rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
+    done = drorae_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in ("none", "ag")])
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    metrics = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag", "sample_accuracy_none",
+               "sample_accuracy_ag"]
+    return finish("drorae-phases", runs / "drorae-phases", per_seed, rows, args, "drorae_p3",
+                  ("rae", "drorae_p2", "drorae_joint"), metrics=metrics, compare=metrics)
+
+
+ROUTING_ROWS = ("drorae_p3", "softmax_p3", "mean_p3", "beta0.1_p3", "beta0.5_p3", "beta1_p3")
+
+
+def drorae_routing(argv):
+    """DRoRAE §3.2's routing against simple alternatives after phase 3: the energy router (β = 0.2), softmax over the
+    same logits, the parameter-free mean of the LN₀ block outputs (phase 1 → 3), and the energy router at β = 0.1,
+    0.5, 1; reconstruction (also after phase 2 where there is one) and a generator on each latent (the main table's
+    sampling)."""
+    p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
+    done = drorae_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, "cfg") for k in ROUTING_ROWS])
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    for seed in args.seeds:
+        for k, k2 in p2.items():
+            per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
+    metrics = ["psnr_p2", "psnr", "ssim", "fd_recon", "rFID", "fd", "gFID", "sample_accuracy", "precision", "recall"]
+    return finish("drorae-routing", runs / "drorae-routing", per_seed, ROUTING_ROWS, args, "drorae_p3",
+                  ROUTING_ROWS[1:], metrics=metrics, compare=metrics[:5] + ["fd", "gFID"])
+
+
+def region_weights(tok, x01, masks):
+    """Mean routing weight per fused block on background tokens (object coverage < 5 %), object edges and object
+    interiors (> 95 %), from the toy world's foreground masks: {region: [weight per block]}."""
+    w = tok.routing_maps(x01)  # (B, L, h, w)
+    cover = F.adaptive_avg_pool2d(masks[:, None], w.shape[-2:])[:, 0]  # (B, h, w)
+    regions = dict(background=cover < 0.05, edge=(cover >= 0.05) & (cover <= 0.95), interior=cover > 0.95)
+    return {r: w.permute(0, 2, 3, 1)[m].mean(0).tolist() for r, m in regions.items()}
+
+
+def drorae_routing_maps(argv):
+    """Where the routers send each token: PNG grids of the per-block routing weights of phase 2 (energy and softmax)
+    on held-out toy images (seed by seed), and the mean weight per block on background, edge and interior tokens."""
+    args, toy_flags = study_args("drorae-routing-maps", argv)
+    if args.world == "imagenet":
+        raise SystemExit("drorae-routing-maps runs in the toy world; at full scale: fusion.save_routing_maps(tok, x, "
+                         "path) on a phase-2 tokenizer (checkpoint.load_tokenizer)")
+    runs, keys = Path(args.out_dir) / "drorae", ("drorae_p2", "softmax_p2")
+    jobs = [j for seed in args.seeds for j in drorae_jobs(seed, runs, args, toy_flags, keys, [])]
+    if not run_study("drorae-routing-maps", jobs, runs, args):
+        return None
+    root, res = runs / "drorae-routing-maps", {}
+    root.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        targs = toy.parse_args(["--seed", str(seed), *toy_flags])
+        x, _, masks = toy.make_world(targs.test_images, targs.seed + 1000)
+        x = data.to_uint8(x).permute(0, 3, 1, 2).float() / 255  # as the held-out PNGs hold them
+        for key in keys:
+            tok = checkpoint.load_tokenizer(runs / f"seed{seed}" / key / "tokenizer.pt")
+            fusion.save_routing_maps(tok, x[:8], root / f"seed{seed}-{key}.png")
+            res.setdefault(key, {})[seed] = region_weights(tok, x, masks)
+    print(f"\nmean routing weight per fused block (0 = first block) on held-out tokens, seeds {args.seeds}")
+    for key in keys:
+        for region in ("background", "edge", "interior"):
+            w = torch.tensor([res[key][s][region] for s in args.seeds])
+            print(f"{key:<12}{region:<12}" + " ".join(f"{m:+.3f}±{s:.3f}" for m, s in
+                                                   zip(w.mean(0).tolist(), (w.max(0)[0] - w.min(0)[0]).tolist())))
+    (root / "results.json").write_text(json.dumps(dict(study="drorae-routing-maps", seeds=args.seeds, weights=res),
+                                                  indent=1))
+    print(f"wrote {root}/results.json and seed*-*.png (rows: image, then one map per block; blue −, white 0, red +)")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Command line
 # ----------------------------------------------------------------------------------------------------
 
 STUDIES = {
+    "drorae-phases": (drorae_phases, "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation "
+                                     "without guidance and with AutoGuidance"),
+    "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
+    "drorae-routing-maps": (drorae_routing_maps, "PNG of the per-block routing weights on held-out toy images, "
+                                                 "mean weight on background / edges / interiors"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "

@@ -411,6 +411,24 @@ def plan_runs(args, out):
     return jobs, ckpt
 
 
+def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
+    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD to the
+    held-out images in its feature space."""
+    r = reconstruct(tok, x_test)
+    a, b = data.to_uint8(x_test), data.to_uint8(r)
+    return r, dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
+                   recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
+                   fd_recon=fd(vfm_features(vfm, r), f_test))
+
+
+def sample_scores(s, labels, vfm, heads, f_test):
+    """The toy VFM's accuracy on class-conditional samples; FD, precision and recall against the held-out images."""
+    f_s = vfm_features(vfm, s)
+    p, r = evaluate.precision_recall(f_test, f_s, device="cpu")
+    return dict(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(), fd=fd(f_s, f_test),
+                precision=p, recall=r)
+
+
 def score(args, out, seconds=None):
     """Score the finished runs of one seed: PSNR / SSIM / the toy VFM's accuracy on held-out reconstructions; on
     class-conditional samples the toy VFM's accuracy, FD, precision and recall in its feature space (against the
@@ -426,17 +444,11 @@ def score(args, out, seconds=None):
     f_test = vfm_features(vfm, x_test)
     recons = [x_test[:16]]
     for key in ckpt:
-        tok = checkpoint.load_tokenizer(ckpt[key])
-        r = reconstruct(tok, x_test)
+        r, res = recon_scores(checkpoint.load_tokenizer(ckpt[key]), x_test, y_test, vfm, heads, f_test)
         recons.append(r[:16])
-        a, b = data.to_uint8(x_test), data.to_uint8(r)
-        res = dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
-                   recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
-                   sample_accuracy=None, fd=None, precision=None, recall=None)
+        res.update(sample_accuracy=None, fd=None, precision=None, recall=None)
         if key in samples:
-            s, f_s = samples[key], vfm_features(vfm, samples[key])
-            res.update(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(), fd=fd(f_s, f_test))
-            res["precision"], res["recall"] = evaluate.precision_recall(f_test, f_s, device="cpu")
+            res.update(sample_scores(samples[key], labels, vfm, heads, f_test))
         results[key] = res
     data.save_image_grid(torch.cat(recons), out / "reconstructions.png", nrow=16)
     data.save_image_grid(torch.cat([s[:16] for s in samples.values()]), out / "samples.png", nrow=16)

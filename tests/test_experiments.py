@@ -140,3 +140,55 @@ def test_toy_scaling_study_on_tiny_settings(tmp_path, capsys):
     assert "--fusion-hidden 128 --fusion-layers 0 1 2 3 4 5" in commands[-1]
     assert len(res["grid"]) == 9 and all(g["psnr"] > 0 for g in res["grid"]) and "psnr/all" in res["fits"]["mean"]
     assert "R²" in capsys.readouterr().out and (tmp_path / "drorae-scaling" / "chart.png").exists()
+
+
+def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
+    """drorae-phases, drorae-routing and drorae-routing-maps on tiny settings: each prints its table (maps: the
+    region weights and PNGs); runs a study shares with another (world, RAE, phase 2 / 3) are trained once."""
+    import json
+
+    from PIL import Image
+
+    base = ["--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY]
+    phases = experiments.main(["drorae-phases", *base])
+    runs = tmp_path / "drorae"
+    assert set(phases["table"]) == {"rae", "drorae_p2", "drorae_p3", "drorae_joint"}
+    assert {"psnr", "fd_recon", "fd_none", "fd_ag"} <= set(phases["table"]["drorae_joint"])
+    commands = (runs / "commands.sh").read_text()
+    assert "--phase joint" in commands and "--guide" in commands and "--scale 1.5" in commands
+    shared = {p: p.stat().st_mtime_ns for p in (runs / "logs").iterdir()}
+    routing = experiments.main(["drorae-routing", *base])
+    assert set(routing["table"]) == set(experiments.ROUTING_ROWS)
+    assert "psnr_p2" in routing["table"]["softmax_p3"] and "psnr_p2" not in routing["table"]["mean_p3"]
+    assert all(p.stat().st_mtime_ns == t for p, t in shared.items())  # nothing of drorae-phases ran again
+    commands = (runs / "commands.sh").read_text()
+    assert "--router mean" in commands and "--beta 0.5" in commands and "--router softmax" in commands
+    maps = experiments.main(["drorae-routing-maps", *base])
+    assert set(maps) == {"drorae_p2", "softmax_p2"} and len(maps["softmax_p2"][0]["edge"]) == 6  # 6 fused blocks
+    img = Image.open(runs / "drorae-routing-maps" / "seed0-drorae_p2.png")
+    assert img.size == (2 + 7 * 34, 2 + 8 * 34)  # image + 6 blocks, 8 held-out images of 32 px
+    out = capsys.readouterr().out
+    assert out.count("mean ± spread") == 2 and "mean routing weight per fused block" in out
+    finished = json.loads((runs / "finished.json").read_text())
+    assert len(finished) == len(set(finished.values()))
+
+
+def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
+    import shlex
+
+    import evaluate
+    import sample
+    import train
+
+    parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
+    for study in ("drorae-phases", "drorae-routing"):
+        experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
+                          "--eval-path", "in/val"])
+        for line in capsys.readouterr().out.strip().splitlines():
+            words = shlex.split(line)
+            args = parsers[words[2]](words[3:])
+            if words[2] == "train.py" and args.phase == "gen":
+                assert args.epochs == 800 and args.stop_epoch == (14 if "_guide" in args.out_dir else 80)
+                assert args.dit == ("S" if "_guide" in args.out_dir else "XL")
+    with pytest.raises(SystemExit, match="toy world"):
+        experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])

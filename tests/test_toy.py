@@ -40,7 +40,8 @@ def test_miniature_end_to_end(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert KEYS <= saved.keys() and KEYS <= res.keys()
     for k in KEYS:
-        assert set(saved[k]) == {"psnr", "ssim", "recon_accuracy", "sample_accuracy", "fd", "precision", "recall"}
+        assert set(saved[k]) == {"psnr", "ssim", "recon_accuracy", "fd_recon", "sample_accuracy", "fd", "precision",
+                                 "recall"}
         assert saved[k]["psnr"] > 0 and 0 < saved[k]["ssim"] <= 1
         assert (saved[k]["fd"] is None) == (k not in toy.GENERATORS)
     assert (out / "reconstructions.png").is_file() and (out / "samples.png").is_file()
