@@ -93,15 +93,19 @@ class DiTDH(nn.Module):
     c = SiLU(t_emb + y_emb); body: s = Conv1×1(x) + sin-cos pos, N₁ blocks on c; s = SiLU(t_emb + s) →
     s_projector; head: separate Conv1×1(x) (RoPE only), N₂ blocks and the final layer conditioned per token
     on s. depth[1] = 0 gives the plain DiT (final layer on the body, conditioned on c).
-    num_queries > 0 adds DecQ query tokens (B, Q, C): own input projections (body and head), learnable
-    positions, own output projection; patches and queries attend to each other (no RoPE on queries)."""
+    num_queries > 0 adds DecQ query tokens (B, Q, C): own input projections (body and head) and learnable
+    positions (DecQ §3.3), patches and queries attending to each other (no RoPE on queries); the output projection
+    is the patches' (query_out="shared": DiT-DH-XL 838.4M → 840.9M, the paper's 839M → 841M) or its own
+    ("separate": 842.4M)."""
 
     def __init__(self, input_size=16, in_channels=768, hidden_size=(1152, 2048), depth=(28, 2),
-                 num_heads=(16, 16), num_classes=1000, mlp_ratio=4.0, num_queries=0):
+                 num_heads=(16, 16), num_classes=1000, mlp_ratio=4.0, num_queries=0, query_out="shared"):
         super().__init__()
+        if query_out not in ("shared", "separate"):
+            raise ValueError(f"query_out must be 'shared' or 'separate', got '{query_out}'")
         self.config = dict(input_size=input_size, in_channels=in_channels, hidden_size=tuple(hidden_size),
                            depth=tuple(depth), num_heads=tuple(num_heads), num_classes=num_classes,
-                           mlp_ratio=mlp_ratio, num_queries=num_queries)
+                           mlp_ratio=mlp_ratio, num_queries=num_queries, query_out=query_out)
         (d1, d2), (n1, n2) = hidden_size, depth
         self.in_channels, self.num_classes, self.num_queries = in_channels, num_classes, num_queries
         self.depth, self.num_heads = (n1, n2), tuple(num_heads)
@@ -116,12 +120,13 @@ class DiTDH(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(d1, num_heads[0], mlp_ratio) for _ in range(n1)] +
                                     [DiTBlock(d2, num_heads[1], mlp_ratio) for _ in range(n2)])
         self.final_layer = FinalLayer(out_width, in_channels)
-        if num_queries:  # DecQ §3.3 (own output projection: README, Decisions)
+        if num_queries:  # DecQ §3.3 (the output projection: README, Decisions)
             self.query_s_embedder = nn.Linear(in_channels, d1)
             self.query_pos_embed = nn.Parameter(torch.zeros(num_queries, d1))
             if n2:
                 self.query_x_embedder = nn.Linear(in_channels, d2)
-            self.query_out = nn.Linear(out_width, in_channels)
+            if query_out == "separate":
+                self.query_out = nn.Linear(out_width, in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -137,7 +142,7 @@ class DiTDH(nn.Module):
         for block in [*self.blocks, self.final_layer]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        outs = [self.final_layer.linear] + ([self.query_out] if self.num_queries else [])
+        outs = [self.final_layer.linear] + ([self.query_out] if hasattr(self, "query_out") else [])
         for m in outs:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -173,7 +178,9 @@ class DiTDH(nn.Module):
         else:
             out = self.final_layer(s, c)
         v = self.final_layer.linear(out[:, : h * w]).transpose(1, 2).reshape(B, C, h, w)
-        return (v, self.query_out(out[:, h * w:])) if self.num_queries else v
+        if not self.num_queries:
+            return v
+        return v, (self.query_out if hasattr(self, "query_out") else self.final_layer.linear)(out[:, h * w:])
 
 
 RAE_RENAME = {"s_embedder.proj.weight": "s_embedder.weight", "s_embedder.proj.bias": "s_embedder.bias",

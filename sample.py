@@ -34,6 +34,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="generator checkpoint (file or run directory)")
     ap.add_argument("--guide", help="AutoGuidance: a second (weaker) generator checkpoint, e.g. DiT-DH-S")
+    ap.add_argument("--decoder-from", help="DecQ generators: decode the generated patch tokens with this RAE "
+                    "tokenizer's decoder, discarding the generated queries (DecQ Table 4, 'RAE decoder')")
     ap.add_argument("--out-dir", default="samples")
     ap.add_argument("--per-class", type=int, default=50, help="samples per class (ignored with --num-samples)")
     ap.add_argument("--num-samples", type=int, help="total number of samples")
@@ -61,9 +63,28 @@ def noise_for(index, seed, net):
     return (x, torch.randn(cfg["num_queries"], cfg["in_channels"], generator=g)) if cfg["num_queries"] else (x,)
 
 
+def plain_decoder(path, tok, stats, device):
+    """The RAE tokenizer at `path` as the decoder of a DecQ generator's patch tokens (DecQ Table 4), with the
+    generator's patch statistics. Refused unless its latent is DecQ's patch latent: the same encoder (config and
+    weights) at the same sizes."""
+    if tok.config["method"] != "decq":
+        raise SystemExit(f"--decoder-from: only for DecQ generators (whose patch tokens are the RAE latent); this "
+                         f"generator's tokenizer is {tok.config['method']}")
+    rae = checkpoint.load_tokenizer(path, device, "rae")
+    keys = ("encoder", "image_size", "encoder_size")
+    same = all(rae.config[k] == tok.config[k] for k in keys) and all(
+        torch.equal(v, tok.encoder.state_dict()[k]) for k, v in rae.encoder.state_dict().items())
+    if not same:
+        raise SystemExit(f"--decoder-from {path}: its encoder differs from the DecQ tokenizer's, so its decoder does "
+                         "not read the generated patch latent")
+    rae.set_stats(stats)  # the patch part of the generator's statistics
+    return rae
+
+
 @torch.no_grad()
 def generate(net, tok, indices, labels, args, guide=None):
-    """uint8 images (B, H, W, 3) for the given sample indices and labels."""
+    """uint8 images (B, H, W, 3) for the given sample indices and labels; `tok` decodes (with --decoder-from the
+    plain RAE decoder: only the patch tokens)."""
     device = labels.device
     if tok.num_codes:  # the AR GPT over codes
         gens = [torch.Generator(device).manual_seed(args.seed * 2**32 + i) for i in indices]
@@ -73,6 +94,7 @@ def generate(net, tok, indices, labels, args, guide=None):
         noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
         z = dit.to_tokens(dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
                                      interval=tuple(args.interval), guide=guide))
+        z = z[:, :tok.decoder.grid ** 2 + tok.num_queries]
     return data.to_uint8(tok.decode(z)).cpu()
 
 
@@ -82,8 +104,8 @@ def run_name(ck, tok, args, n):
         guidance += f"-t{args.interval[0]:g}-{args.interval[1]:g}"
     sampler = (f"ar-t{args.temperature:g}-k{args.top_k}-p{args.top_p:g}" if tok.num_codes
                else f"{args.sampler}{args.steps}")
-    path = Path(ck["path"])
-    return f"{path.parent.name}-{path.stem}_{sampler}_{guidance}_seed{args.seed}_n{n}"
+    path, dec = Path(ck["path"]), "_raedec" if args.decoder_from else ""
+    return f"{path.parent.name}-{path.stem}_{sampler}_{guidance}{dec}_seed{args.seed}_n{n}"
 
 
 def main(argv=None):
@@ -93,6 +115,7 @@ def main(argv=None):
     if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
     guide = checkpoint.load_generator(args.guide, device, tok)[0] if args.guide else None
+    tok = plain_decoder(args.decoder_from, tok, ck["stats"], device) if args.decoder_from else tok
     classes = args.classes or list(range(net.num_classes))
     if not all(0 <= c < net.num_classes for c in classes):
         raise SystemExit(f"--classes: labels must be in [0, {net.num_classes})")
@@ -126,6 +149,7 @@ def main(argv=None):
             save_image(grid, out / f"{name}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
         info = dict(vars(args), name=name, num_samples=n, classes=classes, world_size=world, method=ck["method"],
                     generator=ck["path"], generator_step=ck.get("step"), tokenizer=ck["tokenizer"]["path"],
+                    decoder=args.decoder_from or ck["tokenizer"]["path"],
                     seconds=round(time.time() - t0, 1))
         (out / f"{name}.json").write_text(json.dumps(info, indent=2))
         print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")

@@ -153,6 +153,8 @@ def parse_args(argv=None):
     a("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-matching training t")
     a("--p-uncond", type=float, default=0.1, help="class dropout (null label) for guidance")
     a("--query-weight", type=float, default=1.0, help="DecQ λ on the query flow-matching loss")
+    a("--query-out", choices=("shared", "separate"), default="shared", help="DecQ: the query tokens' output "
+      "projection in DiT-DH: the patches' (the paper's 841M) or their own")
     a("--latent-cache", default=None, help="directory of the encoded training set, filled on first use (centre crops "
       "and mirrors, normalised latents): reuse only with the same tokenizer and stats")
     # loss (RAE stage 1; README, Decisions)
@@ -526,7 +528,8 @@ class GeneratorTrainer:
         else:
             config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.token_grid,
                                     in_channels=self.tok.encoder.embed_dim, num_classes=args.num_classes,
-                                    num_queries=self.tok.num_queries)
+                                    num_queries=self.tok.num_queries,
+                                    **({"query_out": args.query_out} if self.tok.num_queries else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
         self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
         self.opt, self.sched = make_optimizer(self.gen.parameters(), args, plan, device)
@@ -637,8 +640,10 @@ def train(args, rank, world, device, stop):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
-        print(f"{args.method} phase {args.phase}: {len(dataset)} images, {steps_per_epoch} steps/epoch × "
-              f"{args.epochs} epochs, {world} process(es) × {accum} micro-batches of {args.micro_batch}")
+        trained = sum(p.numel() for g in trainer.opt.param_groups for p in g["params"])
+        print(f"{args.method} phase {args.phase}: {trained:,} trained parameters; {len(dataset)} images, "
+              f"{steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} process(es) × {accum} micro-batches "
+              f"of {args.micro_batch}")
     end = min(total_steps, args.max_steps or total_steps,
               round(args.stop_epoch * steps_per_epoch) if args.stop_epoch else total_steps)
     with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import dit
 from conftest import reference
 
@@ -79,9 +80,12 @@ def test_official_key_layout_and_param_counts(name, preset):
 def test_plain_dit_and_decq_param_counts():
     plain = param_count(**dit.dit_config("XL", head=False))
     decq = param_count(**dit.dit_config("XL", num_queries=8))
-    print(f"\nDiT-XL (no head) {plain:,}; DiT-DH-XL + 8 DecQ queries {decq:,}")
+    separate = param_count(**dit.dit_config("XL", num_queries=8, query_out="separate"))
+    print(f"\nDiT-XL (no head) {plain:,}; DiT-DH-XL + 8 DecQ queries {decq:,} (own query output: {separate:,})")
     assert round(plain / 1e6) == 677  # RAE-DiT-XL, "676M" in the paper
-    assert 840e6 < decq < 843e6  # DecQ paper: 839M → 841M
+    # DecQ paper: 839M → 841M; separate input projections + positions (+2.47M), the patches' output projection
+    assert decq == 838_380_628 + 885_888 + 9_216 + 1_574_912 == 840_850_644 and round(decq / 1e6) == 841
+    assert separate - decq == 2048 * 768 + 768  # an own output projection would make it 842.4M
 
 
 # ---- shift and time grid ---------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def test_decq_queries_change_the_patch_velocity():
 
 
 def test_decq_lambda_zero_has_no_query_loss_gradient():
-    m = tiny(num_queries=3).train()
+    m = tiny(num_queries=3, query_out="separate").train()
     x, y, q = torch.randn(4, 8, 4, 4), torch.tensor([0, 1, 2, 3]), torch.randn(4, 3, 8)
     torch.manual_seed(1)
     dit.flow_matching_loss(m, x, y, q, lam=0.0).backward()
@@ -304,3 +308,42 @@ def test_sample_decq_generates_patches_and_queries(tmp_path):
     sample.main(["--ckpt", str(root / "generator.pt"), "--num-samples", "2", "--steps", "2",
                  "--out-dir", str(tmp_path / "out"), "--formats", "npz", "--device", "cpu"])
     assert np.load(next((tmp_path / "out").glob("*.npz")))["arr_0"].shape == (2, 64, 64, 3)
+
+
+def test_sample_decq_with_the_rae_decoder(tmp_path):
+    """--decoder-from (DecQ Table 4): the generated patch tokens, denormalised with the generator's patch statistics,
+    decoded by a plain RAE decoder, the generated queries discarded; refused for another encoder or a non-DecQ
+    generator."""
+    import numpy as np
+    import sample
+    root = make_generator_ckpt(tmp_path, method="decq", num_queries=2)
+    decq = torch.load(root / "tok.pt")
+    torch.manual_seed(1)
+    rae = checkpoint.build_tokenizer("tiny")
+    rae.encoder.load_state_dict({k[8:]: v for k, v in decq["ema"].items() if k.startswith("encoder.")})
+    torch.save(dict(kind="tokenizer", method="rae", phase="1", config=rae.config, ema=rae.state_dict()),
+               tmp_path / "rae.pt")
+    argv = ["--ckpt", str(root / "generator.pt"), "--num-samples", "2", "--steps", "2", "--formats", "npz", "--device",
+            "cpu", "--out-dir", str(tmp_path / "out"), "--decoder-from", str(tmp_path / "rae.pt")]
+    sample.main(argv)
+    got = np.load(next((tmp_path / "out").glob("*_raedec_*.npz")))["arr_0"]
+    net, tok, ck = checkpoint.load_generator(root / "generator.pt")
+    noise = [torch.stack(p) for p in zip(*(sample.noise_for(i, 0, net) for i in range(2)))]
+    z = dit.to_tokens(dit.sample(net, tuple(noise), torch.tensor([0, 1]), 2, "euler"))
+    rae = checkpoint.load_tokenizer(tmp_path / "rae.pt")
+    rae.set_stats(ck["stats"])
+    with torch.no_grad():
+        want = data.to_uint8(rae.decode(z[:, :16])).numpy()
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        assert not np.array_equal(want, data.to_uint8(tok.decode(z)).numpy())  # not DecQ's own decoder
+    with torch.no_grad():
+        rae.encoder.blocks[0].mlp.fc1.weight.add_(1.0)
+    torch.save(dict(kind="tokenizer", method="rae", phase="1", config=rae.config, ema=rae.state_dict()),
+               tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="its encoder differs from the DecQ tokenizer's"):
+        sample.main(argv[:-1] + [str(tmp_path / "other.pt")])
+    (tmp_path / "plain").mkdir()
+    plain = make_generator_ckpt(tmp_path / "plain")
+    with pytest.raises(SystemExit, match="only for DecQ generators"):
+        sample.main(["--ckpt", str(plain / "generator.pt"), "--decoder-from", str(tmp_path / "rae.pt"), "--device",
+                     "cpu", "--out-dir", str(tmp_path / "x")])
