@@ -164,7 +164,7 @@ METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lo
     "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"), "gFID": ("gFID", -1, ".2f"),
     "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
-for _mode, _label in (("none", "unguided"), ("ag", "AG")):  # the same metrics of samples without guidance / with AG
+for _mode, _label in (("none", "unguided"), ("ag", "AG"), ("raedec", "RAE dec.")):  # other samplings, same metrics
     METRICS.update({f"{k}_{_mode}": (f"{METRICS[k][0]} {_label}", *METRICS[k][1:]) for k in GENERATION})
 
 
@@ -438,57 +438,66 @@ def toy_scaling(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. DRoRAE's ablations: phases (§3.3, §4.3), routing (§3.2), routing maps. Their runs share <out-dir>/drorae/seedN,
-#    so a run two studies need (the world, RAE, phase 2 with the paper's router) is trained once.
+# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's decoder (Table 4). A paper's
+#    studies share <out-dir>/<paper>/seedN, so a run two studies need (the world, RAE, ...) is trained once.
 # ----------------------------------------------------------------------------------------------------
 
-DRORAE_RUNS = {  # tokenizer key → (phase, --init-from key, flags); the energy router at β = 0.2 is the paper's
-    "drorae_p2": ("2", "rae", []), "drorae_p3": ("3", "drorae_p2", []), "drorae_joint": ("joint", "rae", []),
-    "softmax_p2": ("2", "rae", ["--router", "softmax"]), "softmax_p3": ("3", "softmax_p2", []),
-    "mean_p3": ("3", "rae", ["--router", "mean"]),  # no parameters, so no phase 2
-    **{f"beta{b}_{p}": (p[1], "rae" if p == "p2" else f"beta{b}_p2", ["--beta", b] if p == "p2" else [])
-       for b in ("0.1", "0.5", "1") for p in ("p2", "p3")}}
+ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None, flags); template: a main-table run
+    "drorae_p2": ("drorae_p2", "2", "rae", []), "drorae_p3": ("drorae_p2", "3", "drorae_p2", []),
+    "drorae_joint": ("drorae_p2", "joint", "rae", []),  # DRoRAE: the energy router at β = 0.2 is the paper's
+    "softmax_p2": ("drorae_p2", "2", "rae", ["--router", "softmax"]), "softmax_p3": ("drorae_p2", "3", "softmax_p2", []),
+    "mean_p3": ("drorae_p2", "3", "rae", ["--router", "mean"]),  # no parameters, so no phase 2
+    **{f"beta{b}_{p}": ("drorae_p2", p[1], "rae" if p == "p2" else f"beta{b}_p2", ["--beta", b] if p == "p2" else [])
+       for b in ("0.1", "0.5", "1") for p in ("p2", "p3")},
+    "decq": ("decq", "1", None, [])}
+GENERATOR_RUNS = {"decq_l0": ("decq", ["--query-weight", "0"])}  # generator key → (tokenizer key, train.py flags)
 GUIDE = {"toy": [("--epochs", "1")],  # AutoGuidance's weak model: shorter training (toy), DiT-DH-S at 14 epochs
          "imagenet": [("--dit", "S"), ("--stop-epoch", "14")]}  # (RAE's released guide)
 
 
-def drorae_jobs(seed, root, args, toy_flags, tokenizers, samplings):
-    """One seed's jobs: the world (toy), RAE phase 1, the DRORAE_RUNS `tokenizers` with what they start from, and for
-    each (key, mode) of `samplings` a generator on that latent and its samples; mode "cfg" = the main table's
-    sampling (toy: CFG 3), "none" = no guidance, "ag" = AutoGuidance 1.5 with a weaker generator as guide (trained
-    too). Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80, as the papers report),
-    50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
+def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
+    """One seed's jobs: the world (toy), RAE phase 1, the ABLATION_RUNS `tokenizers` with what they start from, and
+    for each (key, mode) of `samplings` a generator on the latent of tokenizer `key` (or the GENERATOR_RUNS variant
+    `key`) and its samples; mode "cfg" = the main table's sampling (toy: CFG 3), "none" = no guidance, "ag" =
+    AutoGuidance 1.5 with a weaker generator as guide (trained too), "raedec" = the main sampling decoded by the RAE
+    tokenizer's decoder (DecQ Table 4). Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80,
+    as the papers report), 50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
     out, full = root / f"seed{seed}", args.world == "imagenet"
     if full:
         common = ["--data-path", args.data_path, "--seed", str(seed)]
         rae = ["--method", "rae", "--phase", "1", "--out-dir", str(out / "rae"), *common]
-        templates = dict(rae=rae, p2=with_flags(rae, ("--method", "drorae"), ("--phase", "2")),
+        templates = dict(rae=rae, drorae_p2=with_flags(rae, ("--method", "drorae"), ("--phase", "2")),
+                         decq=with_flags(rae, ("--method", "decq")),
                          gen=["--method", "rae", "--phase", "gen", *common, "--epochs", "800", "--stop-epoch", "80"])
         jobs = {"rae": ("train.py", rae, [])}
     else:
         flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
         targs = toy.parse_args(flags)
-        runs = {name: argv for name, _, argv, _ in toy.plan_runs(targs, out)[0]}
-        templates = dict(rae=runs["rae"], p2=runs["drorae_p2"], gen=runs["rae_gen"])
-        jobs = {"world": ("toy.py", [*flags, "--stage", "world"], []), "rae": ("train.py", runs["rae"], ["world"])}
+        templates = {name: argv for name, _, argv, _ in toy.plan_runs(targs, out)[0]}
+        templates["gen"] = templates["rae_gen"]
+        jobs = {"world": ("toy.py", [*flags, "--stage", "world"], []), "rae": ("train.py", templates["rae"], ["world"])}
 
     def tokenizer(key):
         if key not in jobs:
-            phase, init, extra = DRORAE_RUNS[key]
-            tokenizer(init)
-            jobs[key] = ("train.py", with_flags(templates["p2"], ("--phase", phase), ("--out-dir", out / key),
-                                                ("--init-from", out / init / "tokenizer.pt")) + extra, [init])
+            template, phase, init, extra = ABLATION_RUNS[key]
+            pairs = [("--phase", phase), ("--out-dir", out / key)]
+            if init:
+                tokenizer(init)
+                pairs.append(("--init-from", out / init / "tokenizer.pt"))
+            jobs[key] = ("train.py", with_flags(templates[template], *pairs) + extra,
+                         [init] if init else [] if full else ["world"])
             if full:
                 jobs[f"{key}_eval"] = ("evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
                                                        args.eval_path, "--out", str(out / key / "eval.json")], [key])
 
     def generator(key, name):
-        run = out / f"{key}_{name}"
-        argv = with_flags(templates["gen"], ("--method", "rae" if key == "rae" else "drorae"),
-                          ("--tokenizer", out / key / "tokenizer.pt"), ("--out-dir", run),
-                          ("--latent-cache", run / "cache"))
+        tok, extra = GENERATOR_RUNS.get(key, (key, []))
+        run, tok_argv = out / f"{key}_{name}", jobs[tok][1]
+        argv = with_flags(templates["gen"], ("--method", tok_argv[tok_argv.index("--method") + 1]),
+                          ("--tokenizer", out / tok / "tokenizer.pt"), ("--out-dir", run),
+                          ("--latent-cache", run / "cache")) + extra
         jobs.setdefault(f"{key}_{name}", ("train.py", argv if name == "gen" else with_flags(argv, *GUIDE[args.world]),
-                                          [key]))
+                                          [tok]))
         return run / "ckpt-last.pt" if full else run / "generator.pt"
 
     for key in tokenizers:
@@ -499,7 +508,7 @@ def drorae_jobs(seed, root, args, toy_flags, tokenizers, samplings):
     for key, mode in samplings:
         gen, where = generator(key, "gen"), out / f"{key}_gen" / f"samples_{mode}"
         guide = generator(key, "guide") if mode == "ag" else None
-        scale = {"cfg": None, "none": 1.0, "ag": 1.5}[mode]
+        scale = {"none": 1.0, "ag": 1.5}.get(mode)
         if full:
             argv = ["--ckpt", str(gen), "--per-class", "50", "--out-dir", str(where), "--name", "samples", "--seed",
                     str(seed), "--scale", str(scale or 1.0)]
@@ -507,7 +516,8 @@ def drorae_jobs(seed, root, args, toy_flags, tokenizers, samplings):
             argv = toy.sample_flags(gen, len(toy.SHAPES) * targs.samples_per_class, targs, where)
             argv = with_flags(argv, ("--scale", scale)) if scale else argv
         argv += ["--guide", str(guide)] if guide else []
-        deps = [f"{key}_gen"] + ([f"{key}_guide"] if guide else [])
+        argv += ["--decoder-from", str(out / "rae" / "tokenizer.pt")] if mode == "raedec" else []
+        deps = [f"{key}_gen"] + ([f"{key}_guide"] if guide else []) + (["rae"] if mode == "raedec" else [])
         jobs[f"{key}_samples_{mode}"] = ("sample.py", argv, deps)
         if full:
             jobs[f"{key}_samples_{mode}_eval"] = ("evaluate.py", [
@@ -517,19 +527,20 @@ def drorae_jobs(seed, root, args, toy_flags, tokenizers, samplings):
     return [(pre + n, script, argv, [pre + d for d in deps]) for n, (script, argv, deps) in jobs.items()]
 
 
-def drorae_scores(seed, root, args, toy_flags, tokenizers, samplings):
+def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
     """One seed's metrics {key: {metric: value}}: reconstruction of every tokenizer (toy: PSNR, SSIM, the toy VFM's
     accuracy, rFD in its feature space; full scale: evaluate.py's PSNR, SSIM, rFID) and of every sample set (toy:
-    sample accuracy, FD, precision, recall; full scale: gFID, IS, precision, recall), suffixed _none / _ag by mode."""
+    sample accuracy, FD, precision, recall; full scale: gFID, IS, precision, recall), suffixed by mode (_none, _ag,
+    _raedec; none for "cfg")."""
     out, res = root / f"seed{seed}", {}
-    suffix = {"cfg": "", "none": "_none", "ag": "_ag"}
+    suffix = {"cfg": "", "none": "_none", "ag": "_ag", "raedec": "_raedec"}
     if args.world == "imagenet":
         for key in ("rae", *tokenizers):
             r = json.loads((out / key / "eval.json").read_text())
             res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
         for key, mode in samplings:
             g = json.loads((out / f"{key}_gen" / f"samples_{mode}" / "eval.json").read_text())
-            res[key].update({k + suffix[mode]: g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
+            res.setdefault(key, {}).update({k + suffix[mode]: g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
                                                                      ("precision", "precision"), ("recall", "recall"))})
         return res
     threads = torch.get_num_threads()
@@ -543,19 +554,21 @@ def drorae_scores(seed, root, args, toy_flags, tokenizers, samplings):
                                     f_test)[1]
     for key, mode in samplings:
         s, labels = toy.read_samples(out / f"{key}_gen" / f"samples_{mode}")
-        res[key].update({k + suffix[mode]: v for k, v in toy.sample_scores(s, labels, vfm, heads, f_test).items()})
+        res.setdefault(key, {}).update({k + suffix[mode]: v for k, v in
+                                        toy.sample_scores(s, labels, vfm, heads, f_test).items()})
     torch.set_num_threads(threads)
     return res
 
 
-def drorae_study(name, argv, tokenizers, samplings):
-    """Run a DRoRAE study's jobs (shared runs in <out-dir>/drorae) and score every seed; None on --dry-run."""
+def ablation_study(name, argv, tokenizers, samplings):
+    """Run an ablation study's jobs (runs shared with the same paper's other studies in <out-dir>/<paper>, e.g.
+    <out-dir>/drorae) and score every seed; None on --dry-run."""
     args, toy_flags = study_args(name, argv)
-    runs = Path(args.out_dir) / "drorae"
-    jobs = [j for seed in args.seeds for j in drorae_jobs(seed, runs, args, toy_flags, tokenizers, samplings)]
+    runs = Path(args.out_dir) / name.split("-")[0]
+    jobs = [j for seed in args.seeds for j in ablation_jobs(seed, runs, args, toy_flags, tokenizers, samplings)]
     if not run_study(name, jobs, runs, args, gpus=args.gpus if args.world == "imagenet" else 0):
         return None
-    per_seed = {s: drorae_scores(s, runs, args, toy_flags, tokenizers, samplings) for s in args.seeds}
+    per_seed = {s: ablation_scores(s, runs, args, toy_flags, tokenizers, samplings) for s in args.seeds}
     return args, runs, per_seed
 
 
@@ -564,7 +577,7 @@ def drorae_phases(argv):
     decoder at once, the ablation the paper reports failing), each tokenizer's reconstruction and a generator on its
     latent sampled without guidance and with AutoGuidance 1.5 (a weaker generator as guide, trained too)."""
     rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
-    done = drorae_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in ("none", "ag")])
+    done = ablation_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in ("none", "ag")])
     if done is None:
         return None
     args, runs, per_seed = done
@@ -583,7 +596,7 @@ def drorae_routing(argv):
     0.5, 1; reconstruction (also after phase 2 where there is one) and a generator on each latent (the main table's
     sampling)."""
     p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
-    done = drorae_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, "cfg") for k in ROUTING_ROWS])
+    done = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, "cfg") for k in ROUTING_ROWS])
     if done is None:
         return None
     args, runs, per_seed = done
@@ -596,9 +609,10 @@ def drorae_routing(argv):
 
 
 def region_weights(tok, x01, masks):
-    """Mean routing weight per fused block on background tokens (object coverage < 5 %), object edges and object
-    interiors (> 95 %), from the toy world's foreground masks: {region: [weight per block]}."""
-    w = tok.routing_maps(x01)  # (B, L, h, w)
+    """Mean absolute routing weight per fused block on background tokens (object coverage < 5 %), object edges and
+    object interiors (> 95 %), from the toy world's foreground masks: {region: [weight per block]}. Absolute: an
+    energy-router weight's sign is not identifiable (the block's expert can flip its output instead)."""
+    w = tok.routing_maps(x01).abs()  # (B, L, h, w)
     cover = F.adaptive_avg_pool2d(masks[:, None], w.shape[-2:])[:, 0]  # (B, h, w)
     regions = dict(background=cover < 0.05, edge=(cover >= 0.05) & (cover <= 0.95), interior=cover > 0.95)
     return {r: w.permute(0, 2, 3, 1)[m].mean(0).tolist() for r, m in regions.items()}
@@ -612,7 +626,7 @@ def drorae_routing_maps(argv):
         raise SystemExit("drorae-routing-maps runs in the toy world; at full scale: fusion.save_routing_maps(tok, x, "
                          "path) on a phase-2 tokenizer (checkpoint.load_tokenizer)")
     runs, keys = Path(args.out_dir) / "drorae", ("drorae_p2", "softmax_p2")
-    jobs = [j for seed in args.seeds for j in drorae_jobs(seed, runs, args, toy_flags, keys, [])]
+    jobs = [j for seed in args.seeds for j in ablation_jobs(seed, runs, args, toy_flags, keys, [])]
     if not run_study("drorae-routing-maps", jobs, runs, args):
         return None
     root, res = runs / "drorae-routing-maps", {}
@@ -625,16 +639,37 @@ def drorae_routing_maps(argv):
             tok = checkpoint.load_tokenizer(runs / f"seed{seed}" / key / "tokenizer.pt")
             fusion.save_routing_maps(tok, x[:8], root / f"seed{seed}-{key}.png")
             res.setdefault(key, {})[seed] = region_weights(tok, x, masks)
-    print(f"\nmean routing weight per fused block (0 = first block) on held-out tokens, seeds {args.seeds}")
+    print(f"\nmean |routing weight| per fused block (0 = first) on held-out tokens, mean±spread over seeds {args.seeds}")
     for key in keys:
         for region in ("background", "edge", "interior"):
             w = torch.tensor([res[key][s][region] for s in args.seeds])
-            print(f"{key:<12}{region:<12}" + " ".join(f"{m:+.3f}±{s:.3f}" for m, s in
+            print(f"{key:<12}{region:<12}" + " ".join(f"{m:.3f}±{s:.3f}" for m, s in
                                                    zip(w.mean(0).tolist(), (w.max(0)[0] - w.min(0)[0]).tolist())))
     (root / "results.json").write_text(json.dumps(dict(study="drorae-routing-maps", seeds=args.seeds, weights=res),
                                                   indent=1))
     print(f"wrote {root}/results.json and seed*-*.png (rows: image, then one map per block; blue −, white 0, red +)")
     return res
+
+
+def sampling_rows(per_seed, rows):
+    """Table rows from (key, mode) samplings: {seed: {row: the generation metrics of `key` sampled in `mode`}}."""
+    suffix = {"cfg": "", "raedec": "_raedec", "none": "_none", "ag": "_ag"}
+    return {s: {row: {m: r[key][m + suffix[mode]] for m in GENERATION if m + suffix[mode] in r[key]}
+                for row, (key, mode) in rows.items()} for s, r in per_seed.items()}
+
+
+def decq_decoder(argv):
+    """DecQ Table 4: generation of RAE, DecQ with its own decoder, and DecQ's generated patch tokens decoded by the
+    plain RAE decoder (the generated queries dropped); and the same for a DecQ generator trained with λ = 0 (no
+    query loss), which separates what the query loss costs the patch tokens from what the queries add."""
+    rows = {"rae": ("rae", "cfg"), "decq (RAE decoder)": ("decq", "raedec"), "decq": ("decq", "cfg"),
+            "decq λ=0 (RAE decoder)": ("decq_l0", "raedec"), "decq λ=0": ("decq_l0", "cfg")}
+    done = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    return finish("decq-decoder", runs / "decq-decoder", sampling_rows(per_seed, rows), tuple(rows), args, "rae",
+                  tuple(rows)[1:])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,6 +682,8 @@ STUDIES = {
     "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
     "drorae-routing-maps": (drorae_routing_maps, "PNG of the per-block routing weights on held-out toy images, "
                                                  "mean weight on background / edges / interiors"),
+    "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patch tokens through the RAE decoder; the same "
+                                   "with λ = 0"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "

@@ -168,7 +168,7 @@ def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
     img = Image.open(runs / "drorae-routing-maps" / "seed0-drorae_p2.png")
     assert img.size == (2 + 7 * 34, 2 + 8 * 34)  # image + 6 blocks, 8 held-out images of 32 px
     out = capsys.readouterr().out
-    assert out.count("mean ± spread") == 2 and "mean routing weight per fused block" in out
+    assert out.count("mean ± spread") == 2 and "mean |routing weight| per fused block" in out
     finished = json.loads((runs / "finished.json").read_text())
     assert len(finished) == len(set(finished.values()))
 
@@ -192,3 +192,14 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
                 assert args.dit == ("S" if "_guide" in args.out_dir else "XL")
     with pytest.raises(SystemExit, match="toy world"):
         experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
+
+
+def test_decq_decoder_study_on_tiny_settings(tmp_path):
+    """decq-decoder: RAE, DecQ, DecQ's patches through the RAE decoder (sample.py --decoder-from), and both for a
+    λ = 0 generator; one table row each, compared against RAE."""
+    res = experiments.main(["decq-decoder", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
+    assert list(res["table"]) == ["rae", "decq (RAE decoder)", "decq", "decq λ=0 (RAE decoder)", "decq λ=0"]
+    assert all({"fd", "sample_accuracy"} <= set(row) for row in res["table"].values())
+    commands = (tmp_path / "decq" / "commands.sh").read_text()
+    assert commands.count("--decoder-from") == 2 and commands.count("--query-weight 0") == 1
+    assert res["table"]["decq"]["fd"]["mean"] != res["table"]["decq (RAE decoder)"]["fd"]["mean"]
