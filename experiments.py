@@ -212,9 +212,10 @@ def aggregate(per_seed, rows):
 
 
 def comparisons(table, base, others, metrics=GENERATION):
-    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base`; whether it exceeds the larger
-    of the two spreads over seeds (resolved in this world); and the per-seed (paired) differences, which count even
-    where the seeds' worlds differ in scale (in the toy, each seed has its own VFM and FD space)."""
+    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base`; whether
+    it exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired)
+    differences, which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM
+    and FD space)."""
     out = []
     for metric in metrics:
         for row in others:
@@ -442,14 +443,28 @@ def toy_scaling(argv):
 #    studies share <out-dir>/<paper>/seedN, so a run two studies need (the world, RAE, ...) is trained once.
 # ----------------------------------------------------------------------------------------------------
 
+def decq_layer_halves(depth):
+    """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12; all six of the toy VFM's 6)
+    split into the shallow and the deep half."""
+    layers = list(range(0, depth, depth // 4))
+    return layers[:len(layers) // 2], layers[len(layers) // 2:]
+
+
 ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None, flags); template: a main-table run
     "drorae_p2": ("drorae_p2", "2", "rae", []), "drorae_p3": ("drorae_p2", "3", "drorae_p2", []),
     "drorae_joint": ("drorae_p2", "joint", "rae", []),  # DRoRAE: the energy router at β = 0.2 is the paper's
-    "softmax_p2": ("drorae_p2", "2", "rae", ["--router", "softmax"]), "softmax_p3": ("drorae_p2", "3", "softmax_p2", []),
+    "softmax_p2": ("drorae_p2", "2", "rae", ["--router", "softmax"]),
+    "softmax_p3": ("drorae_p2", "3", "softmax_p2", []),
     "mean_p3": ("drorae_p2", "3", "rae", ["--router", "mean"]),  # no parameters, so no phase 2
     **{f"beta{b}_{p}": ("drorae_p2", p[1], "rae" if p == "p2" else f"beta{b}_p2", ["--beta", b] if p == "p2" else [])
        for b in ("0.1", "0.5", "1") for p in ("p2", "p3")},
-    "decq": ("decq", "1", None, [])}
+    "decq": ("decq", "1", None, []),  # DecQ: 8 queries, condensers every quarter of the depth (toy: every block)
+    **{f"decq_q{n}": ("decq", "1", None, ["--num-queries", str(n)]) for n in (1, 2, 4, 16)},
+    **{f"decq_{half}": ("decq", "1", None,  # the first / second half of DecQ's default condenser blocks
+                        lambda depth, h=h: ["--query-layers", *map(str, decq_layer_halves(depth)[h])])
+       for h, half in enumerate(("shallow", "deep"))}}
+
+
 GENERATOR_RUNS = {"decq_l0": ("decq", ["--query-weight", "0"])}  # generator key → (tokenizer key, train.py flags)
 GUIDE = {"toy": [("--epochs", "1")],  # AutoGuidance's weak model: shorter training (toy), DiT-DH-S at 14 epochs
          "imagenet": [("--dit", "S"), ("--stop-epoch", "14")]}  # (RAE's released guide)
@@ -480,6 +495,7 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
     def tokenizer(key):
         if key not in jobs:
             template, phase, init, extra = ABLATION_RUNS[key]
+            extra = extra(12 if full else toy.VFM_CONFIG["depth"]) if callable(extra) else extra  # DINOv2-B: 12
             pairs = [("--phase", phase), ("--out-dir", out / key)]
             if init:
                 tokenizer(init)
@@ -639,7 +655,7 @@ def drorae_routing_maps(argv):
             tok = checkpoint.load_tokenizer(runs / f"seed{seed}" / key / "tokenizer.pt")
             fusion.save_routing_maps(tok, x[:8], root / f"seed{seed}-{key}.png")
             res.setdefault(key, {})[seed] = region_weights(tok, x, masks)
-    print(f"\nmean |routing weight| per fused block (0 = first) on held-out tokens, mean±spread over seeds {args.seeds}")
+    print(f"\nmean |routing weight| per fused block (0 = first) on held-out tokens, mean±spread, seeds {args.seeds}")
     for key in keys:
         for region in ("background", "edge", "interior"):
             w = torch.tensor([res[key][s][region] for s in args.seeds])
@@ -672,6 +688,29 @@ def decq_decoder(argv):
                   tuple(rows)[1:])
 
 
+def decq_tokenizer_study(name, argv, rows):
+    """A DecQ study over tokenizer variants `rows` (ABLATION_RUNS keys, RAE first): each one's reconstruction and a
+    generator on its latent sampled as in `main`, compared against DecQ's default."""
+    done = ablation_study(name, argv, rows[1:], [(k, "cfg") for k in rows])
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    metrics = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
+    return finish(name, runs / name, per_seed, rows, args, "decq", [r for r in rows if r != "decq"], metrics=metrics,
+                  compare=metrics)
+
+
+def decq_queries(argv):
+    """DecQ Table 5: the number of queries (1, 2, 4, 8 = the default, 16)."""
+    return decq_tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq", "decq_q16"))
+
+
+def decq_layers(argv):
+    """DecQ §4.3: condensers on shallow blocks only, deep blocks only, or both (the default; paper: shallow helps
+    reconstruction, deep helps generation, both is best). Toy: blocks 0-2, 3-5, all six."""
+    return decq_tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6. Command line
 # ----------------------------------------------------------------------------------------------------
@@ -684,6 +723,8 @@ STUDIES = {
                                                  "mean weight on background / edges / interiors"),
     "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patch tokens through the RAE decoder; the same "
                                    "with λ = 0"),
+    "decq-queries": (decq_queries, "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
+    "decq-layers": (decq_layers, "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "

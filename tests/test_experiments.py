@@ -181,7 +181,7 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     import train
 
     parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
-    for study in ("drorae-phases", "drorae-routing"):
+    for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers"):
         experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
                           "--eval-path", "in/val"])
         for line in capsys.readouterr().out.strip().splitlines():
@@ -203,3 +203,8 @@ def test_decq_decoder_study_on_tiny_settings(tmp_path):
     commands = (tmp_path / "decq" / "commands.sh").read_text()
     assert commands.count("--decoder-from") == 2 and commands.count("--query-weight 0") == 1
     assert res["table"]["decq"]["fd"]["mean"] != res["table"]["decq (RAE decoder)"]["fd"]["mean"]
+    layers = experiments.main(["decq-layers", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
+    assert list(layers["table"]) == ["rae", "decq_shallow", "decq_deep", "decq"]
+    assert layers["table"]["decq"]["fd"] == res["table"]["decq"]["fd"]  # the same runs, reused
+    commands = (tmp_path / "decq" / "commands.sh").read_text()
+    assert "--query-layers 0 1 2" in commands and "--query-layers 3 4 5" in commands
