@@ -3,8 +3,9 @@
 Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1) share one step: loss = rec (L1 | L2) + LPIPS
 + GAN (frozen-DINO discriminator, hinge, adaptive weight) + the tokenizer's own aux losses; AdamW, warm-up + cosine,
 EMA, discriminator from an epoch.
-  rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1) · drorae/3 decoder fine-tune
-  (--init-from phase 2) · decq/1 queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
+  rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1 or a released RAE decoder) ·
+  drorae/3 decoder fine-tune (--init-from phase 2) · drorae/joint fusion + decoder (the §3.3 ablation) · decq/1
+  queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
 Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by flow matching on continuous latents (rae, drorae,
 decq) or the AR GPT on codes (ideal), on a frozen --tokenizer checkpoint. Every phase runs in the same loop (section 6).
 
