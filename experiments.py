@@ -164,8 +164,12 @@ METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lo
     "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"), "gFID": ("gFID", -1, ".2f"),
     "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
-for _mode, _label in (("none", "unguided"), ("ag", "AG"), ("raedec", "RAE dec.")):  # other samplings, same metrics
-    METRICS.update({f"{k}_{_mode}": (f"{METRICS[k][0]} {_label}", *METRICS[k][1:]) for k in GENERATION})
+# Sampling modes of the ablation studies → column label; a mode's metrics are keyed "<metric>_<mode>", except the main
+# table's sampling ("cfg"), which keeps the plain keys.
+SAMPLINGS = {"cfg": "", "none": " unguided", "ag": " AG", "raedec": " RAE dec."}
+SUFFIX = {mode: "" if mode == "cfg" else f"_{mode}" for mode in SAMPLINGS}
+for _mode, _label in SAMPLINGS.items():
+    METRICS.update({k + SUFFIX[_mode]: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
 
 
 def study_args(name, argv, seeds=(0, 1, 2)):
@@ -549,14 +553,13 @@ def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
     sample accuracy, FD, precision, recall; full scale: gFID, IS, precision, recall), suffixed by mode (_none, _ag,
     _raedec; none for "cfg")."""
     out, res = root / f"seed{seed}", {}
-    suffix = {"cfg": "", "none": "_none", "ag": "_ag", "raedec": "_raedec"}
     if args.world == "imagenet":
         for key in ("rae", *tokenizers):
             r = json.loads((out / key / "eval.json").read_text())
             res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
         for key, mode in samplings:
             g = json.loads((out / f"{key}_gen" / f"samples_{mode}" / "eval.json").read_text())
-            res.setdefault(key, {}).update({k + suffix[mode]: g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
+            res.setdefault(key, {}).update({k + SUFFIX[mode]: g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
                                                                      ("precision", "precision"), ("recall", "recall"))})
         return res
     threads = torch.get_num_threads()
@@ -570,7 +573,7 @@ def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
                                     f_test)[1]
     for key, mode in samplings:
         s, labels = toy.read_samples(out / f"{key}_gen" / f"samples_{mode}")
-        res.setdefault(key, {}).update({k + suffix[mode]: v for k, v in
+        res.setdefault(key, {}).update({k + SUFFIX[mode]: v for k, v in
                                         toy.sample_scores(s, labels, vfm, heads, f_test).items()})
     torch.set_num_threads(threads)
     return res
@@ -669,8 +672,7 @@ def drorae_routing_maps(argv):
 
 def sampling_rows(per_seed, rows):
     """Table rows from (key, mode) samplings: {seed: {row: the generation metrics of `key` sampled in `mode`}}."""
-    suffix = {"cfg": "", "raedec": "_raedec", "none": "_none", "ag": "_ag"}
-    return {s: {row: {m: r[key][m + suffix[mode]] for m in GENERATION if m + suffix[mode] in r[key]}
+    return {s: {row: {m: r[key][m + SUFFIX[mode]] for m in GENERATION if m + SUFFIX[mode] in r[key]}
                 for row, (key, mode) in rows.items()} for s, r in per_seed.items()}
 
 

@@ -72,8 +72,9 @@ def plain_decoder(path, tok, stats, device):
                          f"generator's tokenizer is {tok.config['method']}")
     rae = checkpoint.load_tokenizer(path, device, "rae")
     keys = ("encoder", "image_size", "encoder_size")
+    mine = tok.encoder.state_dict()
     same = all(rae.config[k] == tok.config[k] for k in keys) and all(
-        torch.equal(v, tok.encoder.state_dict()[k]) for k, v in rae.encoder.state_dict().items())
+        torch.equal(v, mine[k]) for k, v in rae.encoder.state_dict().items())
     if not same:
         raise SystemExit(f"--decoder-from {path}: its encoder differs from the DecQ tokenizer's, so its decoder does "
                          "not read the generated patch latent")

@@ -125,8 +125,8 @@ def parse_args(argv=None):
     a("--beta", type=float, default=0.2, help="incremental-correction β")
     a("--route-eps", type=float, default=1e-6)
     a("--smoothness", type=float, default=0.0, help="routing-smoothness penalty weight")
-    a("--router", choices=("energy", "softmax", "mean"), default="energy", help="energy: signed, ℓ2-normalised (DRoRAE Eq. 4); "
-      "softmax: MoE weights on the same logits; mean: LN₀(mean of LN₀(h_k)), no parameters (no phase 2)")
+    a("--router", choices=("energy", "softmax", "mean"), default="energy", help="energy: signed, ℓ2-normalised "
+      "(DRoRAE Eq. 4); softmax: MoE weights on the same logits; mean: LN₀(mean of LN₀(h_k)), no parameters (no phase 2)")
     # DecQ (§3.2, §4.1)
     a("--num-queries", type=int, default=8)
     a("--query-layers", type=int, nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
