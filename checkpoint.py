@@ -18,7 +18,8 @@ import model
 import queries
 import vq
 
-TOKENIZERS = {"rae": model.RAE, "drorae": fusion.DRoRAE, "decq": queries.DecQ, "ideal": vq.Ideal}
+TOKENIZERS = {"rae": model.RAE, "drorae": fusion.DRoRAE, "decq": queries.DecQ, "ideal": vq.Ideal,
+              "unfreeze": queries.Unfrozen, "concat": queries.FeatureConcat}  # the last two: DecQ's Table 3 baselines
 
 
 def build_tokenizer(config, **overrides):

@@ -142,11 +142,9 @@ class DRoRAE(model.RAE):
     def forward(self, x01):
         """RAE's training path on the fused latent; aux = weighted routing-smoothness penalty if enabled."""
         z, w = self.fused_latent(self.encoder_features(x01))
-        if self.training and self.noise_tau > 0:
-            z = self.add_noise(z)
         g = self.decoder.grid
         aux = {"routing_smoothness": self.smoothness * routing_smoothness(w, g, g)} if self.smoothness and self.fuse else {}
-        return self.to01(self.decoder(z)), aux
+        return self.reconstruct(z), aux
 
     def set_phase(self, phase):
         """Exactly the tensors of the phase are trainable (`phases`: "1" and "3" the decoder, "2" the fusion

@@ -559,12 +559,13 @@ def load_rae_decoder(src, num_heads=None):
 # 4. The tokenizer contract and the RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder)
 # ----------------------------------------------------------------------------------------------------
 # Every tokenizer (RAE here; DRoRAE in fusion.py, DecQ in queries.py, Ideal in vq.py) is an RAE subclass with:
-#   encoder_features(x01) → every frozen encoder block's patch tokens (B, h·w, C) from one pass;
+#   encoder_features(x01) → every encoder block's patch tokens (B, h·w, C) from one pass;
 #   latent(feats)         → the raw latent tokens (B, h·w [+ num_queries], C): what the method changes;
 #   encode(x01)           → the generator's input: normalised latent tokens, or code indices (B, h·w) when
 #                           `num_codes` is set (a discrete tokenizer; then decode takes the indices);
 #   decode(z)             → image in [0, 1] space, unclamped; forward(x01) → (recon01, aux losses) for training;
 #   num_queries           → tokens after the h·w patch tokens (DecQ's queries; 0 otherwise);
+#   latent_dim            → channels of a latent token (the encoder width, wider for DecQ's feature-concat baseline);
 #   num_codes             → None for continuous tokens, else the codebook size: the generator is then the AR
 #                           GPT instead of DiT-DH, the latent cache holds integers and evaluation counts codes;
 #   phases / set_phase    → which submodules each training phase trains (a table per class);
@@ -587,7 +588,7 @@ class RAE(nn.Module):
 
     method = "rae"
     num_queries, num_codes = 0, None  # continuous patch tokens only (see the contract above)
-    phases = {"1": ("decoder",)}  # phase → the submodules it trains; the encoder is always frozen
+    phases = {"1": ("decoder",)}  # phase → the submodules it trains; the encoder stays frozen
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
                  image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform", num_queries=0):
@@ -616,20 +617,30 @@ class RAE(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.encoder.eval()  # frozen: always in inference mode
+        self.encoder.eval()  # always in inference mode (no dropout in DINOv2: the same function when it trains)
         return self
 
-    @torch.no_grad()
     def encoder_features(self, x01):
-        """Every encoder block output (B, h·w, C), pre-norm, prefix tokens dropped, from one frozen pass."""
+        """Every encoder block output (B, h·w, C), pre-norm, prefix tokens dropped, from one pass; without gradient
+        unless the encoder itself is trained (DecQ's "unfreeze" baselines, queries.py)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.cls_token.requires_grad):
+            return self.encoder.forward_blocks(self.encoder_input(x01))
+
+    def encoder_input(self, x01):
+        """x01 → bicubic resize to encoder_size → ImageNet normalisation."""
         s = self.encoder_size
         if x01.shape[-2:] != (s, s):
             x01 = F.interpolate(x01, size=(s, s), mode="bicubic", align_corners=False)
-        return self.encoder.forward_blocks((x01 - self.pixel_mean) / self.pixel_std)
+        return (x01 - self.pixel_mean) / self.pixel_std
 
     def latent(self, feats):
         """Raw latent: the last block through the final norm without its affine (LN₀)."""
         return ln0(feats[-1])
+
+    @property
+    def latent_dim(self):
+        """Channels of a latent token: the decoder's input width (the encoder's, but for feature concat)."""
+        return self.decoder.decoder_embed.in_features
 
     def add_noise(self, z):
         """RAE noise augmentation: z + σ·ε with per-sample σ = τ·u, u ~ U(0,1) (released code, default) or
@@ -668,15 +679,18 @@ class RAE(nn.Module):
         return self.to01(self.decoder(self.denormalize(z)))
 
     def forward(self, x01):
-        """Training path: raw latent (+ noise augmentation in training mode) → decoder → (recon01, {})."""
-        z = self.latent(self.encoder_features(x01))
+        """Training path: raw latent → reconstruct → (recon01, aux losses: none for RAE)."""
+        return self.reconstruct(self.latent(self.encoder_features(x01))), {}
+
+    def reconstruct(self, z):
+        """Raw latent (+ noise augmentation in training mode) → decoder → image in [0, 1] space."""
         if self.training and self.noise_tau > 0:
             z = self.add_noise(z)
-        return self.to01(self.decoder(z)), {}
+        return self.to01(self.decoder(z))
 
     def set_phase(self, phase):
         """Exactly the submodules of `phase` in the class's `phases` table become trainable (RAE: "1" = the
-        decoder); everything else, the encoder always, is frozen."""
+        decoder); everything else is frozen (the encoder too, unless a phase names it)."""
         if phase not in self.phases:
             valid = ", ".join(f"'{p}'" for p in self.phases)
             has = f"only phase {valid}" if len(self.phases) == 1 else f"phases {valid}"

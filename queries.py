@@ -5,11 +5,15 @@ cross-attention "condensers"; the patch latent stays exactly the RAE latent (pat
 and the decoder reads patches and queries together. Equation numbers follow §3 of the paper (Eq. 3 cross-attention,
 Eq. 4 condenser, Eq. 5 decoder input, Eq. 6–7 generation; inferred from the paper's in-text references).
 
-Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer. Training and noise augmentation are
+Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer, (3) the baselines of the paper's Table 3
+(the encoder unfrozen, with or without distillation; feature concatenation). Training and noise augmentation are
 RAE's (one σ per sample over patches and queries), on the longer token sequence.
 """
+import copy
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import model
 from model import Attention, Mlp, ln0
@@ -114,3 +118,75 @@ class DecQ(model.RAE):
         if self.query_var is not None:
             q = q * torch.sqrt(self.query_var + 1e-5) + self.query_mean
         return torch.cat([super().denormalize(p), q], 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Table 3's baselines: the reconstruction–generation trade-off that DecQ is built to escape
+# ----------------------------------------------------------------------------------------------------
+
+
+class Unfrozen(model.RAE):
+    """"Unfreeze" (method "unfreeze"): RAE whose encoder trains with the decoder, at the same learning rate. With
+    `distill` > 0, "unfreeze + distill": plus distill·MSE between the latent and that of a frozen copy of the starting
+    encoder (the `teacher`, kept in the checkpoint; paper: "an L2 loss to align the encoder outputs with those of a
+    frozen copy of the VFM"). The generator then learns the fine-tuned encoder's latent."""
+
+    method = "unfreeze"
+    phases = {"1": ("encoder", "decoder")}
+
+    def __init__(self, distill=0.0, **rae):
+        super().__init__(**rae)
+        self.config.update(distill=distill)
+        self.distill = distill
+        self.teacher = copy.deepcopy(self.encoder) if distill else None
+        self.set_phase("1")
+
+    def set_phase(self, phase):
+        """Phase "1": encoder and decoder, less the encoder's final norm and iBOT mask token, which never reach the
+        latent (LN₀ of the pre-norm last block): no gradient would reach them (DDP requires every trained tensor to
+        get one)."""
+        super().set_phase(phase)
+        self.encoder.norm.requires_grad_(False)
+        if self.encoder.mask_token is not None:
+            self.encoder.mask_token.requires_grad_(False)
+
+    def forward(self, x01):
+        """RAE's training path, plus {"distill": distill·MSE(latent, the teacher's latent)} when distilling."""
+        z, aux = self.latent(self.encoder_features(x01)), {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = ln0(self.teacher.forward_blocks(self.encoder_input(x01))[-1])
+            aux["distill"] = self.distill * F.mse_loss(z, target)
+        return self.reconstruct(z), aux
+
+
+class FeatureConcat(model.RAE):
+    """"Feature concat" (method "concat"): as many queries as patch tokens, condensed as DecQ's (the same condenser
+    blocks), each squeezed by a learned bottleneck to `concat_dim` channels and LN₀, and concatenated to its patch
+    token along the channels: the latent is (B, N, C + concat_dim), the RAE latent in its first C channels. The
+    decoder's input projection widens to C + concat_dim (initialised from the RAE decoder's on the first C); the
+    generator learns the wider tokens. concat_dim defaults to the extra latent size of DecQ's 8 queries:
+    8·C/N (24 on DINOv2-B at 256 px)."""
+
+    method = "concat"
+    phases = {"1": ("condenser", "bottleneck", "decoder")}
+
+    def __init__(self, concat_dim=None, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
+        super().__init__(**rae)
+        C, depth, N = self.encoder.embed_dim, len(self.encoder.blocks), self.decoder.grid ** 2
+        self.config.update(concat_dim=concat_dim, query_layers=query_layers, query_heads=query_heads,
+                           query_mlp_ratio=query_mlp_ratio)
+        concat_dim = concat_dim or max(1, 8 * C // N)
+        layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers
+        self.condenser = DetailQueries(C, N, layers, query_heads or C // 64, query_mlp_ratio)
+        self.bottleneck = nn.Linear(C, concat_dim)
+        rae_embed = self.decoder.decoder_embed
+        self.decoder.decoder_embed = nn.Linear(C + concat_dim, rae_embed.out_features)
+        with torch.no_grad():
+            self.decoder.decoder_embed.weight[:, :C] = rae_embed.weight
+            self.decoder.decoder_embed.bias.copy_(rae_embed.bias)
+        self.set_phase("1")
+
+    def latent(self, feats):
+        """[RAE latent LN₀(h_L) | LN₀(bottleneck(query i))] along the channels of patch token i."""
+        return torch.cat([super().latent(feats), ln0(self.bottleneck(self.condenser(feats)))], -1)

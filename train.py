@@ -5,9 +5,11 @@ Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1) share o
 EMA, discriminator from an epoch.
   rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1 or a released RAE decoder) ·
   drorae/3 decoder fine-tune (--init-from phase 2) · drorae/joint fusion + decoder (the §3.3 ablation) · decq/1
-  queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe).
+  queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe) · DecQ's Table 3 baselines: unfreeze/1 encoder +
+  decoder (--distill W: + W·L2 to the frozen starting encoder), concat/1 feature concat.
 Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by flow matching on continuous latents (rae, drorae,
-decq) or the AR GPT on codes (ideal), on a frozen --tokenizer checkpoint. Every phase runs in the same loop (section 6).
+decq, unfreeze, concat) or the AR GPT on codes (ideal), on a frozen --tokenizer checkpoint. Every phase runs in the
+same loop (section 6).
 
     python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     torchrun --nproc_per_node=8 train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
@@ -46,7 +48,7 @@ import model
 # 1. Methods, phases, presets, flags
 # ----------------------------------------------------------------------------------------------------
 
-METHODS = ("rae", "drorae", "decq", "ideal")
+METHODS = ("rae", "drorae", "decq", "ideal", "unfreeze", "concat")  # the last two: DecQ Table 3 baselines
 # (method, phase) → `init`: what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer;
 # `defaults`: the recipe where it differs from RAE's decoder training (README, Decisions). A new method or phase plugs
 # in here, in TOKENIZER_CONFIG (+ its flags) and in checkpoint.TOKENIZERS.
@@ -59,12 +61,16 @@ PHASES = {
     ("drorae", "3"): dict(init=(("drorae",), "2")),
     ("drorae", "joint"): dict(init=(("rae", "drorae"), "1")),  # the §3.3 ablation: fusion + decoder at once
     ("decq", "1"): {},
+    ("unfreeze", "1"): {},
+    ("concat", "1"): {},
     ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
                                        gan_start_step=20000, disc_start_step=20000, clip_grad=1.0, global_batch=256,
                                        epochs=50)),  # Ideal App. A.1, Table 8 (README, Decisions)
     ("rae", "gen"): dict(defaults=DIT_RECIPE),
     ("drorae", "gen"): dict(defaults=DIT_RECIPE),
     ("decq", "gen"): dict(defaults=DIT_RECIPE),
+    ("unfreeze", "gen"): dict(defaults=DIT_RECIPE),
+    ("concat", "gen"): dict(defaults=DIT_RECIPE),
     ("ideal", "gen"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, global_batch=256, clip_grad=1.0, epochs=300,
                                          warmup_epochs=0, schedule="constant", ema=0.0)),  # LlamaGen: no EMA
 }
@@ -75,6 +81,8 @@ TOKENIZER_CONFIG = {
     "drorae": BASE_CONFIG + ("noise_tau", "noise", "fusion_hidden", "fusion_layers", "beta", "route_eps", "smoothness",
                          "router"),
     "decq": BASE_CONFIG + ("noise_tau", "noise", "num_queries", "query_layers", "query_heads", "query_mlp_ratio"),
+    "unfreeze": BASE_CONFIG + ("noise_tau", "noise", "distill"),
+    "concat": BASE_CONFIG + ("noise_tau", "noise", "concat_dim", "query_layers", "query_heads", "query_mlp_ratio"),
     "ideal": BASE_CONFIG + ("shallow_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta", "entropy_weight",
                             "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
 }
@@ -132,6 +140,9 @@ def parse_args(argv=None):
     a("--query-layers", type=int, nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
     a("--query-heads", type=int, default=None)
     a("--query-mlp-ratio", type=float, default=4.0)
+    a("--distill", type=float, default=0.0, help="unfreeze: weight of the L2 to the frozen starting encoder's latent")
+    a("--concat-dim", type=int, default=None, help="concat: bottleneck channels per patch token (default 8·C/N, "
+      "DecQ's 8 queries' worth)")
     # Ideal (§3.3, App. A.1)
     a("--shallow-layer", type=int, default=3)
     a("--fuse", action=argparse.BooleanOptionalAction, default=True, help="AttnFuse shallow into deep features")
@@ -191,6 +202,7 @@ def parse_args(argv=None):
     a("--log-every", type=int, default=50)
     a("--ckpt-every", type=int, default=1000, help="overwrite ckpt-last.pt every N steps")
     a("--keep-every", type=int, default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
+    a("--keep-every-epochs", type=float, default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
     a("--grid-every", type=int, default=1000)
     pre, _ = p.parse_known_args(argv)
     p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset]})
@@ -491,7 +503,7 @@ class TokenizerTrainer:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Generator phase: DiT-DH by flow matching (rae, drorae, decq) or AR GPT (ideal) on a frozen tokenizer
+# 5. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -528,7 +540,7 @@ class GeneratorTrainer:
                           grid=self.token_grid)
         else:
             config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.token_grid,
-                                    in_channels=self.tok.encoder.embed_dim, num_classes=args.num_classes,
+                                    in_channels=self.tok.latent_dim, num_classes=args.num_classes,
                                     num_queries=self.tok.num_queries,
                                     **({"query_out": args.query_out} if self.tok.num_queries else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
@@ -674,6 +686,8 @@ def train(args, rank, world, device, stop):
                 save(out / "ckpt-last.pt")
             if args.keep_every and step % args.keep_every == 0:
                 save(out / f"ckpt-{step:07d}.pt")
+            if args.keep_every_epochs and step % max(1, round(args.keep_every_epochs * steps_per_epoch)) == 0:
+                save(out / f"ckpt-epoch{step / steps_per_epoch:g}.pt")
             if signalled:
                 break
     if rank == 0 and step == total_steps:

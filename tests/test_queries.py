@@ -1,5 +1,6 @@
 """DecQ (queries.py): the patch latent is the RAE latent, the encoder gets no gradient, the query-aware decoder
-without queries is the RAE decoder, separate statistics, noise on both parts, the phase, the extra compute."""
+without queries is the RAE decoder, separate statistics, noise on both parts, the phase, the extra compute; the
+Table 3 baselines (unfreeze, unfreeze + distill, feature concat)."""
 import pytest
 import torch
 
@@ -118,3 +119,52 @@ def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
     model.save_stats(stats, tmp_path / "s.pt")
     loaded = model.load_stats(tmp_path / "s.pt")
     assert set(loaded) == set(stats) and all(torch.equal(loaded[k], stats[k]) for k in stats)
+
+
+# --- Table 3's baselines -------------------------------------------------------------------------------------------
+
+
+def test_unfreeze_trains_the_encoder_and_distill_pulls_it_back_to_the_teacher():
+    rae = checkpoint.build_tokenizer(TINY)
+    tok = checkpoint.build_tokenizer(dict(TINY, method="unfreeze"))
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(tok.eval().encode(x), rae.eval().encode(x))  # starts as the RAE latent
+    trainable = {id(p) for p in tok.parameters() if p.requires_grad}
+    unused = {id(p) for p in (tok.encoder.mask_token, *tok.encoder.norm.parameters())}  # never reach the latent
+    assert trainable == {id(p) for m in (tok.encoder, tok.decoder) for p in m.parameters()} - unused
+    assert tok.teacher is None
+    recon, aux = tok.train()(x)
+    assert aux == {}
+    (recon - x).abs().mean().backward()
+    assert all(p.grad is not None for p in tok.parameters() if p.requires_grad)  # every trained tensor gets one
+    with torch.enable_grad():  # frozen as checkpoint.load_tokenizer leaves it: no graph through the encoder
+        assert tok.encode(x).requires_grad and not tok.requires_grad_(False).encode(x).requires_grad
+    dist = checkpoint.build_tokenizer(dict(TINY, method="unfreeze", distill=2.0)).train()
+    assert dist.config["distill"] == 2.0 and not any(p.requires_grad for p in dist.teacher.parameters())
+    assert dist(x)[1]["distill"].item() == 0.0  # student = teacher at the start
+    with torch.no_grad():
+        dist.encoder.blocks[-1].mlp.fc2.bias.add_(0.5)
+    z, target = dist.latent(dist.encoder_features(x)), model.ln0(dist.teacher.forward_blocks(dist.encoder_input(x))[-1])
+    loss = dist(x)[1]["distill"]
+    assert torch.allclose(loss, 2.0 * ((z - target) ** 2).mean()) and loss > 0
+    loss.backward()
+    assert dist.encoder.blocks[-1].mlp.fc2.bias.grad.abs().sum() > 0 and dist.decoder.decoder_pred.weight.grad is None
+
+
+def test_feature_concat_widens_every_patch_token_and_keeps_the_rae_channels():
+    rae = checkpoint.build_tokenizer(TINY).eval()
+    tok = checkpoint.build_tokenizer(dict(TINY, method="concat", query_heads=4)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    z = tok.latent(tok.encoder_features(x))
+    assert tok.num_queries == 0 and tok.latent_dim == 64 + 32 and z.shape == (2, 16, 96)  # 8·64/16 = 32 channels
+    assert torch.equal(z[..., :64], rae.latent(rae.encoder_features(x)))
+    assert torch.allclose(z[..., 64:].mean(-1), torch.zeros(2, 16), atol=1e-5)  # LN₀ after the bottleneck
+    assert len(tok.condenser.queries) == 16 and tok.condenser.layers == [0, 1, 2, 3]
+    trainable = {id(p) for p in tok.parameters() if p.requires_grad}
+    assert trainable == {id(p) for m in (tok.condenser, tok.bottleneck, tok.decoder) for p in m.parameters()}
+    narrow = checkpoint.build_tokenizer(dict(TINY, method="concat", concat_dim=4, query_heads=4))
+    assert narrow.latent_dim == 68 and narrow.decoder.decoder_embed.weight.shape == (64, 68)
+    stats = model.compute_latent_stats(tok, [x])
+    assert stats["var"].shape == (96, 4, 4) and "query_var" not in stats  # per (token, channel), RAE's layout
+    tok.set_stats(stats)
+    assert tok.decode(tok.encode(x)).shape == (2, 3, 64, 64)

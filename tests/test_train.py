@@ -135,14 +135,18 @@ def test_resume_is_bitwise_exact(images, tmp_path):
 
 
 def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tmp_path):
-    """DRoRAE phases 2 and 3 and DecQ: the optimizer holds exactly the tensors the phase trains (by count and
-    shapes), and N + resume + N steps equal 2N straight steps bitwise (phase 2 and DecQ, mid-epoch)."""
+    """DRoRAE phases 2 and 3, DecQ and its unfreeze / concat baselines: the optimizer holds exactly the tensors the
+    phase trains (by count and shapes), and N + resume + N steps equal 2N straight steps bitwise (all but phase 3,
+    mid-epoch)."""
     common = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
               "--micro-batch", "1"]
     train.main(["--method", "rae", "--phase", "1", *common, "--out-dir", str(tmp_path / "p1"), "--max-steps", "1"])
     runs = [("drorae", "2", ["--init-from", str(tmp_path / "p1")], ("fusion.",)),
             ("drorae", "3", ["--init-from", str(tmp_path / "drorae2-a")], ("decoder.",)),
-            ("decq", "1", [], ("condenser.", "decoder."))]
+            ("decq", "1", [], ("condenser.", "decoder.")),
+            ("unfreeze", "1", ["--distill", "1"], ("encoder.blocks.", "encoder.patch_embed.", "encoder.cls_token",
+                                                   "encoder.pos_embed", "encoder.register_tokens", "decoder.")),
+            ("concat", "1", [], ("condenser.", "bottleneck.", "decoder."))]
     for method, phase, extra, trained in runs:
         run = ["--method", method, "--phase", phase, *common, *extra]
         train.main(run + ["--out-dir", str(tmp_path / f"{method}{phase}-a"), "--max-steps", "2"])
@@ -302,6 +306,9 @@ def test_generator_phase_dit_and_gpt(images, tmp_path):
 def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     _, out = tokenizer_then_generator("decq", images, tmp_path)
     assert "query_var" in checkpoint.load_checkpoint(out)["stats"]
+    _, out = tokenizer_then_generator("concat", images, tmp_path, "--keep-every-epochs", "0.5")  # 2 steps / epoch
+    ck = checkpoint.load_checkpoint(out / "ckpt-epoch0.5.pt", "generator", "concat")
+    assert ck["config"]["in_channels"] == 64 + 32 and ck["stats"]["var"].shape == (96, 4, 4)
     tok, _ = tokenizer_then_generator("rae", images, tmp_path)
     gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--tokenizer", str(tok)]
     train.main(gen + ["--max-steps", "4", "--out-dir", str(tmp_path / "a")])
