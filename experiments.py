@@ -165,11 +165,16 @@ METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lo
     "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
 # Sampling modes of the ablation studies → column label; a mode's metrics are keyed "<metric>_<mode>", except the main
-# table's sampling ("cfg"), which keeps the plain keys.
+# table's sampling ("cfg"), which keeps the plain keys. "MODE@E": the generator's checkpoint after epoch E.
 SAMPLINGS = {"cfg": "", "none": " unguided", "ag": " AG", "raedec": " RAE dec."}
-SUFFIX = {mode: "" if mode == "cfg" else f"_{mode}" for mode in SAMPLINGS}
+
+
+def suffix(mode):
+    return "" if mode == "cfg" else f"_{mode}"
+
+
 for _mode, _label in SAMPLINGS.items():
-    METRICS.update({k + SUFFIX[_mode]: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
+    METRICS.update({k + suffix(_mode): (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
 
 
 def study_args(name, argv, seeds=(0, 1, 2)):
@@ -302,13 +307,56 @@ def run_study(name, jobs, root, args, gpus=0):
     return True
 
 
-def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION):
-    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png."""
+def curve_chart(table, rows, path, title, metrics=None):
+    """A PNG panel per metric of rows named "SERIES @EPOCH": a line per series through the means over seeds against
+    the epoch, a whisker from the lowest to the highest seed at each epoch (drawn with Pillow alone)."""
+    series = {}
+    for r in rows:
+        name, _, epoch = r.rpartition(" @")
+        series.setdefault(name, []).append((float(epoch), r))
+    metrics = [m for m in metrics or METRICS if any(m in table.get(r, {}) for r in rows)]
+    pw, ph, cols = 360, 260, min(3, len(metrics))
+    img = Image.new("RGB", (pw * cols, 40 + ph * -(-len(metrics) // cols) + 20 * len(series)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), f"{title}; x: generator epochs", fill="black")
+    epochs = [e for points in series.values() for e, _ in points]
+    for k, m in enumerate(metrics):
+        x0, y0 = pw * (k % cols), 40 + ph * (k // cols)
+        values = [v for r in rows if m in table.get(r, {}) for v in table[r][m]["values"]]
+        lo, hi = min(values), max(values)
+        hi = hi + (hi - lo) * 0.05 if hi > lo else lo + 1.0
+        x = lambda e: x0 + 45 + (e - min(epochs)) / (max(epochs) - min(epochs) or 1) * (pw - 65)  # noqa: E731
+        y = lambda v: y0 + ph - 35 - (v - lo) / (hi - lo) * (ph - 65)  # noqa: E731
+        d.text((x0 + 10, y0 + 4), f"{METRICS[m][0]} ({'higher' if METRICS[m][1] > 0 else 'lower'} is better)",
+               fill="black")
+        d.line([(x0 + 40, y(lo)), (x0 + pw - 15, y(lo))], fill="grey")
+        for v in (lo, hi):
+            d.text((x0 + 2, y(v) - 6), format(v, METRICS[m][2]), fill="grey")
+        for e in sorted(set(epochs)):
+            d.text((x(e) - 4, y(lo) + 4), f"{e:g}", fill="grey")
+        for i, points in enumerate(series.values()):
+            cells = [(e, table[r][m]) for e, r in points if m in table.get(r, {})]
+            colour = COLOURS[i % len(COLOURS)]
+            d.line([(x(e), y(c["mean"])) for e, c in cells], fill=colour, width=2)
+            for e, c in cells:
+                d.line([(x(e), y(min(c["values"]))), (x(e), y(max(c["values"])))], fill=colour, width=1)
+                d.ellipse([x(e) - 3, y(c["mean"]) - 3, x(e) + 3, y(c["mean"]) + 3], fill=colour)
+    for i, name in enumerate(series):
+        ly = img.height - 20 * (len(series) - i)
+        d.rectangle([10, ly, 22, ly + 12], fill=COLOURS[i % len(COLOURS)])
+        d.text((28, ly), name, fill="black")
+    img.save(path)
+
+
+def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION,
+           draw=chart):
+    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png (`draw`:
+    bars, or curve_chart for rows over epochs)."""
     table = aggregate(per_seed, rows)
     cmp = print_table(table, rows, args.seeds, base, others, metrics, compare)
     root.mkdir(parents=True, exist_ok=True)
-    chart(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max",
-          metrics)
+    draw(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max",
+         metrics)
     res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp, **(extra or {}))
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {root}/results.json, chart.png")
@@ -466,10 +514,15 @@ ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None
     **{f"decq_q{n}": ("decq", "1", None, ["--num-queries", str(n)]) for n in (1, 2, 4, 16)},
     **{f"decq_{half}": ("decq", "1", None,  # the first / second half of DecQ's default condenser blocks
                         lambda depth, h=h: ["--query-layers", *map(str, decq_layer_halves(depth)[h])])
-       for h, half in enumerate(("shallow", "deep"))}}
+       for h, half in enumerate(("shallow", "deep"))},
+    "unfreeze": ("unfreeze", "1", None, []),  # DecQ Table 3's baselines, on the budget of DecQ's own run
+    "unfreeze_distill": ("unfreeze", "1", None, ["--distill", "1"]), "concat": ("concat", "1", None, [])}
 
-
-GENERATOR_RUNS = {"decq_l0": ("decq", ["--query-weight", "0"])}  # generator key → (tokenizer key, train.py flags)
+CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
+GENERATOR_RUNS = {  # generator key → (tokenizer key, {world: train.py flags set on the main generator's command})
+    "decq_l0": ("decq", {"toy": [("--query-weight", 0)], "imagenet": [("--query-weight", 0)]}),
+    **{f"{k}_curve": (k, {"toy": [("--epochs", 10), ("--keep-every-epochs", 1)],  # twice the main budget
+                          "imagenet": [("--keep-every-epochs", 10)]}) for k in ("rae", "decq")}}
 GUIDE = {"toy": [("--epochs", "1")],  # AutoGuidance's weak model: shorter training (toy), DiT-DH-S at 14 epochs
          "imagenet": [("--dit", "S"), ("--stop-epoch", "14")]}  # (RAE's released guide)
 
@@ -479,7 +532,7 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
     for each (key, mode) of `samplings` a generator on the latent of tokenizer `key` (or the GENERATOR_RUNS variant
     `key`) and its samples; mode "cfg" = the main table's sampling (toy: CFG 3), "none" = no guidance, "ag" =
     AutoGuidance 1.5 with a weaker generator as guide (trained too), "raedec" = the main sampling decoded by the RAE
-    tokenizer's decoder (DecQ Table 4). Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80,
+    tokenizer's decoder (DecQ Table 4); "MODE@E" samples the checkpoint kept after epoch E. Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80,
     as the papers report), 50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
     out, full = root / f"seed{seed}", args.world == "imagenet"
     if full:
@@ -495,6 +548,7 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
         templates = {name: argv for name, _, argv, _ in toy.plan_runs(targs, out)[0]}
         templates["gen"] = templates["rae_gen"]
         jobs = {"world": ("toy.py", [*flags, "--stage", "world"], []), "rae": ("train.py", templates["rae"], ["world"])}
+    templates.update({m: with_flags(templates["rae"], ("--method", m)) for m in ("unfreeze", "concat")})
 
     def tokenizer(key):
         if key not in jobs:
@@ -511,11 +565,11 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
                                                        args.eval_path, "--out", str(out / key / "eval.json")], [key])
 
     def generator(key, name):
-        tok, extra = GENERATOR_RUNS.get(key, (key, []))
+        tok, flags = GENERATOR_RUNS.get(key, (key, {}))
         run, tok_argv = out / f"{key}_{name}", jobs[tok][1]
         argv = with_flags(templates["gen"], ("--method", tok_argv[tok_argv.index("--method") + 1]),
                           ("--tokenizer", out / tok / "tokenizer.pt"), ("--out-dir", run),
-                          ("--latent-cache", run / "cache")) + extra
+                          ("--latent-cache", run / "cache"), *flags.get(args.world, []))
         jobs.setdefault(f"{key}_{name}", ("train.py", argv if name == "gen" else with_flags(argv, *GUIDE[args.world]),
                                           [tok]))
         return run / "ckpt-last.pt" if full else run / "generator.pt"
@@ -526,9 +580,11 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
         jobs["rae_eval"] = ("evaluate.py", ["--tokenizer", str(out / "rae" / "tokenizer.pt"), "--data-path",
                                             args.eval_path, "--out", str(out / "rae" / "eval.json")], ["rae"])
     for key, mode in samplings:
+        base, _, epoch = mode.partition("@")
         gen, where = generator(key, "gen"), out / f"{key}_gen" / f"samples_{mode}"
-        guide = generator(key, "guide") if mode == "ag" else None
-        scale = {"none": 1.0, "ag": 1.5}.get(mode)
+        gen = gen.parent / f"ckpt-epoch{epoch}.pt" if epoch else gen
+        guide = generator(key, "guide") if base == "ag" else None
+        scale = {"none": 1.0, "ag": 1.5}.get(base)
         if full:
             argv = ["--ckpt", str(gen), "--per-class", "50", "--out-dir", str(where), "--name", "samples", "--seed",
                     str(seed), "--scale", str(scale or 1.0)]
@@ -536,8 +592,8 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
             argv = toy.sample_flags(gen, len(toy.SHAPES) * targs.samples_per_class, targs, where)
             argv = with_flags(argv, ("--scale", scale)) if scale else argv
         argv += ["--guide", str(guide)] if guide else []
-        argv += ["--decoder-from", str(out / "rae" / "tokenizer.pt")] if mode == "raedec" else []
-        deps = [f"{key}_gen"] + ([f"{key}_guide"] if guide else []) + (["rae"] if mode == "raedec" else [])
+        argv += ["--decoder-from", str(out / "rae" / "tokenizer.pt")] if base == "raedec" else []
+        deps = [f"{key}_gen"] + ([f"{key}_guide"] if guide else []) + (["rae"] if base == "raedec" else [])
         jobs[f"{key}_samples_{mode}"] = ("sample.py", argv, deps)
         if full:
             jobs[f"{key}_samples_{mode}_eval"] = ("evaluate.py", [
@@ -559,7 +615,7 @@ def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
             res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
         for key, mode in samplings:
             g = json.loads((out / f"{key}_gen" / f"samples_{mode}" / "eval.json").read_text())
-            res.setdefault(key, {}).update({k + SUFFIX[mode]: g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
+            res.setdefault(key, {}).update({k + suffix(mode): g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
                                                                      ("precision", "precision"), ("recall", "recall"))})
         return res
     threads = torch.get_num_threads()
@@ -573,7 +629,7 @@ def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
                                     f_test)[1]
     for key, mode in samplings:
         s, labels = toy.read_samples(out / f"{key}_gen" / f"samples_{mode}")
-        res.setdefault(key, {}).update({k + SUFFIX[mode]: v for k, v in
+        res.setdefault(key, {}).update({k + suffix(mode): v for k, v in
                                         toy.sample_scores(s, labels, vfm, heads, f_test).items()})
     torch.set_num_threads(threads)
     return res
@@ -672,7 +728,7 @@ def drorae_routing_maps(argv):
 
 def sampling_rows(per_seed, rows):
     """Table rows from (key, mode) samplings: {seed: {row: the generation metrics of `key` sampled in `mode`}}."""
-    return {s: {row: {m: r[key][m + SUFFIX[mode]] for m in GENERATION if m + SUFFIX[mode] in r[key]}
+    return {s: {row: {m: r[key][m + suffix(mode)] for m in GENERATION if m + suffix(mode) in r[key]}
                 for row, (key, mode) in rows.items()} for s, r in per_seed.items()}
 
 
@@ -690,16 +746,24 @@ def decq_decoder(argv):
                   tuple(rows)[1:])
 
 
-def decq_tokenizer_study(name, argv, rows):
+def decq_tokenizer_study(name, argv, rows, base="decq"):
     """A DecQ study over tokenizer variants `rows` (ABLATION_RUNS keys, RAE first): each one's reconstruction and a
-    generator on its latent sampled as in `main`, compared against DecQ's default."""
+    generator on its latent sampled as in `main`, compared against `base` (DecQ's default)."""
     done = ablation_study(name, argv, rows[1:], [(k, "cfg") for k in rows])
     if done is None:
         return None
     args, runs, per_seed = done
     metrics = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
-    return finish(name, runs / name, per_seed, rows, args, "decq", [r for r in rows if r != "decq"], metrics=metrics,
+    return finish(name, runs / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
+
+
+def decq_tradeoff(argv):
+    """DecQ Table 3: the encoder frozen (RAE), unfrozen, unfrozen + distillation to a frozen copy, feature concat, and
+    DecQ, each on DecQ's training budget: reconstruction and generation, compared against RAE (paper: unfreezing buys
+    reconstruction and costs generation, distillation softens both, concat costs generation; DecQ improves both)."""
+    return decq_tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill", "concat", "decq"),
+                                base="rae")
 
 
 def decq_queries(argv):
@@ -711,6 +775,42 @@ def decq_layers(argv):
     """DecQ §4.3: condensers on shallow blocks only, deep blocks only, or both (the default; paper: shallow helps
     reconstruction, deep helps generation, both is best). Toy: blocks 0-2, 3-5, all six."""
     return decq_tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"))
+
+
+def speed_up(table, epochs, metric, seeds):
+    """How much sooner DecQ reaches RAE's score at the last epoch: last epoch / DecQ's first epoch at least as good
+    (None: not within the epochs), on the means and per seed."""
+    better = lambda a, b: (a - b) * METRICS[metric][1] >= 0  # noqa: E731
+    cell = lambda k, e: table[f"{k} @{e}"][metric]  # noqa: E731
+    out = {}
+    for what, pick in [("mean", lambda c: c["mean"])] + [(f"seed {s}", lambda c, i=i: c["values"][i])
+                                                         for i, s in enumerate(seeds)]:
+        target = pick(cell("rae", epochs[-1]))
+        first = next((e for e in epochs if better(pick(cell("decq", e)), target)), None)
+        out[what] = epochs[-1] / first if first else None
+    return out
+
+
+def decq_convergence(argv):
+    """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent, trained for twice
+    the main budget in the toy (10 epochs; full scale: the 80 epochs of the other studies), a checkpoint kept every
+    epoch (full scale: every 10), each sampled without guidance. The chart draws the scores against epochs; the
+    speed-up is RAE's last epoch over the first epoch at which DecQ is at least as good as RAE there."""
+    epochs = list(CURVE_EPOCHS[study_args("decq-convergence", argv)[0].world])
+    rows = {f"{k} @{e}": (f"{k}_curve", f"none@{e}") for k in ("rae", "decq") for e in epochs}
+    done = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    metric = "gFID" if args.world == "imagenet" else "fd"
+    res = finish("decq-convergence", runs / "decq-convergence", sampling_rows(per_seed, rows), tuple(rows), args,
+                 metrics=[metric, "sample_accuracy", "IS", "precision", "recall"], draw=curve_chart)
+    res["speed_up"] = {m: speed_up(res["table"], epochs, m, args.seeds) for m in (metric, "sample_accuracy")}
+    for m, s in res["speed_up"].items():
+        print(f"{METRICS[m][0]}: RAE's epoch-{epochs[-1]} score reached by DecQ " + ", ".join(
+            f"{k} {f'{v:.2f}× sooner' if v else 'not within the epochs'}" for k, v in s.items()))
+    (runs / "decq-convergence" / "results.json").write_text(json.dumps(res, indent=1))
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -725,8 +825,11 @@ STUDIES = {
                                                  "mean weight on background / edges / interiors"),
     "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patch tokens through the RAE decoder; the same "
                                    "with λ = 0"),
+    "decq-tradeoff": (decq_tradeoff, "DecQ Table 3: frozen (RAE), unfreeze, unfreeze + distill, feature concat, DecQ"),
     "decq-queries": (decq_queries, "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
     "decq-layers": (decq_layers, "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
+    "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
+                                           "RAE and DecQ, unguided; a line chart"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "

@@ -181,7 +181,8 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     import train
 
     parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
-    for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers"):
+    for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers", "decq-tradeoff",
+                  "decq-convergence"):
         experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
                           "--eval-path", "in/val"])
         for line in capsys.readouterr().out.strip().splitlines():
@@ -190,6 +191,9 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
             if words[2] == "train.py" and args.phase == "gen":
                 assert args.epochs == 800 and args.stop_epoch == (14 if "_guide" in args.out_dir else 80)
                 assert args.dit == ("S" if "_guide" in args.out_dir else "XL")
+                assert args.keep_every_epochs == (10 if "_curve" in args.out_dir else 0)
+            if words[2] == "sample.py" and "_curve" in args.ckpt:  # decq-convergence: epochs 10, 20, …, 80
+                assert args.ckpt.endswith(tuple(f"ckpt-epoch{e}.pt" for e in range(10, 81, 10))) and args.scale == 1
     with pytest.raises(SystemExit, match="toy world"):
         experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
 
@@ -208,3 +212,23 @@ def test_decq_decoder_study_on_tiny_settings(tmp_path):
     assert layers["table"]["decq"]["fd"] == res["table"]["decq"]["fd"]  # the same runs, reused
     commands = (tmp_path / "decq" / "commands.sh").read_text()
     assert "--query-layers 0 1 2" in commands and "--query-layers 3 4 5" in commands
+
+
+def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
+    """decq-tradeoff: the Table 3 baselines (unfreeze, + distill, feature concat) beside RAE and DecQ, compared against
+    RAE; decq-convergence: generators keeping a checkpoint per epoch, sampled unguided, a line chart, the speed-up."""
+    from PIL import Image
+
+    res = experiments.main(["decq-tradeoff", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
+    assert list(res["table"]) == ["rae", "unfreeze", "unfreeze_distill", "concat", "decq"]
+    assert {c["tokenizer"] for c in res["comparisons"]} == {"unfreeze", "unfreeze_distill", "concat", "decq"}
+    assert all({"psnr", "fd", "sample_accuracy"} <= set(row) for row in res["table"].values())
+    commands = (tmp_path / "decq" / "commands.sh").read_text()
+    assert "--method unfreeze --phase 1" in commands and "--distill 1" in commands and "--method concat --phase gen" in commands
+    monkeypatch.setitem(experiments.CURVE_EPOCHS, "toy", (1, 2))
+    curve = experiments.main(["decq-convergence", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
+    assert list(curve["table"]) == ["rae @1", "rae @2", "decq @1", "decq @2"]
+    run = tmp_path / "decq" / "seed0" / "decq_curve_gen"
+    assert sorted(p.name for p in run.glob("ckpt-epoch*.pt")) == sorted(f"ckpt-epoch{e}.pt" for e in range(1, 11))
+    assert set(curve["speed_up"]) == {"fd", "sample_accuracy"} and set(curve["speed_up"]["fd"]) == {"mean", "seed 0"}
+    assert Image.open(tmp_path / "decq" / "decq-convergence" / "chart.png").size[0] == 3 * 360
