@@ -20,6 +20,7 @@ import vq
 
 TOKENIZERS = {"rae": model.RAE, "drorae": fusion.DRoRAE, "decq": queries.DecQ, "ideal": vq.Ideal,
               "unfreeze": queries.Unfrozen, "concat": queries.FeatureConcat}  # the last two: DecQ's Table 3 baselines
+TINY = {"ideal": vq.IDEAL_PRESETS["tiny"]}  # a method's own settings under train.py --preset tiny (4-block encoder)
 
 
 def build_tokenizer(config, **overrides):

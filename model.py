@@ -183,6 +183,13 @@ def sincos_2d(dim, h, w=None, cls_token=False):
 # ----------------------------------------------------------------------------------------------------
 
 
+def checked_heads(dim, num_heads, name):
+    """`num_heads` if it divides the width `dim`, else a ValueError naming the keyword `name` (a user's setting)."""
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"{name} must divide the width {dim}, got {num_heads}")
+    return num_heads
+
+
 def _listing(keys, limit=10):
     keys = list(keys)
     return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")

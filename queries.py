@@ -81,7 +81,7 @@ class DecQ(model.RAE):
         self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
                            query_mlp_ratio=query_mlp_ratio)
         query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
-        query_heads = query_heads or C // 64  # head dim 64: 12 heads on DINOv2-B
+        query_heads = model.checked_heads(C, query_heads or C // 64, "query_heads")  # head dim 64: 12 on DINOv2-B
         if not all(0 <= k < depth for k in query_layers):
             raise ValueError(f"query_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
                              f"got {list(query_layers)}")
@@ -178,7 +178,8 @@ class FeatureConcat(model.RAE):
                            query_mlp_ratio=query_mlp_ratio)
         concat_dim = concat_dim or max(1, 8 * C // N)
         layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers
-        self.condenser = DetailQueries(C, N, layers, query_heads or C // 64, query_mlp_ratio)
+        heads = model.checked_heads(C, query_heads or C // 64, "query_heads")
+        self.condenser = DetailQueries(C, N, layers, heads, query_mlp_ratio)
         self.bottleneck = nn.Linear(C, concat_dim)
         rae_embed = self.decoder.decoder_embed
         self.decoder.decoder_embed = nn.Linear(C + concat_dim, rae_embed.out_features)

@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ PHASES = {
     ("unfreeze", "gen"): dict(defaults=DIT_RECIPE),
     ("concat", "gen"): dict(defaults=DIT_RECIPE),
     ("ideal", "gen"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, global_batch=256, clip_grad=1.0, epochs=300,
-                                         warmup_epochs=0, schedule="constant", ema=0.0)),  # LlamaGen: no EMA
+                                         warmup_epochs=0, schedule="constant", ema=0.9999)),  # Ideal Table 9
 }
 # Tokenizer config keys filled from flags, per method ("key:flag_dest" where the names differ).
 BASE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size")
@@ -205,7 +206,9 @@ def parse_args(argv=None):
     a("--keep-every-epochs", type=float, default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
     a("--grid-every", type=int, default=1000)
     pre, _ = p.parse_known_args(argv)
-    p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset]})
+    tiny = checkpoint.TINY.get(pre.method, {}) if pre.preset == "tiny" else {}  # e.g. Ideal's shallow block 1 of 4
+    p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset],
+                      **{k: v for k, v in tiny.items() if k in vars(pre)}})
     args = p.parse_args(argv)
     if (args.method, args.phase) not in PHASES:
         valid = ", ".join(f for m, f in PHASES if m == args.method)
@@ -344,6 +347,15 @@ def tokenizer_config(args):
     return dict(config, encoder_weights=weights(config["encoder_weights"], "official"))
 
 
+def flag_names(message, method):
+    """A tokenizer's error message with its keywords (query_heads) written as the flags that set them (--query-heads)."""
+    for k in TOKENIZER_CONFIG[method]:
+        key, _, dest = k.partition(":")
+        if "_" in key:
+            message = re.sub(rf"\b{key}\b", "--" + (dest or key).replace("_", "-"), message)
+    return message
+
+
 def build_tokenizer(args, resume):
     """The tokenizer of this phase: from the resume checkpoint, from the previous phase (--init-from, refused
     unless it holds the required method/phase), or new. Later phases start from the previous phase's EMA weights.
@@ -423,7 +435,10 @@ class TokenizerTrainer:
     def __init__(self, args, plan, device, world, resume):
         self.args, self.world = args, world
         torch.manual_seed(args.seed)  # identical initialisation on every rank
-        self.tok = build_tokenizer(args, resume).to(device)
+        try:
+            self.tok = build_tokenizer(args, resume).to(device)
+        except ValueError as e:  # an impossible setting: one line naming the flag
+            raise SystemExit(f"--method {args.method}: {flag_names(str(e), args.method)}") from None
         self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
         self.lpips = None if not args.lpips_weight else losses.LPIPS(
             weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
@@ -537,7 +552,7 @@ class GeneratorTrainer:
             config = resume["config"]
         elif self.tok.num_codes:
             config = dict(ar.GPT_PRESETS[args.gpt], vocab_size=self.tok.num_codes, num_classes=args.num_classes,
-                          grid=self.token_grid)
+                          grid=self.token_grid, class_dropout=args.p_uncond)
         else:
             config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.token_grid,
                                     in_channels=self.tok.latent_dim, num_classes=args.num_classes,

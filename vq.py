@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import RAE, Attention, Block, Mlp, ln0
+from model import RAE, Attention, Block, Mlp, checked_heads, ln0
 
 # ----------------------------------------------------------------------------------------------------
 # AttnFuse (Eq. 6)
@@ -245,6 +245,7 @@ class Ideal(RAE):
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
         if not 0 <= shallow_layer < depth:
             raise ValueError(f"shallow_layer must be a block of {encoder} in [0, {depth - 1}], got {shallow_layer}")
+        fuse_heads, feat_heads = (checked_heads(C, h, n) for h, n in ((fuse_heads, "fuse_heads"), (feat_heads, "feat_heads")))
         self.shallow_layer, self.shallow_weight, self.num_codes = shallow_layer, shallow_weight, codebook_size
         self.attn_fuse = AttnFuse(C, fuse_heads, mlp_ratio, drop) if fuse else None
         self.quantizer = VectorQuantizer(C, codebook_size, code_dim, beta, entropy_weight, entropy_temperature,

@@ -206,6 +206,23 @@ def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
         assert found in msg and "expected kind tokenizer, method " in msg
 
 
+def test_ideal_tiny_preset_runs_and_impossible_settings_name_their_flag(images, tmp_path):
+    """--preset tiny means the tiny Ideal (shallow block 1 of the 4-block encoder, 64 codes, 4 heads), not the published
+    settings on a tiny encoder (12 heads on width 64 crashed); an impossible head count or block is one line naming
+    the flag."""
+    common = ["--phase", "1", "--preset", "tiny", "--device", "cpu", "--workers", "0", "--data-path", images,
+              "--lpips-weight", "0", "--gan-weight", "0", "--max-steps", "1"]
+    train.main(["--method", "ideal", *common, "--out-dir", str(tmp_path / "ideal")])
+    config = checkpoint.load_checkpoint(tmp_path / "ideal")["config"]
+    assert (config["shallow_layer"], config["codebook_size"], config["fuse_heads"], config["feat_heads"]) == (1, 64, 4, 4)
+    for method, flags in (("ideal", ["--fuse-heads", "5"]), ("ideal", ["--feat-heads", "12"]),
+                          ("ideal", ["--shallow-layer", "7"]), ("decq", ["--query-heads", "3"]),
+                          ("decq", ["--query-layers", "0", "9"]), ("concat", ["--query-heads", "6"])):
+        msg = error(["--method", method, *common, *flags, "--out-dir", str(tmp_path / "x")])
+        assert msg.startswith(f"--method {method}: {flags[0]} must") and "\n" not in msg, msg
+        assert not (tmp_path / "x" / "ckpt-last.pt").exists()
+
+
 def released_layout(decoder_sd):
     """Our ViTDecoder state dict → the released RAE decoder's names (HF ViT-MAE: query / key / value apart)."""
     out = {k: decoder_sd[k] for k in model.RAE_DECODER_TOP}
@@ -287,7 +304,9 @@ def tokenizer_then_generator(method, images, tmp_path, *extra):
 
 
 def test_generator_phase_dit_and_gpt(images, tmp_path):
-    tokenizer_then_generator("ideal", images, tmp_path)
+    _, out = tokenizer_then_generator("ideal", images, tmp_path, "--p-uncond", "0.25")
+    assert checkpoint.load_checkpoint(out)["config"]["class_dropout"] == 0.25  # --p-uncond reaches the GPT
+    assert train.parse_args(["--method", "ideal", "--phase", "gen"]).ema == 0.9999  # Ideal Table 9: EMA
     tok, _ = tokenizer_then_generator("rae", images, tmp_path)
     _, out = tokenizer_then_generator("rae", images, tmp_path, "--latent-cache", str(tmp_path / "cache"), "--seed", "1")
     ck = checkpoint.load_checkpoint(out)  # the cache holds each centre crop and its mirror, normalised, fp16
