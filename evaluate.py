@@ -505,7 +505,8 @@ def run(args):
 
 
 def reconstruct(args, features, device):
-    """rFID (reconstructions vs the same ADM centre crops), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
+    """rFID (reconstructions vs the same ADM centre crops), rIS (Inception Score of the reconstructions, Ideal's
+    second reconstruction metric), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
     tok = checkpoint.load_tokenizer(args.tokenizer, device)
     lp = LPIPS(args.lpips_vgg, args.lpips_lin).to(device)
     codebook = tok.num_codes
@@ -520,7 +521,8 @@ def reconstruct(args, features, device):
             z = tok.encode(x.permute(0, 3, 1, 2).float() / 255)
             r = data.to_uint8(tok.decode(z))
         fr, fx = features(r), features(x)
-        out = dict(pool=fr["pool"], ref_pool=fx["pool"], psnr=psnr(x, r), ssim=ssim(x, r, args.ssim), lpips=lpips(x, r, lp))
+        out = dict(pool=fr["pool"], logits=fr["logits"], ref_pool=fx["pool"], psnr=psnr(x, r), ssim=ssim(x, r, args.ssim),
+                   lpips=lpips(x, r, lp))
         if "dino" in fr:
             out.update(dino=fr["dino"], ref_dino=fx["dino"])
         if codebook:
@@ -545,7 +547,8 @@ def reconstruct(args, features, device):
     if rank:
         return {}
     ref = statistics({k[4:]: v for k, v in f.items() if k.startswith("ref_")})
-    res = {"images": len(images), **compare(statistics(f), ref, "r")}
+    res = {"images": len(images), **compare(statistics(f), ref, "r"),
+           "rIS": inception_score(f["logits"], shuffle_seed=args.is_shuffle_seed)}  # Ideal's rIS
     res.update(PSNR=f["psnr"].mean().item(), SSIM=f["ssim"].mean().item(), ssim_window=args.ssim,
                LPIPS=f["lpips"].mean().item())
     if codebook:

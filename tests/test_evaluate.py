@@ -363,6 +363,7 @@ def test_cli_tokenizer_reconstruction(fake_net, monkeypatch, tmp_path):
     assert res["codebook_usage"] == pytest.approx(len(codes.unique()) / tok.config["codebook_size"])
     fr, fx = FakeInception()(recon)[0], FakeInception()(x)[0]
     assert res["rFID"] == pytest.approx(ev.frechet_distance(*ev.gaussian(fr), *ev.gaussian(fx)))
+    assert res["rIS"] == pytest.approx(ev.inception_score(FakeInception()(recon)[1]))  # IS of the reconstructions
     assert res["LPIPS"] > 0
 
 
