@@ -20,6 +20,7 @@ GPT_PRESETS = {
     "L": dict(depth=24, dim=1024, num_heads=16),
     "XL": dict(depth=36, dim=1280, num_heads=20),
     "XXL": dict(depth=48, dim=1536, num_heads=24),
+    "3B": dict(depth=24, dim=3200, num_heads=32),  # Ideal's headline GPT (LlamaGen GPT-3B); train with --fsdp
 }
 
 

@@ -35,6 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -197,6 +200,8 @@ def parse_args(argv=None):
     a("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     a("--ema", type=float, default=0.9978)
     a("--precision", choices=("fp32", "bf16"), default="fp32")
+    a("--fsdp", action="store_true", help="generator phase: shard parameters, gradients, AdamW state and EMA over the "
+      "processes (torch FSDP2, a unit per block; no training grids) — for GPT-3B, whose fp32 AdamW state fills a GPU")
     a("--compile", action="store_true")
     a("--workers", type=int, default=8)
     # logging
@@ -216,6 +221,8 @@ def parse_args(argv=None):
     if args.method == "drorae" and args.router == "mean" and args.phase == "2":
         raise SystemExit("--router mean has no parameters, so phase 2 has nothing to train: run --phase 3 "
                          "--init-from the phase-1 checkpoint")
+    if args.fsdp and args.phase != "gen":
+        raise SystemExit("--fsdp shards generators (--phase gen); tokenizers train under DDP")
     if args.max_steps is not None and args.max_steps < 1 or args.stop_epoch is not None and args.stop_epoch <= 0:
         raise SystemExit("--max-steps and --stop-epoch must be positive (leave them out to train the whole schedule)")
     return args
@@ -300,10 +307,13 @@ def update_ema(ema, net, decay):
 def accumulate(net, micro_batches, loss_fn):
     """Backward of the mean loss over this rank's micro-batches of one global batch. Gradients add up across
     micro-batches (never zeroed in between); under DDP only the last backward all-reduces (no_sync before), so
-    the result equals one big batch on one process. Returns the mean of every logged term."""
+    the result equals one big batch on one process (FSDP: only the last reduce-scatters). Returns the mean of every
+    logged term."""
     logs, n = {}, len(micro_batches)
     for i, mb in enumerate(micro_batches):
         sync = contextlib.nullcontext() if i == n - 1 or not isinstance(net, DDP) else net.no_sync()
+        if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+            net.set_requires_gradient_sync(i == n - 1)
         with sync:
             loss, terms = loss_fn(mb)
             (loss / n).backward()
@@ -522,6 +532,17 @@ class TokenizerTrainer:
 # ----------------------------------------------------------------------------------------------------
 
 
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
+
+
+def shard(net):
+    """FSDP2 (--fsdp): each block of every block list (DiT-DH body and head, GPT) its own unit, then the rest."""
+    for blocks in [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(net)
+
+
 class GeneratorTrainer:
     """--phase gen: the generator (+ EMA) and its optimiser on the latents of the frozen tokenizer checkpoint `tck`,
     encoded on the fly from ADM centre crops with random flips, or read from --latent-cache. DiT-DH by flow matching
@@ -560,14 +581,25 @@ class GeneratorTrainer:
                                     **({"query_out": args.query_out} if self.tok.num_queries else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
         self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
-        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, plan, device)
-        if resume is not None:
+        if resume is not None and resume["args"].get("fsdp", False) != args.fsdp:  # the optimizer states differ
+            raise SystemExit(f"--resume {resume['path']}: trained {'without' if args.fsdp else 'with'} --fsdp; resume "
+                             "it the same way")
+        if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-            self.opt.load_state_dict(resume["optimizer"])
+        if args.fsdp:
+            shard(self.gen)
+            shard(self.ema)  # sharded alike, so the EMA update stays local
+        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, plan, device)
+        if resume is not None:
+            if args.fsdp:  # saved whole, keyed by parameter name (world size free)
+                set_optimizer_state_dict(self.gen, self.opt, resume["optimizer"], options=WHOLE)
+            else:
+                self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
         net = torch.compile(self.gen) if args.compile else self.gen
-        self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+        ddp = world > 1 and not args.fsdp
+        self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ddp else net
 
     @torch.no_grad()
     def encode(self, x01):
@@ -592,7 +624,8 @@ class GeneratorTrainer:
         logs = accumulate(self.net, batches, self.loss)
         check_finite(logs["loss"], step, self.world, out)
         if self.args.clip_grad > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.gen.parameters(), self.args.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(self.gen.parameters(), self.args.clip_grad)
+            logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -600,8 +633,12 @@ class GeneratorTrainer:
         return dict(logs, lr=self.sched.get_last_lr()[0])
 
     def state(self):
-        return dict(self.export(), model=self.gen.state_dict(), optimizer=self.opt.state_dict(),
-                    scheduler=self.sched.state_dict())
+        """Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
+        opt = (get_optimizer_state_dict(self.gen, self.opt, options=WHOLE) if self.args.fsdp else self.opt.state_dict())
+        return dict(self.export(), model=self.whole(self.gen), optimizer=opt, scheduler=self.sched.state_dict())
+
+    def whole(self, net):
+        return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
 
     @torch.no_grad()
     def grid(self, x, path):
@@ -618,7 +655,7 @@ class GeneratorTrainer:
 
     def export(self):
         """The EMA generator with what sample.py needs: its config, the tokenizer (path, config), the stats."""
-        return dict(config=self.gen.config, ema=self.ema.state_dict(), tokenizer=self.tokenizer, stats=self.stats)
+        return dict(config=self.gen.config, ema=self.whole(self.ema), tokenizer=self.tokenizer, stats=self.stats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -660,8 +697,9 @@ def train(args, rank, world, device, stop):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs[0] = rng_state()
+        state = trainer.state()  # on every rank: FSDP gathers
         if rank == 0:
-            checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.state(),
+            checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **state,
                                        step=step, epoch=step // steps_per_epoch, args=vars(args), rng=rngs)
 
     if rank == 0:
@@ -694,7 +732,7 @@ def train(args, rank, world, device, stop):
                         rate = seen / (time.time() - t0)
                         f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=rate)) + "\n")
                 t0, seen = time.time(), 0
-            if rank == 0 and args.grid_every and step % args.grid_every == 0:
+            if rank == 0 and args.grid_every and step % args.grid_every == 0 and not args.fsdp:
                 trainer.grid(grid_x, out / f"grid-{step:07d}.png")
             signalled = any_rank("signal" in stop, world, device)
             if signalled or step == end or step % args.ckpt_every == 0:
@@ -705,9 +743,10 @@ def train(args, rank, world, device, stop):
                 save(out / f"ckpt-epoch{step / steps_per_epoch:g}.pt")
             if signalled:
                 break
-    if rank == 0 and step == total_steps:
+    final = trainer.export() if step == total_steps else None  # on every rank: FSDP gathers
+    if rank == 0 and final is not None:
         path = out / f"{kind}.pt"
-        checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **trainer.export(),
+        checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **final,
                                    step=step, args=vars(args))
         print(f"done: {path}")
     elif rank == 0:

@@ -34,8 +34,8 @@ def uncached_generate(model, cond, cfg_scale=1.0, **sampling):
 
 
 def test_param_counts_match_llamagen():
-    """LlamaGen reports GPT-B 111M, L 343M, XL 775M, XXL 1.4B (vocab 16384, 1000 classes + null row)."""
-    published = {"B": (111, 1e6), "L": (343, 1e6), "XL": (775, 1e6), "XXL": (14, 1e8)}  # to their precision
+    """LlamaGen reports GPT-B 111M, L 343M, XL 775M, XXL 1.4B, 3B 3.1B (vocab 16384, 1000 classes + null row)."""
+    published = {"B": (111, 1e6), "L": (343, 1e6), "XL": (775, 1e6), "XXL": (14, 1e8), "3B": (31, 1e8)}
     for name, cfg in GPT_PRESETS.items():
         with torch.device("meta"):
             model = GPT(**cfg)

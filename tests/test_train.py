@@ -341,6 +341,32 @@ def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     assert [r["loss"] for r in log(tmp_path / "a")] == [r["loss"] for r in log(tmp_path / "b")]
 
 
+def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
+    """--fsdp (FSDP2 over gloo on CPU, 2 processes, 2 micro-batches each): the same steps as DDP to float rounding,
+    N + resume + N = 2N bitwise, whole tensors in the checkpoint (loadable without FSDP), a finished generator.pt."""
+    flags = [*GEN, "--micro-batch", "1", "--data-path", images]
+    train.main(["--method", "ideal", "--phase", "1", *flags, *IDEAL, "--out-dir", str(tmp_path / "tok")])
+    whole = ["--method", "ideal", "--phase", "gen", *flags[:flags.index("--max-steps")], "--tokenizer",
+             str(tmp_path / "tok"), *flags[flags.index("--max-steps") + 2:]]  # the whole schedule: 8 steps
+    gen = whole + ["--max-steps", "3"]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("half", ["--fsdp", "--max-steps", "1"])):
+        assert run(*gen, *extra, "--out-dir", str(tmp_path / name), nproc=2).returncode == 0
+    r = run(*gen, "--fsdp", "--resume", str(tmp_path / "half"), nproc=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b, c = (torch.load(tmp_path / n / "ckpt-last.pt") for n in ("ddp", "fsdp", "half"))
+    assert a["step"] == b["step"] == c["step"] == 3
+    for key in ("model", "ema"):
+        assert all(torch.allclose(a[key][n], v, atol=1e-5) for n, v in b[key].items()), key  # reduction order only
+        assert all(torch.equal(v, c[key][n]) for n, v in b[key].items()), key
+    assert set(b["optimizer"]["state"]) == set(b["model"])  # keyed by parameter name: any world size can resume
+    assert all(torch.equal(s["exp_avg"], c["optimizer"]["state"][n]["exp_avg"]) for n, s in b["optimizer"]["state"].items())
+    r = run(*whole, "--fsdp", "--resume", str(tmp_path / "half"), nproc=2)
+    assert r.returncode == 0 and checkpoint.load_generator(tmp_path / "half" / "generator.pt")[2]["step"] == 8
+    assert "trained without --fsdp; resume it the same way" in error([*gen, "--fsdp", "--resume", str(tmp_path / "ddp")])
+    assert "--fsdp shards generators" in error(["--method", "rae", "--phase", "1", *flags, "--fsdp", "--out-dir",
+                                                str(tmp_path / "x")])
+
+
 # --- learning -----------------------------------------------------------------------------------------------
 
 
