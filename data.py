@@ -4,6 +4,7 @@ cache of a frozen tokenizer, the process-group set-up, 8-bit conversion and PNG 
 Randomness (crop offsets, flips) never touches the global RNG: every sample gets its own numpy generator keyed by
 (seed, epoch, global position in the epoch), so data are identical across worker counts, world sizes and resumes.
 """
+import math
 import os
 import warnings
 from pathlib import Path
@@ -20,14 +21,28 @@ from tqdm import tqdm
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def center_crop_arr(pil_image, image_size):
-    """ADM (guided-diffusion) centre crop: halve with BOX while the short side is ≥ 2·size, BICUBIC-resize the
-    short side to size (rounded), then crop the centre size×size. Used for evaluation, statistics and latents."""
-    while min(*pil_image.size) >= 2 * image_size:
+def resize_short_side(pil_image, short):
+    """ADM's resize: halve with BOX while the short side is ≥ 2·short, then BICUBIC-resize it to `short` (rounded)."""
+    while min(*pil_image.size) >= 2 * short:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    scale = short / min(*pil_image.size)
+    return pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM (guided-diffusion) centre crop: resize_short_side to size, then crop the centre size×size. Used for
+    evaluation, statistics and latents."""
+    pil_image = resize_short_side(pil_image, image_size)
     left, top = (pil_image.size[0] - image_size) // 2, (pil_image.size[1] - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def random_crop_arr(pil_image, image_size, rng, min_frac=0.8):
+    """ADM's random crop (LlamaGen and Ideal tokenizer training): resize_short_side to a short side drawn uniformly
+    from [size, ⌈size / min_frac⌉], then crop size×size at a random offset."""
+    pil_image = resize_short_side(pil_image, int(rng.integers(image_size, math.ceil(image_size / min_frac) + 1)))
+    top = int(rng.integers(0, pil_image.size[1] - image_size + 1))  # rows first, as ADM
+    left = int(rng.integers(0, pil_image.size[0] - image_size + 1))
     return pil_image.crop((left, top, left + image_size, top + image_size))
 
 
@@ -35,12 +50,13 @@ class ImageFolder(Dataset):
     """Images in class subfolders (ImageNet layout, labels = sorted folder index) or directly in `root` (label 0).
 
     resize=R: Resize(R, bicubic) → RandomCrop(size) (RAE decoder training: R=384, size=256; no flip by default).
-    resize=None: ADM `center_crop_arr(size)` (evaluation, statistics, generator latents; flip optional).
+    min_frac=F: ADM `random_crop_arr(size)`, the short side drawn from [size, size / F] (Ideal: F = 0.8, with flips).
+    Neither: ADM `center_crop_arr(size)` (evaluation, statistics, generator latents; flip optional).
     Items are (image (3, size, size) float in [0, 1], label, n_skipped). An unreadable image is skipped with a
     warning: the next index is used instead (deterministic) and n_skipped counts the failures.
     `dataset[i]` works directly; the loader passes (i, key) so crops/flips are keyed by (seed, epoch, position)."""
 
-    def __init__(self, root, size=256, resize=None, flip=False):
+    def __init__(self, root, size=256, resize=None, flip=False, min_frac=None):
         root = Path(root)
         if not root.is_dir():
             raise SystemExit(f"data folder {root} not found: expected a folder of class subfolders of images")
@@ -52,7 +68,7 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise SystemExit(f"no images found in {root}: expected {'/'.join(IMG_EXTENSIONS)} files "
                              f"in class subfolders (e.g. {root}/n01440764/img.JPEG)")
-        self.size, self.resize, self.flip = size, resize, flip
+        self.size, self.resize, self.flip, self.min_frac = size, resize, flip, min_frac
 
     def __len__(self):
         return len(self.samples)
@@ -60,7 +76,9 @@ class ImageFolder(Dataset):
     def load(self, index, rng):
         with Image.open(self.samples[index][0]) as im:
             im = im.convert("RGB")
-        if self.resize is None:
+        if self.min_frac:
+            x = TF.to_tensor(random_crop_arr(im, self.size, rng, self.min_frac))
+        elif self.resize is None:
             x = TF.to_tensor(center_crop_arr(im, self.size))
         else:
             x = TF.to_tensor(TF.resize(im, self.resize, TF.InterpolationMode.BICUBIC))

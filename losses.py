@@ -8,6 +8,7 @@ None for random weights (tests, tiny presets).
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -164,26 +165,30 @@ def quantize_fake(x01):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. DiffAugment (Zhao et al. 2020; the StyleGAN-T copy RAE uses: probability 1, no cutout)
+# 3. DiffAugment (Zhao et al. 2020; RAE's StyleGAN-T copy: colour + translation, always; Ideal's: + cutout, p 0.5)
 # ----------------------------------------------------------------------------------------------------
 
 
-def diff_augment(x, policy="color,translation", generator=None):
+def diff_augment(x, policy="color,translation", generator=None, prob=1.0):
     """Differentiable augmentation of images in [−1, 1], fresh per sample. color: brightness +U(−½, ½),
-    saturation ×U(0, 2), contrast ×U(½, 3/2); translation: integer shift up to ±1/8 of each side, zero fill.
-    An empty policy is the identity. Draws from `generator` (on x.device) or the global RNG."""
+    saturation ×U(0, 2), contrast ×U(½, 3/2); translation: integer shift up to ±1/8 of each side, zero fill;
+    cutout[_R]: a zeroed square of side R·size (default R = 0.2) at a random centre. With prob < 1 each policy
+    applies to the whole batch with that probability (one coin each, as Ideal's official code). An empty policy is
+    the identity. Draws from `generator` (on x.device) or the global RNG."""
     B, _, H, W = x.shape
 
-    def rand():
-        return torch.rand(B, 1, 1, 1, dtype=x.dtype, device=x.device, generator=generator)
+    def rand(*shape):
+        return torch.rand(*shape, dtype=x.dtype, device=x.device, generator=generator)
 
     for p in policy.split(",") if policy else ():
+        if prob < 1 and rand(()) >= prob:
+            continue
         if p == "color":
-            x = x + (rand() - 0.5)
+            x = x + (rand(B, 1, 1, 1) - 0.5)
             mean = x.mean(1, keepdim=True)
-            x = (x - mean) * (rand() * 2) + mean
+            x = (x - mean) * (rand(B, 1, 1, 1) * 2) + mean
             mean = x.mean((1, 2, 3), keepdim=True)
-            x = (x - mean) * (rand() + 0.5) + mean
+            x = (x - mean) * (rand(B, 1, 1, 1) + 0.5) + mean
         elif p == "translation":
             sh, sw = int(H * 0.125 + 0.5), int(W * 0.125 + 0.5)
             tx = torch.randint(-sh, sh + 1, (B, 1, 1), device=x.device, generator=generator)
@@ -191,9 +196,37 @@ def diff_augment(x, policy="color,translation", generator=None):
             gb, gx, gy = torch.meshgrid(*(torch.arange(n, device=x.device) for n in (B, H, W)), indexing="ij")
             gx, gy = (gx + tx + 1).clamp(0, H + 1), (gy + ty + 1).clamp(0, W + 1)  # index into the 1-px zero pad
             x = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)[gb, gx, gy].permute(0, 3, 1, 2)
+        elif p.split("_")[0] == "cutout":
+            ratio = float(p.split("_")[1]) if "_" in p else 0.2
+            ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+            ox = torch.randint(0, H + (1 - ch % 2), (B, 1, 1), device=x.device, generator=generator)
+            oy = torch.randint(0, W + (1 - cw % 2), (B, 1, 1), device=x.device, generator=generator)
+            gb, gx, gy = torch.meshgrid(*(torch.arange(n, device=x.device) for n in (B, ch, cw)), indexing="ij")
+            mask = torch.ones(B, H, W, dtype=x.dtype, device=x.device)
+            mask[gb, (gx + ox - ch // 2).clamp(0, H - 1), (gy + oy - cw // 2).clamp(0, W - 1)] = 0
+            x = x * mask[:, None]
         else:
-            raise ValueError(f"unknown DiffAugment policy '{p}': expected 'color' and/or 'translation'")
+            raise ValueError(f"unknown DiffAugment policy '{p}': expected color, translation, cutout[_RATIO]")
     return x
+
+
+class LeCAM:
+    """LeCAM regulariser of the discriminator (Tseng et al. 2021; Ideal's official recipe, weight 0.001): EMAs
+    (decay 0.999, from 0) of the mean real and fake logits, updated before each use with the batch means averaged
+    over ranks (the official code keeps one per rank); reg = mean(relu(D(x) − ema_fake)²) + mean(relu(ema_real −
+    D(x̂))²). `ema` (float64 [real, fake]) is saved with the discriminator for exact resume."""
+
+    def __init__(self, decay=0.999):
+        self.decay, self.ema = decay, torch.zeros(2, dtype=torch.float64)
+
+    def __call__(self, logits_real, logits_fake):
+        means = torch.stack([logits_real.detach().mean(), logits_fake.detach().mean()]).double()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        self.ema = self.ema * self.decay + means.cpu() * (1 - self.decay)
+        real, fake = self.ema.tolist()
+        return F.relu(logits_real - fake).pow(2).mean() + F.relu(real - logits_fake).pow(2).mean()
 
 
 # ----------------------------------------------------------------------------------------------------

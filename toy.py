@@ -282,9 +282,10 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
 
 def tokenizer_runs(depth):
     """(result key, method, phase, init-from key, extra flags) of every tokenizer run, in order. Ideal's shallow
-    block is a quarter of the depth (block 3 of DINOv2-B's 12); its codebook is scaled to the toy world."""
+    block is a quarter of the depth (block 3 of DINOv2-B's 12); its codebook is scaled to the toy world; it sees the
+    same whole, unflipped images as every other tokenizer (not Ideal's random crops and flips)."""
     ideal = ["--shallow-layer", str(depth // 4), "--codebook-size", "1024", "--fuse-heads", "4", "--feat-heads", "4",
-             "--feat-depth", "2"]
+             "--feat-depth", "2", "--crop", "resize", "--no-flip"]
     return [("rae", "rae", "1", None, []), ("drorae_p2", "drorae", "2", "rae", []),
             ("drorae_p3", "drorae", "3", "drorae_p2", []), ("decq", "decq", "1", None, []),
             ("ideal", "ideal", "1", None, ideal), ("ideal_deep_only", "ideal", "1", None, ideal + ["--no-fuse"])]

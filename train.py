@@ -67,7 +67,10 @@ PHASES = {
     ("decq", "1"): {},
     ("unfreeze", "1"): {},
     ("concat", "1"): {},
-    ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
+    ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", crop="random", flip=True,
+                                       gan_weight=0.5, adaptive_gan=False, diffaug="color,translation,cutout_0.2",
+                                       diffaug_prob=0.5, disc_cr=4.0, lecam=0.001, warmup_epochs=4, lr_min=1e-5,
+                                       ema=0.9999,
                                        gan_start_step=20000, disc_start_step=20000, clip_grad=1.0, global_batch=256,
                                        epochs=50)),  # Ideal App. A.1, Table 8 (README, Decisions)
     ("rae", "gen"): dict(defaults=DIT_RECIPE),
@@ -128,7 +131,10 @@ def parse_args(argv=None):
     a("--decoder-weights", default=None, help="initialise the decoder from a released RAE decoder / checkpoint")
     a("--image-size", type=int, default=256)
     a("--encoder-size", type=int, default=None, help="encoder input size (default image size · 7/8)")
-    a("--resize", type=int, default=384, help="training images: Resize(short side, bicubic) → RandomCrop(image size)")
+    a("--crop", choices=("resize", "random"), default="resize", help="tokenizer training crops: resize = Resize(--resize, "
+      "bicubic) → RandomCrop(image size) (RAE); random = ADM's random crop, short side from [size, size/0.8] (Ideal)")
+    a("--resize", type=int, default=384, help="--crop resize: the short side before the random crop")
+    a("--flip", action=argparse.BooleanOptionalAction, default=False, help="tokenizer training: random horizontal flips")
     a("--noise-tau", type=float, default=0.8, help="latent noise augmentation τ")
     a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
     # DRoRAE (§3.2–3.3)
@@ -184,6 +190,12 @@ def parse_args(argv=None):
     a("--disc-weights", default="official", help="official | random | PATH (DINO backbone)")
     a("--disc-start-epoch", type=int, default=6, help="discriminator updates from this epoch")
     a("--gan-start-epoch", type=int, default=8, help="generator GAN term from this epoch")
+    a("--diffaug", default="color,translation", help="DiffAugment policies before the discriminator (cutout[_R]: "
+      "a square of side R·size)")
+    a("--diffaug-prob", type=float, default=1.0, help="each DiffAugment policy applies to a batch with this probability")
+    a("--disc-cr", type=float, default=0.0, help="discriminator consistency regularisation weight (strong "
+      "color,translation,cutout_0.5 vs the normal augmentation)")
+    a("--lecam", type=float, default=0.0, help="LeCAM regularisation weight of the discriminator")
     a("--disc-start-step", type=int, default=None, help="overrides --disc-start-epoch")
     a("--gan-start-step", type=int, default=None, help="overrides --gan-start-epoch")
     # optimisation
@@ -408,10 +420,11 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         recon, aux = net(x)
         recon = recon.float()
-        rec = F.l1_loss(recon, x) if args.rec_loss == "l1" else F.mse_loss(recon, x)
+        rec = F.l1_loss(recon, x) if args.rec_loss == "l1" else F.mse_loss(recon * 2 - 1, x * 2 - 1)  # L2: on [−1, 1]
         p = lpips(recon, x).mean() if lpips is not None else torch.zeros((), device=x.device)
         nll = rec + args.lpips_weight * p
-        g = losses.generator_loss(disc(losses.diff_augment(recon * 2 - 1))) if disc is not None else None
+        g = (losses.generator_loss(disc(losses.diff_augment(recon * 2 - 1, args.diffaug, prob=args.diffaug_prob)))
+             if disc is not None else None)
     loss, terms = nll + sum(aux.values()), dict(rec=rec, lpips=p, **aux)
     if g is not None:
         w = losses.adaptive_weight(nll, g, last_layer) if args.adaptive_gan else 1.0
@@ -420,14 +433,22 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
     return loss, dict(terms, loss=loss)
 
 
-def discriminator_loss(d_net, real, fake, args):
+def discriminator_loss(d_net, real, fake, args, lecam=None):
     """Hinge loss of the discriminator on DiffAugmented fakes (8 bit, [−1, 1], no grad) and reals; fakes are
-    augmented and classified first, as in RAE."""
+    augmented and classified first, as in RAE. Ideal's recipe adds LeCAM (`lecam`, weight --lecam) and consistency
+    regularisation: --disc-cr · MSE between the logits under the normal and a strong augmentation."""
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        fake, real = losses.diff_augment(fake), losses.diff_augment(real * 2 - 1)
-        logits_fake, logits_real = d_net(fake), d_net(real)
+        real = real * 2 - 1
+        logits_fake = d_net(losses.diff_augment(fake, args.diffaug, prob=args.diffaug_prob))
+        logits_real = d_net(losses.diff_augment(real, args.diffaug, prob=args.diffaug_prob))
         d = losses.hinge_d_loss(logits_real, logits_fake)
-    return d, dict(d=d, d_real=logits_real.mean(), d_fake=logits_fake.mean())
+        terms = dict(d=d, d_real=logits_real.mean(), d_fake=logits_fake.mean())
+        if lecam is not None:
+            terms["lecam"] = args.lecam * lecam(logits_real, logits_fake)
+        if args.disc_cr:
+            strong = [d_net(losses.diff_augment(t, "color,translation,cutout_0.5")) for t in (real, fake)]
+            terms["cr"] = args.disc_cr * F.mse_loss(torch.cat([logits_real, logits_fake]), torch.cat(strong))
+    return d + terms.get("lecam", 0) + terms.get("cr", 0), terms
 
 
 def check_finite(loss, step, world, out):
@@ -460,12 +481,15 @@ class TokenizerTrainer:
             d_params = [p for p in self.disc.parameters() if p.requires_grad]
             self.d_opt, self.d_sched = make_optimizer(d_params, args, plan, device)
             d_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
+        self.lecam = losses.LeCAM() if args.gan_weight > 0 and args.lecam else None
         if resume is not None:
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
             for key, obj in dict(optimizer=self.opt, scheduler=self.sched, **(d_state or {})).items():
                 if resume[key] is None:
                     raise SystemExit(f"{resume['path']} has no discriminator state: resume with --gan-weight 0")
                 obj.load_state_dict(resume[key])
+            if self.lecam is not None and resume.get("lecam") is not None:
+                self.lecam.ema = torch.tensor(resume["lecam"], dtype=torch.float64)
         by_epoch = lambda s, e: s if s is not None else e * plan.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
@@ -503,7 +527,7 @@ class TokenizerTrainer:
                 fakes = [losses.quantize_fake(tok(x)[0].float()) for x in xs]
             disc.train()
             self.d_opt.zero_grad(set_to_none=True)  # drop the generator update's gradients on the heads
-            d_loss = lambda rf: discriminator_loss(self.d_net, *rf, a)  # noqa: E731
+            d_loss = lambda rf: discriminator_loss(self.d_net, *rf, a, self.lecam)  # noqa: E731
             logs.update(accumulate(self.d_net, list(zip(xs, fakes)), d_loss))
             self.d_opt.step()
             self.d_sched.step()
@@ -515,7 +539,8 @@ class TokenizerTrainer:
         return dict(config=self.tok.config, model=self.tok.state_dict(), ema=self.ema.state_dict(),
                     optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                     disc=self.disc.state_dict() if d else None, disc_optimizer=self.d_opt.state_dict() if d else None,
-                    disc_scheduler=self.d_sched.state_dict() if d else None)
+                    disc_scheduler=self.d_sched.state_dict() if d else None,
+                    lecam=self.lecam.ema.tolist() if self.lecam is not None else None)
 
     @torch.no_grad()
     def grid(self, x, path):
@@ -670,7 +695,8 @@ def train(args, rank, world, device, stop):
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops
-        dataset = data.ImageFolder(args.data_path, size=args.image_size, resize=args.resize)
+        dataset = data.ImageFolder(args.data_path, size=args.image_size, flip=args.flip,
+                                   **({"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}))
     else:  # ADM centre crops with flips at the frozen tokenizer's size
         tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
         if not tok_path:

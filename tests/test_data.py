@@ -1,5 +1,6 @@
-"""data.py: folder errors, corrupt images, labels, the ADM centre crop, deterministic and resumable loading."""
+"""data.py: folder errors, corrupt images, labels, the ADM centre and random crops, deterministic and resumable loading."""
 import io
+import math
 
 import numpy as np
 import pytest
@@ -76,6 +77,33 @@ def test_center_crop_matches_adm(w, h, size):
     img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
     out = np.array(data.center_crop_arr(img, size))
     assert out.shape == (size, size, 3) and np.array_equal(out, reference_center_crop(img, size))
+
+
+def reference_random_crop(pil_image, image_size, randrange, min_crop_frac=0.8, max_crop_frac=1.0):
+    """guided-diffusion / LlamaGen / Ideal `random_crop_arr`, restated; `randrange` stands for random.randrange."""
+    smaller_dim_size = randrange(math.ceil(image_size / max_crop_frac), math.ceil(image_size / min_crop_frac) + 1)
+    while min(*pil_image.size) >= 2 * smaller_dim_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = smaller_dim_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = randrange(arr.shape[0] - image_size + 1)
+    crop_x = randrange(arr.shape[1] - image_size + 1)
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def test_random_crop_matches_adm_and_varies(folder):
+    """Ideal's training crops (--crop random): ADM's random_crop_arr with the draws of the sample's own generator."""
+    ds = data.ImageFolder(folder, size=32, min_frac=0.8)
+    img = Image.open(ds.samples[3][0]).convert("RGB")
+    outs = []
+    for key in [(0, 0, p) for p in range(6)]:
+        rng = np.random.default_rng(key)
+        draw = lambda a, b=None: int(rng.integers(0, a) if b is None else rng.integers(a, b))  # noqa: E731
+        ref = torch.from_numpy(reference_random_crop(img, 32, draw)).permute(2, 0, 1).float() / 255
+        outs.append(ds[(3, key)][0])
+        assert torch.equal(outs[-1], ref)
+    assert len({o.sum().item() for o in outs}) > 1  # the crops differ between draws
 
 
 def test_center_mode_and_flip(folder):

@@ -159,8 +159,38 @@ def test_discriminator_state_is_exact_and_samples_independent():
 def test_diff_augment_identity_when_disabled():
     x = torch.rand(2, 3, 16, 16)
     assert losses.diff_augment(x, policy="") is x and losses.diff_augment(x, policy=None) is x
-    with pytest.raises(ValueError, match="unknown DiffAugment policy 'cutout'"):
-        losses.diff_augment(x, policy="color,cutout")
+    with pytest.raises(ValueError, match="unknown DiffAugment policy 'blur'"):
+        losses.diff_augment(x, policy="color,blur")
+    assert losses.diff_augment(x, policy="color,translation,cutout", prob=0.0) is x  # every coin says no
+
+
+def test_diff_augment_cutout_and_batch_coins():
+    """Ideal's policy: cutout zeroes one square of side round(R·size) per image (clipped at the border); with
+    prob < 1 each policy is applied to the whole batch or not at all."""
+    x = torch.rand(64, 3, 20, 20) + 1
+    out = losses.diff_augment(x, policy="cutout_0.5")
+    zeros = (out == 0).all(1)
+    assert torch.equal(out[~zeros[:, None].expand_as(out)], x[~zeros[:, None].expand_as(x)])
+    sides = [(z.any(1).sum().item(), z.any(0).sum().item()) for z in zeros]
+    assert all(1 <= h <= 10 and 1 <= w <= 10 for h, w in sides) and (10, 10) in sides  # 10 = round(0.5 · 20)
+    assert ((losses.diff_augment(x, policy="cutout") == 0).all(1).flatten(1).sum(1) <= 16).all()  # 4 × 4 at 0.2
+    torch.manual_seed(0)
+    outs = [losses.diff_augment(x, policy="color", prob=0.5) for _ in range(40)]
+    same = [torch.equal(o, x) for o in outs]
+    assert 5 < sum(same) < 35  # roughly half of the batches untouched, the others changed throughout
+    assert all(s or not torch.isclose(o, x).all(dim=(1, 2, 3)).any() for o, s in zip(outs, same))
+
+
+def test_lecam_regulariser():
+    """reg = mean(relu(D(x) − ema_fake)²) + mean(relu(ema_real − D(x̂))²), the EMAs (0.999, from 0) updated first."""
+    lecam = losses.LeCAM()
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-2.0, 0.0])
+    reg = lecam(real, fake)
+    ema_real, ema_fake = 0.001 * 2.0, 0.001 * -1.0
+    expect = ((real - ema_fake).clamp(min=0) ** 2).mean() + ((ema_real - fake).clamp(min=0) ** 2).mean()
+    assert torch.allclose(reg, expect) and lecam.ema.tolist() == pytest.approx([ema_real, ema_fake])
+    lecam(real, fake)
+    assert lecam.ema.tolist() == pytest.approx([ema_real * 0.999 + 0.002, ema_fake * 0.999 - 0.001])
 
 
 def test_diff_augment_translation_and_color():

@@ -80,7 +80,7 @@ def tiny_trainer(world):
 
 
 def global_batch_grads(world, micro_batches):
-    losses.diff_augment = lambda x: x  # random augmentation would differ between the two splits
+    losses.diff_augment = lambda x, *a, **k: x  # random augmentation would differ between the two splits
     args, t = tiny_trainer(world)
     loss = lambda x: train.tokenizer_loss(t.net, x, args, t.lpips, t.disc.eval(), t.last_layer)  # noqa: E731
     logs = train.accumulate(t.net, micro_batches, loss)
@@ -221,6 +221,29 @@ def test_ideal_tiny_preset_runs_and_impossible_settings_name_their_flag(images, 
         msg = error(["--method", method, *common, *flags, "--out-dir", str(tmp_path / "x")])
         assert msg.startswith(f"--method {method}: {flags[0]} must") and "\n" not in msg, msg
         assert not (tmp_path / "x" / "ckpt-last.pt").exists()
+
+
+def test_ideal_official_recipe_defaults_l2_scale_and_gan_terms_resume_exactly(images, tmp_path):
+    """Ideal's defaults are the official recipe (random crops + flips, L2 on [−1, 1], DiffAugment with cutout at p 0.5,
+    consistency 4.0, LeCAM 0.001, 4 warm-up epochs, final lr 0.1×, EMA 0.9999); with the GAN on from step 0 the
+    LeCAM state resumes exactly (1 + resume + 1 = 2 steps, bitwise)."""
+    args = train.parse_args(["--method", "ideal", "--phase", "1"])
+    assert (args.crop, args.flip, args.rec_loss, args.diffaug, args.diffaug_prob, args.disc_cr, args.lecam) == (
+        "random", True, "l2", "color,translation,cutout_0.2", 0.5, 4.0, 0.001)
+    assert (args.warmup_epochs, args.lr_min / args.lr, args.ema) == (4, 0.1, 0.9999)
+    x, recon = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    rec = train.tokenizer_loss(lambda v: (recon, {}), x, args)[1]["rec"]
+    assert torch.allclose(rec, 4 * ((recon - x) ** 2).mean())  # the official [−1, 1] scale: 4× the [0, 1] MSE
+    run = ["--method", "ideal", "--phase", "1", *TINY, "--data-path", images, "--lpips-weight", "0", "--global-batch",
+           "2", "--micro-batch", "1", "--disc-start-step", "0", "--gan-start-step", "0"]
+    train.main(run + ["--out-dir", str(tmp_path / "a"), "--max-steps", "2"])
+    train.main(run + ["--out-dir", str(tmp_path / "b"), "--max-steps", "1"])
+    train.main(run + ["--resume", str(tmp_path / "b"), "--max-steps", "2"])
+    a, b = torch.load(tmp_path / "a" / "ckpt-last.pt"), torch.load(tmp_path / "b" / "ckpt-last.pt")
+    assert a["lecam"] == b["lecam"] and a["lecam"] != [0.0, 0.0]
+    for key in ("model", "ema", "disc"):
+        assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), key
+    assert {"lecam", "cr", "d"} <= set(log(tmp_path / "a")[-1])
 
 
 def released_layout(decoder_sd):
