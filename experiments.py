@@ -162,7 +162,8 @@ METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lo
     "psnr": ("PSNR", 1, ".2f"), "psnr_p2": ("PSNR phase 2", 1, ".2f"), "ssim": ("SSIM", 1, ".3f"),
     "recon_accuracy": ("recon acc", 1, ".3f"), "fd_recon": ("rFD (VFM)", -1, ".3f"), "rFID": ("rFID", -1, ".3f"),
     "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"), "gFID": ("gFID", -1, ".2f"),
-    "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f")}
+    "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f"),
+    "usage": ("code usage", 1, ".3f"), "perplexity": ("perplexity", 1, ".1f"), "probe": ("code probe acc", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
 # Sampling modes of the ablation studies → column label; a mode's metrics are keyed "<metric>_<mode>", except the main
 # table's sampling ("cfg"), which keeps the plain keys. "MODE@E": the generator's checkpoint after epoch E.
@@ -221,17 +222,20 @@ def aggregate(per_seed, rows):
 
 
 def comparisons(table, base, others, metrics=GENERATION):
-    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base`; whether
+    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base` (a row,
+    or {row: its own base row}); whether
     it exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired)
     differences, which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM
     and FD space)."""
     out = []
     for metric in metrics:
         for row in others:
-            if metric in table.get(base, {}) and metric in table.get(row, {}):
-                a, b = table[base][metric], table[row][metric]
+            ref = base[row] if isinstance(base, dict) else base
+            if metric in table.get(ref, {}) and metric in table.get(row, {}):
+                a, b = table[ref][metric], table[row][metric]
                 paired = [y - x for x, y in zip(a["values"], b["values"])]
-                out.append(dict(metric=metric, tokenizer=row, diff=b["mean"] - a["mean"], spread_base=a["spread"],
+                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=b["mean"] - a["mean"],
+                                spread_base=a["spread"],
                                 spread=b["spread"], resolved=abs(b["mean"] - a["mean"]) > max(a["spread"], b["spread"]),
                                 better=(b["mean"] - a["mean"]) * METRICS[metric][1] > 0, per_seed=paired,
                                 same_sign=all(d > 0 for d in paired) or all(d < 0 for d in paired)))
@@ -253,8 +257,8 @@ def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=
         verdict = "exceeds" if c["resolved"] else "is inside"
         better = "better" if c["better"] else "worse" if c["diff"] else "equal"
         paired = "/".join(f"{d:+.3f}" for d in c["per_seed"])
-        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {base} = {c['diff']:+.3f} ({better}); {verdict} the "
-              f"spreads ({base} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); per seed {paired}"
+        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.3f} ({better}); {verdict} "
+              f"the spreads ({c['base']} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); per seed {paired}"
               f"{', one sign' if c['same_sign'] else ''}")
     return cmp
 
@@ -388,7 +392,7 @@ def imagenet_seed_jobs(seed, root, args):
     jobs = []
     for key, method, phase, init, extra in toy.tokenizer_runs(12):
         flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key), *common,
-                 *(["--no-fuse"] if "--no-fuse" in extra else [])]
+                 *(["--fuse", "none"] if "none" in extra else [])]
         flags += ["--init-from", str(out / init / "tokenizer.pt")] if init else []
         jobs.append((key, "train.py", flags, [init] if init else []))
         jobs.append((f"{key}_eval", "evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
@@ -516,7 +520,12 @@ ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None
                         lambda depth, h=h: ["--query-layers", *map(str, decq_layer_halves(depth)[h])])
        for h, half in enumerate(("shallow", "deep"))},
     "unfreeze": ("unfreeze", "1", None, []),  # DecQ Table 3's baselines, on the budget of DecQ's own run
-    "unfreeze_distill": ("unfreeze", "1", None, ["--distill", "1"]), "concat": ("concat", "1", None, [])}
+    "unfreeze_distill": ("unfreeze", "1", None, ["--distill", "1"]), "concat": ("concat", "1", None, []),
+    "ideal": ("ideal", "1", None, []), "ideal_deep_only": ("ideal_deep_only", "1", None, []),  # Ideal (toy: main's)
+    "ideal_linear": ("ideal", "1", None, [("--fuse", "linear")]), "ideal_no_shallow": ("ideal", "1", None, [
+        ("--shallow-weight", 0)]),
+    **{f"ideal_s{k}": ("ideal", "1", None, [("--shallow-layer", k)]) for k in (0, 2, 3)},  # the toy's default: 1
+    **{f"ideal_b{k}": ("ideal_deep_only", "1", None, [("--deep-layer", k)]) for k in (0, 1, 3)}}  # one block alone
 
 CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
 GENERATOR_RUNS = {  # generator key → (tokenizer key, {world: train.py flags set on the main generator's command})
@@ -532,21 +541,24 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
     for each (key, mode) of `samplings` a generator on the latent of tokenizer `key` (or the GENERATOR_RUNS variant
     `key`) and its samples; mode "cfg" = the main table's sampling (toy: CFG 3), "none" = no guidance, "ag" =
     AutoGuidance 1.5 with a weaker generator as guide (trained too), "raedec" = the main sampling decoded by the RAE
-    tokenizer's decoder (DecQ Table 4); "MODE@E" samples the checkpoint kept after epoch E. Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80,
-    as the papers report), 50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
+    tokenizer's decoder (DecQ Table 4); "cfgS": CFG at scale S; "MODE@E" samples the checkpoint kept after epoch E.
+    Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80, as the papers report; Ideal's GPT-B
+    its 300 epochs), 50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
     out, full = root / f"seed{seed}", args.world == "imagenet"
     if full:
         common = ["--data-path", args.data_path, "--seed", str(seed)]
         rae = ["--method", "rae", "--phase", "1", "--out-dir", str(out / "rae"), *common]
         templates = dict(rae=rae, drorae_p2=with_flags(rae, ("--method", "drorae"), ("--phase", "2")),
-                         decq=with_flags(rae, ("--method", "decq")),
-                         gen=["--method", "rae", "--phase", "gen", *common, "--epochs", "800", "--stop-epoch", "80"])
+                         decq=with_flags(rae, ("--method", "decq")), ideal=with_flags(rae, ("--method", "ideal")),
+                         ideal_deep_only=with_flags(rae, ("--method", "ideal")) + ["--fuse", "none"],
+                         gen=["--method", "rae", "--phase", "gen", *common, "--epochs", "800", "--stop-epoch", "80"],
+                         gen_ar=["--method", "ideal", "--phase", "gen", *common])  # Ideal's GPT: its 300 epochs
         jobs = {"rae": ("train.py", rae, [])}
     else:
         flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
         targs = toy.parse_args(flags)
         templates = {name: argv for name, _, argv, _ in toy.plan_runs(targs, out)[0]}
-        templates["gen"] = templates["rae_gen"]
+        templates.update(gen=templates["rae_gen"], gen_ar=templates["ideal_gen"])
         jobs = {"world": ("toy.py", [*flags, "--stage", "world"], []), "rae": ("train.py", templates["rae"], ["world"])}
     templates.update({m: with_flags(templates["rae"], ("--method", m)) for m in ("unfreeze", "concat")})
 
@@ -558,7 +570,8 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
             if init:
                 tokenizer(init)
                 pairs.append(("--init-from", out / init / "tokenizer.pt"))
-            jobs[key] = ("train.py", with_flags(templates[template], *pairs) + extra,
+            pairs += [e for e in extra if isinstance(e, tuple)]  # (flag, value): set; strings: appended
+            jobs[key] = ("train.py", with_flags(templates[template], *pairs) + [e for e in extra if isinstance(e, str)],
                          [init] if init else [] if full else ["world"])
             if full:
                 jobs[f"{key}_eval"] = ("evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
@@ -567,7 +580,8 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
     def generator(key, name):
         tok, flags = GENERATOR_RUNS.get(key, (key, {}))
         run, tok_argv = out / f"{key}_{name}", jobs[tok][1]
-        argv = with_flags(templates["gen"], ("--method", tok_argv[tok_argv.index("--method") + 1]),
+        method = tok_argv[tok_argv.index("--method") + 1]
+        argv = with_flags(templates["gen_ar" if method == "ideal" else "gen"], ("--method", method),
                           ("--tokenizer", out / tok / "tokenizer.pt"), ("--out-dir", run),
                           ("--latent-cache", run / "cache"), *flags.get(args.world, []))
         jobs.setdefault(f"{key}_{name}", ("train.py", argv if name == "gen" else with_flags(argv, *GUIDE[args.world]),
@@ -584,7 +598,7 @@ def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
         gen, where = generator(key, "gen"), out / f"{key}_gen" / f"samples_{mode}"
         gen = gen.parent / f"ckpt-epoch{epoch}.pt" if epoch else gen
         guide = generator(key, "guide") if base == "ag" else None
-        scale = {"none": 1.0, "ag": 1.5}.get(base)
+        scale = {"none": 1.0, "ag": 1.5}.get(base) or (float(base[3:]) if base[:3] == "cfg" and base[3:] else None)
         if full:
             argv = ["--ckpt", str(gen), "--per-class", "50", "--out-dir", str(where), "--name", "samples", "--seed",
                     str(seed), "--scale", str(scale or 1.0)]
@@ -625,14 +639,29 @@ def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
     x_test, y_test = toy.test_set(targs)
     f_test = toy.vfm_features(vfm, x_test)
     for key in ("rae", *tokenizers):
-        res[key] = toy.recon_scores(checkpoint.load_tokenizer(out / key / "tokenizer.pt"), x_test, y_test, vfm, heads,
-                                    f_test)[1]
+        tok = checkpoint.load_tokenizer(out / key / "tokenizer.pt")
+        res[key] = toy.recon_scores(tok, x_test, y_test, vfm, heads, f_test)[1]
+        res[key].update(code_scores(tok, x_test, y_test) if tok.num_codes else {})
     for key, mode in samplings:
         s, labels = toy.read_samples(out / f"{key}_gen" / f"samples_{mode}")
         res.setdefault(key, {}).update({k + suffix(mode): v for k, v in
                                         toy.sample_scores(s, labels, vfm, heads, f_test).items()})
     torch.set_num_threads(threads)
     return res
+
+
+@torch.no_grad()
+def code_scores(tok, x, y):
+    """A discrete tokenizer's codes of the held-out images: codebook usage, perplexity of the code histogram, and a
+    linear probe of the class from the (up-projected) codes of all tokens: ridge fitted on the first half of the
+    images, accuracy on the second (Ideal Table 1's "semantics" in the toy)."""
+    idx = torch.cat([tok.encode(x[i:i + 256]) for i in range(0, len(x), 256)])
+    p = torch.bincount(idx.flatten(), minlength=tok.num_codes).double() / idx.numel()
+    f = tok.quantizer.lookup(idx).flatten(1).double()
+    f, half = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1), len(f) // 2
+    w = toy.ridge_fit(f[:half], F.one_hot(y[:half], len(toy.SHAPES)).double())
+    return dict(usage=(p > 0).double().mean().item(), perplexity=torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item(),
+                probe=((f[half:] @ w).argmax(1) == y[half:]).double().mean().item())
 
 
 def ablation_study(name, argv, tokenizers, samplings):
@@ -815,6 +844,54 @@ def decq_convergence(argv):
     return res
 
 
+IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
+
+
+def ideal_tokenizer_study(name, argv, rows, base="ideal"):
+    """An Ideal study over tokenizer variants `rows` (ABLATION_RUNS keys): reconstruction (toy: PSNR, SSIM, rFD, the
+    toy VFM's accuracy on the reconstructions, its stand-in for rIS), held-out codebook usage and perplexity, and the
+    class probe of the codes, compared against `base`."""
+    done = ablation_study(name, argv, rows, [])
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    return finish(name, runs / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=IDEAL_RECON,
+                  compare=IDEAL_RECON)
+
+
+def ideal_fusion(argv):
+    """Ideal Table 7a: AttnFuse, one linear layer on [f_s; f_d], or no fusion (deep feature only)."""
+    return ideal_tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"))
+
+
+def ideal_shallow(argv):
+    """Ideal Table 7b and the choice of the shallow block: without the shallow alignment loss L_shallow, and AttnFuse
+    reading block 0, 1 (the default: a quarter of the depth), 2 or 3 of the toy VFM's 6."""
+    return ideal_tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2",
+                                                         "ideal_s3"))
+
+
+def ideal_layers(argv):
+    """Ideal Table 1: one block's feature quantised alone (no fusion) at depths 0, 1, 3 and the last (5): shallow
+    blocks should reconstruct better, deep blocks carry more class information (the code probe)."""
+    return ideal_tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3", "ideal_deep_only"),
+                                 base="ideal_deep_only")
+
+
+def ideal_generation(argv):
+    """Ideal's generation claim in the toy: the GPT on Ideal's codes against the GPT on deep-only codes, sampled
+    without guidance and with CFG 1.5, 2, 3 (the main table's) and 5."""
+    scales = {"none": "CFG 1", "cfg1.5": "CFG 1.5", "cfg2": "CFG 2", "cfg": "CFG 3", "cfg5": "CFG 5"}
+    rows = {f"{k} {label}": (k, mode) for k in ("ideal", "ideal_deep_only") for mode, label in scales.items()}
+    done = ablation_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), list(rows.values()))
+    if done is None:
+        return None
+    args, runs, per_seed = done
+    base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales.values()}  # each scale against its own
+    return finish("ideal-generation", runs / "ideal-generation", sampling_rows(per_seed, rows), tuple(rows), args, base,
+                  tuple(base))
+
+
 # ----------------------------------------------------------------------------------------------------
 # 6. Command line
 # ----------------------------------------------------------------------------------------------------
@@ -832,6 +909,12 @@ STUDIES = {
     "decq-layers": (decq_layers, "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
     "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
                                            "RAE and DecQ, unguided; a line chart"),
+    "ideal-fusion": (ideal_fusion, "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, "
+                                   "codebook usage, code probe"),
+    "ideal-shallow": (ideal_shallow, "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
+    "ideal-layers": (ideal_layers, "Ideal Table 1: one block's feature quantised at several depths; reconstruction "
+                                   "and a class probe of the codes"),
+    "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "

@@ -187,6 +187,11 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=
     return vfm.eval(), heads.eval()
 
 
+def ridge_fit(a, b, ridge=1e-2):
+    """w = argmin ‖a·w − b‖² + ridge·‖w‖² (closed form; the caller adds a bias column)."""
+    return torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ b)
+
+
 @torch.no_grad()
 def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
     """Linear-probe R² of each pixel-patch's mean colour from each block's LN₀ patch tokens (held-out split).
@@ -200,9 +205,7 @@ def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
     for h in feats:
         f = model.ln0(h).reshape(-1, h.shape[-1]).double()
         f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
-        a, b = f[:half], target[:half]
-        w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ b)
-        pred, true = f[half:] @ w, target[half:]
+        pred, true = f[half:] @ ridge_fit(f[:half], target[:half], ridge), target[half:]
         scores.append(float(1 - ((pred - true) ** 2).sum() / ((true - true.mean(0)) ** 2).sum()))
     return scores
 
@@ -230,7 +233,9 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     deps have finished, with `threads` intra-op threads each (toy models gain nothing from a second; None: the
     environment's setting). The command lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log;
     a failed run stops the whole run. With reuse, a job that <out>/finished.json records as finished with the same
-    command is not run again, and a train.py run interrupted after writing a checkpoint continues (--resume).
+    command, all its dependencies reused too, is not run again; a finished train.py run that would run again (its
+    command or an input changed) is refused with what to delete (sampling and scoring simply run again); a train.py
+    run interrupted after writing a checkpoint continues (--resume).
     gpus > 0: every job runs under torchrun with that many processes."""
     root, logs, record = Path(__file__).resolve().parent, out / "logs", out / "finished.json"
     logs.mkdir(parents=True, exist_ok=True)
@@ -238,14 +243,16 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     command = {name: shlex.join([*launch, script, *argv]) for name, script, argv, _ in jobs}
     (out / "commands.sh").write_text("".join(c + "\n" for c in command.values()))
     finished = json.loads(record.read_text()) if reuse and record.exists() else {}
-    todo, done = [], {name for name in command if finished.get(name) == command[name]}
-    for name, script, argv, deps in jobs:
+    todo, done = [], set()
+    for name, script, argv, deps in jobs:  # dependencies come first
         run_dir = Path(argv[argv.index("--out-dir") + 1]) if script == "train.py" and "--out-dir" in argv else None
-        if name in done:
+        if finished.get(name) == command[name] and set(deps) <= done:
+            done.add(name)
             continue
-        if name in finished:
-            raise SystemExit(f"{name}: finished earlier with another command (see {record}); delete "
-                             f"{run_dir or 'its outputs'} and its entry there, or choose another --out-dir")
+        if name in finished and run_dir is not None:  # a finished training run would be trained again
+            why = "with another command" if finished[name] != command[name] else "on inputs that are made again"
+            raise SystemExit(f"{name}: finished earlier {why} (see {record}); delete {run_dir} and its entry "
+                             "there, or choose another --out-dir")
         resume = reuse and run_dir is not None and (run_dir / "ckpt-last.pt").exists()
         todo.append((name, script, argv + (["--resume", str(run_dir)] if resume else []), deps))
     env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -288,7 +295,7 @@ def tokenizer_runs(depth):
              "--feat-depth", "2", "--crop", "resize", "--no-flip"]
     return [("rae", "rae", "1", None, []), ("drorae_p2", "drorae", "2", "rae", []),
             ("drorae_p3", "drorae", "3", "drorae_p2", []), ("decq", "decq", "1", None, []),
-            ("ideal", "ideal", "1", None, ideal), ("ideal_deep_only", "ideal", "1", None, ideal + ["--no-fuse"])]
+            ("ideal", "ideal", "1", None, ideal), ("ideal_deep_only", "ideal", "1", None, ideal + ["--fuse", "none"])]
 
 
 GENERATORS = ("rae", "drorae_p3", "decq", "ideal")  # DiT-DH for the continuous latents, the AR GPT for Ideal

@@ -90,8 +90,8 @@ TOKENIZER_CONFIG = {
     "decq": BASE_CONFIG + ("noise_tau", "noise", "num_queries", "query_layers", "query_heads", "query_mlp_ratio"),
     "unfreeze": BASE_CONFIG + ("noise_tau", "noise", "distill"),
     "concat": BASE_CONFIG + ("noise_tau", "noise", "concat_dim", "query_layers", "query_heads", "query_mlp_ratio"),
-    "ideal": BASE_CONFIG + ("shallow_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta", "entropy_weight",
-                            "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
+    "ideal": BASE_CONFIG + ("shallow_layer", "deep_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta",
+                            "entropy_weight", "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
 }
 DISCRIMINATORS = {"S8": {},  # DINO ViT-S/8 at 224 (losses.Discriminator defaults); tiny: random, for tests
                   "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
@@ -155,7 +155,9 @@ def parse_args(argv=None):
       "DecQ's 8 queries' worth)")
     # Ideal (§3.3, App. A.1)
     a("--shallow-layer", type=int, default=3)
-    a("--fuse", action=argparse.BooleanOptionalAction, default=True, help="AttnFuse shallow into deep features")
+    a("--fuse", choices=("attn", "linear", "none"), default="attn", help="fusion of the shallow into the deep "
+      "features: AttnFuse (Eq. 6), one linear layer, or none (Table 7a)")
+    a("--deep-layer", type=int, default=None, help="block of the deep feature f_d (default the last; Table 1)")
     a("--codebook-size", type=int, default=16384)
     a("--code-dim", type=int, default=64)
     a("--commit-beta", type=float, default=0.25, help="VQ commitment weight")

@@ -39,6 +39,18 @@ class AttnFuse(nn.Module):
         return z + self.drop(self.mlp(self.norm2(z)))
 
 
+class LinearFuse(nn.Module):
+    """Table 7a's "Linear" fusion: z = f_d + W [f_s; f_d], one linear layer on the concatenated shallow and deep
+    tokens, added to the deep ones."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, f_d, f_s):
+        return f_d + self.proj(torch.cat([f_s, f_d], -1))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Vector quantiser (Eq. 2, 4) and the entropy term
 # ----------------------------------------------------------------------------------------------------
@@ -220,20 +232,21 @@ class Ideal(RAE):
     """Ideal tokenizer (method "ideal"): x01 → frozen DINOv2 (RAE encoder side) → f_s = LN₀(block s),
     f_d = LN₀(last block) → AttnFuse (Eq. 6) → VQ (Eq. 2) → feature decoder (Eq. 7) → f̂_d → pixel decoder
     (Eq. 8). `encode` gives code indices (B, N); `decode(indices)` runs the same path as `forward` (which, in
-    eval mode, is exactly decode(encode(x))). fuse=False quantises f_d alone (Table 7a "None");
-    shallow_weight=0 drops L_shallow (Table 7b). The pixel decoder is the RAE ViT decoder (README, Decisions;
+    eval mode, is exactly decode(encode(x))). fuse="linear" swaps AttnFuse for one linear layer, fuse="none" quantises
+    f_d alone (Table 7a); shallow_weight=0 drops L_shallow (Table 7b); deep_layer=k takes f_d from block k instead of
+    the last (Table 1: one block's feature quantised, with fuse="none"). The pixel decoder is the RAE ViT decoder (README, Decisions;
     the official code uses a VQGAN-style CNN, not implemented); decoder_weights may initialise it from a released
     RAE decoder, since f̂_d targets the RAE latent LN₀(last block). Stats of the last training step:
     `last_stats` (usage, perplexity, entropy; not losses)."""
 
     method = "ideal"
-    phases = {"1": ("attn_fuse", "quantizer", "feature_decoder", "decoder")}  # all but the frozen encoder
+    phases = {"1": ("fusion", "quantizer", "feature_decoder", "decoder")}  # all but the frozen encoder
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
-                 image_size=256, encoder_size=None, shallow_layer=3, fuse=True, codebook_size=16384, code_dim=64,
+                 image_size=256, encoder_size=None, shallow_layer=3, fuse="attn", codebook_size=16384, code_dim=64,
                  beta=0.25, entropy_weight=0.01, entropy_temperature=0.01, usage_window=65536 * 8, restart_dead=False,
                  shallow_weight=1.0, fuse_heads=12, feat_depth=6, feat_heads=12, mlp_ratio=2.0, num_registers=4,
-                 drop=0.1):
+                 drop=0.1, deep_layer=None):
         super().__init__(encoder, encoder_weights, decoder, decoder_weights, image_size, encoder_size, noise_tau=0.0)
         self.config = dict(method=self.method, encoder=encoder, encoder_weights=encoder_weights, decoder=decoder,
                            decoder_weights=decoder_weights, image_size=image_size, encoder_size=encoder_size,
@@ -241,13 +254,20 @@ class Ideal(RAE):
                            beta=beta, entropy_weight=entropy_weight, entropy_temperature=entropy_temperature,
                            usage_window=usage_window, restart_dead=restart_dead, shallow_weight=shallow_weight,
                            fuse_heads=fuse_heads, feat_depth=feat_depth, feat_heads=feat_heads, mlp_ratio=mlp_ratio,
-                           num_registers=num_registers, drop=drop)
+                           num_registers=num_registers, drop=drop, deep_layer=deep_layer)
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
         if not 0 <= shallow_layer < depth:
             raise ValueError(f"shallow_layer must be a block of {encoder} in [0, {depth - 1}], got {shallow_layer}")
-        fuse_heads, feat_heads = (checked_heads(C, h, n) for h, n in ((fuse_heads, "fuse_heads"), (feat_heads, "feat_heads")))
+        fuse_heads, feat_heads = checked_heads(C, fuse_heads, "fuse_heads"), checked_heads(C, feat_heads, "feat_heads")
         self.shallow_layer, self.shallow_weight, self.num_codes = shallow_layer, shallow_weight, codebook_size
-        self.attn_fuse = AttnFuse(C, fuse_heads, mlp_ratio, drop) if fuse else None
+        fuse = {True: "attn", False: "none"}.get(fuse, fuse)  # configs of earlier versions
+        if fuse not in ("attn", "linear", "none"):
+            raise ValueError(f"fuse must be attn, linear or none, got {fuse}")
+        if deep_layer is not None and not 0 <= deep_layer < depth:
+            raise ValueError(f"deep_layer must be a block of {encoder} in [0, {depth - 1}], got {deep_layer}")
+        self.deep_layer = depth - 1 if deep_layer is None else deep_layer
+        self.fusion = {"attn": lambda: AttnFuse(C, fuse_heads, mlp_ratio, drop), "linear": lambda: LinearFuse(C),
+                       "none": lambda: None}[fuse]()
         self.quantizer = VectorQuantizer(C, codebook_size, code_dim, beta, entropy_weight, entropy_temperature,
                                          usage_window, restart_dead)
         self.feature_decoder = FeatureDecoder(C, (self.encoder_size // self.encoder.patch_size) ** 2, feat_depth,
@@ -258,11 +278,15 @@ class Ideal(RAE):
     def last_stats(self):
         return self.quantizer.last_stats
 
+    def latent(self, feats):
+        """f_d = LN₀(block deep_layer): by default the last block, the RAE latent."""
+        return ln0(feats[self.deep_layer])
+
     def quantize(self, x01):
         """Frozen features → AttnFuse (Eq. 6) → VQ. Returns (quantised tokens, indices, VQ loss, f_d, f_s)."""
         feats = self.encoder_features(x01)
         f_d, f_s = self.latent(feats), ln0(feats[self.shallow_layer])
-        z = self.attn_fuse(f_d, f_s) if self.attn_fuse is not None else f_d
+        z = self.fusion(f_d, f_s) if self.fusion is not None else f_d
         return *self.quantizer(z), f_d, f_s
 
     def decode_tokens(self, z_q):

@@ -105,6 +105,18 @@ def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
     assert (tmp_path / "rae" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "rae")["step"] == 2
     with pytest.raises(SystemExit, match="finished earlier with another command"):
         toy.run_jobs([("rae", "train.py", run + ["--seed", "1"], [])], tmp_path, lanes=1, reuse=True)
+    # a run whose input is made again is never silently reused: a finished training run on it is refused
+    import json
+    import shutil
+    gen = ["--method", "rae", "--phase", "gen", *run[6:8], "--tokenizer", str(tmp_path / "rae"), "--out-dir",
+           str(tmp_path / "gen"), "--preset", "tiny", "--max-steps", "1"]
+    jobs = [("rae", "train.py", run, []), ("gen", "train.py", gen, ["rae"])]
+    toy.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+    finished = json.loads((tmp_path / "finished.json").read_text())
+    (tmp_path / "finished.json").write_text(json.dumps({"gen": finished["gen"]}))  # RAE is to be trained again
+    shutil.rmtree(tmp_path / "rae")
+    with pytest.raises(SystemExit, match="gen: finished earlier on inputs that are made again"):
+        toy.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
 
 
 def test_full_scale_dry_run_commands_parse(capsys):
@@ -182,13 +194,15 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
 
     parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
     for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers", "decq-tradeoff",
-                  "decq-convergence"):
+                  "decq-convergence", "ideal-fusion", "ideal-shallow", "ideal-layers", "ideal-generation"):
         experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
                           "--eval-path", "in/val"])
         for line in capsys.readouterr().out.strip().splitlines():
             words = shlex.split(line)
             args = parsers[words[2]](words[3:])
-            if words[2] == "train.py" and args.phase == "gen":
+            if words[2] == "train.py" and args.phase == "gen" and args.method == "ideal":
+                assert args.epochs == 300 and args.stop_epoch is None and args.ema == 0.9999  # Ideal's GPT recipe
+            elif words[2] == "train.py" and args.phase == "gen":
                 assert args.epochs == 800 and args.stop_epoch == (14 if "_guide" in args.out_dir else 80)
                 assert args.dit == ("S" if "_guide" in args.out_dir else "XL")
                 assert args.keep_every_epochs == (10 if "_curve" in args.out_dir else 0)
@@ -232,3 +246,14 @@ def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
     assert sorted(p.name for p in run.glob("ckpt-epoch*.pt")) == sorted(f"ckpt-epoch{e}.pt" for e in range(1, 11))
     assert set(curve["speed_up"]) == {"fd", "sample_accuracy"} and set(curve["speed_up"]["fd"]) == {"mean", "seed 0"}
     assert Image.open(tmp_path / "decq" / "decq-convergence" / "chart.png").size[0] == 3 * 360
+
+
+def test_ideal_fusion_study_on_tiny_settings(tmp_path):
+    """ideal-fusion: AttnFuse, a linear fusion and none, each with held-out codebook usage, perplexity and the class
+    probe of its codes, compared against AttnFuse."""
+    res = experiments.main(["ideal-fusion", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
+    assert list(res["table"]) == ["ideal", "ideal_linear", "ideal_deep_only"]
+    assert all({"psnr", "recon_accuracy", "usage", "perplexity", "probe"} <= set(r) for r in res["table"].values())
+    assert all(0 < r["usage"]["mean"] <= 1 and r["perplexity"]["mean"] >= 1 for r in res["table"].values())
+    commands = (tmp_path / "ideal" / "commands.sh").read_text()
+    assert "--fuse linear" in commands and "--fuse none" in commands

@@ -158,7 +158,7 @@ def test_tokenizer_phase_config_and_gradients():
     recon, aux = tok.train()(x)
     (F.mse_loss(recon, x) + sum(aux.values())).backward()
     assert all(p.grad is None for p in tok.encoder.parameters())
-    assert tok.quantizer.codebook.grad.abs().sum() > 0 and tok.attn_fuse.attn.qkv.weight.grad.abs().sum() > 0
+    assert tok.quantizer.codebook.grad.abs().sum() > 0 and tok.fusion.attn.qkv.weight.grad.abs().sum() > 0
     assert set(tok.last_stats) == {"usage", "perplexity", "entropy"}
     # the config rebuilds the same architecture; the state dict round-trips strictly
     again = checkpoint.build_tokenizer(tok.config)
@@ -172,12 +172,21 @@ def test_tokenizer_phase_config_and_gradients():
 
 
 def test_deep_only_ablation_quantises_the_deep_feature_alone():
-    tok = tiny(fuse=False).eval()
-    assert tok.attn_fuse is None
+    tok = tiny(fuse="none").eval()
+    assert tok.fusion is None
     x = torch.rand(2, 3, 64, 64)
     f_d = tok.latent(tok.encoder_features(x))
     _, idx, _ = tok.quantizer(f_d)
     assert torch.equal(tok.encode(x), idx)
+    feats = tok.encoder_features(x)
+    linear = tiny(fuse="linear").eval()  # Table 7a's "Linear": f_d + W [f_s; f_d]
+    f_d, f_s = linear.latent(feats), model.ln0(feats[1])
+    assert torch.equal(linear.fusion(f_d, f_s), f_d + linear.fusion.proj(torch.cat([f_s, f_d], -1)))
+    single = tiny(fuse="none", deep_layer=2).eval()  # Table 1: one block's feature quantised
+    assert torch.equal(single.latent(feats), model.ln0(feats[2])) and single.feature_decoder is not None
+    for bad, match in (({"fuse": "sum"}, "fuse must be"), ({"deep_layer": 4}, "deep_layer must be")):
+        with pytest.raises(ValueError, match=match):
+            tiny(**bad)
 
 
 def test_published_configuration_sizes():
@@ -186,7 +195,7 @@ def test_published_configuration_sizes():
     assert tok.quantizer.codebook.shape == (16384, 64) and tok.quantizer.down.weight.shape == (64, 768)
     assert len(tok.feature_decoder.blocks) == 6 and tok.feature_decoder.blocks[0].attn.num_heads == 12
     assert tok.feature_decoder.blocks[0].mlp.fc1.weight.shape == (1536, 768)
-    assert tok.attn_fuse.attn.num_heads == 12 and tok.attn_fuse.mlp.fc1.weight.shape == (1536, 768)
+    assert tok.fusion.attn.num_heads == 12 and tok.fusion.mlp.fc1.weight.shape == (1536, 768)
     assert tok.feature_decoder.pos_embed.shape == (1, 256, 768) and tok.feature_decoder.registers.shape[1] == 4
     assert sum(p.numel() for p in tok.decoder.parameters()) == 415_056_640  # ViT-XL pixel decoder
     assert tok.shallow_layer == 3
