@@ -6,6 +6,7 @@ Randomness (crop offsets, flips) never touches the global RNG: every sample gets
 """
 import math
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -122,6 +123,13 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+def _leave_signals_to_the_main_process(_):
+    """Data-loader workers ignore SIGTERM / SIGINT: a scheduler signals the whole process group, and the main process
+    must finish its step and save (train.py) while its workers still deliver."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _collate(batch):
     x, y, skipped = zip(*batch)
     return torch.stack(x), torch.tensor(y), sum(skipped)
@@ -135,7 +143,7 @@ class Loader:
         self.sampler = ResumableSampler(dataset, batch_size, shuffle, seed, drop_last, distributed)
         self.loader = DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=num_workers,
                                  collate_fn=_collate, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, worker_init_fn=_leave_signals_to_the_main_process)
         self.skipped = 0
 
     def set_epoch(self, epoch, skip_batches=0):

@@ -166,22 +166,32 @@ def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tm
         assert all(torch.equal(t, b["optimizer"]["state"][i]["exp_avg"]) for i, t in enumerate(states))
 
 
-def test_sigterm_saves_and_exits_cleanly(images, tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--method", "rae", "--phase", "1", *TINY,
-                          "--data-path", images, "--out-dir", str(out), "--global-batch", "4", "--micro-batch", "4",
-                          "--epochs", "1000", "--ckpt-every", "100000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path):
+    """What a cluster scheduler sends: SIGTERM to the whole process group, data-loader workers included. The run
+    finishes its step, saves and exits 0; resuming it (other worker count) gives the straight run's weights bitwise."""
+    out, flags = tmp_path / "run", [*TINY, "--data-path", images, "--global-batch", "4", "--micro-batch", "4"]
+    del flags[flags.index("--workers"):flags.index("--workers") + 2]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--method", "rae", "--phase", "1", *flags,
+                          "--workers", "2", "--out-dir", str(out), "--epochs", "1000", "--ckpt-every", "100000"],
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for _ in range(600):  # wait for the first logged step
         if (out / "log.jsonl").exists():
             break
         if p.poll() is not None:
             pytest.fail(p.stderr.read())
         time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)
     assert p.wait(timeout=60) == 0
     assert "Traceback" not in p.stderr.read()
     ck = checkpoint.load_checkpoint(out)
-    assert ck["step"] >= 1 and ck["step"] == log(out)[-1]["step"]
+    step = ck["step"]
+    assert step >= 1 and step == log(out)[-1]["step"]
+    run = ["--method", "rae", "--phase", "1", *flags, "--workers", "0", "--epochs", "1000", "--max-steps", str(step + 2)]
+    train.main(run + ["--resume", str(out)])
+    train.main(run + ["--out-dir", str(tmp_path / "straight")])
+    a, b = checkpoint.load_checkpoint(out), checkpoint.load_checkpoint(tmp_path / "straight")
+    assert a["step"] == b["step"] == step + 2
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
 def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
