@@ -455,6 +455,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = Path(args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # before any work: a bad --out never wastes a run
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create its folder ({e.strerror})") from None
     try:
         res = run(args)
     except (ValueError, FileNotFoundError) as e:  # bad weights or inputs found deep inside: one line
@@ -467,9 +472,9 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank == 0:
-        out = args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json"
-        Path(out).write_text(json.dumps(res, indent=1))
-        print(table(res) + f"\nwrote {out}")
+        print(table(res))
+        out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {out}")
     return res
 
 

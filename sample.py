@@ -101,6 +101,8 @@ def generate(net, tok, indices, labels, args, guide=None):
 
 def run_name(ck, tok, args, n):
     guidance = "noguid" if args.scale == 1 else f"{'ag' if args.guide else 'cfg'}{args.scale:g}"
+    if args.guide and args.scale != 1:  # another guide, another file
+        guidance += f"-{Path(args.guide).parent.name}-{Path(args.guide).stem}"
     if args.scale != 1 and tuple(args.interval) != (0.0, 1.0):
         guidance += f"-t{args.interval[0]:g}-{args.interval[1]:g}"
     sampler = (f"ar-t{args.temperature:g}-k{args.top_k}-p{args.top_p:g}" if tok.num_codes

@@ -694,6 +694,9 @@ def train(args, rank, world, device, stop):
     out = Path(args.out_dir)
     kind = "generator" if args.phase == "gen" else "tokenizer"
     resume = checkpoint.load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
+    if resume is not None and "model" not in resume:
+        raise SystemExit(f"--resume {resume['path']}: a finished run's export (weights only), not a resumable "
+                         "checkpoint; pass its run directory (ckpt-last.pt)")
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops

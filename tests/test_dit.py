@@ -167,6 +167,16 @@ def test_cfg_and_autoguidance_formulas():
     assert torch.equal(guide.labels[-1], y)  # the guide gets the same label
 
 
+def test_sample_names_differ_by_guide():
+    """Two AutoGuidance runs with other guides never overwrite each other's .npz."""
+    import sample
+
+    tok = type("Tok", (), {"num_codes": None})()
+    names = {sample.run_name({"path": "runs/gen/generator.pt"}, tok, sample.parse_args(
+        ["--ckpt", "runs/gen", "--guide", guide, "--scale", "1.5"]), 8) for guide in ("runs/s/generator.pt", "runs/b/ckpt-last.pt")}
+    assert names == {"gen-generator_euler50_ag1.5-s-generator_seed0_n8", "gen-generator_euler50_ag1.5-b-ckpt-last_seed0_n8"}
+
+
 def test_guidance_scale_one_is_exactly_unguided():
     m, guide = tiny(), tiny()
     noise, y = torch.randn(2, 8, 4, 4), torch.tensor([1, 3])

@@ -235,9 +235,12 @@ def test_cli_samples_known_answers_and_reference_layouts(fake_net, tmp_path):
     s, r = images(24, 0), images(20, 1)
     np.savez(tmp_path / "s.npz", arr_0=s, arr_1=np.arange(24))
     np.savez(tmp_path / "r.npz", arr_0=r)
-    res = cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--out", tmp_path / "o.json")
+    res = cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--out", tmp_path / "new" / "o.json")
     assert abs(res["gFID"]) < 1e-6 and abs(res["sFID"]) < 1e-6 and res["precision"] == res["recall"] == 1.0
-    assert json.loads((tmp_path / "o.json").read_text()) == res
+    assert json.loads((tmp_path / "new" / "o.json").read_text()) == res  # a missing --out folder is made first
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*cannot create its folder"):
+        cli("--samples", tmp_path / "s.npz", "--out", tmp_path / "file" / "o.json")
 
     sf = FakeInception()(torch.from_numpy(s))
     want = ev.compare(ev.statistics(dict(zip(("pool", "logits", "spatial"), sf))),

@@ -434,6 +434,10 @@ def test_bad_input_gives_one_line_messages(images, tmp_path):
     assert "needs --init-from" in error(["--method", "drorae", "--phase", "2", *TINY, "--data-path", images,
                                          "--out-dir", str(tmp_path / "o2")])
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+    train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--epochs", "1", "--out-dir",
+                str(tmp_path / "done")])  # one step: finished, tokenizer.pt written
+    assert "not a resumable checkpoint" in error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images,
+                                                  "--resume", str(tmp_path / "done" / "tokenizer.pt")])
 
 
 def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp_path):
