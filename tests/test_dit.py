@@ -172,9 +172,11 @@ def test_sample_names_differ_by_guide():
     import sample
 
     tok = type("Tok", (), {"num_codes": None})()
-    names = {sample.run_name({"path": "runs/gen/generator.pt"}, tok, sample.parse_args(
-        ["--ckpt", "runs/gen", "--guide", guide, "--scale", "1.5"]), 8) for guide in ("runs/s/generator.pt", "runs/b/ckpt-last.pt")}
-    assert names == {"gen-generator_euler50_ag1.5-s-generator_seed0_n8", "gen-generator_euler50_ag1.5-b-ckpt-last_seed0_n8"}
+    args = [sample.parse_args(["--ckpt", "runs/gen", "--guide", g, "--scale", "1.5"])
+            for g in ("runs/s/generator.pt", "runs/b/ckpt-last.pt")]
+    names = {sample.run_name({"path": "runs/gen/generator.pt"}, tok, a, 8) for a in args}
+    assert names == {"gen-generator_euler50_ag1.5-s-generator_seed0_n8",
+                     "gen-generator_euler50_ag1.5-b-ckpt-last_seed0_n8"}
 
 
 def test_guidance_scale_one_is_exactly_unguided():
