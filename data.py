@@ -4,6 +4,7 @@ cache of a frozen tokenizer, the process-group set-up, 8-bit conversion and PNG 
 Randomness (crop offsets, flips) never touches the global RNG: every sample gets its own numpy generator keyed by
 (seed, epoch, global position in the epoch), so data are identical across worker counts, world sizes and resumes.
 """
+import argparse
 import math
 import os
 import signal
@@ -246,6 +247,28 @@ def setup_distributed(device=None):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, no usage dump: "train.py: error: argument --lr: must be > 0, got -1"."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def number(kind=int, low=None, high=None, above=False):
+    """An argparse type: a `kind` ≥ low (> low with `above`) and ≤ high; anything else is the parser's one-line error
+    naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}") from None
+        if low is not None and (value < low or above and value == low) or high is not None and value > high:
+            bounds = [f"{'>' if above else '≥'} {low}"] * (low is not None) + [f"≤ {high}"] * (high is not None)
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {text}")
+        return value
+    return parse
 
 
 def to_uint8(x01):

@@ -429,7 +429,8 @@ def table(res):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(prog="evaluate.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", help="sample npz (arr_0 uint8 N×H×W×3) or image folder")
     p.add_argument("--ref", help="ADM reference batch npz, sample npz, image folder or a --save-stats file")
     p.add_argument("--save-stats", help="write the statistics of --samples here (usable as --ref)")
@@ -438,13 +439,13 @@ def parse_args(argv=None):
     p.add_argument("--save-recon", help="write the reconstructions here as an ADM-layout npz")
     p.add_argument("--inception-weights", default=FID_WEIGHTS_URL)
     p.add_argument("--preprocess", choices=["adm", "pytorch-fid"], default="adm")
-    p.add_argument("--is-shuffle-seed", type=int, help="shuffle before the IS splits (class-sorted files)")
+    p.add_argument("--is-shuffle-seed", type=data.number(int, 0), help="shuffle before the IS splits (class-sorted files)")
     p.add_argument("--ssim", choices=["wang", "skimage"], default="wang", help="SSIM window convention")
     p.add_argument("--lpips-vgg", default=VGG16_URL, help="LPIPS VGG16 weights (URL or path)")
     p.add_argument("--lpips-lin", default=LPIPS_VGG_URL, help="LPIPS v0.1 lin weights (URL or path)")
     p.add_argument("--fd-dinov2", action="store_true", help="also FD-DINOv2 (DINOv2-L/14 CLS at 224)")
     p.add_argument("--dinov2-weights", default="official")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=data.number(int, 1), default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="JSON results file (default: next to --samples / --tokenizer)")
     args = p.parse_args(argv)

@@ -12,7 +12,6 @@ class-balanced, as IS splits expect) and its noise comes from a generator seeded
 fixed slices of the index range dealt round-robin to the processes, so sample i is bit-identical whatever
 the number of processes. The AR model draws sample i's tokens from its own generator seeded the same way.
 """
-import argparse
 import json
 import math
 import os
@@ -31,24 +30,24 @@ import dit
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = data.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="generator checkpoint (file or run directory)")
     ap.add_argument("--guide", help="AutoGuidance: a second (weaker) generator checkpoint, e.g. DiT-DH-S")
     ap.add_argument("--decoder-from", help="DecQ generators: decode the generated patch tokens with this RAE "
                     "tokenizer's decoder, discarding the generated queries (DecQ Table 4, 'RAE decoder')")
     ap.add_argument("--out-dir", default="samples")
-    ap.add_argument("--per-class", type=int, default=50, help="samples per class (ignored with --num-samples)")
-    ap.add_argument("--num-samples", type=int, help="total number of samples")
-    ap.add_argument("--classes", type=int, nargs="+", help="labels to cycle through (default: all classes)")
+    ap.add_argument("--per-class", type=data.number(int, 1), default=50, help="samples per class (ignored with --num-samples)")
+    ap.add_argument("--num-samples", type=data.number(int, 1), help="total number of samples")
+    ap.add_argument("--classes", type=data.number(int, 0), nargs="+", help="labels to cycle through (default: all classes)")
     ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    ap.add_argument("--steps", type=int, default=50, help="grid points (RAE: 50 → 49 Euler steps)")
-    ap.add_argument("--scale", type=float, default=1.0, help="guidance scale (1 = none); CFG unless --guide")
-    ap.add_argument("--temperature", type=float, default=1.0, help="AR only: 0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="AR only: 0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0, help="AR only: 1 = off")
-    ap.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=32, help="samples per forward (fixed slices of the index range)")
+    ap.add_argument("--steps", type=data.number(int, 2), default=50, help="grid points (RAE: 50 → 49 Euler steps)")
+    ap.add_argument("--scale", type=data.number(float, 0), default=1.0, help="guidance scale (1 = none); CFG unless --guide")
+    ap.add_argument("--temperature", type=data.number(float, 0), default=1.0, help="AR only: 0 = greedy")
+    ap.add_argument("--top-k", type=data.number(int, 0), default=0, help="AR only: 0 = off")
+    ap.add_argument("--top-p", type=data.number(float, 0, 1, above=True), default=1.0, help="AR only: 1 = off")
+    ap.add_argument("--interval", type=data.number(float, 0, 1), nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
+    ap.add_argument("--seed", type=data.number(int, 0), default=0)
+    ap.add_argument("--batch", type=data.number(int, 1), default=32, help="samples per forward (fixed slices of the index range)")
     ap.add_argument("--formats", nargs="+", choices=("npz", "png"), default=["npz", "png"])
     ap.add_argument("--name", help="output file name without extension (default: from the checkpoint and options)")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
@@ -122,7 +121,7 @@ def main(argv=None):
     classes = args.classes or list(range(net.num_classes))
     if not all(0 <= c < net.num_classes for c in classes):
         raise SystemExit(f"--classes: labels must be in [0, {net.num_classes})")
-    n = args.num_samples or args.per_class * len(classes)
+    n = args.num_samples if args.num_samples is not None else args.per_class * len(classes)
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
     name = args.name or run_name(ck, tok, args, n)
     out = Path(args.out_dir)

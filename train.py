@@ -106,7 +106,7 @@ PRESETS = {  # presets fill defaults; explicit flags win
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = data.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", choices=METHODS, required=True)
@@ -118,112 +118,112 @@ def parse_args(argv=None):
     a("--init-from", help="checkpoint of the previous phase (drorae phases 2, 3, joint); where phase 1 is wanted, "
       "also a released RAE decoder file (model.pt), the encoder named by --encoder")
     a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen (on resume: the one it was trained with)")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (schedule unchanged)")
-    a("--stop-epoch", type=float, default=None, help="stop after this many epochs, the --epochs schedule unchanged "
+    a("--max-steps", type=data.number(int, 1), default=None, help="stop after this many optimizer steps (schedule unchanged)")
+    a("--stop-epoch", type=data.number(float, 0, above=True), default=None, help="stop after this many epochs, the --epochs schedule unchanged "
       "(the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=data.number(int, 0), default=0)
     # tokenizer (RAE encoder and ViT decoder)
     a("--encoder", default="vitb14_reg", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,
       help="DINOv2 name vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny), or a JSON dict of model.DINOv2 arguments")
     a("--encoder-weights", default="official", help="official | random | PATH")
     a("--decoder", default="XL", choices=tuple(model.DECODERS), help="ViT decoder size")
     a("--decoder-weights", default=None, help="initialise the decoder from a released RAE decoder / checkpoint")
-    a("--image-size", type=int, default=256)
-    a("--encoder-size", type=int, default=None, help="encoder input size (default image size · 7/8)")
+    a("--image-size", type=data.number(int, 1), default=256)
+    a("--encoder-size", type=data.number(int, 1), default=None, help="encoder input size (default image size · 7/8)")
     a("--crop", choices=("resize", "random"), default="resize", help="tokenizer training crops: resize = Resize(--resize, "
       "bicubic) → RandomCrop(image size) (RAE); random = ADM's random crop, short side from [size, size/0.8] (Ideal)")
-    a("--resize", type=int, default=384, help="--crop resize: the short side before the random crop")
+    a("--resize", type=data.number(int, 1), default=384, help="--crop resize: the short side before the random crop")
     a("--flip", action=argparse.BooleanOptionalAction, default=False, help="tokenizer training: random horizontal flips")
-    a("--noise-tau", type=float, default=0.8, help="latent noise augmentation τ")
+    a("--noise-tau", type=data.number(float, 0), default=0.8, help="latent noise augmentation τ")
     a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
     # DRoRAE (§3.2–3.3)
-    a("--fusion-hidden", type=int, default=None, help="expert width H (default 2C)")
-    a("--fusion-layers", type=int, nargs="+", default=None, help="fused encoder blocks (default all)")
-    a("--beta", type=float, default=0.2, help="incremental-correction β")
-    a("--route-eps", type=float, default=1e-6)
-    a("--smoothness", type=float, default=0.0, help="routing-smoothness penalty weight")
+    a("--fusion-hidden", type=data.number(int, 1), default=None, help="expert width H (default 2C)")
+    a("--fusion-layers", type=data.number(int, 0), nargs="+", default=None, help="fused encoder blocks (default all)")
+    a("--beta", type=data.number(float, 0, 1), default=0.2, help="incremental-correction β")
+    a("--route-eps", type=data.number(float, 0, above=True), default=1e-6)
+    a("--smoothness", type=data.number(float, 0), default=0.0, help="routing-smoothness penalty weight")
     a("--router", choices=("energy", "softmax", "mean"), default="energy", help="energy: signed, ℓ2-normalised "
       "(DRoRAE Eq. 4); softmax: MoE weights on the same logits; mean: LN₀(mean of LN₀(h_k)), no parameters (no phase 2)")
     # DecQ (§3.2, §4.1)
-    a("--num-queries", type=int, default=8)
-    a("--query-layers", type=int, nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
-    a("--query-heads", type=int, default=None)
-    a("--query-mlp-ratio", type=float, default=4.0)
-    a("--distill", type=float, default=0.0, help="unfreeze: weight of the L2 to the frozen starting encoder's latent")
-    a("--concat-dim", type=int, default=None, help="concat: bottleneck channels per patch token (default 8·C/N, "
+    a("--num-queries", type=data.number(int, 1), default=8)
+    a("--query-layers", type=data.number(int, 0), nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
+    a("--query-heads", type=data.number(int, 1), default=None)
+    a("--query-mlp-ratio", type=data.number(float, 0, above=True), default=4.0)
+    a("--distill", type=data.number(float, 0), default=0.0, help="unfreeze: weight of the L2 to the frozen starting encoder's latent")
+    a("--concat-dim", type=data.number(int, 1), default=None, help="concat: bottleneck channels per patch token (default 8·C/N, "
       "DecQ's 8 queries' worth)")
     # Ideal (§3.3, App. A.1)
-    a("--shallow-layer", type=int, default=3)
+    a("--shallow-layer", type=data.number(int, 0), default=3)
     a("--fuse", choices=("attn", "linear", "none"), default="attn", help="fusion of the shallow into the deep "
       "features: AttnFuse (Eq. 6), one linear layer, or none (Table 7a)")
-    a("--deep-layer", type=int, default=None, help="block of the deep feature f_d (default the last; Table 1)")
-    a("--codebook-size", type=int, default=16384)
-    a("--code-dim", type=int, default=64)
-    a("--commit-beta", type=float, default=0.25, help="VQ commitment weight")
-    a("--entropy-weight", type=float, default=0.01)
+    a("--deep-layer", type=data.number(int, 0), default=None, help="block of the deep feature f_d (default the last; Table 1)")
+    a("--codebook-size", type=data.number(int, 1), default=16384)
+    a("--code-dim", type=data.number(int, 1), default=64)
+    a("--commit-beta", type=data.number(float, 0), default=0.25, help="VQ commitment weight")
+    a("--entropy-weight", type=data.number(float, 0), default=0.01)
     a("--restart-dead", action="store_true", help="restart codes unused for a whole usage window")
-    a("--shallow-weight", type=float, default=1.0)
-    a("--fuse-heads", type=int, default=12)
-    a("--feat-depth", type=int, default=6, help="feature decoder depth")
-    a("--feat-heads", type=int, default=12)
+    a("--shallow-weight", type=data.number(float, 0), default=1.0)
+    a("--fuse-heads", type=data.number(int, 1), default=12)
+    a("--feat-depth", type=data.number(int, 1), default=6, help="feature decoder depth")
+    a("--feat-heads", type=data.number(int, 1), default=12)
     # generators (--phase gen; RAE stage 2, Ideal App. A.2)
     a("--dit", default="XL", choices=tuple(dit.PRESETS), help="DiT-DH size")
     a("--dit-head", action=argparse.BooleanOptionalAction, default=True, help="DDT head (off: plain DiT)")
     a("--gpt", default="B", choices=tuple(ar.GPT_PRESETS), help="AR GPT size (ideal)")
-    a("--num-classes", type=int, default=1000)
+    a("--num-classes", type=data.number(int, 1), default=1000)
     a("--stats", default=None, help="latent statistics file (default: computed over the training set)")
-    a("--stats-batches", type=int, default=None, help="micro-batches per process for the statistics (default all)")
+    a("--stats-batches", type=data.number(int, 1), default=None, help="micro-batches per process for the statistics (default all)")
     a("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-matching training t")
-    a("--p-uncond", type=float, default=0.1, help="class dropout (null label) for guidance")
-    a("--query-weight", type=float, default=1.0, help="DecQ λ on the query flow-matching loss")
+    a("--p-uncond", type=data.number(float, 0, 1), default=0.1, help="class dropout (null label) for guidance")
+    a("--query-weight", type=data.number(float, 0), default=1.0, help="DecQ λ on the query flow-matching loss")
     a("--query-out", choices=("shared", "separate"), default="shared", help="DecQ: the query tokens' output "
       "projection in DiT-DH: the patches' (the paper's 841M) or their own")
     a("--latent-cache", default=None, help="directory of the encoded training set, filled on first use (centre crops "
       "and mirrors, normalised latents): reuse only with the same tokenizer and stats")
     # loss (RAE stage 1; README, Decisions)
     a("--rec-loss", choices=("l1", "l2"), default="l1")
-    a("--lpips-weight", type=float, default=1.0)
+    a("--lpips-weight", type=data.number(float, 0), default=1.0)
     a("--lpips-weights", default="official", help="LPIPS v0.1 lin layers: official | random | PATH")
     a("--vgg-weights", default="official", help="LPIPS VGG16 trunk: official | random | PATH")
-    a("--gan-weight", type=float, default=0.75)
+    a("--gan-weight", type=data.number(float, 0), default=0.75)
     a("--adaptive-gan", action=argparse.BooleanOptionalAction, default=True, help="VQGAN adaptive weight λ_adapt")
     a("--disc", default="S8", choices=tuple(DISCRIMINATORS), help="discriminator: S8 (DINO ViT-S/8 at 224) | tiny")
     a("--disc-weights", default="official", help="official | random | PATH (DINO backbone)")
-    a("--disc-start-epoch", type=int, default=6, help="discriminator updates from this epoch")
-    a("--gan-start-epoch", type=int, default=8, help="generator GAN term from this epoch")
+    a("--disc-start-epoch", type=data.number(int, 0), default=6, help="discriminator updates from this epoch")
+    a("--gan-start-epoch", type=data.number(int, 0), default=8, help="generator GAN term from this epoch")
     a("--diffaug", default="color,translation", help="DiffAugment policies before the discriminator (cutout[_R]: "
       "a square of side R·size)")
-    a("--diffaug-prob", type=float, default=1.0, help="each DiffAugment policy applies to a batch with this probability")
-    a("--disc-cr", type=float, default=0.0, help="discriminator consistency regularisation weight (strong "
+    a("--diffaug-prob", type=data.number(float, 0, 1), default=1.0, help="each DiffAugment policy applies to a batch with this probability")
+    a("--disc-cr", type=data.number(float, 0), default=0.0, help="discriminator consistency regularisation weight (strong "
       "color,translation,cutout_0.5 vs the normal augmentation)")
-    a("--lecam", type=float, default=0.0, help="LeCAM regularisation weight of the discriminator")
-    a("--disc-start-step", type=int, default=None, help="overrides --disc-start-epoch")
-    a("--gan-start-step", type=int, default=None, help="overrides --gan-start-epoch")
+    a("--lecam", type=data.number(float, 0), default=0.0, help="LeCAM regularisation weight of the discriminator")
+    a("--disc-start-step", type=data.number(int, 0), default=None, help="overrides --disc-start-epoch")
+    a("--gan-start-step", type=data.number(int, 0), default=None, help="overrides --gan-start-epoch")
     # optimisation
-    a("--lr", type=float, default=2e-4)
-    a("--lr-min", type=float, default=2e-5, help="cosine end value")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    a("--weight-decay", type=float, default=0.0)
-    a("--warmup-epochs", type=float, default=1.0)
+    a("--lr", type=data.number(float, 0, above=True), default=2e-4)
+    a("--lr-min", type=data.number(float, 0), default=2e-5, help="cosine end value")
+    a("--betas", type=data.number(float, 0, 1), nargs=2, default=(0.9, 0.95))
+    a("--weight-decay", type=data.number(float, 0), default=0.0)
+    a("--warmup-epochs", type=data.number(float, 0), default=1.0)
     a("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="after warm-up: make_optimizer")
-    a("--decay-start-epoch", type=float, default=40, help="linear schedule: constant until this epoch")
-    a("--epochs", type=int, default=16)
-    a("--global-batch", type=int, default=512)
-    a("--micro-batch", type=int, default=32, help="per-process batch of one forward/backward")
-    a("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
-    a("--ema", type=float, default=0.9978)
+    a("--decay-start-epoch", type=data.number(float, 0), default=40, help="linear schedule: constant until this epoch")
+    a("--epochs", type=data.number(int, 1), default=16)
+    a("--global-batch", type=data.number(int, 1), default=512)
+    a("--micro-batch", type=data.number(int, 1), default=32, help="per-process batch of one forward/backward")
+    a("--clip-grad", type=data.number(float, 0), default=0.0, help="max gradient norm (0: off)")
+    a("--ema", type=data.number(float, 0, 1), default=0.9978)
     a("--precision", choices=("fp32", "bf16"), default="fp32")
     a("--fsdp", action="store_true", help="generator phase: shard parameters, gradients, AdamW state and EMA over the "
       "processes (torch FSDP2, a unit per block; no training grids) — for GPT-3B, whose fp32 AdamW state fills a GPU")
     a("--compile", action="store_true")
-    a("--workers", type=int, default=8)
+    a("--workers", type=data.number(int, 0), default=8)
     # logging
-    a("--log-every", type=int, default=50)
-    a("--ckpt-every", type=int, default=1000, help="overwrite ckpt-last.pt every N steps")
-    a("--keep-every", type=int, default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
-    a("--keep-every-epochs", type=float, default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
-    a("--grid-every", type=int, default=1000)
+    a("--log-every", type=data.number(int, 1), default=50)
+    a("--ckpt-every", type=data.number(int, 1), default=1000, help="overwrite ckpt-last.pt every N steps")
+    a("--keep-every", type=data.number(int, 0), default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
+    a("--keep-every-epochs", type=data.number(float, 0), default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
+    a("--grid-every", type=data.number(int, 0), default=1000)
     pre, _ = p.parse_known_args(argv)
     tiny = checkpoint.TINY.get(pre.method, {}) if pre.preset == "tiny" else {}  # e.g. Ideal's shallow block 1 of 4
     p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset],
@@ -237,8 +237,9 @@ def parse_args(argv=None):
                          "--init-from the phase-1 checkpoint")
     if args.fsdp and args.phase != "gen":
         raise SystemExit("--fsdp shards generators (--phase gen); tokenizers train under DDP")
-    if args.max_steps is not None and args.max_steps < 1 or args.stop_epoch is not None and args.stop_epoch <= 0:
-        raise SystemExit("--max-steps and --stop-epoch must be positive (leave them out to train the whole schedule)")
+    if args.init_from and "init" not in PHASES[(args.method, args.phase)]:
+        raise SystemExit(f"--init-from: --method {args.method} --phase {args.phase} starts from scratch (it would be "
+                         "ignored); leave it out")
     return args
 
 
@@ -709,6 +710,9 @@ def train(args, rank, world, device, stop):
                              "checkpoint")
         tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)
         dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
+        if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
+            raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "
+                             "folders")
         dataset = data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset
     schedule = plan(args, dataset, world)
     accum, steps_per_epoch, total_steps = schedule.accum, schedule.steps_per_epoch, schedule.total_steps

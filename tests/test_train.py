@@ -319,7 +319,8 @@ def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
     full, stop = log(tmp_path / "full"), log(tmp_path / "stop")
     assert len(full) == 16 and len(stop) == 6 and [r["lr"] for r in stop] == [r["lr"] for r in full[:6]]
     assert not (tmp_path / "stop" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "stop")["step"] == 6
-    assert "must be positive" in error([*flags, "--out-dir", str(tmp_path / "zero"), "--max-steps", "0"])
+    assert "argument --max-steps: must be ≥ 1, got 0" in error([*flags, "--out-dir", str(tmp_path / "zero"),
+                                                              "--max-steps", "0"])
 
 
 def tokenizer_then_generator(method, images, tmp_path, *extra):
@@ -482,3 +483,30 @@ def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
         train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
                     "--global-batch", "9", "--micro-batch", "9", "--max-steps", "1"])
     assert log(out)[-1]["skipped"] == 1
+
+
+def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
+    """Every flag of train.py, sample.py and evaluate.py that takes a number, given a negative number or a word: exit
+    with one line naming the flag, no traceback (argparse's usage dump replaced by data.ArgumentParser.error)."""
+    import evaluate
+    import sample
+
+    parsers, parse = [], data.ArgumentParser.parse_args
+    monkeypatch.setattr(data.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))  # keeps each parser
+    base = {"train.py": ["--method", "rae", "--phase", "1"], "sample.py": ["--ckpt", "x"],
+            "evaluate.py": ["--samples", "x.npz"]}
+    for script, argv in base.items():
+        parsers.clear()
+        {"train.py": train, "sample.py": sample, "evaluate.py": evaluate}[script].parse_args(argv)
+        numeric = [a for a in parsers[-1]._actions if getattr(a.type, "__qualname__", "").startswith("number.")]
+        assert len(numeric) >= {"train.py": 55, "sample.py": 10, "evaluate.py": 2}[script]
+        for action in numeric:
+            flag = action.option_strings[0]
+            for bad in ("-5", "x"):
+                values = [bad] * (action.nargs if isinstance(action.nargs, int) else 1)
+                with pytest.raises(SystemExit) as e:
+                    {"train.py": train, "sample.py": sample, "evaluate.py": evaluate}[script].parse_args(
+                        argv + [flag, *values])
+                msg = str(e.value)
+                assert msg.startswith(f"{script}: error: argument {flag}") and "\n" not in msg, msg
