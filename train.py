@@ -457,7 +457,9 @@ def discriminator_loss(d_net, real, fake, args, lecam=None):
 def check_finite(loss, step, world, out):
     """Stop every rank, before the optimizer step, when the loss is not finite (the last checkpoint stays)."""
     if any_rank(not math.isfinite(loss), world, loss.device):
-        raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; last good checkpoint kept in {out}")
+        kept = (f"last good checkpoint kept in {out}" if (Path(out) / "ckpt-last.pt").exists() else
+                f"no checkpoint was written yet ({out})")
+        raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}")
 
 
 class TokenizerTrainer:

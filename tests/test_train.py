@@ -474,6 +474,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
     assert "non-finite loss nan at step 1" in msg and str(out) in msg
     ck = checkpoint.load_checkpoint(out)
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    calls.clear()  # NaN from the second step again, now before any checkpoint: the message says so
+    msg = error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(tmp_path / "new"),
+                 "--global-batch", "4", "--micro-batch", "2", "--lpips-weight", "0"])
+    assert "no checkpoint was written yet" in msg and not (tmp_path / "new" / "ckpt-last.pt").exists()
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
