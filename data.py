@@ -23,6 +23,16 @@ from tqdm import tqdm
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def open_rgb(path):
+    """An image file as 8-bit RGB. 16-bit greyscale (PNG "I;16" / "I") is scaled by 1/257 first: PIL's convert("RGB")
+    would clip it to 255, almost white."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            a = np.asarray(im).astype(np.float64)
+            im = Image.fromarray((a / 257 if a.max() > 255 else a).round().clip(0, 255).astype(np.uint8))
+        return im.convert("RGB")
+
+
 def resize_short_side(pil_image, short):
     """ADM's resize: halve with BOX while the short side is ≥ 2·short, then BICUBIC-resize it to `short` (rounded)."""
     while min(*pil_image.size) >= 2 * short:
@@ -76,8 +86,7 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def load(self, index, rng):
-        with Image.open(self.samples[index][0]) as im:
-            im = im.convert("RGB")
+        im = open_rgb(self.samples[index][0])
         if self.min_frac:
             x = TF.to_tensor(random_crop_arr(im, self.size, rng, self.min_frac))
         elif self.resize is None:

@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models.inception as tvi
-from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
@@ -302,8 +301,7 @@ class FolderImages:
         self.size = self._load(0).shape[:2]
 
     def _load(self, i):
-        with Image.open(self.files[i]) as im:
-            x = np.asarray(self.transform(im.convert("RGB")))
+        x = np.asarray(self.transform(data.open_rgb(self.files[i])))
         if i and x.shape[:2] != self.size:
             raise SystemExit(f"{self.files[i]} is {x.shape[1]}×{x.shape[0]}; the other images are "
                              f"{self.size[1]}×{self.size[0]}")

@@ -106,6 +106,18 @@ def test_random_crop_matches_adm_and_varies(folder):
     assert len({o.sum().item() for o in outs}) > 1  # the crops differ between draws
 
 
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit greyscale PNG (PIL mode I;16) reads as its 8-bit equivalent, not clipped to white."""
+    d = tmp_path / "c"
+    d.mkdir()
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0 … 65520
+    Image.fromarray(ramp).save(d / "deep.png")
+    assert Image.open(d / "deep.png").mode.startswith("I")
+    x = data.ImageFolder(tmp_path, size=64)[0][0]
+    want = torch.from_numpy((ramp / 257).round()).float() / 255
+    assert torch.allclose(x[0], want, atol=1 / 255) and torch.equal(x[0], x[2]) and x.mean() < 0.6
+
+
 def test_center_mode_and_flip(folder):
     ds = data.ImageFolder(folder, size=32)
     img = Image.open(ds.samples[3][0]).convert("RGB")
