@@ -443,7 +443,7 @@ def dinov2(name, weights="official", **overrides):
             sd = torch.hub.load_state_dict_from_url(url, map_location="cpu")
         except Exception as e:
             raise RuntimeError(f"could not download DINOv2 weights from {url} ({type(e).__name__}: {e}); "
-                               f"download the file yourself and pass its local path as weights=") from None
+                               "download the file yourself and pass its local path") from None
     else:
         sd = read_state_dict(weights)
     return load_strict(model, convert_dinov2(sd), f"DINOv2 {name} weights '{weights}'")

@@ -790,6 +790,10 @@ def train(args, rank, world, device, stop):
         print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
 
 
+DOWNLOADS = {"DINOv2 weights": "--encoder-weights", "VGG16": "--vgg-weights", "LPIPS lin": "--lpips-weights",
+             "DINO weights": "--disc-weights"}  # the weights train.py may download → the flag that takes a local file
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not args.out_dir and not args.resume:
@@ -804,6 +808,11 @@ def main(argv=None):
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         train(args, rank, world, device, stop)
+    except RuntimeError as e:  # offline: a weights download failed; one line naming the flag that takes the file
+        if not str(e).startswith("could not download"):
+            raise
+        flag = next(f for w, f in DOWNLOADS.items() if w in str(e))
+        raise SystemExit(f"{e} (train.py {flag} PATH)") from None
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

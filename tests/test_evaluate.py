@@ -384,3 +384,14 @@ def test_fd_dinov2_features_and_cli(fake_net, monkeypatch, tmp_path):
     np.savez(tmp_path / "r.npz", arr_0=images(6, 1, size=40))
     assert abs(cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--fd-dinov2")["FD-DINOv2"]) < 1e-6
     assert cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "r.npz", "--fd-dinov2")["FD-DINOv2"] > 0
+
+
+def test_offline_weights_are_one_line_naming_the_flag(monkeypatch, tmp_path):
+    def offline(url, *a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    np.savez(tmp_path / "s.npz", arr_0=images(4, 0), arr_1=np.arange(4))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
+    assert str(e.value).startswith("could not download the FID Inception weights")
+    assert str(e.value).endswith("(evaluate.py --inception-weights PATH)") and "\n" not in str(e.value)

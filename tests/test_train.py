@@ -441,6 +441,18 @@ def test_bad_input_gives_one_line_messages(images, tmp_path):
                                                   "--resume", str(tmp_path / "done" / "tokenizer.pt")])
 
 
+def test_offline_downloads_are_one_line_naming_the_flag(images, tmp_path, monkeypatch):
+    """No internet: the published preset's first download (the DINOv2 encoder) fails in one line that names the flag
+    taking a local file, not in a traceback about `weights=`."""
+    def offline(url, *a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    msg = error(["--method", "rae", "--phase", "1", "--data-path", images, "--out-dir", str(tmp_path / "o"),
+                 "--global-batch", "8", "--micro-batch", "8"])
+    assert msg.startswith("could not download DINOv2 weights") and msg.endswith("(train.py --encoder-weights PATH)")
+    assert "weights=" not in msg and "\n" not in msg
+
+
 def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp_path):
     r = run("--method", "vqgan", "--phase", "1", "--data-path", images)
     assert r.returncode != 0 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
