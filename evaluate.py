@@ -466,8 +466,9 @@ def main(argv=None):
     except RuntimeError as e:  # an offline weights download (model.dinov2, losses.load_weights): one line
         if not str(e).startswith("could not download"):
             raise
-        flag = next(f for w, f in {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg",
-                                   "LPIPS lin": "--lpips-lin", "FID Inception": "--inception-weights"}.items() if w in str(e))
+        flags = {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg", "LPIPS lin": "--lpips-lin",
+                 "FID Inception": "--inception-weights"}
+        flag = next(f for w, f in flags.items() if w in str(e))
         raise SystemExit(f"{e} (evaluate.py {flag} PATH)") from None
     rank = rank_world()[0]
     if dist.is_initialized():
