@@ -267,7 +267,10 @@ class NpzImages:
     """`arr_0` of an npz (ADM sample/reference layout: uint8 N×H×W×3), streamed from the zip, never loaded whole."""
 
     def __init__(self, path):
-        self.zip = zipfile.ZipFile(path)
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError):
+            raise SystemExit(f"{path}: not an .npz (expected images in arr_0, uint8 N×H×W×3)") from None
         if "arr_0.npy" not in self.zip.namelist():
             raise SystemExit(f"{path} has no images: expected arr_0, uint8 N×H×W×3")
         self.f = self.zip.open("arr_0.npy")
@@ -280,6 +283,8 @@ class NpzImages:
             raise SystemExit(f"{path}: arr_0 must be uint8 images N×H×W×3 with values 0..255; got {dtype} "
                              f"{self.shape}{rng}")
         self.size = self.shape[1:3]
+        if not self.shape[0]:
+            raise SystemExit(f"{path}: arr_0 holds no images")
 
     def __len__(self):
         return self.shape[0]
@@ -301,7 +306,10 @@ class FolderImages:
         self.size = self._load(0).shape[:2]
 
     def _load(self, i):
-        x = np.asarray(self.transform(data.open_rgb(self.files[i])))
+        try:
+            x = np.asarray(self.transform(data.open_rgb(self.files[i])))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: empty, truncated or corrupt files
+            raise SystemExit(f"{self.files[i]}: unreadable image ({type(e).__name__})") from None
         if i and x.shape[:2] != self.size:
             raise SystemExit(f"{self.files[i]} is {x.shape[1]}×{x.shape[0]}; the other images are "
                              f"{self.size[1]}×{self.size[0]}")
@@ -414,6 +422,8 @@ def reference(path, extract, size):
             raise SystemExit(f"{path}: not an npz (expected an ADM reference batch, a sample npz or a stats file)")
         if "mu" not in keys and "arr_0" not in keys:
             raise SystemExit(f"{path}: a reference needs statistics (mu, sigma) or images (arr_0); found {sorted(keys)}")
+        if "mu" in keys and "sigma" not in keys:
+            raise SystemExit(f"{path}: has mu but no sigma")
         if "mu" in keys:
             st = {k: z[k] for k in keys - {"arr_0", "arr_1"}}
             if "pool" not in st and "arr_0" in keys:  # P/R (and FD-DINOv2) features from the images

@@ -243,7 +243,10 @@ def read_state_dict(path):
         except ImportError:
             raise ImportError(f"{path}: reading .safetensors needs `pip install safetensors`") from None
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — truncated, corrupt or not a weights file at all: one ValueError
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------------------------------

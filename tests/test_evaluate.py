@@ -395,3 +395,27 @@ def test_offline_weights_are_one_line_naming_the_flag(monkeypatch, tmp_path):
         ev.main(["--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
     assert str(e.value).startswith("could not download the FID Inception weights")
     assert str(e.value).endswith("(evaluate.py --inception-weights PATH)") and "\n" not in str(e.value)
+
+
+def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
+    """A .npy, a text file or an empty npz as --samples, an unreadable image in a folder, a reference with mu but no
+    sigma, a truncated weights file: each one line naming the file."""
+    np.save(tmp_path / "x.npy", images(2, 0))
+    (tmp_path / "t.txt").write_text("hello")
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "s.npz", arr_0=images(4, 0))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(6))
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a" / "zero.png").write_bytes(b"")
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04garbage")
+    cases = {("--samples", "x.npy"): "x.npy: not an .npz", ("--samples", "t.txt"): "t.txt: not an .npz",
+             ("--samples", "empty.npz"): "empty.npz: arr_0 holds no images",
+             ("--samples", "val"): "zero.png: unreadable image",
+             ("--samples", "s.npz", "--ref", "ref.npz"): "ref.npz: has mu but no sigma"}
+    for argv, want in cases.items():
+        with pytest.raises(SystemExit) as e:
+            cli(*[tmp_path / a if not a.startswith("--") else a for a in argv])
+        assert want in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+    import model
+    with pytest.raises(ValueError, match="w.pth: not a readable weights file"):
+        model.read_state_dict(tmp_path / "w.pth")
