@@ -9,7 +9,6 @@ This file imports no other file of the project: it knows no method and no genera
 import itertools
 import math
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -212,22 +211,22 @@ def load_strict(module, state_dict, what):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, then os.replace: a crash never leaves a
-    half-written checkpoint behind."""
+    """torch.save to `path`.tmp, fsync, then os.replace: a crash never leaves a half-written file behind (a kill -9
+    mid-write leaves only the .tmp, which the next save overwrites). A failed write (disk full) is one line; the
+    previous file is kept."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+    tmp = path + ".tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
         raise
 
 

@@ -335,6 +335,21 @@ def test_load_strict_lists_problems_and_save_atomic(tmp_path):
     model.save_atomic(lin.state_dict(), tmp_path / "ckpt.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert same_state(torch.load(tmp_path / "ckpt.pt"), lin.state_dict())
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"left by a kill -9")  # the next save takes it over
+    model.save_atomic(lin.state_dict(), tmp_path / "ckpt.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+    def disk_full(obj, f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    real, torch.save = torch.save, disk_full
+    try:
+        with pytest.raises(SystemExit, match="ckpt.pt: could not write .No space left on device.; the previous file"):
+            model.save_atomic({"other": torch.zeros(1)}, tmp_path / "ckpt.pt")
+    finally:
+        torch.save = real
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no half file, the previous one intact
+    assert same_state(torch.load(tmp_path / "ckpt.pt"), lin.state_dict())
 
 
 def test_latent_stats_distributed_gloo(tmp_path):
