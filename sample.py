@@ -62,6 +62,23 @@ def noise_for(index, seed, net):
     return (x, torch.randn(cfg["num_queries"], cfg["in_channels"], generator=g)) if cfg["num_queries"] else (x,)
 
 
+def load_guide(path, ck, tok, device):
+    """AutoGuidance's weaker generator, refused in one line unless it generates the main generator's latents: the same
+    tokenizer (config), statistics, latent shape and classes."""
+    guide, _, g = checkpoint.load_generator(path, device, tok)
+    same_stats = ck["stats"].keys() == g["stats"].keys() and all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in ((ck["stats"][k], g["stats"][k]) for k in ck["stats"]))
+    shape = ("in_channels", "input_size", "num_queries", "num_classes")
+    if g["tokenizer"]["config"] != ck["tokenizer"]["config"] or not same_stats:
+        raise SystemExit(f"--guide {path}: trained on another tokenizer or other statistics than --ckpt")
+    differ = [f"{k} {g['config'].get(k)} vs {ck['config'].get(k)}" for k in shape
+              if g["config"].get(k) != ck["config"].get(k)]
+    if differ:
+        raise SystemExit(f"--guide {path}: generates other latents or classes than --ckpt ({', '.join(differ)})")
+    return guide
+
+
 def plain_decoder(path, tok, stats, device):
     """The RAE tokenizer at `path` as the decoder of a DecQ generator's patch tokens (DecQ Table 4), with the
     generator's patch statistics. Refused unless its latent is DecQ's patch latent: the same encoder (config and
@@ -116,7 +133,7 @@ def main(argv=None):
     net, tok, ck = checkpoint.load_generator(args.ckpt, device)
     if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
-    guide = checkpoint.load_generator(args.guide, device, tok)[0] if args.guide else None
+    guide = load_guide(args.guide, ck, tok, device) if args.guide else None
     tok = plain_decoder(args.decoder_from, tok, ck["stats"], device) if args.decoder_from else tok
     classes = args.classes or list(range(net.num_classes))
     if not all(0 <= c < net.num_classes for c in classes):

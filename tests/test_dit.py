@@ -313,6 +313,26 @@ def test_sample_bad_input_is_one_line(generator_ckpt, tmp_path):
         sample.main(["--ckpt", str(generator_ckpt / "tok.pt"), "--out-dir", str(tmp_path)])
 
 
+def test_guide_of_other_latents_is_refused(generator_ckpt, tmp_path):
+    """AutoGuidance: a guide trained on another tokenizer, on other statistics or with other classes is one line."""
+    import sample
+    ck = torch.load(generator_ckpt / "generator.pt")
+    other_tok = {**ck["tokenizer"]["config"], "noise_tau": 0.5}
+    variants = {"tok": dict(ck, tokenizer=dict(ck["tokenizer"], config=other_tok)),
+                "stats": dict(ck, stats={**ck["stats"], "var": ck["stats"]["var"] * 2}),
+                "classes": dict(ck, config={**ck["config"], "num_classes": 5})}
+    run = ["--ckpt", str(generator_ckpt / "generator.pt"), "--num-samples", "2", "--steps", "2", "--scale", "1.5",
+           "--out-dir", str(tmp_path), "--device", "cpu"]
+    for name, g in variants.items():
+        if name == "classes":  # the guide's weights must still load: build it with 5 classes
+            net = tiny(**{k: ck["config"][k] for k in ("input_size", "in_channels", "num_queries")}, num_classes=5)
+            g = dict(g, ema=net.state_dict())
+        torch.save(g, tmp_path / f"{name}.pt")
+        with pytest.raises(SystemExit, match="--guide .*(another tokenizer or other statistics|num_classes 5 vs 3)"):
+            sample.main(run + ["--guide", str(tmp_path / f"{name}.pt")])
+    sample.main(run + ["--guide", str(generator_ckpt / "generator.pt")])  # the same latents: accepted
+
+
 def test_sample_decq_generates_patches_and_queries(tmp_path):
     import numpy as np
     import sample
