@@ -7,6 +7,8 @@ the only one that knows every method. A checkpoint is a dict written atomically 
   kind "generator": method, phase "gen", config (DiT-DH or GPT keywords), ema, tokenizer {path, config}, stats (the
       latent statistics it was trained on; None for codes).
 """
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -71,6 +73,18 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
     return ck
 
 
+def identity(tensors, config=None):
+    """A short fingerprint of a state dict (names, dtypes, shapes, bytes) and a config: what a generator checkpoint and
+    a latent cache record of the tokenizer and statistics they were made with."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"{k} {None if t is None else (t.dtype, tuple(t.shape))}".encode())
+        if t is not None:
+            h.update(memoryview(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()))
+    return h.hexdigest()[:16]
+
+
 def load_tokenizer(src, device="cpu", method=None):
     """The EMA tokenizer of a checkpoint (path, run directory or a dict from load_checkpoint), frozen, in eval
     mode on `device`; its encoder and decoder weights come from the checkpoint, nothing is downloaded."""
@@ -86,12 +100,21 @@ def build_generator(config, tok):
     return (ar.GPT if tok.num_codes else dit.DiTDH)(**config)
 
 
-def load_generator(path, device="cpu", tok=None):
+def load_generator(path, device="cpu", tok=None, tokenizer=None):
     """(EMA generator, frozen and in eval mode; its frozen tokenizer with the generator's latent statistics; the
-    checkpoint). `tok`: the tokenizer already loaded for another generator on the same latents (a guide)."""
+    checkpoint). `tok`: the tokenizer already loaded for another generator on the same latents (a guide);
+    `tokenizer`: where the tokenizer is now, if it moved. A tokenizer other than the one the generator was trained
+    with (another identity) is refused in one line."""
     ck = load_checkpoint(path, "generator")
     if tok is None:
-        tok = load_tokenizer(ck["tokenizer"]["path"], device, ck["method"])
+        where = tokenizer or ck["tokenizer"]["path"]
+        if not Path(where).exists():
+            raise SystemExit(f"{ck['path']}: its tokenizer {where} is not there (moved?); pass it with --tokenizer")
+        tck = load_checkpoint(where, "tokenizer", ck["method"])
+        if ck["tokenizer"].get("identity") not in (None, identity(tck["ema"], tck["config"])):
+            raise SystemExit(f"{tck['path']}: not the tokenizer {ck['path']} was trained with (its weights or config "
+                             "differ); pass that one with --tokenizer")
+        tok = load_tokenizer(tck, device)
         tok.set_stats(ck["stats"])
     net = model.load_strict(build_generator(ck["config"], tok), ck["ema"], f"generator {ck['path']}")
     return net.to(device).eval().requires_grad_(False), tok, ck

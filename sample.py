@@ -32,6 +32,8 @@ import dit
 def parse_args(argv=None):
     ap = data.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="generator checkpoint (file or run directory)")
+    ap.add_argument("--tokenizer", help="the generator's tokenizer checkpoint, if it moved since training (it must be "
+                    "the same one)")
     ap.add_argument("--guide", help="AutoGuidance: a second (weaker) generator checkpoint, e.g. DiT-DH-S")
     ap.add_argument("--decoder-from", help="DecQ generators: decode the generated patch tokens with this RAE "
                     "tokenizer's decoder, discarding the generated queries (DecQ Table 4, 'RAE decoder')")
@@ -130,7 +132,7 @@ def run_name(ck, tok, args, n):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = data.setup_distributed(args.device)
-    net, tok, ck = checkpoint.load_generator(args.ckpt, device)
+    net, tok, ck = checkpoint.load_generator(args.ckpt, device, tokenizer=args.tokenizer)
     if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
     guide = load_guide(args.guide, ck, tok, device) if args.guide else None

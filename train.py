@@ -585,7 +585,9 @@ class GeneratorTrainer:
     def __init__(self, args, plan, device, world, resume, tck):
         self.args, self.world, self.device = args, world, device
         self.tok = checkpoint.load_tokenizer(tck, device)
-        self.tokenizer, self.token_grid = dict(path=tck["path"], config=tck["config"]), self.tok.decoder.grid
+        self.tokenizer = dict(path=str(Path(tck["path"]).resolve()), config=tck["config"],
+                              identity=checkpoint.identity(tck["ema"], tck["config"]))
+        self.token_grid = self.tok.decoder.grid
         self.stats = None
         if not self.tok.num_codes:
             if resume is not None or args.stats:
@@ -595,9 +597,21 @@ class GeneratorTrainer:
                                          shuffle=False, drop_last=False, num_workers=args.workers)
                 self.stats = model.compute_latent_stats(self.tok, crops, args.stats_batches)
             self.tok.set_stats(self.stats)
-        if args.latent_cache and not (Path(args.latent_cache) / "labels.npy").exists():
+        if args.latent_cache:  # a cache records what made it: this tokenizer, these statistics, these images
             crops = data.ImageFolder(args.data_path, size=self.tok.image_size)
-            data.fill_cache(args.latent_cache, self.encode, crops, args.micro_batch, args.workers, device)
+            made_by = dict(tokenizer=self.tokenizer["identity"], stats=checkpoint.identity(self.stats or {}),
+                           images=checkpoint.identity({}, [p for p, _ in crops.samples]))
+            record = Path(args.latent_cache) / "made_by.json"
+            if not (Path(args.latent_cache) / "labels.npy").exists():
+                data.fill_cache(args.latent_cache, self.encode, crops, args.micro_batch, args.workers, device)
+                if world == 1 or dist.get_rank() == 0:
+                    record.write_text(json.dumps(made_by))
+            else:
+                old = json.loads(record.read_text()) if record.exists() else {}
+                differ = [k for k in made_by if old.get(k) != made_by[k]]
+                if differ:
+                    raise SystemExit(f"--latent-cache {args.latent_cache}: made with another {' and '.join(differ)}; "
+                                     "delete it or choose another folder")
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         if resume is not None:
             config = resume["config"]
@@ -711,6 +725,9 @@ def train(args, rank, world, device, stop):
             raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
                              "checkpoint")
         tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)
+        if resume is not None and resume["tokenizer"].get("identity") not in (
+                None, checkpoint.identity(tck["ema"], tck["config"])):
+            raise SystemExit(f"--tokenizer {tok_path}: not the tokenizer this run was trained with")
         dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
         if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
             raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "

@@ -356,6 +356,37 @@ def test_generator_phase_dit_and_gpt(images, tmp_path):
     assert "expected kind tokenizer, method rae" in error(gen + ["--tokenizer", str(tmp_path / "ideal-tok")])
 
 
+def test_generators_know_their_tokenizer_and_caches_what_made_them(images, tmp_path):
+    """A generator records its tokenizer's identity (absolute path, config + weights fingerprint): a moved tokenizer is
+    found with --tokenizer, another one at the old path is refused, resuming with another is refused; a latent cache
+    records the tokenizer, statistics and images that made it and refuses any other."""
+    import shutil
+
+    import sample
+    tok, out = tokenizer_then_generator("rae", images, tmp_path, "--latent-cache", str(tmp_path / "cache"))
+    ck = checkpoint.load_checkpoint(out)
+    assert Path(ck["tokenizer"]["path"]).is_absolute() and len(ck["tokenizer"]["identity"]) == 16
+    other = tmp_path / "other-tok"
+    train.main(["--method", "rae", "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(other), "--seed", "3"])
+    gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images]
+    assert "made with another tokenizer" in error(gen + ["--tokenizer", str(other), "--latent-cache",
+                                                          str(tmp_path / "cache"), "--out-dir", str(tmp_path / "g2")])
+    assert "not the tokenizer this run was trained with" in error(gen + ["--tokenizer", str(other), "--resume", str(out),
+                                                                         "--max-steps", "2"])
+    run = ["--ckpt", str(out), "--num-samples", "2", "--steps", "2", "--out-dir", str(tmp_path / "s")]
+    shutil.move(tok, tmp_path / "moved")
+    assert "is not there (moved?); pass it with --tokenizer" in error_of(sample.main, run)
+    sample.main(run + ["--tokenizer", str(tmp_path / "moved")])
+    shutil.copytree(other, tok)  # another tokenizer where the generator's was
+    assert "not the tokenizer" in error_of(sample.main, run)
+
+
+def error_of(fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return str(e.value)
+
+
 def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     _, out = tokenizer_then_generator("decq", images, tmp_path)
     assert "query_var" in checkpoint.load_checkpoint(out)["stats"]
