@@ -524,7 +524,8 @@ ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None
     "ideal": ("ideal", "1", None, []), "ideal_deep_only": ("ideal_deep_only", "1", None, []),  # Ideal (toy: main's)
     "ideal_linear": ("ideal", "1", None, [("--fuse", "linear")]), "ideal_no_shallow": ("ideal", "1", None, [
         ("--shallow-weight", 0)]),
-    **{f"ideal_s{k}": ("ideal", "1", None, [("--shallow-layer", k)]) for k in (0, 2, 3)},  # the toy's default: 1
+    **{f"ideal_s{k}": ("ideal", "1", None, lambda depth, k=k: [("--shallow-layer", k * depth // 6)])  # toy blocks
+       for k in (0, 2, 3)},  # 0, 2, 3 of 6 (default 1); DINOv2-B: 0, 4, 6 of 12 (default 3)
     **{f"ideal_b{k}": ("ideal_deep_only", "1", None, [("--deep-layer", k)]) for k in (0, 1, 3)}}  # one block alone
 
 CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
