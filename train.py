@@ -240,7 +240,29 @@ def parse_args(argv=None):
     if args.init_from and "init" not in PHASES[(args.method, args.phase)]:
         raise SystemExit(f"--init-from: --method {args.method} --phase {args.phase} starts from scratch (it would be "
                          "ignored); leave it out")
-    return args
+    return resumed_args(p, argv, args) if args.resume else args
+
+
+PER_INVOCATION = ("resume", "out_dir", "max_steps", "stop_epoch", "device", "workers", "log_every", "ckpt_every",
+                  "keep_every", "keep_every_epochs", "grid_every", "compile", "tokenizer")  # --resume may change these
+
+
+def resumed_args(p, argv, args):
+    """--resume continues the run as it was started: its saved flags, except PER_INVOCATION ones (this command's); a
+    flag given now that would change the run is refused in one line."""
+    saved = checkpoint.load_checkpoint(args.resume)["args"]
+    unset = object()
+    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
+             .items() if v is not unset}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    checked = PER_INVOCATION + ("method", "phase")  # method and phase: train() names the checkpoint's own
+    changed = [k for k, v in given.items() if k not in checked and k in saved and norm(v) != norm(saved[k])]
+    if changed:
+        started = [f"{'with' if saved[k] else 'without'} --{k.replace('_', '-')}" if isinstance(saved[k], bool) else
+                   f"with --{k.replace('_', '-')} {saved[k]}" for k in changed]
+        raise SystemExit(f"--resume {args.resume}: the run was started {', '.join(started)}; leave those flags out "
+                         "to continue it")
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in checked}})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -625,9 +647,6 @@ class GeneratorTrainer:
                                     **({"query_out": args.query_out} if self.tok.num_queries else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
         self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
-        if resume is not None and resume["args"].get("fsdp", False) != args.fsdp:  # the optimizer states differ
-            raise SystemExit(f"--resume {resume['path']}: trained {'without' if args.fsdp else 'with'} --fsdp; resume "
-                             "it the same way")
         if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")

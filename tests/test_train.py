@@ -427,7 +427,7 @@ def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
     assert all(torch.equal(s["exp_avg"], c["optimizer"]["state"][n]["exp_avg"]) for n, s in b["optimizer"]["state"].items())
     r = run(*whole, "--fsdp", "--resume", str(tmp_path / "half"), nproc=2)
     assert r.returncode == 0 and checkpoint.load_generator(tmp_path / "half" / "generator.pt")[2]["step"] == 8
-    assert "trained without --fsdp; resume it the same way" in error([*gen, "--fsdp", "--resume", str(tmp_path / "ddp")])
+    assert "the run was started without --fsdp" in error([*gen, "--fsdp", "--resume", str(tmp_path / "ddp")])
     assert "--fsdp shards generators" in error(["--method", "rae", "--phase", "1", *flags, "--fsdp", "--out-dir",
                                                 str(tmp_path / "x")])
 
@@ -482,6 +482,23 @@ def test_offline_downloads_are_one_line_naming_the_flag(images, tmp_path, monkey
                  "--global-batch", "8", "--micro-batch", "8"])
     assert msg.startswith("could not download DINOv2 weights") and msg.endswith("(train.py --encoder-weights PATH)")
     assert "weights=" not in msg and "\n" not in msg
+
+
+def test_resume_continues_the_run_as_started(images, tmp_path):
+    """--resume takes the run's saved flags (no need to repeat --preset tiny and the rest); a flag that would change
+    the run is refused in one line (another --data-path used to print "stopped at step 8 of 4" and exit 0); the
+    per-invocation ones (--max-steps, --workers, …) may change."""
+    first = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight",
+             "0", "--global-batch", "4", "--micro-batch", "2", "--out-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    train.main(first)
+    (tmp_path / "other" / "a").mkdir(parents=True)
+    for msg_flag, extra in (("--data-path", ["--data-path", str(tmp_path / "other")]), ("--lr", ["--lr", "0.5"])):
+        msg = error(["--method", "rae", "--phase", "1", "--resume", str(tmp_path / "r"), *extra])
+        assert f"the run was started with {msg_flag} " in msg and "\n" not in msg, msg
+    train.main(["--method", "rae", "--phase", "1", "--resume", str(tmp_path / "r"), "--max-steps", "2", "--workers",
+                "0"])  # the tiny preset, its data and batch come from the checkpoint
+    ck = checkpoint.load_checkpoint(tmp_path / "r")
+    assert ck["step"] == 2 and ck["args"]["global_batch"] == 4 and ck["args"]["decoder"] == "tiny"
 
 
 def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp_path):
