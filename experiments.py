@@ -14,10 +14,13 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
     python experiments.py drorae-phases --seeds 0 1 2                  # DRoRAE's ablations (they share their runs)
     python experiments.py drorae-routing --seeds 0 1 2
     python experiments.py drorae-routing-maps --seeds 0 1 2
+    python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's (they share <out-dir>/decq)
+    python experiments.py ideal-layers --seeds 0 1 2                   # Ideal's (they share <out-dir>/ideal)
 
 Read top to bottom: (1) the DRoRAE capacity scaling study, (2) studies over seeds: aggregation, table, chart,
-(3) the main table, (4) the scaling study in the toy world, (5) DRoRAE's phase and routing ablations and routing
-maps, (6) the command line.
+(3) the main table, (4) the scaling study in the toy world, (5) the ablations: DRoRAE's phases, routing and routing
+maps; DecQ's decoder, baselines, queries, condensers and convergence; Ideal's fusion, shallow branch, single blocks
+and generation, (6) the command line.
 """
 import argparse
 import json
@@ -495,8 +498,9 @@ def toy_scaling(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's decoder (Table 4). A paper's
-#    studies share <out-dir>/<paper>/seedN, so a run two studies need (the world, RAE, ...) is trained once.
+# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's Tables 3-5, condensers and
+#    convergence; Ideal's Tables 1 and 7 and its generator. A paper's studies share <out-dir>/<paper>/seedN, so a run
+#    two studies need (the world, RAE, ...) is trained once.
 # ----------------------------------------------------------------------------------------------------
 
 def decq_layer_halves(depth):
