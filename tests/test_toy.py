@@ -54,7 +54,7 @@ def test_miniature_end_to_end(tmp_path):
 
 def test_a_failed_run_stops_the_pipeline(tmp_path):
     jobs = [("bad", "train.py", ["--method", "nope"], []), ("after", "train.py", ["--help"], ["bad"])]
-    with pytest.raises(SystemExit, match=r"run bad failed \(exit 2\); see .*bad\.log"):
+    with pytest.raises(SystemExit, match=r"run bad failed \(exit 1\); see .*bad\.log"):
         toy.run_jobs(jobs, tmp_path, lanes=2)
     assert "invalid choice: 'nope'" in (tmp_path / "logs" / "bad.log").read_text()
     assert not (tmp_path / "logs" / "after.log").exists()  # waits for its dependency, which failed
