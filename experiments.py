@@ -780,14 +780,18 @@ def decq_decoder(argv):
                   tuple(rows)[1:])
 
 
-def decq_tokenizer_study(name, argv, rows, base="decq"):
-    """A DecQ study over tokenizer variants `rows` (ABLATION_RUNS keys, RAE first): each one's reconstruction and a
-    generator on its latent sampled as in `main`, compared against `base` (DecQ's default)."""
-    done = ablation_study(name, argv, rows[1:], [(k, "cfg") for k in rows])
+DECQ_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
+IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
+
+
+def tokenizer_study(name, argv, rows, base, metrics, generate=True):
+    """A study over tokenizer variants `rows` (ABLATION_RUNS keys; RAE is always trained): each one's reconstruction
+    (discrete ones also codebook usage, perplexity and the code probe) and, with `generate`, a generator on its latent
+    sampled as in `main`; every metric compared against `base`."""
+    done = ablation_study(name, argv, [r for r in rows if r != "rae"], [(k, "cfg") for k in rows] if generate else [])
     if done is None:
         return None
     args, runs, per_seed = done
-    metrics = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
     return finish(name, runs / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
 
@@ -796,19 +800,20 @@ def decq_tradeoff(argv):
     """DecQ Table 3: the encoder frozen (RAE), unfrozen, unfrozen + distillation to a frozen copy, feature concat, and
     DecQ, each on DecQ's training budget: reconstruction and generation, compared against RAE (paper: unfreezing buys
     reconstruction and costs generation, distillation softens both, concat costs generation; DecQ improves both)."""
-    return decq_tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill", "concat", "decq"),
-                                base="rae")
+    return tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill", "concat", "decq"), "rae",
+                           DECQ_METRICS)
 
 
 def decq_queries(argv):
     """DecQ Table 5: the number of queries (1, 2, 4, 8 = the default, 16)."""
-    return decq_tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq", "decq_q16"))
+    return tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq", "decq_q16"),
+                           "decq", DECQ_METRICS)
 
 
 def decq_layers(argv):
     """DecQ §4.3: condensers on shallow blocks only, deep blocks only, or both (the default; paper: shallow helps
     reconstruction, deep helps generation, both is best). Toy: blocks 0-2, 3-5, all six."""
-    return decq_tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"))
+    return tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"), "decq", DECQ_METRICS)
 
 
 def speed_up(table, epochs, metric, seeds):
@@ -849,38 +854,24 @@ def decq_convergence(argv):
     return res
 
 
-IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
-
-
-def ideal_tokenizer_study(name, argv, rows, base="ideal"):
-    """An Ideal study over tokenizer variants `rows` (ABLATION_RUNS keys): reconstruction (toy: PSNR, SSIM, rFD, the
-    toy VFM's accuracy on the reconstructions, its stand-in for rIS), held-out codebook usage and perplexity, and the
-    class probe of the codes, compared against `base`."""
-    done = ablation_study(name, argv, rows, [])
-    if done is None:
-        return None
-    args, runs, per_seed = done
-    return finish(name, runs / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=IDEAL_RECON,
-                  compare=IDEAL_RECON)
-
-
 def ideal_fusion(argv):
     """Ideal Table 7a: AttnFuse, one linear layer on [f_s; f_d], or no fusion (deep feature only)."""
-    return ideal_tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"))
+    return tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"), "ideal", IDEAL_RECON,
+                           generate=False)
 
 
 def ideal_shallow(argv):
     """Ideal Table 7b and the choice of the shallow block: without the shallow alignment loss L_shallow, and AttnFuse
     reading block 0, 1 (the default: a quarter of the depth), 2 or 3 of the toy VFM's 6."""
-    return ideal_tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2",
-                                                         "ideal_s3"))
+    return tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2", "ideal_s3"),
+                           "ideal", IDEAL_RECON, generate=False)
 
 
 def ideal_layers(argv):
     """Ideal Table 1: one block's feature quantised alone (no fusion) at depths 0, 1, 3 and the last (5): shallow
     blocks should reconstruct better, deep blocks carry more class information (the code probe)."""
-    return ideal_tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3", "ideal_deep_only"),
-                                 base="ideal_deep_only")
+    return tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3", "ideal_deep_only"),
+                           "ideal_deep_only", IDEAL_RECON, generate=False)
 
 
 def ideal_generation(argv):
