@@ -112,23 +112,26 @@ def drorae_scaling(argv):
     (toy_scaling)."""
     if "--init-from" not in argv:
         return toy_scaling(argv)
-    p = argparse.ArgumentParser(prog="experiments.py drorae-scaling", description=drorae_scaling.__doc__)
+    p = data.ArgumentParser(prog="experiments.py drorae-scaling", description=drorae_scaling.__doc__)
     p.add_argument("--init-from", required=True, help="phase-1 checkpoint (rae or drorae)")
     p.add_argument("--data-path", required=True, help="training ImageFolder")
     p.add_argument("--eval-path", required=True, help="held-out ImageFolder")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--widths", type=int, nargs="+", default=[384, 768, 1536, 3072], help="expert hidden widths")
-    p.add_argument("--layer-counts", type=int, nargs="+", default=[3, 6, 12], help="numbers of fused blocks")
-    p.add_argument("--max-steps", type=int, default=5000, help="phase-2 budget of every run")
-    p.add_argument("--batch", type=int, default=50)
+    count = data.number(int, 1)
+    p.add_argument("--widths", type=count, nargs="+", default=[384, 768, 1536, 3072], help="expert hidden widths")
+    p.add_argument("--layer-counts", type=count, nargs="+", default=[3, 6, 12], help="numbers of fused blocks")
+    p.add_argument("--max-steps", type=count, default=5000, help="phase-2 budget of every run")
+    p.add_argument("--batch", type=count, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lanes", type=int, default=1, help="train.py runs at a time (more than one: one thread each)")
+    p.add_argument("--lanes", type=count, default=1, help="train.py runs at a time (more than one: one thread each)")
     p.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[], help="flags for evaluate.py (last)")
     args, train_args = p.parse_known_args(argv)
 
     ck = checkpoint.load_checkpoint(args.init_from, "tokenizer", ("rae", "drorae"), "1")
     depth = 1 + max(int(k.split(".")[2]) for k in ck["ema"] if k.startswith("encoder.blocks."))
     dim = ck["ema"]["decoder.decoder_embed.weight"].shape[1]
+    if max(args.layer_counts) > depth:
+        p.error(f"argument --layer-counts: {max(args.layer_counts)} blocks, the encoder of {args.init_from} has {depth}")
     grid = [(hidden, count, os.path.join(args.out_dir, f"h{hidden}-l{count}"))
             for hidden in args.widths for count in args.layer_counts]
     jobs = []

@@ -53,6 +53,12 @@ def test_scaling_command_on_tiny_preset(tmp_path, capsys):
     (tmp_path / "sc" / "commands.sh").unlink()
     again, _ = experiments.main(argv)  # finished runs are reused
     assert not (tmp_path / "sc" / "commands.sh").exists() and [r["psnr"] for r in again] == [r["psnr"] for r in rows]
+    for flag, value, says in (("--layer-counts", "5", "5 blocks, the encoder of"), ("--widths", "0", "must be ≥ 1"),
+                              ("--lanes", "-1", "must be ≥ 1")):  # the tiny encoder has 4 blocks
+        bad = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2 + (flag != "--lanes"):]
+        with pytest.raises(SystemExit, match=f"argument {flag}: {says}"):
+            experiments.main(bad + ["--out-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
 
 
 def test_list_and_unknown_study(capsys):
