@@ -217,26 +217,42 @@ def fill_cache(root, encode, images, batch_size, num_workers, device):
     order = iter([i for i, _ in loader.sampler])
     probe = encode(images[0][0][None].to(device))[0].cpu()
     dtype = np.float16 if probe.is_floating_point() else np.int16 if probe.max() < 2**15 else np.int32
-    path = Path(root) / "latents.npy"
+    path, labels = Path(root) / "latents.npy", Path(root) / "labels.tmp.npy"
     rank = dist.get_rank() if world > 1 else 0
     if rank == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(path, "w+", dtype, (2 * len(images), *probe.shape)).flush()
+        allocate(path, dtype, (2 * len(images), *probe.shape))
+        allocate(labels, np.int64, (2 * len(images),))
     if world > 1:
         dist.barrier()
-    z = np.load(path, mmap_mode="r+")
-    for x, _ in tqdm(loader, desc="latent cache", disable=rank != 0):
+    z, y = np.load(path, mmap_mode="r+"), np.load(labels, mmap_mode="r+")
+    for x, label in tqdm(loader, desc="latent cache", disable=rank != 0):
         rows = [next(order) for _ in range(len(x))]
         x = x.to(device)
         for flip, view in enumerate((x, x.flip(-1))):
             z[[2 * i + flip for i in rows]] = encode(view).cpu().numpy().astype(dtype)
-    z.flush()
+            y[[2 * i + flip for i in rows]] = label.numpy()  # an unreadable image's row: its replacement and its label
+    z.flush(), y.flush()
     if world > 1:
         dist.barrier()
     if rank == 0:
-        np.save(Path(root) / "labels.npy", np.repeat([label for _, label in images.samples], 2))
+        os.replace(labels, Path(root) / "labels.npy")
     if world > 1:
         dist.barrier()
+
+
+def allocate(path, dtype, shape):
+    """A new .npy memory map with its disk space reserved: a full disk is one line here, not a Bus error (SIGBUS)
+    when a later write lands on a page the file system cannot back."""
+    np.lib.format.open_memmap(path, "w+", dtype, shape).flush()
+    size = os.path.getsize(path)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        Path(path).unlink()
+        raise SystemExit(f"--latent-cache {Path(path).parent}: cannot reserve {size / 2**30:.2f} GiB for {Path(path).name} "
+                         f"({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -208,6 +208,36 @@ def test_latent_cache_holds_the_codes_of_each_image_and_its_mirror(tmp_path):
     assert ds[0][0].dtype == torch.long and [ds[i][1] for i in range(12)] == [0] * 6 + [1] * 6
 
 
+def test_latent_cache_rows_of_an_unreadable_image_and_a_full_disk(tmp_path, monkeypatch):
+    """An unreadable image's rows hold its replacement (the next readable image) with the replacement's label, never
+    another image's latents under its own label; a disk too small for the cache is one line and leaves no file."""
+    import errno
+
+    from PIL import Image
+
+    import data
+    tok, rng = FakeTokenizer(), np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    (tmp_path / "img" / "a" / "1.png").write_bytes(b"")  # image 1 (class a) unreadable: replaced by image 2 (class b)
+    images = data.ImageFolder(tmp_path / "img", size=8)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        data.fill_cache(tmp_path / "cache", tok.encode, images, 4, 0, "cpu")
+    ds = data.LatentCache(tmp_path / "cache", images)
+    assert [ds[i][1] for i in range(8)] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert all(torch.equal(ds[2 + k][0], ds[4 + k][0]) for k in (0, 1))
+    assert not (tmp_path / "cache" / "labels.tmp.npy").exists()
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(data.os, "posix_fallocate", full)
+    with pytest.raises(SystemExit, match=r"--latent-cache .*full: cannot reserve .* latents.npy \(No space left"):
+        data.fill_cache(tmp_path / "full", tok.encode, images, 4, 0, "cpu")
+    assert list((tmp_path / "full").iterdir()) == []
+
+
 def test_uniform_zero_draw_keeps_the_only_candidate(monkeypatch):
     logits = torch.tensor([[0.0, 3.0, 1.0]])
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
