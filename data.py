@@ -5,6 +5,7 @@ Randomness (crop offsets, flips) never touches the global RNG: every sample gets
 (seed, epoch, global position in the epoch), so data are identical across worker counts, world sizes and resumes.
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -279,6 +280,32 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def writable(flag, folder):
+    """Refuse in one line an output folder that cannot be made or written (a file in its place or above it, no
+    permission), before any work and without creating anything."""
+    for parent in [Path(folder).absolute(), *Path(folder).absolute().parents]:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise SystemExit(f"{flag} {folder}: {parent} is {'not a folder' if not parent.is_dir() else 'read-only'}")
+            return
+
+
+@contextlib.contextmanager
+def user_errors(script, downloads):
+    """A user's bad file found deep inside (model.read_state_dict's missing or unreadable weights, a config a model
+    refuses: FileNotFoundError / ValueError) or a failed offline download (RuntimeError "could not download {what}")
+    becomes one line; a download names the flag that takes a local file (`downloads`: what → flag)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    except RuntimeError as e:
+        if not str(e).startswith("could not download"):
+            raise
+        flag = next(f for what, f in downloads.items() if what in str(e))
+        raise SystemExit(f"{e} ({script} {flag} PATH)") from None
 
 
 def number(kind=int, low=None, high=None, above=False):

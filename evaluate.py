@@ -373,6 +373,7 @@ class NpzWriter:
     """Streams uint8 N×H×W×3 batches into `arr_0` of an npz (the ADM sample layout)."""
 
     def __init__(self, path, shape):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.zip = zipfile.ZipFile(path, "w")
         self.f = self.zip.open("arr_0.npy", "w", force_zip64=True)
         np.lib.format.write_array_header_1_0(self.f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
@@ -465,26 +466,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)  # before any work: a bad --out never wastes a run
-    except OSError as e:
-        raise SystemExit(f"--out {out}: cannot create its folder ({e.strerror})") from None
-    try:
+    for flag, path in (("--out", out), ("--save-stats", args.save_stats), ("--save-recon", args.save_recon)):
+        if path:  # before any work: a bad output path never wastes a run
+            data.writable(flag, Path(path).parent)
+    with data.user_errors("evaluate.py", {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg",
+                                          "LPIPS lin": "--lpips-lin", "FID Inception": "--inception-weights"}):
         res = run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad weights or inputs found deep inside: one line
-        raise SystemExit(str(e)) from None
-    except RuntimeError as e:  # an offline weights download (model.dinov2, losses.load_weights): one line
-        if not str(e).startswith("could not download"):
-            raise
-        flags = {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg", "LPIPS lin": "--lpips-lin",
-                 "FID Inception": "--inception-weights"}
-        flag = next(f for w, f in flags.items() if w in str(e))
-        raise SystemExit(f"{e} (evaluate.py {flag} PATH)") from None
     rank = rank_world()[0]
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank == 0:
         print(table(res))
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
         print(f"wrote {out}")
     return res
@@ -517,6 +510,7 @@ def run(args):
         ref = reference(args.ref, extract, samples.size)
         res.update(compare(st, ref) if rank_world()[0] == 0 else {})
     if args.save_stats and rank_world()[0] == 0:
+        Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_stats, **st)
     return res
 

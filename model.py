@@ -235,7 +235,7 @@ def read_state_dict(path):
     pickle (`.pth`, `.pt`, `pytorch_model.bin`, loaded with weights_only=True)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} not found")
+        raise FileNotFoundError(f"{path} not found")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -749,7 +749,7 @@ def save_stats(stats, path):
 
 def load_stats(path):
     """Read a stats file (ours or the released RAE `stat.pt`, whose DINOv2-B file has mean = None)."""
-    stats = torch.load(path, map_location="cpu", weights_only=True)
+    stats = read_state_dict(path)
     if not isinstance(stats, dict) or "var" not in stats:
         raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
     return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}

@@ -144,6 +144,7 @@ def main(argv=None):
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
     name = args.name or run_name(ck, tok, args, n)
     out = Path(args.out_dir)
+    data.writable("--out-dir", out)
     out.mkdir(parents=True, exist_ok=True)
 
     batches = [range(s, min(s + args.batch, n)) for s in range(0, n, args.batch)][rank::world]

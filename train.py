@@ -838,17 +838,16 @@ def main(argv=None):
         args.out_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     if not args.data_path:
         raise SystemExit("--data-path is required")
+    data.writable("--out-dir", args.out_dir)
+    if args.latent_cache:
+        data.writable("--latent-cache", args.latent_cache)
     rank, world, device = data.setup_distributed(args.device)
     stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
     handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        train(args, rank, world, device, stop)
-    except RuntimeError as e:  # offline: a weights download failed; one line naming the flag that takes the file
-        if not str(e).startswith("could not download"):
-            raise
-        flag = next(f for w, f in DOWNLOADS.items() if w in str(e))
-        raise SystemExit(f"{e} (train.py {flag} PATH)") from None
+        with data.user_errors("train.py", DOWNLOADS):
+            train(args, rank, world, device, stop)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
