@@ -533,7 +533,10 @@ ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None
         ("--shallow-weight", 0)]),
     **{f"ideal_s{k}": ("ideal", "1", None, lambda depth, k=k: [("--shallow-layer", k * depth // 6)])  # toy blocks
        for k in (0, 2, 3)},  # 0, 2, 3 of 6 (default 1); DINOv2-B: 0, 4, 6 of 12 (default 3)
-    **{f"ideal_b{k}": ("ideal_deep_only", "1", None, [("--deep-layer", k)]) for k in (0, 1, 3)}}  # one block alone
+    **{f"ideal_b{k}": ("ideal_deep_only", "1", None, [("--deep-layer", k)]) for k in (0, 1, 3)},  # one block alone
+    **{f"ideal_{name}": ("ideal", "1", None, [(flag, value)]) for name, flag, value in (  # the codebook's knobs
+        ("d8", "--code-dim", 8), ("k256", "--codebook-size", 256), ("h0", "--entropy-weight", 0),
+        ("h0.1", "--entropy-weight", 0.1), ("t1", "--entropy-temperature", 1))}}
 
 CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
 GENERATOR_RUNS = {  # generator key → (tokenizer key, {world: train.py flags set on the main generator's command})
@@ -877,6 +880,14 @@ def ideal_layers(argv):
                            "ideal_deep_only", IDEAL_RECON, generate=False)
 
 
+def ideal_codebook(argv):
+    """Ideal's codebook usage (paper: 100% of 16,384 codes) against the recipe's knobs: an 8-dim code lookup (the
+    published one, 768 → 64, is 12× narrower than the width; the toy's 64 is its width), 256 codes (4× the tokens per
+    code), no entropy term or 10× its weight, entropy temperature 1 (recipe: 0.01). No dead-code restart anywhere."""
+    return tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256", "ideal_h0", "ideal_h0.1",
+                                                    "ideal_t1"), "ideal", IDEAL_RECON, generate=False)
+
+
 def ideal_generation(argv):
     """Ideal's generation claim in the toy: the GPT on Ideal's codes against the GPT on deep-only codes, sampled
     without guidance and with CFG 1.5, 2, 3 (the main table's) and 5."""
@@ -913,6 +924,8 @@ STUDIES = {
     "ideal-shallow": (ideal_shallow, "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
     "ideal-layers": (ideal_layers, "Ideal Table 1: one block's feature quantised at several depths; reconstruction "
                                    "and a class probe of the codes"),
+    "ideal-codebook": (ideal_codebook, "Ideal's codebook usage: code dimension, codebook size, entropy weight and "
+                                       "temperature"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),

@@ -91,7 +91,8 @@ TOKENIZER_CONFIG = {
     "unfreeze": BASE_CONFIG + ("noise_tau", "noise", "distill"),
     "concat": BASE_CONFIG + ("noise_tau", "noise", "concat_dim", "query_layers", "query_heads", "query_mlp_ratio"),
     "ideal": BASE_CONFIG + ("shallow_layer", "deep_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta",
-                            "entropy_weight", "restart_dead", "shallow_weight", "fuse_heads", "feat_depth", "feat_heads"),
+                            "entropy_weight", "entropy_temperature", "restart_dead", "shallow_weight", "fuse_heads",
+                            "feat_depth", "feat_heads"),
 }
 DISCRIMINATORS = {"S8": {},  # DINO ViT-S/8 at 224 (losses.Discriminator defaults); tiny: random, for tests
                   "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
@@ -162,6 +163,7 @@ def parse_args(argv=None):
     a("--code-dim", type=data.number(int, 1), default=64)
     a("--commit-beta", type=data.number(float, 0), default=0.25, help="VQ commitment weight")
     a("--entropy-weight", type=data.number(float, 0), default=0.01)
+    a("--entropy-temperature", type=data.number(float, 0, above=True), default=0.01, help="entropy term's softmax T")
     a("--restart-dead", action="store_true", help="restart codes unused for a whole usage window")
     a("--shallow-weight", type=data.number(float, 0), default=1.0)
     a("--fuse-heads", type=data.number(int, 1), default=12)

@@ -200,7 +200,8 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
 
     parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
     for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers", "decq-tradeoff",
-                  "decq-convergence", "ideal-fusion", "ideal-shallow", "ideal-layers", "ideal-generation"):
+                  "decq-convergence", "ideal-fusion", "ideal-shallow", "ideal-layers", "ideal-codebook",
+                  "ideal-generation"):
         experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
                           "--eval-path", "in/val"])
         for line in capsys.readouterr().out.strip().splitlines():
