@@ -215,7 +215,8 @@ def parse_args(argv=None):
     a("--micro-batch", type=data.number(int, 1), default=32, help="per-process batch of one forward/backward")
     a("--clip-grad", type=data.number(float, 0), default=0.0, help="max gradient norm (0: off)")
     a("--ema", type=data.number(float, 0, 1), default=0.9978)
-    a("--precision", choices=("fp32", "bf16"), default="fp32")
+    a("--precision", choices=("fp32", "bf16"), default=None, help="default: the recipe's — bf16 autocast for Ideal "
+      "(its official code), fp32 otherwise (RAE: bf16 NaNs in the DiT); fp32 off CUDA")
     a("--fsdp", action="store_true", help="generator phase: shard parameters, gradients, AdamW state and EMA over the "
       "processes (torch FSDP2, a unit per block; no training grids) — for GPT-3B, whose fp32 AdamW state fills a GPU")
     a("--compile", action="store_true")
@@ -231,6 +232,9 @@ def parse_args(argv=None):
     p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset],
                       **{k: v for k, v in tiny.items() if k in vars(pre)}})
     args = p.parse_args(argv)
+    if args.precision is None:
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.precision = "bf16" if args.method == "ideal" and cuda else "fp32"
     if (args.method, args.phase) not in PHASES:
         valid = ", ".join(f for m, f in PHASES if m == args.method)
         raise SystemExit(f"--method {args.method} has no phase {args.phase} (valid: {valid})")
@@ -256,6 +260,8 @@ def resumed_args(p, argv, args):
     unset = object()
     given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
              .items() if v is not unset}
+    if "precision" in given:  # may change: a bf16 run that met a non-finite loss continues in fp32
+        saved = dict(saved, precision=given["precision"])
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
     checked = PER_INVOCATION + ("method", "phase")  # method and phase: train() names the checkpoint's own
     changed = [k for k, v in given.items() if k not in checked and k in saved and norm(v) != norm(saved[k])]
@@ -478,12 +484,13 @@ def discriminator_loss(d_net, real, fake, args, lecam=None):
     return d + terms.get("lecam", 0) + terms.get("cr", 0), terms
 
 
-def check_finite(loss, step, world, out):
+def check_finite(loss, step, world, out, precision):
     """Stop every rank, before the optimizer step, when the loss is not finite (the last checkpoint stays)."""
     if any_rank(not math.isfinite(loss), world, loss.device):
         kept = (f"last good checkpoint kept in {out}" if (Path(out) / "ckpt-last.pt").exists() else
                 f"no checkpoint was written yet ({out})")
-        raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}")
+        hint = "; it ran under --precision bf16: try --precision fp32" if precision == "bf16" else ""
+        raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}{hint}")
 
 
 class TokenizerTrainer:
@@ -541,7 +548,7 @@ class TokenizerTrainer:
             disc.eval()  # D is fixed during the generator update
         logs = accumulate(self.net, xs, lambda x: tokenizer_loss(self.net, x, a, self.lpips, disc if gan else None,
                                                                  self.last_layer))
-        check_finite(logs["loss"], step, self.world, out)
+        check_finite(logs["loss"], step, self.world, out, self.args.precision)
         logs.update(getattr(tok, "last_stats", {}))  # e.g. codebook usage and perplexity (Ideal)
         if a.clip_grad > 0:
             params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -687,7 +694,7 @@ class GeneratorTrainer:
     def step(self, batches, step, out):
         self.gen.train()
         logs = accumulate(self.net, batches, self.loss)
-        check_finite(logs["loss"], step, self.world, out)
+        check_finite(logs["loss"], step, self.world, out, self.args.precision)
         if self.args.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.gen.parameters(), self.args.clip_grad)
             logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
