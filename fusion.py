@@ -50,8 +50,9 @@ def mean_fuse(hs):
 
 def incremental_correction(z_base, z_fuse, beta):
     """DRoRAE Eq. 5: z = LN₀(z_base + β(z_fuse − z_base)). At β = 0 the equation is z_base up to LN₀'s
-    rounding (LN₀∘LN₀ = LN₀ only in exact arithmetic), so β = 0 returns z_base itself: RAE bit for bit."""
-    return z_base if beta == 0 else ln0(torch.lerp(z_base, z_fuse, beta))
+    rounding (LN₀∘LN₀ = LN₀ only in exact arithmetic), so β = 0 returns z_base itself: RAE bit for bit. Under bf16
+    autocast z_fuse is bf16 and z_base fp32 (lerp takes one dtype)."""
+    return z_base if beta == 0 else ln0(torch.lerp(z_base, z_fuse.to(z_base.dtype), beta))
 
 
 def routing_smoothness(w, h, wd):
