@@ -186,16 +186,16 @@ for _mode, _label in SAMPLINGS.items():
 
 def study_args(name, argv, seeds=(0, 1, 2)):
     """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
-    p = argparse.ArgumentParser(prog=f"experiments.py {name}")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    p = data.ArgumentParser(prog=f"experiments.py {name}")
+    p.add_argument("--seeds", type=data.number(int, 0), nargs="+", default=list(seeds))
     p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
-    p.add_argument("--lanes", type=int, default=2, help="runs at a time (toy world: one per core)")
+    p.add_argument("--lanes", type=data.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--world", choices=("toy", "imagenet"), default="toy")
     p.add_argument("--data-path", help="imagenet world: the training ImageFolder")
     p.add_argument("--eval-path", help="imagenet world: the held-out ImageFolder (ImageNet val)")
     p.add_argument("--ref", help="imagenet world: ADM reference batch for gFID (default: --eval-path images)")
-    p.add_argument("--gpus", type=int, default=8, help="imagenet world: processes per run (torchrun)")
+    p.add_argument("--gpus", type=data.number(int, 1), default=8, help="imagenet world: processes per run (torchrun)")
     args, extra = p.parse_known_args(argv)
     if args.world == "imagenet" and not (args.data_path and args.eval_path):
         p.error("--world imagenet needs --data-path TRAIN and --eval-path VAL")
