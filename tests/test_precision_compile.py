@@ -88,9 +88,17 @@ def test_compile_under_torchrun_two_processes(world):
     assert plain_names(root / "ddp-compile" / "dit/gen")
 
 
+@pytest.fixture
+def eager_random(monkeypatch):
+    """Compiled graphs draw their random numbers (latent noise, dropout) with inductor's own generator unless told to
+    fall back to eager's: with it, a compiled step sees the eager step's noise and can be compared to it."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("key", STEPS)
-def test_compile_step_matches_eager(world, key):
+def test_compile_step_matches_eager(world, key, eager_random):
     root, images = world
     eager, compiled = (step(root, images, key, name, extra)[0]["loss"]
                        for name, extra in (("eager", []), ("compile", ["--compile"])))
@@ -100,7 +108,7 @@ def test_compile_step_matches_eager(world, key):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["rae/1", "dit/gen"])
-def test_compiled_run_resumes_like_an_eager_one(world, key):
+def test_compiled_run_resumes_like_an_eager_one(world, key, eager_random):
     """Two steps as 1 + resume + 1, compiled and eager: the same weights up to kernel rounding (inductor's fused
     kernels sum in another order, so not bitwise)."""
     root, images = world
