@@ -252,8 +252,8 @@ def allocate(path, dtype, shape):
             os.posix_fallocate(f.fileno(), 0, size)
     except OSError as e:
         Path(path).unlink()
-        raise SystemExit(f"--latent-cache {Path(path).parent}: cannot reserve {size / 2**30:.2f} GiB for {Path(path).name} "
-                         f"({e.strerror})") from None
+        raise SystemExit(f"--latent-cache {Path(path).parent}: cannot reserve {size / 2**30:.2f} GiB for "
+                         f"{Path(path).name} ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,7 +288,8 @@ def writable(flag, folder):
     for parent in [Path(folder).absolute(), *Path(folder).absolute().parents]:
         if parent.exists():
             if not parent.is_dir() or not os.access(parent, os.W_OK):
-                raise SystemExit(f"{flag} {folder}: {parent} is {'not a folder' if not parent.is_dir() else 'read-only'}")
+                what = "not a folder" if not parent.is_dir() else "read-only"
+                raise SystemExit(f"{flag} {folder}: {parent} is {what}")
             return
 
 

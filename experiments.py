@@ -131,7 +131,8 @@ def drorae_scaling(argv):
     depth = 1 + max(int(k.split(".")[2]) for k in ck["ema"] if k.startswith("encoder.blocks."))
     dim = ck["ema"]["decoder.decoder_embed.weight"].shape[1]
     if max(args.layer_counts) > depth:
-        p.error(f"argument --layer-counts: {max(args.layer_counts)} blocks, the encoder of {args.init_from} has {depth}")
+        p.error(f"argument --layer-counts: {max(args.layer_counts)} blocks, the encoder of {args.init_from} has "
+                f"{depth}")
     grid = [(hidden, count, os.path.join(args.out_dir, f"h{hidden}-l{count}"))
             for hidden in args.widths for count in args.layer_counts]
     jobs = []

@@ -341,18 +341,23 @@ def parse_args(argv=None):
                    help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
     p.add_argument("--vfm-steps", type=data.number(int, 1), default=1500)
     p.add_argument("--vfm-pool", type=data.number(int, 1), default=4096, help="scenes rendered for VFM pretraining")
-    p.add_argument("--probe-images", type=data.number(int, 1), default=2000, help="images of the colour probe (half fit, half test)")
+    p.add_argument("--probe-images", type=data.number(int, 1), default=2000,
+                   help="images of the colour probe (half fit, half test)")
     p.add_argument("--train-images", type=data.number(int, 1), default=4096)
     p.add_argument("--test-images", type=data.number(int, 1), default=1000, help="held-out images for PSNR / SSIM / FD")
     p.add_argument("--tok-epochs", type=data.number(int, 1), default=12, help="epochs of every tokenizer run")
     p.add_argument("--gen-epochs", type=data.number(int, 1), default=5,
                    help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
     p.add_argument("--batch", type=data.number(int, 1), default=64)
-    p.add_argument("--lr", type=data.number(float, 0, above=True), default=2e-3, help="peak learning rate of the tokenizers")
-    p.add_argument("--gen-lr", type=data.number(float, 0, above=True), default=4e-3, help="peak learning rate of the generators")
+    p.add_argument("--lr", type=data.number(float, 0, above=True), default=2e-3,
+                   help="peak learning rate of the tokenizers")
+    p.add_argument("--gen-lr", type=data.number(float, 0, above=True), default=4e-3,
+                   help="peak learning rate of the generators")
     p.add_argument("--samples-per-class", type=data.number(int, 1), default=64)
-    p.add_argument("--scale", type=data.number(float, 0), default=3.0, help="classifier-free guidance scale of the samples")
-    p.add_argument("--lanes", type=data.number(int, 1), default=2, help="train.py / sample.py runs at a time (one per core)")
+    p.add_argument("--scale", type=data.number(float, 0), default=3.0,
+                   help="classifier-free guidance scale of the samples")
+    p.add_argument("--lanes", type=data.number(int, 1), default=2,
+                   help="train.py / sample.py runs at a time (one per core)")
     return p.parse_args(argv)
 
 
