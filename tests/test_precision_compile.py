@@ -1,8 +1,8 @@
 """The GPU path as far as a CPU proves it: one training step of every method's tokenizer phase and of both generators
 under `--precision bf16` (finite, near fp32) and under `--compile` (the eager loss), `--compile` under torchrun with two
 gloo processes, a compiled run stopped and resumed, and the plain parameter names in compiled runs' checkpoints.
-Compiling costs about a minute per graph on 2 CPU cores (cold cache): CI runs the two-process DiT-DH one; `-m slow`
-runs every phase."""
+Compiling costs 15–40 s per graph on 2 CPU cores (cold cache; all of `-m slow` 3 min 39 s): CI runs the two-process
+DiT-DH one, `-m slow` every phase."""
 import math
 
 import pytest
