@@ -68,11 +68,9 @@ def load_guide(path, ck, tok, device):
     """AutoGuidance's weaker generator, refused in one line unless it generates the main generator's latents: the same
     tokenizer (config), statistics, latent shape and classes."""
     guide, _, g = checkpoint.load_generator(path, device, tok)
-    same_stats = ck["stats"].keys() == g["stats"].keys() and all(
-        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-        for a, b in ((ck["stats"][k], g["stats"][k]) for k in ck["stats"]))
     shape = ("in_channels", "input_size", "num_queries", "num_classes")
-    if g["tokenizer"]["config"] != ck["tokenizer"]["config"] or not same_stats:
+    if (g["tokenizer"]["config"] != ck["tokenizer"]["config"]
+            or checkpoint.identity(g["stats"]) != checkpoint.identity(ck["stats"])):
         raise SystemExit(f"--guide {path}: trained on another tokenizer or other statistics than --ckpt")
     differ = [f"{k} {g['config'].get(k)} vs {ck['config'].get(k)}" for k in shape
               if g["config"].get(k) != ck["config"].get(k)]

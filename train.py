@@ -617,7 +617,9 @@ class GeneratorTrainer:
         self.args, self.world, self.device = args, world, device
         self.tok = checkpoint.load_tokenizer(tck, device)
         self.tokenizer = dict(path=str(Path(tck["path"]).resolve()), config=tck["config"],
-                              identity=checkpoint.identity(tck["ema"], tck["config"]))
+                              identity=checkpoint.identity(tck["ema"], tck["config"]))  # hashed once, here
+        if resume is not None and resume["tokenizer"].get("identity") not in (None, self.tokenizer["identity"]):
+            raise SystemExit(f"--tokenizer {tck['path']}: not the tokenizer this run was trained with")
         self.token_grid = self.tok.decoder.grid
         self.stats = None
         if not self.tok.num_codes:
@@ -753,9 +755,6 @@ def train(args, rank, world, device, stop):
             raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
                              "checkpoint")
         tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)
-        if resume is not None and resume["tokenizer"].get("identity") not in (
-                None, checkpoint.identity(tck["ema"], tck["config"])):
-            raise SystemExit(f"--tokenizer {tok_path}: not the tokenizer this run was trained with")
         dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
         if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
             raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "
