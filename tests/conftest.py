@@ -1,4 +1,4 @@
-"""Shared test setup: deterministic, 2 threads, repo root on the path, the shared reference fixtures."""
+"""Test setup: deterministic, 2 threads, repo root on the path, the golden fixtures in tests/fixtures."""
 import os
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REFERENCE = ROOT.parent / "shared" / "reference"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 torch.set_num_threads(2)
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_torch_home"))  # never touch a real hub cache
@@ -20,7 +20,7 @@ def _seed():
 
 
 def reference(name):
-    """Path of a golden fixture in ../shared/reference (CI clones the repo with shared/ beside it)."""
-    path = REFERENCE / name
-    assert path.exists(), f"reference fixture {path} not found: check out shared/ beside the repo"
+    """Path of a golden fixture of the official code (tests/fixtures/README.md says what each holds)."""
+    path = FIXTURES / name
+    assert path.exists(), f"golden fixture {path} is missing from the checkout"
     return path

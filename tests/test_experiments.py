@@ -174,11 +174,11 @@ def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
     assert {"psnr", "fd_recon", "fd_none", "fd_ag"} <= set(phases["table"]["drorae_joint"])
     commands = (runs / "commands.sh").read_text()
     assert "--phase joint" in commands and "--guide" in commands and "--scale 1.5" in commands
-    shared = {p: p.stat().st_mtime_ns for p in (runs / "logs").iterdir()}
+    reused = {p: p.stat().st_mtime_ns for p in (runs / "logs").iterdir()}
     routing = experiments.main(["drorae-routing", *base])
     assert set(routing["table"]) == set(experiments.ROUTING_ROWS)
     assert "psnr_p2" in routing["table"]["softmax_p3"] and "psnr_p2" not in routing["table"]["mean_p3"]
-    assert all(p.stat().st_mtime_ns == t for p, t in shared.items())  # nothing of drorae-phases ran again
+    assert all(p.stat().st_mtime_ns == t for p, t in reused.items())  # nothing of drorae-phases ran again
     commands = (runs / "commands.sh").read_text()
     assert "--router mean" in commands and "--beta 0.5" in commands and "--router softmax" in commands
     maps = experiments.main(["drorae-routing-maps", *base])
