@@ -8,6 +8,7 @@ the only one that knows every method. A checkpoint is a dict written atomically 
       latent statistics it was trained on; None for codes).
 """
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -22,7 +23,19 @@ import vq
 
 TOKENIZERS = {"rae": model.RAE, "drorae": fusion.DRoRAE, "decq": queries.DecQ, "ideal": vq.Ideal,
               "unfreeze": queries.Unfrozen, "concat": queries.FeatureConcat}  # the last two: DecQ's Table 3 baselines
-TINY = {"ideal": vq.IDEAL_PRESETS["tiny"]}  # a method's own settings under train.py --preset tiny (4-block encoder)
+TINY = {**dict.fromkeys(TOKENIZERS, model.TOKENIZER_PRESETS["tiny"]),
+        "ideal": vq.IDEAL_PRESETS["tiny"]}  # each method's tokenizer under train.py --recipe tiny (4-block encoder)
+
+
+def tokenizer_knobs(method):
+    """A tokenizer's knobs: its constructor's keywords with their defaults (the paper's), through the **rae keywords it
+    passes on to its base class; train.py sets them with --tok key=value."""
+    knobs = {}
+    for cls in TOKENIZERS[method].__mro__:
+        params = inspect.signature(cls.__init__).parameters.values()
+        knobs.update({p.name: p.default for p in params if p.default is not p.empty and p.name not in knobs})
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return knobs
 
 
 def build_tokenizer(config, **overrides):

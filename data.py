@@ -306,7 +306,7 @@ def user_errors(script, downloads):
         if not str(e).startswith("could not download"):
             raise
         flag = next(f for what, f in downloads.items() if what in str(e))
-        raise SystemExit(f"{e} ({script} {flag} PATH)") from None
+        raise SystemExit(f"{e} ({script} {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
 
 
 def number(kind=int, low=None, high=None, above=False):

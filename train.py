@@ -14,19 +14,19 @@ same loop (section 6).
     python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     torchrun --nproc_per_node=8 train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     python train.py --method rae --phase 1 --data-path imagenet/train --resume runs/rae   # continues exactly
-    python train.py --method rae --phase 1 --preset tiny --data-path DIR --out-dir runs/smoke   # CPU, no downloads
+    python train.py --method rae --phase 1 --recipe tiny --data-path DIR --out-dir runs/smoke   # CPU, no downloads
 
 Exact resume: data order and augmentation are functions of (seed, epoch, position) (data.py), the RNG states of
 every rank are saved, so N steps + resume + N steps equals 2N straight steps bitwise (CPU, same process count).
 """
 import argparse
+import ast
 import collections
 import contextlib
 import copy
 import json
 import math
 import random
-import re
 import signal
 import time
 from pathlib import Path
@@ -49,228 +49,278 @@ import losses
 import model
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Methods, phases, presets, flags
+# 1. Recipes and the command line
 # ----------------------------------------------------------------------------------------------------
 
-METHODS = ("rae", "drorae", "decq", "ideal", "unfreeze", "concat")  # the last two: DecQ Table 3 baselines
-# (method, phase) → `init`: what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer;
-# `defaults`: the recipe where it differs from RAE's decoder training (README, Decisions). A new method or phase plugs
-# in here, in TOKENIZER_CONFIG (+ its flags) and in checkpoint.TOKENIZERS.
-DIT_RECIPE = dict(lr=2e-4, lr_min=2e-5, global_batch=1024, clip_grad=1.0, ema=0.9995, epochs=800, warmup_epochs=0,
-                  schedule="linear", decay_start_epoch=40)  # RAE stage-2 recipe (released RAE code)
-PHASES = {
-    ("rae", "1"): {},
-    ("drorae", "1"): {},
-    ("drorae", "2"): dict(init=(("rae", "drorae"), "1")),
-    ("drorae", "3"): dict(init=(("drorae",), "2")),
-    ("drorae", "joint"): dict(init=(("rae", "drorae"), "1")),  # the §3.3 ablation: fusion + decoder at once
-    ("decq", "1"): {},
-    ("unfreeze", "1"): {},
-    ("concat", "1"): {},
-    ("ideal", "1"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, rec_loss="l2", crop="random", flip=True,
-                                       gan_weight=0.5, adaptive_gan=False, diffaug="color,translation,cutout_0.2",
-                                       diffaug_prob=0.5, disc_cr=4.0, lecam=0.001, warmup_epochs=4, lr_min=1e-5,
-                                       ema=0.9999,
-                                       gan_start_step=20000, disc_start_step=20000, clip_grad=1.0, global_batch=256,
-                                       epochs=50)),  # Ideal App. A.1, Table 8 (README, Decisions)
-    ("rae", "gen"): dict(defaults=DIT_RECIPE),
-    ("drorae", "gen"): dict(defaults=DIT_RECIPE),
-    ("decq", "gen"): dict(defaults=DIT_RECIPE),
-    ("unfreeze", "gen"): dict(defaults=DIT_RECIPE),
-    ("concat", "gen"): dict(defaults=DIT_RECIPE),
-    ("ideal", "gen"): dict(defaults=dict(lr=1e-4, weight_decay=0.05, global_batch=256, clip_grad=1.0, epochs=300,
-                                         warmup_epochs=0, schedule="constant", ema=0.9999)),  # Ideal Table 9
+# Every (method, phase) is one complete row: every value the run uses. Flat keys are the training recipe (each a
+# flag below); `loss` is the tokenizer objective (--loss key=value), `gen` the generator (--gen key=value); `init`
+# is what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer. The tokenizer's own knobs
+# are its constructor's keywords with the paper's defaults (--tok key=value, checked against its signature), so a
+# row names only the ones it changes (`tok`). A new method adds its rows here and its class to checkpoint.TOKENIZERS.
+RUN = dict(workers=8, log_every=50, ckpt_every=1000, keep_every=0, keep_every_epochs=0, grid_every=1000)
+RAE_DECODER = dict(  # RAE stage 1: the ViT decoder on a frozen encoder (released RAE code; DECISIONS.md)
+    **RUN, epochs=16, global_batch=512, micro_batch=32, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
+    warmup_epochs=1.0, schedule="cosine", decay_start_epoch=40, clip_grad=0.0, ema=0.9978, precision="fp32",
+    crop="resize", resize=384, flip=False,
+    loss=dict(rec_loss="l1", lpips_weight=1.0, lpips_weights="official", vgg_weights="official", gan_weight=0.75,
+              adaptive_gan=True, disc="S8", disc_weights="official", disc_start_epoch=6, gan_start_epoch=8,
+              disc_start_step=None, gan_start_step=None, diffaug="color,translation", diffaug_prob=1.0, disc_cr=0.0,
+              lecam=0.0))
+IDEAL_TOKENIZER = dict(  # Ideal App. A.1, Table 8 and its official code (bf16 autocast; DECISIONS.md)
+    RAE_DECODER, epochs=50, global_batch=256, lr=1e-4, lr_min=1e-5, weight_decay=0.05, warmup_epochs=4,
+    clip_grad=1.0, ema=0.9999, precision="bf16", crop="random", flip=True,
+    loss=dict(RAE_DECODER["loss"], rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
+              diffaug="color,translation,cutout_0.2", diffaug_prob=0.5, disc_cr=4.0, lecam=0.001,
+              disc_start_step=20000, gan_start_step=20000))
+DIT_DH = dict(  # RAE stage 2: DiT-DH by flow matching (released RAE code)
+    **RUN, epochs=800, global_batch=1024, micro_batch=32, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
+    warmup_epochs=0, schedule="linear", decay_start_epoch=40, clip_grad=1.0, ema=0.9995, precision="fp32",
+    num_classes=1000, stats_batches=None,
+    gen=dict(dit="XL", dit_head=True, t_dist="logit-normal", p_uncond=0.1, query_weight=1.0, query_out="shared"))
+GPT = dict(  # Ideal Table 9: the LlamaGen-style GPT on codes (bf16 autocast, official code)
+    DIT_DH, epochs=300, global_batch=256, lr=1e-4, weight_decay=0.05, schedule="constant", ema=0.9999,
+    precision="bf16", gen=dict(gpt="B", p_uncond=0.1))
+RECIPES = {
+    ("rae", "1"): RAE_DECODER,
+    ("drorae", "1"): RAE_DECODER,
+    ("drorae", "2"): dict(RAE_DECODER, init=(("rae", "drorae"), "1")),  # fusion only
+    ("drorae", "3"): dict(RAE_DECODER, init=(("drorae",), "2")),  # decoder fine-tune
+    ("drorae", "joint"): dict(RAE_DECODER, init=(("rae", "drorae"), "1")),  # the §3.3 ablation: fusion + decoder
+    ("decq", "1"): RAE_DECODER,
+    ("unfreeze", "1"): RAE_DECODER,  # DecQ Table 3 baselines
+    ("concat", "1"): RAE_DECODER,
+    ("ideal", "1"): IDEAL_TOKENIZER,
+    **{(m, "gen"): DIT_DH for m in ("rae", "drorae", "decq", "unfreeze", "concat")},
+    ("ideal", "gen"): GPT,
 }
-# Tokenizer config keys filled from flags, per method ("key:flag_dest" where the names differ).
-BASE_CONFIG = ("encoder", "encoder_weights", "decoder", "decoder_weights", "image_size", "encoder_size")
-TOKENIZER_CONFIG = {
-    "rae": BASE_CONFIG + ("noise_tau", "noise"),
-    "drorae": BASE_CONFIG + ("noise_tau", "noise", "fusion_hidden", "fusion_layers", "beta", "route_eps", "smoothness",
-                         "router"),
-    "decq": BASE_CONFIG + ("noise_tau", "noise", "num_queries", "query_layers", "query_heads", "query_mlp_ratio"),
-    "unfreeze": BASE_CONFIG + ("noise_tau", "noise", "distill"),
-    "concat": BASE_CONFIG + ("noise_tau", "noise", "concat_dim", "query_layers", "query_heads", "query_mlp_ratio"),
-    "ideal": BASE_CONFIG + ("shallow_layer", "deep_layer", "fuse", "codebook_size", "code_dim", "beta:commit_beta",
-                            "entropy_weight", "entropy_temperature", "restart_dead", "shallow_weight", "fuse_heads",
-                            "feat_depth", "feat_heads"),
-}
+TINY = dict(  # --recipe tiny, over any row: CPU smoke runs and tests, no downloads, tiny random models
+    resize=80, global_batch=8, micro_batch=4, epochs=4, warmup_epochs=0, lr=1e-3, lr_min=1e-4, num_classes=10,
+    log_every=1, grid_every=50, workers=0,
+    loss=dict(disc_start_epoch=2, gan_start_epoch=3, lpips_weights="random", vgg_weights="random",
+              disc_weights="random", disc="tiny"),
+    gen=dict(dit="tiny", gpt="tiny"))
 DISCRIMINATORS = {"S8": {},  # DINO ViT-S/8 at 224 (losses.Discriminator defaults); tiny: random, for tests
                   "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
-PRESETS = {  # presets fill defaults; explicit flags win
-    "published": {},  # the flag defaults are the published recipes (DINOv2-B/14-reg, ViT-XL decoder, DiT-DH-XL)
-    "tiny": dict(  # CPU smoke runs and tests: no downloads, tiny random models (model.TOKENIZER_PRESETS["tiny"])
-        **{k: v for k, v in model.TOKENIZER_PRESETS["tiny"].items() if k != "method"}, resize=80, global_batch=8,
-        micro_batch=4, epochs=4, warmup_epochs=0, lr=1e-3, lr_min=1e-4, disc_start_epoch=2, gan_start_epoch=3,
-        lpips_weights="random", vgg_weights="random", disc_weights="random", disc="tiny", dit="tiny", gpt="tiny",
-        num_classes=10, log_every=1, grid_every=50, workers=0),
-}
+CHOICES = dict(rec_loss=("l1", "l2"), disc=tuple(DISCRIMINATORS), dit=tuple(dit.PRESETS), gpt=tuple(ar.GPT_PRESETS),
+               t_dist=("logit-normal", "uniform"), query_out=("shared", "separate"))
+PROBABILITIES = ("diffaug_prob", "p_uncond")
+PER_INVOCATION = ("resume", "out_dir", "max_steps", "stop_epoch", "device", "workers", "log_every", "ckpt_every",
+                  "keep_every", "keep_every_epochs", "grid_every", "compile", "tokenizer", "precision",
+                  "print_config")  # --resume may change these
+
+
+def recipe(method, phase, name="published"):
+    """The complete row of (method, phase), with --recipe tiny's values over it (and the tiny tokenizer)."""
+    row = copy.deepcopy(RECIPES[(method, phase)])
+    if name == "tiny":
+        for k, v in TINY.items():
+            if isinstance(v, dict) and k in row:
+                row[k].update(v)
+            elif k in row:
+                row[k] = v
+        row["tok"] = {k: v for k, v in checkpoint.TINY[method].items() if k != "method"}
+    return row
+
+
+def literal(key, text, default):
+    """A key=value's value, typed like the knob's default (a number, a bool, a string) or, where the default is None, a
+    JSON / Python literal (numbers, lists, dicts, None; a path for *_weights). Numbers must be finite and ≥ 0: every
+    knob here is a size, count, block index, weight, rate, probability or epoch."""
+    try:
+        if isinstance(default, bool):
+            value = {"true": True, "false": False}[text.lower()]
+        elif isinstance(default, (int, float)):
+            value = type(default)(float(text) if isinstance(default, float) else int(text))
+        elif isinstance(default, str) and not text.lstrip().startswith("{"):  # a dict: e.g. encoder={"depth": 4}
+            value = text
+        else:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = ast.literal_eval(text)
+    except (KeyError, ValueError, SyntaxError):
+        if default is not None or not key.endswith("weights"):  # a None default: a number, a list, or a weights path
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a number or a list")
+            raise ValueError(f"{key} takes {kind}, got {text}") from None
+        value = text
+    numbers = [v for v in (value if isinstance(value, (list, tuple)) else [value])
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if any(not math.isfinite(v) or v < 0 for v in numbers):
+        raise ValueError(f"{key} must be finite and ≥ 0, got {text}")
+    return value
+
+
+def knob_values(flag, pairs, defaults, what):
+    """`--tok|--loss|--gen key=value …` → {key: typed value}; an unknown key or a bad value is one line."""
+    values = {}
+    for pair in pairs or ():
+        key, eq, text = pair.partition("=")
+        if not eq or key not in defaults:
+            raise SystemExit(f"{flag} {pair}: {what} has no knob '{key}' (knobs: {', '.join(defaults)})")
+        try:
+            values[key] = literal(key, text, defaults[key])
+        except ValueError as e:
+            raise SystemExit(f"{flag} {pair}: {e}") from None
+    return values
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--method", choices=METHODS, required=True)
+    a("--method", choices=tuple(checkpoint.TOKENIZERS), required=True)
     a("--phase", choices=("1", "2", "3", "joint", "gen"), required=True)
-    a("--preset", choices=tuple(PRESETS), default="published")
+    a("--recipe", choices=("published", "tiny"), help="tiny: CPU smoke runs, random tiny models")
+    a("--print-config", action="store_true", default=None, help="print every resolved value and its source, exit")
     a("--data-path", help="ImageFolder root (class sub-folders of images)")
     a("--out-dir", help="run directory (checkpoints, log.jsonl, grids); default: the --resume directory")
     a("--resume", help="run directory or checkpoint file to continue exactly")
     a("--init-from", help="checkpoint of the previous phase (drorae phases 2, 3, joint); where phase 1 is wanted, "
-      "also a released RAE decoder file (model.pt), the encoder named by --encoder")
+      "also a released RAE decoder file (model.pt), the encoder named by --tok encoder=…")
     a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen (on resume: the one it was trained with)")
-    a("--max-steps", type=data.number(int, 1), default=None, help="stop after this many optimizer steps (schedule unchanged)")
-    a("--stop-epoch", type=data.number(float, 0, above=True), default=None, help="stop after this many epochs, the --epochs schedule unchanged "
-      "(the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
-    a("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    a("--seed", type=data.number(int, 0), default=0)
-    # tokenizer (RAE encoder and ViT decoder)
-    a("--encoder", default="vitb14_reg", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,
-      help="DINOv2 name vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny), or a JSON dict of model.DINOv2 arguments")
-    a("--encoder-weights", default="official", help="official | random | PATH")
-    a("--decoder", default="XL", choices=tuple(model.DECODERS), help="ViT decoder size")
-    a("--decoder-weights", default=None, help="initialise the decoder from a released RAE decoder / checkpoint")
-    a("--image-size", type=data.number(int, 1), default=256)
-    a("--encoder-size", type=data.number(int, 1), default=None, help="encoder input size (default image size · 7/8)")
-    a("--crop", choices=("resize", "random"), default="resize", help="tokenizer training crops: resize = Resize(--resize, "
-      "bicubic) → RandomCrop(image size) (RAE); random = ADM's random crop, short side from [size, size/0.8] (Ideal)")
-    a("--resize", type=data.number(int, 1), default=384, help="--crop resize: the short side before the random crop")
-    a("--flip", action=argparse.BooleanOptionalAction, default=False, help="tokenizer training: random horizontal flips")
-    a("--noise-tau", type=data.number(float, 0), default=0.8, help="latent noise augmentation τ")
-    a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
-    # DRoRAE (§3.2–3.3)
-    a("--fusion-hidden", type=data.number(int, 1), default=None, help="expert width H (default 2C)")
-    a("--fusion-layers", type=data.number(int, 0), nargs="+", default=None, help="fused encoder blocks (default all)")
-    a("--beta", type=data.number(float, 0, 1), default=0.2, help="incremental-correction β")
-    a("--route-eps", type=data.number(float, 0, above=True), default=1e-6)
-    a("--smoothness", type=data.number(float, 0), default=0.0, help="routing-smoothness penalty weight")
-    a("--router", choices=("energy", "softmax", "mean"), default="energy", help="energy: signed, ℓ2-normalised "
-      "(DRoRAE Eq. 4); softmax: MoE weights on the same logits; mean: LN₀(mean of LN₀(h_k)), no parameters (no phase 2)")
-    # DecQ (§3.2, §4.1)
-    a("--num-queries", type=data.number(int, 1), default=8)
-    a("--query-layers", type=data.number(int, 0), nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
-    a("--query-heads", type=data.number(int, 1), default=None)
-    a("--query-mlp-ratio", type=data.number(float, 0, above=True), default=4.0)
-    a("--distill", type=data.number(float, 0), default=0.0, help="unfreeze: weight of the L2 to the frozen starting encoder's latent")
-    a("--concat-dim", type=data.number(int, 1), default=None, help="concat: bottleneck channels per patch token (default 8·C/N, "
-      "DecQ's 8 queries' worth)")
-    # Ideal (§3.3, App. A.1)
-    a("--shallow-layer", type=data.number(int, 0), default=3)
-    a("--fuse", choices=("attn", "linear", "none"), default="attn", help="fusion of the shallow into the deep "
-      "features: AttnFuse (Eq. 6), one linear layer, or none (Table 7a)")
-    a("--deep-layer", type=data.number(int, 0), default=None, help="block of the deep feature f_d (default the last; Table 1)")
-    a("--codebook-size", type=data.number(int, 1), default=16384)
-    a("--code-dim", type=data.number(int, 1), default=64)
-    a("--commit-beta", type=data.number(float, 0), default=0.25, help="VQ commitment weight")
-    a("--entropy-weight", type=data.number(float, 0), default=0.01)
-    a("--entropy-temperature", type=data.number(float, 0, above=True), default=0.01, help="entropy term's softmax T")
-    a("--restart-dead", action="store_true", help="restart codes unused for a whole usage window")
-    a("--shallow-weight", type=data.number(float, 0), default=1.0)
-    a("--fuse-heads", type=data.number(int, 1), default=12)
-    a("--feat-depth", type=data.number(int, 1), default=6, help="feature decoder depth")
-    a("--feat-heads", type=data.number(int, 1), default=12)
-    # generators (--phase gen; RAE stage 2, Ideal App. A.2)
-    a("--dit", default="XL", choices=tuple(dit.PRESETS), help="DiT-DH size")
-    a("--dit-head", action=argparse.BooleanOptionalAction, default=True, help="DDT head (off: plain DiT)")
-    a("--gpt", default="B", choices=tuple(ar.GPT_PRESETS), help="AR GPT size (ideal)")
-    a("--num-classes", type=data.number(int, 1), default=1000)
-    a("--stats", default=None, help="latent statistics file (default: computed over the training set)")
-    a("--stats-batches", type=data.number(int, 1), default=None, help="micro-batches per process for the statistics (default all)")
-    a("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-matching training t")
-    a("--p-uncond", type=data.number(float, 0, 1), default=0.1, help="class dropout (null label) for guidance")
-    a("--query-weight", type=data.number(float, 0), default=1.0, help="DecQ λ on the query flow-matching loss")
-    a("--query-out", choices=("shared", "separate"), default="shared", help="DecQ: the query tokens' output "
-      "projection in DiT-DH: the patches' (the paper's 841M) or their own")
-    a("--latent-cache", default=None, help="directory of the encoded training set, filled on first use (centre crops "
-      "and mirrors, normalised latents): reuse only with the same tokenizer and stats")
-    # loss (RAE stage 1; README, Decisions)
-    a("--rec-loss", choices=("l1", "l2"), default="l1")
-    a("--lpips-weight", type=data.number(float, 0), default=1.0)
-    a("--lpips-weights", default="official", help="LPIPS v0.1 lin layers: official | random | PATH")
-    a("--vgg-weights", default="official", help="LPIPS VGG16 trunk: official | random | PATH")
-    a("--gan-weight", type=data.number(float, 0), default=0.75)
-    a("--adaptive-gan", action=argparse.BooleanOptionalAction, default=True, help="VQGAN adaptive weight λ_adapt")
-    a("--disc", default="S8", choices=tuple(DISCRIMINATORS), help="discriminator: S8 (DINO ViT-S/8 at 224) | tiny")
-    a("--disc-weights", default="official", help="official | random | PATH (DINO backbone)")
-    a("--disc-start-epoch", type=data.number(int, 0), default=6, help="discriminator updates from this epoch")
-    a("--gan-start-epoch", type=data.number(int, 0), default=8, help="generator GAN term from this epoch")
-    a("--diffaug", default="color,translation", help="DiffAugment policies before the discriminator (cutout[_R]: "
-      "a square of side R·size)")
-    a("--diffaug-prob", type=data.number(float, 0, 1), default=1.0, help="each DiffAugment policy applies to a batch with this probability")
-    a("--disc-cr", type=data.number(float, 0), default=0.0, help="discriminator consistency regularisation weight (strong "
-      "color,translation,cutout_0.5 vs the normal augmentation)")
-    a("--lecam", type=data.number(float, 0), default=0.0, help="LeCAM regularisation weight of the discriminator")
-    a("--disc-start-step", type=data.number(int, 0), default=None, help="overrides --disc-start-epoch")
-    a("--gan-start-step", type=data.number(int, 0), default=None, help="overrides --gan-start-epoch")
-    # optimisation
-    a("--lr", type=data.number(float, 0, above=True), default=2e-4)
-    a("--lr-min", type=data.number(float, 0), default=2e-5, help="cosine end value")
-    a("--betas", type=data.number(float, 0, 1), nargs=2, default=(0.9, 0.95))
-    a("--weight-decay", type=data.number(float, 0), default=0.0)
-    a("--warmup-epochs", type=data.number(float, 0), default=1.0)
-    a("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="after warm-up: make_optimizer")
-    a("--decay-start-epoch", type=data.number(float, 0), default=40, help="linear schedule: constant until this epoch")
-    a("--epochs", type=data.number(int, 1), default=16)
-    a("--global-batch", type=data.number(int, 1), default=512)
-    a("--micro-batch", type=data.number(int, 1), default=32, help="per-process batch of one forward/backward")
-    a("--clip-grad", type=data.number(float, 0), default=0.0, help="max gradient norm (0: off)")
-    a("--ema", type=data.number(float, 0, 1), default=0.9978)
-    a("--precision", choices=("fp32", "bf16"), default=None, help="default: the recipe's — bf16 autocast for Ideal "
-      "(its official code), fp32 otherwise (RAE: bf16 NaNs in the DiT); fp32 off CUDA")
-    a("--fsdp", action="store_true", help="generator phase: shard parameters, gradients, AdamW state and EMA over the "
-      "processes (torch FSDP2, a unit per block; no training grids) — for GPT-3B, whose fp32 AdamW state fills a GPU")
-    a("--compile", action="store_true")
-    a("--workers", type=data.number(int, 0), default=8)
-    # logging
-    a("--log-every", type=data.number(int, 1), default=50)
-    a("--ckpt-every", type=data.number(int, 1), default=1000, help="overwrite ckpt-last.pt every N steps")
-    a("--keep-every", type=data.number(int, 0), default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
-    a("--keep-every-epochs", type=data.number(float, 0), default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
-    a("--grid-every", type=data.number(int, 0), default=1000)
-    pre, _ = p.parse_known_args(argv)
-    tiny = checkpoint.TINY.get(pre.method, {}) if pre.preset == "tiny" else {}  # e.g. Ideal's shallow block 1 of 4
-    p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset],
-                      **{k: v for k, v in tiny.items() if k in vars(pre)}})
-    args = p.parse_args(argv)
-    if args.precision is None:
-        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        args.precision = "bf16" if args.method == "ideal" and cuda else "fp32"
-    if (args.method, args.phase) not in PHASES:
-        valid = ", ".join(f for m, f in PHASES if m == args.method)
-        raise SystemExit(f"--method {args.method} has no phase {args.phase} (valid: {valid})")
-    if args.method == "drorae" and args.router == "mean" and args.phase == "2":
-        raise SystemExit("--router mean has no parameters, so phase 2 has nothing to train: run --phase 3 "
+    a("--stats", help="latent statistics file (default: computed over the training set)")
+    a("--latent-cache", help="directory of the encoded training set, filled on first use (centre crops and mirrors, "
+      "normalised latents): reuse only with the same tokenizer and stats")
+    a("--max-steps", type=data.number(int, 1), help="stop after this many optimizer steps (schedule unchanged)")
+    a("--stop-epoch", type=data.number(float, 0, above=True), help="stop after this many epochs, the --epochs "
+      "schedule unchanged (the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
+    a("--device", help="cpu | cuda (default: cuda if available)")
+    a("--seed", type=data.number(int, 0), help="default 0")
+    a("--fsdp", action="store_true", default=None, help="generator phase: shard parameters, gradients, AdamW state "
+      "and EMA over the processes (torch FSDP2, a unit per block; no grids) — for GPT-3B")
+    a("--compile", action="store_true", default=None)
+    a("--tok", nargs="+", action="extend", metavar="KEY=VALUE", help="tokenizer constructor keywords (model.RAE, fusion.DRoRAE, "
+      "queries.DecQ, vq.Ideal …), e.g. --tok beta=0.5 fusion_layers=[3,7,11]")
+    a("--loss", nargs="+", action="extend", metavar="KEY=VALUE", help="tokenizer objective (the row's `loss`), e.g. gan_weight=0")
+    a("--gen", nargs="+", action="extend", metavar="KEY=VALUE", help="generator (the row's `gen`), e.g. dit=S p_uncond=0.1")
+    # the recipe's flat values (default: the row's)
+    n, r = data.number, dict(type=data.number(float, 0))
+    a("--epochs", type=n(int, 1))
+    a("--global-batch", type=n(int, 1))
+    a("--micro-batch", type=n(int, 1), help="per-process batch of one forward/backward")
+    a("--lr", type=n(float, 0, above=True))
+    a("--lr-min", **r, help="end value of the cosine / linear decay")
+    a("--betas", type=n(float, 0, 1), nargs=2)
+    a("--weight-decay", **r)
+    a("--warmup-epochs", **r)
+    a("--schedule", choices=("cosine", "linear", "constant"), help="after warm-up: make_optimizer")
+    a("--decay-start-epoch", **r, help="linear schedule: constant until this epoch")
+    a("--clip-grad", **r, help="max gradient norm (0: off)")
+    a("--ema", type=n(float, 0, 1))
+    a("--precision", choices=("fp32", "bf16"), help="bf16 autocast on CUDA where the row says so; fp32 off CUDA")
+    a("--crop", choices=("resize", "random"), help="tokenizer crops: resize = Resize(--resize) → RandomCrop (RAE); "
+      "random = ADM's random crop, short side from [size, size/0.8] (Ideal)")
+    a("--resize", type=n(int, 1), help="--crop resize: the short side before the random crop")
+    a("--flip", action=argparse.BooleanOptionalAction, help="tokenizer training: random horizontal flips")
+    a("--num-classes", type=n(int, 1))
+    a("--stats-batches", type=n(int, 1), help="micro-batches per process for the statistics (default all)")
+    a("--workers", type=n(int, 0))
+    a("--log-every", type=n(int, 1))
+    a("--ckpt-every", type=n(int, 1), help="overwrite ckpt-last.pt every N steps")
+    a("--keep-every", type=n(int, 0), help="also keep ckpt-STEP.pt every N steps (0: off)")
+    a("--keep-every-epochs", **r, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
+    a("--grid-every", type=n(int, 0))
+    return resolve(p.parse_args(argv))
+
+
+FREE = ("method", "phase", "recipe", "print_config", "data_path", "out_dir", "resume", "init_from", "tokenizer",
+        "stats", "latent_cache", "max_steps", "stop_epoch", "device", "seed", "fsdp", "compile")  # not recipe values
+
+
+def cuda(device):
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
+def resolve(given):
+    """The run's settings: its recipe row, the flags given over it, or with --resume the run's saved settings (a flag
+    given now may change only PER_INVOCATION ones). Keys are "lr", "loss.gan_weight", "gen.dit", "tok.beta"; the
+    returned Namespace has the recipe's values flat (args.lr, args.gan_weight, args.dit), the tokenizer's keywords as
+    args.tok, --init-from's requirement as args.init and each value's source in args.sources."""
+    method, phase = given.method, given.phase
+    if (method, phase) not in RECIPES:
+        raise SystemExit(f"--method {method} has no phase {phase} (valid: "
+                         f"{', '.join(f for m, f in RECIPES if m == method)})")
+    ck = checkpoint.load_checkpoint(given.resume) if given.resume else {}
+    saved = ck.get("args", {})
+    row = recipe(method, phase, saved.get("recipe", saved.get("preset", given.recipe)) or "published")
+    init, row_tok = row.pop("init", None), row.pop("tok", {})
+    values = {f"{k}.{key}" if isinstance(v, dict) else k: value for k, v in row.items()
+              for key, value in (v.items() if isinstance(v, dict) else [(None, v)])}
+    sources = dict.fromkeys(values, "recipe")
+    if phase != "gen":  # a generator's tokenizer is the frozen --tokenizer
+        for k, v in {**checkpoint.tokenizer_knobs(method), **row_tok}.items():
+            values[f"tok.{k}"], sources[f"tok.{k}"] = v, "recipe" if k in row_tok else "class default"
+    flags = {k: v for k, v in vars(given).items() if v is not None and k not in ("tok", "loss", "gen")}
+    for g, what in (("tok", checkpoint.TOKENIZERS[method].__name__), ("loss", "the tokenizer objective"),
+                    ("gen", "the generator")):
+        knobs = {k[len(g) + 1:]: v for k, v in values.items() if k.startswith(g + ".")}
+        if getattr(given, g) and not knobs:
+            raise SystemExit(f"--{g}: --method {method} --phase {phase} has no {g} knobs")
+        flags.update({f"{g}.{k}": v for k, v in knob_values(f"--{g}", getattr(given, g), knobs, what).items()})
+    for k in flags:
+        if k not in values and k not in FREE:
+            raise SystemExit(f"--{k.replace('_', '-')}: not used by --method {method} --phase {phase}")
+    values.update({k: getattr(given, k) for k in FREE})
+    if saved:  # old runs saved flat names (lr, gan_weight, dit) and their tokenizer's keywords in its config
+        old = {next((f"{g}{k}" for g in ("", "loss.", "gen.") if f"{g}{k}" in values), k): v for k, v in saved.items()}
+        old.update({f"tok.{k}": v for k, v in ck["config"].items() if ck["kind"] == "tokenizer"})
+        changed = [k for k, v in flags.items() if k in old and k not in PER_INVOCATION + ("method", "phase")
+                   and (list(v) if isinstance(v, tuple) else v) != old[k]]
+        if changed:
+            raise SystemExit(f"--resume {given.resume}: the run was started "
+                             f"{', '.join(spell(k, old[k]) for k in changed)}; leave those flags out to continue it")
+        kept = [k for k in old if k in values and k not in flags and k not in PER_INVOCATION + ("method", "phase")]
+        values.update({k: old[k] for k in kept})
+        sources.update(dict.fromkeys(kept, "resumed run"))
+    values.update(flags)
+    sources.update(dict.fromkeys(flags, "flag"))
+    values["seed"], values["recipe"] = values["seed"] or 0, values["recipe"] or "published"
+    values.update({k: bool(values[k]) for k in ("fsdp", "compile", "print_config")})
+    if values["precision"] == "bf16" and sources["precision"] != "flag" and not cuda(values["device"]):
+        values["precision"], sources["precision"] = "fp32", "recipe (bf16 on CUDA only)"
+    args = argparse.Namespace(**{k.split(".")[-1]: v for k, v in values.items() if not k.startswith("tok.")})
+    args.tok, args.init, args.sources = {k[4:]: v for k, v in values.items() if k.startswith("tok.")}, init, sources
+    check(args)
+    return args
+
+
+def spell(key, value):
+    """A setting as the flag that sets it: "with --tok beta=0.2", "without --fsdp", "with --lr 0.0002"."""
+    if "." in key:
+        return f"with --{key.replace('.', ' ', 1)}={value}"
+    flag = "--" + key.replace("_", "-")
+    return f"{'with' if value else 'without'} {flag}" if isinstance(value, bool) else f"with {flag} {value}"
+
+
+def check(args):
+    """What no single value's type can say: choices, probabilities, and combinations a run cannot have."""
+    given = {k.split(".")[-1]: k.replace(".", " ", 1) for k in args.sources if "." in k}  # gan_weight: "loss gan_weight"
+    for k, choices in CHOICES.items():
+        if k in given and getattr(args, k) not in choices:
+            raise SystemExit(f"--{given[k]}={getattr(args, k)}: expected one of {', '.join(choices)}")
+    for k in PROBABILITIES:
+        if k in given and not 0 <= getattr(args, k) <= 1:
+            raise SystemExit(f"--{given[k]}={getattr(args, k)}: must be in [0, 1]")
+    if args.method == "drorae" and args.tok["router"] == "mean" and args.phase == "2":
+        raise SystemExit("--tok router=mean has no parameters, so phase 2 has nothing to train: run --phase 3 "
                          "--init-from the phase-1 checkpoint")
     if args.fsdp and args.phase != "gen":
         raise SystemExit("--fsdp shards generators (--phase gen); tokenizers train under DDP")
-    if args.init_from and "init" not in PHASES[(args.method, args.phase)]:
+    if args.init_from and args.init is None:
         raise SystemExit(f"--init-from: --method {args.method} --phase {args.phase} starts from scratch (it would be "
                          "ignored); leave it out")
-    return resumed_args(p, argv, args) if args.resume else args
 
 
-PER_INVOCATION = ("resume", "out_dir", "max_steps", "stop_epoch", "device", "workers", "log_every", "ckpt_every",
-                  "keep_every", "keep_every_epochs", "grid_every", "compile", "tokenizer")  # --resume may change these
+def settings(args):
+    """What a checkpoint and args.json record of the run: every value (a resume takes them back)."""
+    return {k: v for k, v in vars(args).items() if k not in ("sources", "init")}
 
 
-def resumed_args(p, argv, args):
-    """--resume continues the run as it was started: its saved flags, except PER_INVOCATION ones (this command's); a
-    flag given now that would change the run is refused in one line."""
-    saved = checkpoint.load_checkpoint(args.resume)["args"]
-    unset = object()
-    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
-             .items() if v is not unset}
-    if "precision" in given:  # may change: a bf16 run that met a non-finite loss continues in fp32
-        saved = dict(saved, precision=given["precision"])
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    checked = PER_INVOCATION + ("method", "phase")  # method and phase: train() names the checkpoint's own
-    changed = [k for k, v in given.items() if k not in checked and k in saved and norm(v) != norm(saved[k])]
-    if changed:
-        started = [f"{'with' if saved[k] else 'without'} --{k.replace('_', '-')}" if isinstance(saved[k], bool) else
-                   f"with --{k.replace('_', '-')} {saved[k]}" for k in changed]
-        raise SystemExit(f"--resume {args.resume}: the run was started {', '.join(started)}; leave those flags out "
-                         "to continue it")
-    return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in checked}})
+def print_config(args):
+    """--print-config: every value of the run and where it came from."""
+    width = max(map(len, args.sources))
+    for k in sorted(args.sources, key=lambda k: (k.count("."), k.split(".")[0] if "." in k else "", k)):
+        value = args.tok[k[4:]] if k.startswith("tok.") else getattr(args, k.split(".")[-1])
+        print(f"{k:<{width}}  {json.dumps(value, default=str, separators=(',', ':')):<24}  {args.sources[k]}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,21 +444,8 @@ def weights(flag, official):
 
 
 def tokenizer_config(args):
-    """The new tokenizer's config (model.build_tokenizer) from the flags of its method."""
-    config = {"method": args.method}
-    for k in TOKENIZER_CONFIG[args.method]:
-        key, _, dest = k.partition(":")
-        config[key] = getattr(args, dest or key)
-    return dict(config, encoder_weights=weights(config["encoder_weights"], "official"))
-
-
-def flag_names(message, method):
-    """A tokenizer's error message with its keywords (query_heads) written as the flags that set them (--query-heads)."""
-    for k in TOKENIZER_CONFIG[method]:
-        key, _, dest = k.partition(":")
-        if "_" in key:
-            message = re.sub(rf"\b{key}\b", "--" + (dest or key).replace("_", "-"), message)
-    return message
+    """The new tokenizer's config (checkpoint.build_tokenizer): its method and keywords (args.tok)."""
+    return dict(args.tok, method=args.method, encoder_weights=weights(args.tok["encoder_weights"], "official"))
 
 
 def build_tokenizer(args, resume):
@@ -416,10 +453,10 @@ def build_tokenizer(args, resume):
     unless it holds the required method/phase), or new. Later phases start from the previous phase's EMA weights.
     From a phase-1 checkpoint (an RAE decoder, whatever the method) only the encoder and decoder and their config
     are taken: the method's own modules are new, configured by this command's flags; where phase 1 is wanted,
-    --init-from may also be a released RAE decoder file (model.pt), the encoder named by --encoder."""
-    need = PHASES[(args.method, args.phase)].get("init")
-    if args.method == "drorae" and args.router == "mean" and args.phase == "3":
-        need = PHASES[("drorae", "2")]["init"]  # no parameters: phase 3 comes straight after phase 1
+    --init-from may also be a released RAE decoder file (model.pt), the encoder named by --tok encoder=…."""
+    need = args.init
+    if args.method == "drorae" and args.tok["router"] == "mean" and args.phase == "3":
+        need = RECIPES[("drorae", "2")]["init"]  # no parameters: phase 3 comes straight after phase 1
     if resume is not None:
         tok = checkpoint.build_tokenizer(resume["config"])
         model.load_strict(tok, resume["model"], f"{resume['path']} model")
@@ -433,12 +470,12 @@ def build_tokenizer(args, resume):
             tok = checkpoint.build_tokenizer(dict(tokenizer_config(args), decoder_weights=args.init_from))
         except Exception as e:  # noqa: BLE001 — unreadable, or not a decoder of this shape: one line
             raise SystemExit(f"--init-from {args.init_from}: neither a depthrae checkpoint nor a decoder for "
-                             f"--encoder {args.encoder} --decoder {args.decoder} ({str(e).splitlines()[0]})") from None
+                             f"--tok encoder={args.tok['encoder']} decoder={args.tok['decoder']} ({str(e).splitlines()[0]})") from None
     else:
         prev = checkpoint.load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
         config, state = dict(prev["config"]), prev["ema"]
         if prev["phase"] == "1":
-            rae = TOKENIZER_CONFIG["rae"]
+            rae = checkpoint.tokenizer_knobs("rae")
             config = {**tokenizer_config(args), **{k: v for k, v in config.items() if k in rae}}
             state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder."))}
         tok = checkpoint.build_tokenizer(config)
@@ -493,7 +530,33 @@ def check_finite(loss, step, world, out, precision):
         raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}{hint}")
 
 
-class TokenizerTrainer:
+class Trainer:
+    """What every phase shares, written once: the wrapper of the trained network (torch.compile, DDP) and the
+    optimisation step. A phase (below) builds its network, EMA and AdamW (`trained`, `ema`, `opt`, `sched`, `clipped`:
+    the tensors whose gradient norm is clipped) and says its loss."""
+
+    def wrap(self, net, device):
+        """--compile, then DDP over the processes (FSDP shards in place instead)."""
+        net = torch.compile(net) if self.args.compile else net
+        if self.world == 1 or self.args.fsdp:
+            return net
+        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def optimize(self, logs, step, out):
+        """After the backward of one global batch: stop on a non-finite loss (before any weight changes), clip the
+        gradient norm, AdamW step, schedule, zero the gradients, EMA."""
+        check_finite(logs["loss"], step, self.world, out, self.args.precision)
+        if self.args.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.args.clip_grad)
+            logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.trained, self.args.ema)
+        return dict(logs, lr=self.sched.get_last_lr()[0])
+
+
+class TokenizerTrainer(Trainer):
     """One tokenizer phase: the tokenizer (+ EMA), its optimiser, LPIPS, the discriminator (+ optimiser).
     step() = one global batch: generator update, EMA, then (from d_start) one discriminator update."""
 
@@ -504,8 +567,8 @@ class TokenizerTrainer:
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         try:
             self.tok = build_tokenizer(args, resume).to(device)
-        except ValueError as e:  # an impossible setting: one line naming the flag
-            raise SystemExit(f"--method {args.method}: {flag_names(str(e), args.method)}") from None
+        except ValueError as e:  # an impossible setting: one line naming the keyword
+            raise SystemExit(f"--tok: {e}") from None
         self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
         self.lpips = None if not args.lpips_weight else losses.LPIPS(
             weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
@@ -522,22 +585,22 @@ class TokenizerTrainer:
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
             for key, obj in dict(optimizer=self.opt, scheduler=self.sched, **(d_state or {})).items():
                 if resume[key] is None:
-                    raise SystemExit(f"{resume['path']} has no discriminator state: resume with --gan-weight 0")
+                    raise SystemExit(f"{resume['path']} has no discriminator state: resume with --loss gan_weight=0")
                 obj.load_state_dict(resume[key])
             if self.lecam is not None and resume.get("lecam") is not None:
                 self.lecam.ema = torch.tensor(resume["lecam"], dtype=torch.float64)
         by_epoch = lambda s, e: s if s is not None else e * plan.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
-        net = torch.compile(self.tok) if args.compile else self.tok
-        ids = [device.index] if device.type == "cuda" else None
-        self.net = DDP(net, device_ids=ids) if world > 1 else net
-        self.d_net = DDP(self.disc, device_ids=ids) if world > 1 and self.disc else self.disc
+        self.trained, self.clipped = self.tok, [p for g in self.opt.param_groups for p in g["params"]]
+        self.net = self.wrap(self.tok, device)
+        self.d_net = DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None) if (
+            world > 1 and self.disc) else self.disc
         self.last_layer = self.tok.last_layer()
         if args.gan_weight > 0 and args.adaptive_gan and not self.last_layer.requires_grad:
             raise SystemExit(f"--method {args.method} --phase {args.phase}: the layer of the adaptive GAN weight "
-                             "(tokenizer.last_layer()) is frozen in this phase; pass --no-adaptive-gan or "
-                             "--gan-weight 0")
+                             "(tokenizer.last_layer()) is frozen in this phase; pass --loss adaptive_gan=false or "
+                             "gan_weight=0")
 
     def step(self, batches, step, out):
         a, tok, disc = self.args, self.tok, self.disc
@@ -548,15 +611,7 @@ class TokenizerTrainer:
             disc.eval()  # D is fixed during the generator update
         logs = accumulate(self.net, xs, lambda x: tokenizer_loss(self.net, x, a, self.lpips, disc if gan else None,
                                                                  self.last_layer))
-        check_finite(logs["loss"], step, self.world, out, self.args.precision)
-        logs.update(getattr(tok, "last_stats", {}))  # e.g. codebook usage and perplexity (Ideal)
-        if a.clip_grad > 0:
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, a.clip_grad)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema, tok, a.ema)
+        logs = self.optimize(dict(logs, **getattr(tok, "last_stats", {})), step, out)  # stats: Ideal's codebook use
         if step >= self.d_start and a.gan_weight > 0:  # fakes from the updated decoder, eval mode, 8 bit
             tok.eval()
             with torch.no_grad(), torch.autocast(xs[0].device.type, torch.bfloat16, enabled=a.precision == "bf16"):
@@ -568,7 +623,7 @@ class TokenizerTrainer:
             self.d_opt.step()
             self.d_sched.step()
             self.d_opt.zero_grad(set_to_none=True)
-        return dict(logs, lr=self.sched.get_last_lr()[0])
+        return logs
 
     def state(self):
         d = self.disc is not None
@@ -604,7 +659,7 @@ def shard(net):
     fully_shard(net)
 
 
-class GeneratorTrainer:
+class GeneratorTrainer(Trainer):
     """--phase gen: the generator (+ EMA) and its optimiser on the latents of the frozen tokenizer checkpoint `tck`,
     encoded on the fly from ADM centre crops with random flips, or read from --latent-cache. DiT-DH by flow matching
     on continuous latent tokens; the AR GPT on code indices when the tokenizer is discrete (`tok.num_codes`).
@@ -671,9 +726,7 @@ class GeneratorTrainer:
             else:
                 self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
-        net = torch.compile(self.gen) if args.compile else self.gen
-        ddp = world > 1 and not args.fsdp
-        self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if ddp else net
+        self.trained, self.clipped, self.net = self.gen, list(self.gen.parameters()), self.wrap(self.gen, device)
 
     @torch.no_grad()
     def encode(self, x01):
@@ -695,16 +748,7 @@ class GeneratorTrainer:
 
     def step(self, batches, step, out):
         self.gen.train()
-        logs = accumulate(self.net, batches, self.loss)
-        check_finite(logs["loss"], step, self.world, out, self.args.precision)
-        if self.args.clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.gen.parameters(), self.args.clip_grad)
-            logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.gen, self.args.ema)
-        return dict(logs, lr=self.sched.get_last_lr()[0])
+        return self.optimize(accumulate(self.net, batches, self.loss), step, out)
 
     def state(self):
         """Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
@@ -747,7 +791,7 @@ def train(args, rank, world, device, stop):
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops
-        dataset = data.ImageFolder(args.data_path, size=args.image_size, flip=args.flip,
+        dataset = data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip,
                                    **({"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}))
     else:  # ADM centre crops with flips at the frozen tokenizer's size
         tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
@@ -781,11 +825,11 @@ def train(args, rank, world, device, stop):
         state = trainer.state()  # on every rank: FSDP gathers
         if rank == 0:
             checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **state,
-                                       step=step, epoch=step // steps_per_epoch, args=vars(args), rng=rngs)
+                                       step=step, epoch=step // steps_per_epoch, args=settings(args), rng=rngs)
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        (out / "args.json").write_text(json.dumps(settings(args), indent=1))
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
         trained = sum(p.numel() for g in trainer.opt.param_groups for p in g["params"])
         print(f"{args.method} phase {args.phase}: {trained:,} trained parameters; {len(dataset)} images, "
@@ -828,18 +872,20 @@ def train(args, rank, world, device, stop):
     if rank == 0 and final is not None:
         path = out / f"{kind}.pt"
         checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **final,
-                                   step=step, args=vars(args))
+                                   step=step, args=settings(args))
         print(f"done: {path}")
     elif rank == 0:
         print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
 
 
-DOWNLOADS = {"DINOv2 weights": "--encoder-weights", "VGG16": "--vgg-weights", "LPIPS lin": "--lpips-weights",
-             "DINO weights": "--disc-weights"}  # the weights train.py may download → the flag that takes a local file
+DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",
+             "LPIPS lin": "--loss lpips_weights=", "DINO weights": "--loss disc_weights="}  # the weights train.py may download → the flag that takes a local file
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     if not args.out_dir and not args.resume:
         raise SystemExit("--out-dir is required (or --resume RUN_DIR)")
     if not args.out_dir:

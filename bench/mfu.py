@@ -31,8 +31,7 @@ PEAK_TFLOPS = {  # dense (no sparsity) peaks, vendor data sheets: (bf16 tensor c
     "H100 PCIe": (756, 51), "H100": (989, 67), "H200": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6),
     "L4": (121, 30.3), "A10G": (70, 31.2), "A10": (125, 31.2), "V100": (None, 15.7)}
 GENERATOR_ARGS = {"dit": ["--method", "rae", "--phase", "gen"], "gpt": ["--method", "ideal", "--phase", "gen"]}
-RANDOM = ["--encoder-weights", "random", "--vgg-weights", "random", "--lpips-weights", "random", "--disc-weights",
-          "random"]
+RANDOM = ["--tok", "encoder_weights=random", "--loss", "vgg_weights=random", "lpips_weights=random", "disc_weights=random"]
 
 
 def peak_tflops(device, precision):
@@ -70,7 +69,7 @@ def tokenizer_step(method, batch, a, device):
                              a.precision, "--device", str(device), *(["--compile"] if a.compile else [])])
     args.gan_start_step = args.disc_start_step = 0
     trainer = train.TokenizerTrainer(args, train.Plan(1, 1, 1000, 0), device, 1, None)
-    x = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
+    x = torch.rand(batch, 3, args.tok["image_size"], args.tok["image_size"], device=device)
 
     def step(eager=False):
         net, trainer.net = trainer.net, trainer.tok if eager else trainer.net

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 
 CONFIGS = {
-    "tiny": ["--preset", "tiny"],
-    "vitb-dec": ["--encoder", "vitb14_reg", "--decoder", "B", "--encoder-weights", "random", "--vgg-weights", "random",
-                 "--lpips-weights", "random", "--disc-weights", "random"],
+    "tiny": ["--recipe", "tiny"],
+    "vitb-dec": ["--tok", "encoder=vitb14_reg", "decoder=B", "encoder_weights=random", "--loss", "vgg_weights=random",
+                 "lpips_weights=random", "disc_weights=random"],
 }
 
 
@@ -41,7 +41,7 @@ def bench(name, gan, a):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     trainer = train.TokenizerTrainer(args, train.Plan(1, 1, 1000, 0), device, 1, None)
-    x = torch.rand(a.batch, 3, args.image_size, args.image_size, device=device)
+    x = torch.rand(a.batch, 3, args.tok["image_size"], args.tok["image_size"], device=device)
     for i in range(a.warmup + a.steps):
         if i == a.warmup:
             if device.type == "cuda":

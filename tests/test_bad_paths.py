@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import evaluate
 import losses
@@ -12,12 +13,12 @@ import sample
 import train
 from test_dit import make_generator_ckpt
 from test_evaluate import FakeInception
-from test_train import GEN, write_images
+from test_train import GEN, P1, write_images
 
 # flag → what it names; every other string flag is listed as not a path, so a new path flag cannot be missed
 PATHS = {"train.py": {"--data-path": "dir", "--resume": "file", "--init-from": "file", "--tokenizer": "file",
-                      "--encoder-weights": "file", "--decoder-weights": "file", "--stats": "file",
-                      "--lpips-weights": "file", "--vgg-weights": "file", "--disc-weights": "file", "--out-dir": "out",
+                      "--tok encoder_weights": "file", "--tok decoder_weights": "file", "--stats": "file",
+                      "--loss lpips_weights": "file", "--loss vgg_weights": "file", "--loss disc_weights": "file", "--out-dir": "out",
                       "--latent-cache": "out"},
          "sample.py": {"--ckpt": "file", "--tokenizer": "file", "--guide": "file", "--decoder-from": "file",
                        "--out-dir": "out"},
@@ -25,7 +26,11 @@ PATHS = {"train.py": {"--data-path": "dir", "--resume": "file", "--init-from": "
                          "--inception-weights": "file", "--lpips-vgg": "file", "--lpips-lin": "file",
                          "--dinov2-weights": "file", "--save-stats": "out file", "--save-recon": "out file",
                          "--out": "out file"}}
-NOT_PATHS = {"--device", "--diffaug", "--name"}
+NOT_PATHS = {"--device", "--name", "--tok", "--loss", "--gen"}  # the knobs' paths are listed as "--tok key"
+NOT_PATH_KNOBS = {f"--tok {k}" for k in ("encoder", "decoder", "encoder_size", "noise", "fusion_hidden", "fusion_layers",
+                                         "router", "query_layers", "query_heads", "concat_dim", "fuse", "deep_layer")}
+NOT_PATH_KNOBS |= {"--loss rec_loss", "--loss disc", "--loss diffaug", "--loss disc_start_step",
+                   "--loss gan_start_step", "--gen dit", "--gen gpt", "--gen t_dist", "--gen query_out"}
 MAIN = {"train.py": train.main, "sample.py": sample.main, "evaluate.py": evaluate.main}
 
 
@@ -38,7 +43,13 @@ def test_every_path_flag_is_in_the_sweep(monkeypatch):
         module.parse_args(argv)
         strings = {a.option_strings[0] for a in parsers[-1]._actions if a.option_strings and a.type is None
                    and a.choices is None and a.nargs != 0 and not isinstance(a.default, bool)}
-        assert strings == set(PATHS[script]) | (strings & NOT_PATHS), (script, strings)
+        assert strings == {f for f in PATHS[script] if " " not in f} | (strings & NOT_PATHS), (script, strings)
+    # the knobs that take a string (or None): a path, or listed as not one
+    knobs = {f"--tok {k}": v for m in checkpoint.TOKENIZERS for k, v in checkpoint.tokenizer_knobs(m).items()}
+    knobs.update({f"--loss {k}": v for k, v in train.RAE_DECODER["loss"].items()})
+    knobs.update({f"--gen {k}": v for m in ("rae", "ideal") for k, v in train.RECIPES[(m, "gen")]["gen"].items()})
+    strings = {k for k, v in knobs.items() if v is None or isinstance(v, str)}
+    assert strings == {f for f in PATHS["train.py"] if " " in f} | (strings & NOT_PATH_KNOBS), strings
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,7 @@ def world(tmp_path_factory):
     """Images, a tokenizer run, a generator checkpoint, samples, junk and a folder where a file belongs."""
     root = tmp_path_factory.mktemp("world")
     images = write_images(root / "images")
-    train.main(["--method", "rae", "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(root / "tok")])
+    train.main(["--method", "rae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(root / "tok")])
     make_generator_ckpt(root)
     np.savez(root / "samples.npz", arr_0=np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     lpips = losses.LPIPS(None, None)  # random weights in the released layouts: LPIPS without a download
@@ -60,8 +71,8 @@ def world(tmp_path_factory):
 def contexts(w):
     """script → flag → a command that reaches the flag's use (the flag's value appended last)."""
     images, tok, gen = str(w / "images"), str(w / "tok"), str(w / "generator.pt")
-    p1 = ["--method", "rae", "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(w / "new")]
-    gan = p1 + ["--lpips-weight", "1", "--gan-weight", "0.5"]
+    p1 = ["--method", "rae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(w / "new")]
+    gan = p1 + ["--loss", "lpips_weight=1", "--loss", "gan_weight=0.5"]
     genp = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--tokenizer", tok, "--out-dir",
             str(w / "new")]
     ev = ["--samples", str(w / "samples.npz"), "--device", "cpu", "--out", str(w / "new" / "e.json")]
@@ -70,8 +81,8 @@ def contexts(w):
     smp = ["--ckpt", gen, "--num-samples", "2", "--steps", "2", "--device", "cpu", "--out-dir", str(w / "new")]
     p2 = ["--method", "drorae", "--phase", "2", *p1[4:]]
     return {"train.py": {"--data-path": p1, "--resume": p1, "--init-from": p2,
-                         "--tokenizer": genp, "--encoder-weights": p1, "--decoder-weights": p1, "--stats": genp,
-                         "--lpips-weights": gan, "--vgg-weights": gan, "--disc-weights": gan + ["--disc", "S8"],
+                         "--tokenizer": genp, "--tok encoder_weights": p1, "--tok decoder_weights": p1, "--stats": genp,
+                         "--loss lpips_weights": gan, "--loss vgg_weights": gan, "--loss disc_weights": gan + ["--loss", "disc=S8"],
                          "--out-dir": p1, "--latent-cache": genp},
             "sample.py": {"--ckpt": smp, "--tokenizer": smp, "--guide": smp + ["--scale", "1.5"], "--decoder-from": smp,
                           "--out-dir": smp},
@@ -95,10 +106,10 @@ def test_bad_path_is_one_line_and_writes_nothing(world, script, flag, monkeypatc
     before = sorted(p.name for p in world.iterdir())
     for value in bad:
         try:
-            MAIN[script](argv + [flag, str(value)])
+            MAIN[script](argv + [flag, str(value)] if " " not in flag else argv + [flag.split()[0], f"{flag.split()[1]}={value}"])
         except SystemExit as e:
             msg = str(e)
-            assert msg and "\n" not in msg and (flag in msg or value.name in msg), (flag, str(value), msg)
+            assert msg and "\n" not in msg and (flag.split()[-1] in msg or value.name in msg), (flag, str(value), msg)
         except BaseException as e:  # noqa: B036 — anything else is a traceback for the user
             pytest.fail(f"{script} {flag} {value}: {type(e).__name__}: {e}")
         else:

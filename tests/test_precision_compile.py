@@ -10,12 +10,12 @@ import torch
 
 import checkpoint
 import train
-from test_train import GEN, IDEAL, log, run, write_images
+from test_train import GEN, IDEAL, P1, log, run, write_images
 
 # (method, phase, the run it starts from, flags): every tokenizer phase and both generators
 STEPS = {"rae/1": ("rae", "1", None, []), "drorae/2": ("drorae", "2", "rae/1", []),
          "drorae/3": ("drorae", "3", "drorae/2", []), "drorae/joint": ("drorae", "joint", "rae/1", []),
-         "decq/1": ("decq", "1", None, []), "unfreeze/1": ("unfreeze", "1", None, ["--distill", "1"]),
+         "decq/1": ("decq", "1", None, []), "unfreeze/1": ("unfreeze", "1", None, ["--tok", "distill=1"]),
          "concat/1": ("concat", "1", None, []), "ideal/1": ("ideal", "1", None, IDEAL),
          "dit/gen": ("rae", "gen", "rae/1", []), "gpt/gen": ("ideal", "gen", "ideal/1", [])}
 BF16_RTOL = 0.01  # bf16 keeps 8 bits of mantissa; measured ≤ 0.15% (unfreeze/1) at step 2 on this machine
@@ -36,7 +36,7 @@ def step(root, images, key, name, extra=(), launcher=train.main):
     method, phase, start, flags = STEPS[key]
     out = root / name / key
     init = [] if start is None else ["--tokenizer" if phase == "gen" else "--init-from", str(root / "base" / start)]
-    launcher(["--method", method, "--phase", phase, *GEN, "--data-path", images, "--out-dir", str(out), "--log-every",
+    launcher(["--method", method, "--phase", phase, *GEN, *(P1 if phase != "gen" else []), "--data-path", images, "--out-dir", str(out), "--log-every",
               "1", *init, *flags, *extra])
     return log(out)
 

@@ -22,10 +22,11 @@ import model
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--grid-every", "0"]
-GEN = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--lpips-weight", "0",
-       "--gan-weight", "0", "--global-batch", "4", "--micro-batch", "2", "--max-steps", "1", "--grid-every", "0"]
-IDEAL = ["--shallow-layer", "1", "--codebook-size", "64", "--fuse-heads", "4", "--feat-heads", "4", "--feat-depth", "1"]
+TINY = ["--recipe", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--grid-every", "0"]
+GEN = ["--recipe", "tiny", "--device", "cpu", "--workers", "0", "--global-batch", "4", "--micro-batch", "2",
+       "--max-steps", "1", "--grid-every", "0"]
+P1 = ["--resize", "64", "--loss", "lpips_weight=0", "gan_weight=0"]  # with GEN: a tokenizer run
+IDEAL = ["--tok", "shallow_layer=1", "--tok", "codebook_size=64", "--tok", "fuse_heads=4", "--tok", "feat_heads=4", "--tok", "feat_depth=1"]
 
 
 def write_images(folder, n=8, size=64, seed=0):
@@ -61,7 +62,7 @@ def log(out):
 def test_torchrun_two_processes_end_to_end(images, tmp_path):
     out = tmp_path / "run"
     r = run("--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
-            "--global-batch", "8", "--micro-batch", "2", "--disc-start-step", "0", "--gan-start-step", "1",
+            "--global-batch", "8", "--micro-batch", "2", "--loss", "disc_start_step=0", "--loss", "gan_start_step=1",
             "--max-steps", "2", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = log(out)
@@ -75,7 +76,7 @@ def test_torchrun_two_processes_end_to_end(images, tmp_path):
 
 def tiny_trainer(world):
     """The real TokenizerTrainer of the tiny preset (DDP-wrapped when world > 1), GAN term on, no latent noise."""
-    args = train.parse_args(["--method", "rae", "--phase", "1", *TINY, "--noise-tau", "0", "--lpips-weight", "0"])
+    args = train.parse_args(["--method", "rae", "--phase", "1", *TINY, "--tok", "noise_tau=0", "--loss", "lpips_weight=0"])
     return args, train.TokenizerTrainer(args, train.Plan(1, 1, 10, 0), torch.device("cpu"), world, None)
 
 
@@ -115,7 +116,7 @@ def test_ddp_gradients_equal_single_process_accumulation(tmp_path):
 
 def test_resume_is_bitwise_exact(images, tmp_path):
     common = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--global-batch", "2",
-              "--micro-batch", "1", "--lpips-weight", "0", "--disc-start-step", "0", "--gan-start-step", "1"]
+              "--micro-batch", "1", "--loss", "lpips_weight=0", "--loss", "disc_start_step=0", "--loss", "gan_start_step=1"]
     train.main(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "2"])
     train.main(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "1"])  # stops mid-epoch (4 steps/epoch)
     train.main(common + ["--resume", str(tmp_path / "b"), "--max-steps", "2"])
@@ -138,13 +139,13 @@ def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tm
     """DRoRAE phases 2 and 3, DecQ and its unfreeze / concat baselines: the optimizer holds exactly the tensors the
     phase trains (by count and shapes), and N + resume + N steps equal 2N straight steps bitwise (all but phase 3,
     mid-epoch)."""
-    common = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
+    common = [*TINY, "--data-path", images, "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--global-batch", "2",
               "--micro-batch", "1"]
     train.main(["--method", "rae", "--phase", "1", *common, "--out-dir", str(tmp_path / "p1"), "--max-steps", "1"])
     runs = [("drorae", "2", ["--init-from", str(tmp_path / "p1")], ("fusion.",)),
             ("drorae", "3", ["--init-from", str(tmp_path / "drorae2-a")], ("decoder.",)),
             ("decq", "1", [], ("condenser.", "decoder.")),
-            ("unfreeze", "1", ["--distill", "1"], ("encoder.blocks.", "encoder.patch_embed.", "encoder.cls_token",
+            ("unfreeze", "1", ["--tok", "distill=1"], ("encoder.blocks.", "encoder.patch_embed.", "encoder.cls_token",
                                                    "encoder.pos_embed", "encoder.register_tokens", "decoder.")),
             ("concat", "1", [], ("condenser.", "bottleneck.", "decoder."))]
     for method, phase, extra, trained in runs:
@@ -195,8 +196,8 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path
 
 
 def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
-    common = ["--preset", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--data-path", images,
-              "--lpips-weight", "0", "--gan-weight", "0", "--max-steps", "1"]
+    common = ["--recipe", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--data-path", images,
+              "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--max-steps", "1"]
     runs = [("rae", "1", []), ("decq", "1", []), ("ideal", "1", IDEAL),
             ("drorae", "2", ["--init-from", str(tmp_path / "rae1")]),
             ("drorae", "3", ["--init-from", str(tmp_path / "drorae2")])]
@@ -220,16 +221,16 @@ def test_ideal_tiny_preset_runs_and_impossible_settings_name_their_flag(images, 
     """--preset tiny means the tiny Ideal (shallow block 1 of the 4-block encoder, 64 codes, 4 heads), not the published
     settings on a tiny encoder (12 heads on width 64 crashed); an impossible head count or block is one line naming
     the flag."""
-    common = ["--phase", "1", "--preset", "tiny", "--device", "cpu", "--workers", "0", "--data-path", images,
-              "--lpips-weight", "0", "--gan-weight", "0", "--max-steps", "1"]
+    common = ["--phase", "1", "--recipe", "tiny", "--device", "cpu", "--workers", "0", "--data-path", images,
+              "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--max-steps", "1"]
     train.main(["--method", "ideal", *common, "--out-dir", str(tmp_path / "ideal")])
     config = checkpoint.load_checkpoint(tmp_path / "ideal")["config"]
     assert (config["shallow_layer"], config["codebook_size"], config["fuse_heads"], config["feat_heads"]) == (1, 64, 4, 4)
-    for method, flags in (("ideal", ["--fuse-heads", "5"]), ("ideal", ["--feat-heads", "12"]),
-                          ("ideal", ["--shallow-layer", "7"]), ("decq", ["--query-heads", "3"]),
-                          ("decq", ["--query-layers", "0", "9"]), ("concat", ["--query-heads", "6"])):
+    for method, flags in (("ideal", ["--tok", "fuse_heads=5"]), ("ideal", ["--tok", "feat_heads=12"]),
+                          ("ideal", ["--tok", "shallow_layer=7"]), ("decq", ["--tok", "query_heads=3"]),
+                          ("decq", ["--tok", "query_layers=[0,9]"]), ("concat", ["--tok", "query_heads=6"])):
         msg = error(["--method", method, *common, *flags, "--out-dir", str(tmp_path / "x")])
-        assert msg.startswith(f"--method {method}: {flags[0]} must") and "\n" not in msg, msg
+        assert msg.startswith(f"--tok: {flags[1].split('=')[0]} must") and "\n" not in msg, msg
         assert not (tmp_path / "x" / "ckpt-last.pt").exists()
 
 
@@ -244,8 +245,8 @@ def test_ideal_official_recipe_defaults_l2_scale_and_gan_terms_resume_exactly(im
     x, recon = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
     rec = train.tokenizer_loss(lambda v: (recon, {}), x, args)[1]["rec"]
     assert torch.allclose(rec, 4 * ((recon - x) ** 2).mean())  # the official [−1, 1] scale: 4× the [0, 1] MSE
-    run = ["--method", "ideal", "--phase", "1", *TINY, "--data-path", images, "--lpips-weight", "0", "--global-batch",
-           "2", "--micro-batch", "1", "--disc-start-step", "0", "--gan-start-step", "0"]
+    run = ["--method", "ideal", "--phase", "1", *TINY, "--data-path", images, "--loss", "lpips_weight=0", "--global-batch",
+           "2", "--micro-batch", "1", "--loss", "disc_start_step=0", "--loss", "gan_start_step=0"]
     train.main(run + ["--out-dir", str(tmp_path / "a"), "--max-steps", "2"])
     train.main(run + ["--out-dir", str(tmp_path / "b"), "--max-steps", "1"])
     train.main(run + ["--resume", str(tmp_path / "b"), "--max-steps", "2"])
@@ -273,7 +274,7 @@ def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
     """DRoRAE §3.3's joint ablation trains exactly fusion + decoder from phase 1 (other methods refuse it);
     --router mean has no phase 2 and goes from phase 1 to phase 3; phase 2 starts from a released-layout decoder
     file; --stop-epoch stops on the unchanged schedule; --max-steps 0 is refused."""
-    common = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
+    common = [*TINY, "--data-path", images, "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--global-batch", "2",
               "--micro-batch", "1", "--max-steps", "1"]
     p1 = tmp_path / "p1"
     train.main(["--method", "rae", "--phase", "1", *common, "--out-dir", str(p1)])
@@ -286,13 +287,13 @@ def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
 
     for router, phase, prefixes in (("softmax", "joint", ("fusion.", "decoder.")), ("mean", "3", ("decoder.",))):
         out = tmp_path / f"{router}{phase}"
-        train.main(["--method", "drorae", "--phase", phase, *common, "--init-from", str(p1), "--router", router,
+        train.main(["--method", "drorae", "--phase", phase, *common, "--init-from", str(p1), "--tok", f"router={router}",
                     "--out-dir", str(out)])
         ck, tok, shapes = trained(out)
         assert ck["config"]["router"] == router and ck["config"]["fuse"]
         assert shapes == sorted(tuple(p.shape) for n, p in tok.named_parameters() if n.startswith(prefixes))
     assert not [n for n, _ in tok.named_parameters() if n.startswith("fusion.")]  # mean: nothing to route with
-    assert "phase 2 has nothing to train" in error(["--method", "drorae", "--phase", "2", *common, "--router", "mean",
+    assert "phase 2 has nothing to train" in error(["--method", "drorae", "--phase", "2", *common, "--tok", "router=mean",
                                                     "--init-from", str(p1), "--out-dir", str(tmp_path / "m2")])
     for method in ("rae", "decq", "ideal"):
         assert f"--method {method} has no phase joint" in error(["--method", method, "--phase", "joint", *common])
@@ -312,7 +313,7 @@ def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
          "--out-dir", str(tmp_path / "j")])
 
     # --stop-epoch: the epochs-long schedule, stopped early (8 images / batch 2 = 4 steps per epoch)
-    flags = [*TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight", "0", "--global-batch", "2",
+    flags = [*TINY, "--data-path", images, "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--global-batch", "2",
              "--micro-batch", "1", "--epochs", "4", "--log-every", "1", "--method", "rae", "--phase", "1"]
     train.main([*flags, "--out-dir", str(tmp_path / "full")])
     train.main([*flags, "--out-dir", str(tmp_path / "stop"), "--stop-epoch", "1.5"])
@@ -326,7 +327,7 @@ def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
 def tokenizer_then_generator(method, images, tmp_path, *extra):
     tok = tmp_path / f"{method}-tok"
     if not tok.exists():
-        train.main(["--method", method, "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(tok),
+        train.main(["--method", method, "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(tok),
                     *(IDEAL if method == "ideal" else [])])
     out = tmp_path / f"{method}-gen{'-cached' if extra else ''}"
     train.main(["--method", method, "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(out),
@@ -338,7 +339,7 @@ def tokenizer_then_generator(method, images, tmp_path, *extra):
 
 
 def test_generator_phase_dit_and_gpt(images, tmp_path):
-    _, out = tokenizer_then_generator("ideal", images, tmp_path, "--p-uncond", "0.25")
+    _, out = tokenizer_then_generator("ideal", images, tmp_path, "--gen", "p_uncond=0.25")
     assert checkpoint.load_checkpoint(out)["config"]["class_dropout"] == 0.25  # --p-uncond reaches the GPT
     assert train.parse_args(["--method", "ideal", "--phase", "gen"]).ema == 0.9999  # Ideal Table 9: EMA
     tok, _ = tokenizer_then_generator("rae", images, tmp_path)
@@ -367,7 +368,8 @@ def test_generators_know_their_tokenizer_and_caches_what_made_them(images, tmp_p
     ck = checkpoint.load_checkpoint(out)
     assert Path(ck["tokenizer"]["path"]).is_absolute() and len(ck["tokenizer"]["identity"]) == 16
     other = tmp_path / "other-tok"
-    train.main(["--method", "rae", "--phase", "1", *GEN, "--data-path", images, "--out-dir", str(other), "--seed", "3"])
+    train.main(["--method", "rae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(other),
+                "--seed", "3"])
     gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images]
     assert "made with another tokenizer" in error(gen + ["--tokenizer", str(other), "--latent-cache",
                                                           str(tmp_path / "cache"), "--out-dir", str(tmp_path / "g2")])
@@ -410,7 +412,7 @@ def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
     """--fsdp (FSDP2 over gloo on CPU, 2 processes, 2 micro-batches each): the same steps as DDP to float rounding,
     N + resume + N = 2N bitwise, whole tensors in the checkpoint (loadable without FSDP), a finished generator.pt."""
     flags = [*GEN, "--micro-batch", "1", "--data-path", images]
-    train.main(["--method", "ideal", "--phase", "1", *flags, *IDEAL, "--out-dir", str(tmp_path / "tok")])
+    train.main(["--method", "ideal", "--phase", "1", *flags, *P1, *IDEAL, "--out-dir", str(tmp_path / "tok")])
     whole = ["--method", "ideal", "--phase", "gen", *flags[:flags.index("--max-steps")], "--tokenizer",
              str(tmp_path / "tok"), *flags[flags.index("--max-steps") + 2:]]  # the whole schedule: 8 steps
     gen = whole + ["--max-steps", "3"]
@@ -440,8 +442,8 @@ def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
 def test_tiny_model_overfits_eight_images(images, tmp_path):
     out = tmp_path / "run"
     train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
-                "--global-batch", "8", "--micro-batch", "8", "--lpips-weight", "0", "--gan-weight", "0",
-                "--noise-tau", "0", "--lr", "3e-3", "--lr-min", "3e-3", "--epochs", "60", "--ema", "0"])
+                "--global-batch", "8", "--micro-batch", "8", "--loss", "lpips_weight=0", "--loss", "gan_weight=0",
+                "--tok", "noise_tau=0", "--lr", "3e-3", "--lr-min", "3e-3", "--epochs", "60", "--ema", "0"])
     rec = [r["rec"] for r in log(out)]
     assert rec[-1] < rec[0] / 5, (rec[0], rec[-1])
     ck = checkpoint.load_checkpoint(out / "tokenizer.pt", expect_kind="tokenizer")
@@ -482,16 +484,15 @@ def test_offline_downloads_are_one_line_naming_the_flag(images, tmp_path, monkey
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     msg = error(["--method", "rae", "--phase", "1", "--data-path", images, "--out-dir", str(tmp_path / "o"),
                  "--global-batch", "8", "--micro-batch", "8"])
-    assert msg.startswith("could not download DINOv2 weights") and msg.endswith("(train.py --encoder-weights PATH)")
-    assert "weights=" not in msg and "\n" not in msg
+    assert msg.startswith("could not download DINOv2 weights") and msg.endswith("(train.py --tok encoder_weights=PATH)")
+    assert msg.count("weights=") == 1 and "\n" not in msg  # the flag, no traceback about a keyword
 
 
 def test_resume_continues_the_run_as_started(images, tmp_path):
     """--resume takes the run's saved flags (no need to repeat --preset tiny and the rest); a flag that would change
     the run is refused in one line (another --data-path used to print "stopped at step 8 of 4" and exit 0); the
     per-invocation ones (--max-steps, --workers, …) may change."""
-    first = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--lpips-weight", "0", "--gan-weight",
-             "0", "--global-batch", "4", "--micro-batch", "2", "--out-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    first = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--global-batch", "4", "--micro-batch", "2", "--out-dir", str(tmp_path / "r"), "--max-steps", "1"]
     train.main(first)
     (tmp_path / "other" / "a").mkdir(parents=True)
     for msg_flag, extra in (("--data-path", ["--data-path", str(tmp_path / "other")]), ("--lr", ["--lr", "0.5"])):
@@ -500,7 +501,7 @@ def test_resume_continues_the_run_as_started(images, tmp_path):
     train.main(["--method", "rae", "--phase", "1", "--resume", str(tmp_path / "r"), "--max-steps", "2", "--workers",
                 "0"])  # the tiny preset, its data and batch come from the checkpoint
     ck = checkpoint.load_checkpoint(tmp_path / "r")
-    assert ck["step"] == 2 and ck["args"]["global_batch"] == 4 and ck["args"]["decoder"] == "tiny"
+    assert ck["step"] == 2 and ck["args"]["global_batch"] == 4 and ck["args"]["tok"]["decoder"] == "tiny"
 
 
 def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp_path):
@@ -532,13 +533,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
     monkeypatch.setattr(train, "tokenizer_loss", nan_from_second_step)
     out = tmp_path / "run"
     msg = error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
-                 "--global-batch", "4", "--micro-batch", "2", "--lpips-weight", "0", "--ckpt-every", "1"])
+                 "--global-batch", "4", "--micro-batch", "2", "--loss", "lpips_weight=0", "--ckpt-every", "1"])
     assert "non-finite loss nan at step 1" in msg and str(out) in msg
     ck = checkpoint.load_checkpoint(out)
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
     calls.clear()  # NaN from the second step again, now before any checkpoint: the message says so
     msg = error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(tmp_path / "new"),
-                 "--global-batch", "4", "--micro-batch", "2", "--lpips-weight", "0"])
+                 "--global-batch", "4", "--micro-batch", "2", "--loss", "lpips_weight=0"])
     assert "no checkpoint was written yet" in msg and not (tmp_path / "new" / "ckpt-last.pt").exists()
 
 
@@ -566,7 +567,7 @@ def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
         parsers.clear()
         {"train.py": train, "sample.py": sample, "evaluate.py": evaluate}[script].parse_args(argv)
         numeric = [a for a in parsers[-1]._actions if getattr(a.type, "__qualname__", "").startswith("number.")]
-        assert len(numeric) >= {"train.py": 55, "sample.py": 10, "evaluate.py": 2}[script]
+        assert len(numeric) >= {"train.py": 20, "sample.py": 10, "evaluate.py": 2}[script]
         for action in numeric:
             flag = action.option_strings[0]
             for bad in ("-5", "x"):
@@ -576,3 +577,59 @@ def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
                         argv + [flag, *values])
                 msg = str(e.value)
                 assert msg.startswith(f"{script}: error: argument {flag}") and "\n" not in msg, msg
+    # the knobs: every number a tokenizer (of every method), the tokenizer objective or a generator takes
+    knobs = [(m, "1", "--tok", k, v) for m in checkpoint.TOKENIZERS for k, v in checkpoint.tokenizer_knobs(m).items()]
+    knobs += [("rae", "1", "--loss", k, v) for k, v in train.RAE_DECODER["loss"].items()]
+    knobs += [(m, "gen", "--gen", k, v) for m in ("rae", "ideal") for k, v in train.RECIPES[(m, "gen")]["gen"].items()]
+    numeric = [k for k in knobs if isinstance(k[4], (int, float)) and not isinstance(k[4], bool)
+               or k[4] is None and not k[3].endswith("weights")]  # a None default: a number or a list, or a path
+    assert len(numeric) >= 40
+    for method, phase, flag, key, _ in numeric:
+        for bad in ("-5", "nan", "inf") + (("x",) if _ is not None else ()):
+            with pytest.raises(SystemExit) as e:
+                train.parse_args(["--method", method, "--phase", phase, flag, f"{key}={bad}"])
+            msg = str(e.value)
+            assert msg.startswith(f"{flag} {key}={bad}: {key} ") and "\n" not in msg, msg
+    assert "gain" not in train.parse_args(["--method", "drorae", "--phase", "1", "--tok", "fusion_layers=[1,2]"]).tok
+    assert train.parse_args(["--method", "drorae", "--phase", "1", "--tok", "fusion_layers=[1,2]"]).tok[
+        "fusion_layers"] == [1, 2]
+
+
+def test_print_config_is_the_recipe_row_with_each_source(capsys):
+    """--print-config prints every value of Ideal's tokenizer row (recipe), the tokenizer's keywords (class default),
+    and what a flag changed (flag), then exits before any work."""
+    train.main(["--method", "ideal", "--phase", "1", "--lr", "3e-4", "--loss", "lecam=0.01", "--tok", "code_dim=8",
+                "--device", "cuda", "--print-config"])
+    printed = {line.split()[0]: (json.loads(line.split()[1]), " ".join(line.split()[2:]))
+               for line in capsys.readouterr().out.splitlines()}
+    row = train.RECIPES[("ideal", "1")]
+    for k, v in row.items():
+        if k in ("lr", "init"):
+            continue
+        for key, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+            name = f"{k}.{key}" if key else k
+            if name != "loss.lecam":
+                assert printed[name] == (list(value) if isinstance(value, tuple) else value, "recipe"), name
+    assert printed["lr"] == (3e-4, "flag") and printed["loss.lecam"] == (0.01, "flag")
+    assert printed["tok.code_dim"] == (8, "flag") and printed["tok.codebook_size"] == (16384, "class default")
+    assert printed["precision"] == ("bf16", "recipe")  # Ideal's official bf16, on CUDA
+    assert set(printed) >= {f"tok.{k}" for k in checkpoint.tokenizer_knobs("ideal")}
+
+
+def test_a_new_keyword_of_a_tokenizer_reaches_the_command_line_without_train_py(images, tmp_path, monkeypatch):
+    """A forker's knob: a keyword argument added to a tokenizer class (here a subclass) is set by --tok, type-checked
+    from its default and recorded in the checkpoint's config; train.py is not edited."""
+    import fusion
+
+    class Gained(fusion.DRoRAE):
+        def __init__(self, gain=1.0, **kw):
+            super().__init__(**kw)
+            self.config.update(gain=gain)
+            self.gain = gain
+
+    monkeypatch.setitem(checkpoint.TOKENIZERS, "drorae", Gained)
+    assert train.parse_args(["--method", "drorae", "--phase", "1", "--tok", "gain=2.5"]).tok["gain"] == 2.5
+    assert "gain takes a number" in error(["--method", "drorae", "--phase", "1", "--tok", "gain=much"])
+    train.main(["--method", "drorae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir",
+                str(tmp_path / "g"), "--tok", "gain=2.5"])
+    assert checkpoint.load_checkpoint(tmp_path / "g")["config"]["gain"] == 2.5
