@@ -111,7 +111,7 @@ def generate(net, tok, indices, labels, args, guide=None):
         noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
         z = dit.to_tokens(dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
                                      interval=tuple(args.interval), guide=guide))
-        z = z[:, :tok.decoder.grid ** 2 + tok.num_queries]
+        z = z[:, :tok.decoder.grid ** 2 + tok.num_extra]
     return data.to_uint8(tok.decode(z)).cpu()
 
 

@@ -242,7 +242,7 @@ def make_generator_ckpt(root, method="rae", num_queries=0):
     torch.manual_seed(0)
     tok = checkpoint.build_tokenizer("tiny", **({"method": "decq", "num_queries": num_queries} if num_queries else {}))
     _, n, c = tok.encode(torch.rand(1, 3, 64, 64)).shape
-    n -= tok.num_queries  # patch tokens only
+    n -= tok.num_extra  # patch tokens only
     torch.save(dict(kind="tokenizer", method=method, phase="1", config=tok.config, ema=tok.state_dict()),
                root / "tok.pt")
     net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3, num_queries=num_queries)

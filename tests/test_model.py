@@ -237,20 +237,6 @@ def test_rae_decoder_errors():
         load_rae_decoder(rae["state_dict"])
 
 
-def test_decoder_queries_zero_is_rae_decoder():
-    plain = ViTDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4).eval()
-    withq = ViTDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4,
-                       num_queries=8).eval()
-    withq.load_state_dict(plain.state_dict(), strict=False)
-    z, q = torch.randn(2, 16, 32), torch.randn(2, 8, 32)
-    with torch.no_grad():
-        assert torch.equal(withq(z), plain(z))
-        out = withq(torch.cat([z, q], 1))  # patch tokens, then the query tokens
-    assert out.shape == (2, 3, 16, 16) and (out - plain(z)).abs().max() > 1e-4
-    assert 0.01 < withq.query_pos_embed.std() < 0.03
-    assert torch.equal(load_rae_decoder(withq.state_dict(), num_heads=4).query_pos_embed, withq.query_pos_embed)
-
-
 # ---------------------------------------------------------------------------------------------------- RAE
 
 
