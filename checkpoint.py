@@ -70,6 +70,20 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
                          f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
     ck["path"] = str(path)
+    return renamed(ck) if ck["kind"] == "generator" and "num_queries" in ck["config"] else ck
+
+
+def renamed(ck):
+    """A DiT-DH checkpoint written while DiT-DH named its extra tokens after DecQ's queries (config num_queries,
+    query_out; weights query_*), in today's names: the same weights, loadable and resumable (FSDP's optimiser state
+    is keyed by parameter name)."""
+    new = lambda k: "num_extra" if k == "num_queries" else "extra_" + k[6:] if str(k).startswith("query_") else k
+    for part in [p for p in ("config", "ema", "model") if ck.get(p) is not None]:
+        ck[part] = {new(k): v for k, v in ck[part].items()}
+    if ck.get("optimizer"):
+        ck["optimizer"]["state"] = {new(k): v for k, v in ck["optimizer"]["state"].items()}
+        for group in ck["optimizer"]["param_groups"]:
+            group["params"] = [new(p) for p in group["params"]]
     return ck
 
 

@@ -61,14 +61,14 @@ def noise_for(index, seed, net):
     g = torch.Generator().manual_seed(seed * 2**32 + index)
     cfg = net.config
     x = torch.randn(cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=g)
-    return (x, torch.randn(cfg["num_queries"], cfg["in_channels"], generator=g)) if cfg["num_queries"] else (x,)
+    return (x, torch.randn(cfg["num_extra"], cfg["in_channels"], generator=g)) if cfg["num_extra"] else (x,)
 
 
 def load_guide(path, ck, tok, device):
     """AutoGuidance's weaker generator, refused in one line unless it generates the main generator's latents: the same
     tokenizer (config), statistics, latent shape and classes."""
     guide, _, g = checkpoint.load_generator(path, device, tok)
-    shape = ("in_channels", "input_size", "num_queries", "num_classes")
+    shape = ("in_channels", "input_size", "num_extra", "num_classes")
     if (g["tokenizer"]["config"] != ck["tokenizer"]["config"]
             or checkpoint.identity(g["stats"]) != checkpoint.identity(ck["stats"])):
         raise SystemExit(f"--guide {path}: trained on another tokenizer or other statistics than --ckpt")

@@ -654,8 +654,8 @@ class GeneratorTrainer:
         else:
             config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.token_grid,
                                     in_channels=self.tok.latent_dim, num_classes=args.num_classes,
-                                    num_queries=self.tok.num_extra,
-                                    **({"query_out": args.query_out} if self.tok.num_extra else {}))
+                                    num_extra=self.tok.num_extra,
+                                    **({"extra_out": args.query_out} if self.tok.num_extra else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
         self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
         if resume is not None:  # whole state dicts, loaded before any sharding
