@@ -1,4 +1,5 @@
-"""Loading and saving: depthrae checkpoints, the tokenizer registry, and the frozen tokenizer or generator a tool needs.
+"""Loading and saving: depthrae checkpoints and latent statistics files (written atomically), the tokenizer registry,
+and the frozen tokenizer or generator a tool needs.
 
 Every tool (train.py, sample.py, evaluate.py, toy.py, experiments.py, bench/) reads checkpoints through this file,
 the only one that knows every method. A checkpoint is a dict written atomically by `save_checkpoint`:
@@ -9,6 +10,7 @@ the only one that knows every method. A checkpoint is a dict written atomically 
 """
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,8 +39,37 @@ def build_tokenizer(config, **overrides):
 
 
 def save_checkpoint(path, **state):
-    """Write a checkpoint dict atomically (model.save_atomic): a crash never leaves a half-written file."""
-    model.save_atomic(state, path)
+    """Write the dict `state` by torch.save to `path`.tmp, fsync, then os.replace: a crash never leaves a half-written
+    file behind (a kill -9 mid-write leaves only the .tmp, which the next save overwrites). A failed write (disk full)
+    is one line; the previous file is kept."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
+        raise
+
+
+def save_stats(stats, path):
+    """Write latent statistics {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout), plus a
+    method's statistics of its extra tokens when present (model.compute_latent_stats gives them)."""
+    save_checkpoint(path, **stats)
+
+
+def load_stats(path):
+    """Read a stats file (ours or the released RAE `stat.pt`, whose DINOv2-B file has mean = None)."""
+    stats = model.read_state_dict(path)
+    if not isinstance(stats, dict) or "var" not in stats:
+        raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
+    return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}
 
 
 def is_checkpoint(path):

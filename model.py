@@ -178,7 +178,7 @@ def sincos_2d(dim, h, w=None, cls_token=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1b. Strict loading and atomic saving (every checkpoint in the project goes through these two)
+# 1b. Strict loading and reading weight files
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -208,26 +208,6 @@ def load_strict(module, state_dict, what):
         raise ValueError(f"cannot load {what}: " + "; ".join(errors))
     module.load_state_dict(state_dict, strict=True)
     return module
-
-
-def save_atomic(obj, path):
-    """torch.save to `path`.tmp, fsync, then os.replace: a crash never leaves a half-written file behind (a kill -9
-    mid-write leaves only the .tmp, which the next save overwrites). A failed write (disk full) is one line; the
-    previous file is kept."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
-        raise
 
 
 def read_state_dict(path):
@@ -733,17 +713,3 @@ def compute_latent_stats(tokenizer, loader, max_batches=None):
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0)
     return tokenizer.stats_of(mean, var)
-
-
-def save_stats(stats, path):
-    """Write {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout), plus a method's statistics
-    of its extra tokens when present."""
-    save_atomic(dict(stats), path)
-
-
-def load_stats(path):
-    """Read a stats file (ours or the released RAE `stat.pt`, whose DINOv2-B file has mean = None)."""
-    stats = read_state_dict(path)
-    if not isinstance(stats, dict) or "var" not in stats:
-        raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
-    return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}

@@ -624,7 +624,7 @@ class GeneratorTrainer:
         self.stats = None
         if not self.tok.num_codes:
             if resume is not None or args.stats:
-                self.stats = resume["stats"] if resume is not None else model.load_stats(args.stats)
+                self.stats = resume["stats"] if resume is not None else checkpoint.load_stats(args.stats)
             else:
                 crops = data.make_loader(data.ImageFolder(args.data_path, size=self.tok.image_size), args.micro_batch,
                                          shuffle=False, drop_last=False, num_workers=args.workers)
