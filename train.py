@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import ar
 import checkpoint
+import cli
 import data
 import dit
 import losses
@@ -107,7 +108,7 @@ PRESETS = {  # presets fill defaults; explicit flags win
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
+    p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", choices=METHODS, required=True)
@@ -119,114 +120,114 @@ def parse_args(argv=None):
     a("--init-from", help="checkpoint of the previous phase (drorae phases 2, 3, joint); where phase 1 is wanted, "
       "also a released RAE decoder file (model.pt), the encoder named by --encoder")
     a("--tokenizer", help="frozen tokenizer checkpoint for --phase gen (on resume: the one it was trained with)")
-    a("--max-steps", type=data.number(int, 1), default=None, help="stop after this many optimizer steps (schedule unchanged)")
-    a("--stop-epoch", type=data.number(float, 0, above=True), default=None, help="stop after this many epochs, the --epochs schedule unchanged "
+    a("--max-steps", type=cli.number(int, 1), default=None, help="stop after this many optimizer steps (schedule unchanged)")
+    a("--stop-epoch", type=cli.number(float, 0, above=True), default=None, help="stop after this many epochs, the --epochs schedule unchanged "
       "(the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    a("--seed", type=data.number(int, 0), default=0)
+    a("--seed", type=cli.number(int, 0), default=0)
     # tokenizer (RAE encoder and ViT decoder)
     a("--encoder", default="vitb14_reg", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,
       help="DINOv2 name vit{s,b,l,g}14[_reg] | vitt14[_reg] (tiny), or a JSON dict of model.DINOv2 arguments")
     a("--encoder-weights", default="official", help="official | random | PATH")
     a("--decoder", default="XL", choices=tuple(model.DECODERS), help="ViT decoder size")
     a("--decoder-weights", default=None, help="initialise the decoder from a released RAE decoder / checkpoint")
-    a("--image-size", type=data.number(int, 1), default=256)
-    a("--encoder-size", type=data.number(int, 1), default=None, help="encoder input size (default image size · 7/8)")
+    a("--image-size", type=cli.number(int, 1), default=256)
+    a("--encoder-size", type=cli.number(int, 1), default=None, help="encoder input size (default image size · 7/8)")
     a("--crop", choices=("resize", "random"), default="resize", help="tokenizer training crops: resize = Resize(--resize, "
       "bicubic) → RandomCrop(image size) (RAE); random = ADM's random crop, short side from [size, size/0.8] (Ideal)")
-    a("--resize", type=data.number(int, 1), default=384, help="--crop resize: the short side before the random crop")
+    a("--resize", type=cli.number(int, 1), default=384, help="--crop resize: the short side before the random crop")
     a("--flip", action=argparse.BooleanOptionalAction, default=False, help="tokenizer training: random horizontal flips")
-    a("--noise-tau", type=data.number(float, 0), default=0.8, help="latent noise augmentation τ")
+    a("--noise-tau", type=cli.number(float, 0), default=0.8, help="latent noise augmentation τ")
     a("--noise", choices=("uniform", "halfnormal"), default="uniform", help="σ = τ·U(0,1) | |N(0, τ²)|")
     # DRoRAE (§3.2–3.3)
-    a("--fusion-hidden", type=data.number(int, 1), default=None, help="expert width H (default 2C)")
-    a("--fusion-layers", type=data.number(int, 0), nargs="+", default=None, help="fused encoder blocks (default all)")
-    a("--beta", type=data.number(float, 0, 1), default=0.2, help="incremental-correction β")
-    a("--route-eps", type=data.number(float, 0, above=True), default=1e-6)
-    a("--smoothness", type=data.number(float, 0), default=0.0, help="routing-smoothness penalty weight")
+    a("--fusion-hidden", type=cli.number(int, 1), default=None, help="expert width H (default 2C)")
+    a("--fusion-layers", type=cli.number(int, 0), nargs="+", default=None, help="fused encoder blocks (default all)")
+    a("--beta", type=cli.number(float, 0, 1), default=0.2, help="incremental-correction β")
+    a("--route-eps", type=cli.number(float, 0, above=True), default=1e-6)
+    a("--smoothness", type=cli.number(float, 0), default=0.0, help="routing-smoothness penalty weight")
     a("--router", choices=("energy", "softmax", "mean"), default="energy", help="energy: signed, ℓ2-normalised "
       "(DRoRAE Eq. 4); softmax: MoE weights on the same logits; mean: LN₀(mean of LN₀(h_k)), no parameters (no phase 2)")
     # DecQ (§3.2, §4.1)
-    a("--num-queries", type=data.number(int, 1), default=8)
-    a("--query-layers", type=data.number(int, 0), nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
-    a("--query-heads", type=data.number(int, 1), default=None)
-    a("--query-mlp-ratio", type=data.number(float, 0, above=True), default=4.0)
-    a("--distill", type=data.number(float, 0), default=0.0, help="unfreeze: weight of the L2 to the frozen starting encoder's latent")
-    a("--concat-dim", type=data.number(int, 1), default=None, help="concat: bottleneck channels per patch token (default 8·C/N, "
+    a("--num-queries", type=cli.number(int, 1), default=8)
+    a("--query-layers", type=cli.number(int, 0), nargs="+", default=None, help="condenser blocks (default every quarter of depth)")
+    a("--query-heads", type=cli.number(int, 1), default=None)
+    a("--query-mlp-ratio", type=cli.number(float, 0, above=True), default=4.0)
+    a("--distill", type=cli.number(float, 0), default=0.0, help="unfreeze: weight of the L2 to the frozen starting encoder's latent")
+    a("--concat-dim", type=cli.number(int, 1), default=None, help="concat: bottleneck channels per patch token (default 8·C/N, "
       "DecQ's 8 queries' worth)")
     # Ideal (§3.3, App. A.1)
-    a("--shallow-layer", type=data.number(int, 0), default=3)
+    a("--shallow-layer", type=cli.number(int, 0), default=3)
     a("--fuse", choices=("attn", "linear", "none"), default="attn", help="fusion of the shallow into the deep "
       "features: AttnFuse (Eq. 6), one linear layer, or none (Table 7a)")
-    a("--deep-layer", type=data.number(int, 0), default=None, help="block of the deep feature f_d (default the last; Table 1)")
-    a("--codebook-size", type=data.number(int, 1), default=16384)
-    a("--code-dim", type=data.number(int, 1), default=64)
-    a("--commit-beta", type=data.number(float, 0), default=0.25, help="VQ commitment weight")
-    a("--entropy-weight", type=data.number(float, 0), default=0.01)
-    a("--entropy-temperature", type=data.number(float, 0, above=True), default=0.01, help="entropy term's softmax T")
+    a("--deep-layer", type=cli.number(int, 0), default=None, help="block of the deep feature f_d (default the last; Table 1)")
+    a("--codebook-size", type=cli.number(int, 1), default=16384)
+    a("--code-dim", type=cli.number(int, 1), default=64)
+    a("--commit-beta", type=cli.number(float, 0), default=0.25, help="VQ commitment weight")
+    a("--entropy-weight", type=cli.number(float, 0), default=0.01)
+    a("--entropy-temperature", type=cli.number(float, 0, above=True), default=0.01, help="entropy term's softmax T")
     a("--restart-dead", action="store_true", help="restart codes unused for a whole usage window")
-    a("--shallow-weight", type=data.number(float, 0), default=1.0)
-    a("--fuse-heads", type=data.number(int, 1), default=12)
-    a("--feat-depth", type=data.number(int, 1), default=6, help="feature decoder depth")
-    a("--feat-heads", type=data.number(int, 1), default=12)
+    a("--shallow-weight", type=cli.number(float, 0), default=1.0)
+    a("--fuse-heads", type=cli.number(int, 1), default=12)
+    a("--feat-depth", type=cli.number(int, 1), default=6, help="feature decoder depth")
+    a("--feat-heads", type=cli.number(int, 1), default=12)
     # generators (--phase gen; RAE stage 2, Ideal App. A.2)
     a("--dit", default="XL", choices=tuple(dit.PRESETS), help="DiT-DH size")
     a("--dit-head", action=argparse.BooleanOptionalAction, default=True, help="DDT head (off: plain DiT)")
     a("--gpt", default="B", choices=tuple(ar.GPT_PRESETS), help="AR GPT size (ideal)")
-    a("--num-classes", type=data.number(int, 1), default=1000)
+    a("--num-classes", type=cli.number(int, 1), default=1000)
     a("--stats", default=None, help="latent statistics file (default: computed over the training set)")
-    a("--stats-batches", type=data.number(int, 1), default=None, help="micro-batches per process for the statistics (default all)")
+    a("--stats-batches", type=cli.number(int, 1), default=None, help="micro-batches per process for the statistics (default all)")
     a("--t-dist", choices=("logit-normal", "uniform"), default="logit-normal", help="flow-matching training t")
-    a("--p-uncond", type=data.number(float, 0, 1), default=0.1, help="class dropout (null label) for guidance")
-    a("--query-weight", type=data.number(float, 0), default=1.0, help="DecQ λ on the query flow-matching loss")
+    a("--p-uncond", type=cli.number(float, 0, 1), default=0.1, help="class dropout (null label) for guidance")
+    a("--query-weight", type=cli.number(float, 0), default=1.0, help="DecQ λ on the query flow-matching loss")
     a("--query-out", choices=("shared", "separate"), default="shared", help="DecQ: the query tokens' output "
       "projection in DiT-DH: the patches' (the paper's 841M) or their own")
     a("--latent-cache", default=None, help="directory of the encoded training set, filled on first use (centre crops "
       "and mirrors, normalised latents): reuse only with the same tokenizer and stats")
     # loss (RAE stage 1; README, Decisions)
     a("--rec-loss", choices=("l1", "l2"), default="l1")
-    a("--lpips-weight", type=data.number(float, 0), default=1.0)
+    a("--lpips-weight", type=cli.number(float, 0), default=1.0)
     a("--lpips-weights", default="official", help="LPIPS v0.1 lin layers: official | random | PATH")
     a("--vgg-weights", default="official", help="LPIPS VGG16 trunk: official | random | PATH")
-    a("--gan-weight", type=data.number(float, 0), default=0.75)
+    a("--gan-weight", type=cli.number(float, 0), default=0.75)
     a("--adaptive-gan", action=argparse.BooleanOptionalAction, default=True, help="VQGAN adaptive weight λ_adapt")
     a("--disc", default="S8", choices=tuple(DISCRIMINATORS), help="discriminator: S8 (DINO ViT-S/8 at 224) | tiny")
     a("--disc-weights", default="official", help="official | random | PATH (DINO backbone)")
-    a("--disc-start-epoch", type=data.number(int, 0), default=6, help="discriminator updates from this epoch")
-    a("--gan-start-epoch", type=data.number(int, 0), default=8, help="generator GAN term from this epoch")
+    a("--disc-start-epoch", type=cli.number(int, 0), default=6, help="discriminator updates from this epoch")
+    a("--gan-start-epoch", type=cli.number(int, 0), default=8, help="generator GAN term from this epoch")
     a("--diffaug", default="color,translation", help="DiffAugment policies before the discriminator (cutout[_R]: "
       "a square of side R·size)")
-    a("--diffaug-prob", type=data.number(float, 0, 1), default=1.0, help="each DiffAugment policy applies to a batch with this probability")
-    a("--disc-cr", type=data.number(float, 0), default=0.0, help="discriminator consistency regularisation weight (strong "
+    a("--diffaug-prob", type=cli.number(float, 0, 1), default=1.0, help="each DiffAugment policy applies to a batch with this probability")
+    a("--disc-cr", type=cli.number(float, 0), default=0.0, help="discriminator consistency regularisation weight (strong "
       "color,translation,cutout_0.5 vs the normal augmentation)")
-    a("--lecam", type=data.number(float, 0), default=0.0, help="LeCAM regularisation weight of the discriminator")
-    a("--disc-start-step", type=data.number(int, 0), default=None, help="overrides --disc-start-epoch")
-    a("--gan-start-step", type=data.number(int, 0), default=None, help="overrides --gan-start-epoch")
+    a("--lecam", type=cli.number(float, 0), default=0.0, help="LeCAM regularisation weight of the discriminator")
+    a("--disc-start-step", type=cli.number(int, 0), default=None, help="overrides --disc-start-epoch")
+    a("--gan-start-step", type=cli.number(int, 0), default=None, help="overrides --gan-start-epoch")
     # optimisation
-    a("--lr", type=data.number(float, 0, above=True), default=2e-4)
-    a("--lr-min", type=data.number(float, 0), default=2e-5, help="cosine end value")
-    a("--betas", type=data.number(float, 0, 1), nargs=2, default=(0.9, 0.95))
-    a("--weight-decay", type=data.number(float, 0), default=0.0)
-    a("--warmup-epochs", type=data.number(float, 0), default=1.0)
+    a("--lr", type=cli.number(float, 0, above=True), default=2e-4)
+    a("--lr-min", type=cli.number(float, 0), default=2e-5, help="cosine end value")
+    a("--betas", type=cli.number(float, 0, 1), nargs=2, default=(0.9, 0.95))
+    a("--weight-decay", type=cli.number(float, 0), default=0.0)
+    a("--warmup-epochs", type=cli.number(float, 0), default=1.0)
     a("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="after warm-up: make_optimizer")
-    a("--decay-start-epoch", type=data.number(float, 0), default=40, help="linear schedule: constant until this epoch")
-    a("--epochs", type=data.number(int, 1), default=16)
-    a("--global-batch", type=data.number(int, 1), default=512)
-    a("--micro-batch", type=data.number(int, 1), default=32, help="per-process batch of one forward/backward")
-    a("--clip-grad", type=data.number(float, 0), default=0.0, help="max gradient norm (0: off)")
-    a("--ema", type=data.number(float, 0, 1), default=0.9978)
+    a("--decay-start-epoch", type=cli.number(float, 0), default=40, help="linear schedule: constant until this epoch")
+    a("--epochs", type=cli.number(int, 1), default=16)
+    a("--global-batch", type=cli.number(int, 1), default=512)
+    a("--micro-batch", type=cli.number(int, 1), default=32, help="per-process batch of one forward/backward")
+    a("--clip-grad", type=cli.number(float, 0), default=0.0, help="max gradient norm (0: off)")
+    a("--ema", type=cli.number(float, 0, 1), default=0.9978)
     a("--precision", choices=("fp32", "bf16"), default=None, help="default: the recipe's — bf16 autocast for Ideal "
       "(its official code), fp32 otherwise (RAE: bf16 NaNs in the DiT); fp32 off CUDA")
     a("--fsdp", action="store_true", help="generator phase: shard parameters, gradients, AdamW state and EMA over the "
       "processes (torch FSDP2, a unit per block; no training grids) — for GPT-3B, whose fp32 AdamW state fills a GPU")
     a("--compile", action="store_true")
-    a("--workers", type=data.number(int, 0), default=8)
+    a("--workers", type=cli.number(int, 0), default=8)
     # logging
-    a("--log-every", type=data.number(int, 1), default=50)
-    a("--ckpt-every", type=data.number(int, 1), default=1000, help="overwrite ckpt-last.pt every N steps")
-    a("--keep-every", type=data.number(int, 0), default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
-    a("--keep-every-epochs", type=data.number(float, 0), default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
-    a("--grid-every", type=data.number(int, 0), default=1000)
+    a("--log-every", type=cli.number(int, 1), default=50)
+    a("--ckpt-every", type=cli.number(int, 1), default=1000, help="overwrite ckpt-last.pt every N steps")
+    a("--keep-every", type=cli.number(int, 0), default=0, help="also keep ckpt-STEP.pt every N steps (0: off)")
+    a("--keep-every-epochs", type=cli.number(float, 0), default=0, help="also keep ckpt-epochE.pt every E epochs (convergence curves)")
+    a("--grid-every", type=cli.number(int, 0), default=1000)
     pre, _ = p.parse_known_args(argv)
     tiny = checkpoint.TINY.get(pre.method, {}) if pre.preset == "tiny" else {}  # e.g. Ideal's shallow block 1 of 4
     p.set_defaults(**{**PHASES.get((pre.method, pre.phase), {}).get("defaults", {}), **PRESETS[pre.preset],
@@ -846,15 +847,15 @@ def main(argv=None):
         args.out_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     if not args.data_path:
         raise SystemExit("--data-path is required")
-    data.writable("--out-dir", args.out_dir)
+    cli.writable("--out-dir", args.out_dir)
     if args.latent_cache:
-        data.writable("--latent-cache", args.latent_cache)
-    rank, world, device = data.setup_distributed(args.device)
+        cli.writable("--latent-cache", args.latent_cache)
+    rank, world, device = cli.setup_distributed(args.device)
     stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
     handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with data.user_errors("train.py", DOWNLOADS):
+        with cli.user_errors("train.py", DOWNLOADS):
             train(args, rank, world, device, stop)
     finally:
         for s, h in handlers.items():
