@@ -547,7 +547,7 @@ def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
 #   encode(x01)           → the generator's input: normalised latent tokens, or code indices (B, h·w) when
 #                           `num_codes` is set (a discrete tokenizer; then decode takes the indices);
 #   decode(z)             → image in [0, 1] space, unclamped; forward(x01) → (recon01, aux losses) for training;
-#   num_extra             → extra tokens after the h·w patch tokens (0: patch tokens only);
+#   num_extra, extra_stats → k extra tokens after the h·w patch tokens (0: none), the keys of their statistics;
 #   latent_dim            → channels of a latent token (the encoder width, or wider where a method widens them);
 #   num_codes             → None for continuous tokens, else the codebook size: the generator is then the AR
 #                           GPT instead of DiT-DH, the latent cache holds integers and evaluation counts codes;
@@ -638,12 +638,6 @@ class RAE(nn.Module):
         to_tokens = lambda t: None if t is None else t.float().flatten(1).T.contiguous().to(self.pixel_mean.device)
         self.stats_mean, self.stats_var = (None, None) if stats is None else map(to_tokens, (stats["mean"], stats["var"]))
 
-    def stats_of(self, mean, var):
-        """Per-element mean and variance of the raw latent tokens (h·w, C) → what set_stats takes and a stats file
-        holds: {"mean", "var"} as [C, h, w]."""
-        h = math.isqrt(len(mean))
-        return {k: t.T.reshape(-1, h, h).float().cpu() for k, t in (("mean", mean), ("var", var))}
-
     def normalize(self, z):
         """z_n = (z − mean) / sqrt(var + 1e-5) per (token, channel) element; identity without statistics."""
         if self.stats_var is None:
@@ -697,8 +691,8 @@ class RAE(nn.Module):
 def compute_latent_stats(tokenizer, loader, max_batches=None):
     """Exact per-element mean and population variance of the raw latents (B, h·w, C) over a loader of images
     (or (images, labels) batches), streamed in float64 and summed over ranks when torch.distributed is
-    initialised (RAE's momentum-0.1 running estimate is approximate). Returns `tokenizer.stats_of(mean, var)`:
-    {"mean", "var"} as [C, h, w], and whatever statistics a method keeps for its extra tokens."""
+    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w]; with
+    extra tokens also their mean and variance as [k, C], under the two keys in `tokenizer.extra_stats`."""
     device, s1, s2, n = tokenizer.pixel_mean.device, 0.0, 0.0, 0
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
@@ -712,4 +706,10 @@ def compute_latent_stats(tokenizer, loader, max_batches=None):
         s1, s2, n = total[0], total[1], total[2]
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0)
-    return tokenizer.stats_of(mean, var)
+    N = len(mean) - tokenizer.num_extra
+    h = math.isqrt(N)
+    grid = lambda t: t[:N].T.reshape(-1, h, h).float().cpu()  # (h·w, C) → [C, h, w]
+    stats = {"mean": grid(mean), "var": grid(var)}
+    if tokenizer.num_extra:
+        stats.update(zip(tokenizer.extra_stats, (mean[N:].float().cpu(), var[N:].float().cpu())))
+    return stats

@@ -10,7 +10,6 @@ baselines of the paper's Table 3 (the encoder unfrozen, with or without distilla
 and noise augmentation are RAE's (one σ per sample over patches and queries), on the longer token sequence.
 """
 import copy
-import functools
 
 import torch
 import torch.nn as nn
@@ -60,9 +59,7 @@ class DetailQueries(nn.Module):
 
 
 class QueryDecoder(model.ViTDecoder):
-    """DecQ Eq. 5: the RAE ViT decoder whose latent may carry Q query tokens after the h·w patch tokens; they get their
-    own embed and a learned position and join the self-attention; only patch outputs are decoded. Given only the h·w
-    patch tokens it is exactly the RAE decoder."""
+    """DecQ Eq. 5: the RAE decoder plus the queries' own embed and learned positions; given no queries, the RAE's."""
 
     def __init__(self, num_queries=8, latent_dim=768, dim=1152, **vit):
         super().__init__(latent_dim, dim, **vit)
@@ -88,11 +85,11 @@ class DecQ(model.RAE):
 
     method = "decq"
     phases = {"1": ("condenser", "decoder")}
+    extra_stats = ("query_mean", "query_var")  # the query statistics' keys (model.compute_latent_stats), [Q, C]
 
     def __init__(self, num_queries=8, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
-        super().__init__(decoder_class=functools.partial(QueryDecoder, num_queries), **rae)  # reads the queries too
-        C, depth = self.encoder.embed_dim, len(self.encoder.blocks)
-        self.num_extra = num_queries
+        super().__init__(decoder_class=lambda **vit: QueryDecoder(num_queries, **vit), **rae)  # reads the queries too
+        C, depth, self.num_extra = self.encoder.embed_dim, len(self.encoder.blocks), num_queries
         self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
                            query_mlp_ratio=query_mlp_ratio)
         query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
@@ -114,19 +111,11 @@ class DecQ(model.RAE):
         n = self.decoder.grid ** 2
         return z[:, :n], z[:, n:]
 
-    def stats_of(self, mean, var):
-        """Patch statistics as RAE's; query statistics "query_mean", "query_var" of shape [Q, C]."""
-        n = self.decoder.grid ** 2
-        queries = {f"query_{k}": t[n:].float().cpu() for k, t in (("mean", mean), ("var", var))}
-        return {**super().stats_of(mean[:n], var[:n]), **queries}
-
     def set_stats(self, stats):
-        """Patch statistics as RAE ("mean", "var": [C, h, w]); query statistics "query_mean", "query_var" of
-        shape [Q, C] (optional)."""
+        """Patch statistics as RAE ("mean", "var": [C, h, w]); the query statistics (`extra_stats`), if given."""
         super().set_stats(stats)
-        q = (stats or {}).get("query_var") is not None
-        dev = self.pixel_mean.device
-        self.query_mean, self.query_var = (stats["query_mean"].float().to(dev), stats["query_var"].float().to(dev)) if q else (None, None)
+        dev, q = self.pixel_mean.device, (stats or {}).get("query_var") is not None
+        self.query_mean, self.query_var = (stats[k].float().to(dev) for k in self.extra_stats) if q else (None, None)
 
     def normalize(self, z):
         p, q = self.split(z)
