@@ -1,5 +1,4 @@
-"""Loading and saving: depthrae checkpoints and latent statistics files (written atomically), the tokenizer registry,
-and the frozen tokenizer or generator a tool needs.
+"""Loading and saving: checkpoints, latent statistics files, the tokenizer registry, the frozen models a tool needs.
 
 Every tool (train.py, sample.py, evaluate.py, toy.py, experiments.py, bench/) reads checkpoints through this file,
 the only one that knows every method. A checkpoint is a dict written atomically by `save_checkpoint`:
@@ -39,11 +38,9 @@ def build_tokenizer(config, **overrides):
 
 
 def save_checkpoint(path, **state):
-    """Write the dict `state` by torch.save to `path`.tmp, fsync, then os.replace: a crash never leaves a half-written
-    file behind (a kill -9 mid-write leaves only the .tmp, which the next save overwrites). A failed write (disk full)
-    is one line; the previous file is kept."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
+    """torch.save of the dict `state` to `path`.tmp, fsync, os.replace: a crash (kill -9) leaves at most the .tmp, which
+    the next save overwrites, never a half-written file; a failed write (disk full) is one line, the old file kept."""
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -58,14 +55,8 @@ def save_checkpoint(path, **state):
         raise
 
 
-def save_stats(stats, path):
-    """Write latent statistics {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout), plus a
-    method's statistics of its extra tokens when present (model.compute_latent_stats gives them)."""
-    save_checkpoint(path, **stats)
-
-
 def load_stats(path):
-    """Read a stats file (ours or the released RAE `stat.pt`, whose DINOv2-B file has mean = None)."""
+    """A stats file: compute_latent_stats's dict, by save_checkpoint(path, **stats), or RAE's `stat.pt` (mean: None)."""
     stats = model.read_state_dict(path)
     if not isinstance(stats, dict) or "var" not in stats:
         raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
@@ -84,7 +75,7 @@ def is_checkpoint(path):
 def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
     """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
     value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was
-    expected. The dict gets the file's "path"."""
+    expected. The dict gets the file's "path"; DiT-DH's names of old (num_queries, query_*) become today's."""
     path = Path(path)
     path = path / "ckpt-last.pt" if path.is_dir() else path
     if not path.is_file():
@@ -101,20 +92,11 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
                          f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
     ck["path"] = str(path)
-    return renamed(ck) if ck["kind"] == "generator" and "num_queries" in ck["config"] else ck
-
-
-def renamed(ck):
-    """A DiT-DH checkpoint written while DiT-DH named its extra tokens after DecQ's queries (config num_queries,
-    query_out; weights query_*), in today's names: the same weights, loadable and resumable (FSDP's optimiser state
-    is keyed by parameter name)."""
-    new = lambda k: "num_extra" if k == "num_queries" else "extra_" + k[6:] if str(k).startswith("query_") else k
-    for part in [p for p in ("config", "ema", "model") if ck.get(p) is not None]:
-        ck[part] = {new(k): v for k, v in ck[part].items()}
-    if ck.get("optimizer"):
-        ck["optimizer"]["state"] = {new(k): v for k, v in ck["optimizer"]["state"].items()}
-        for group in ck["optimizer"]["param_groups"]:
-            group["params"] = [new(p) for p in group["params"]]
+    if ck["kind"] == "generator" and "num_queries" in ck["config"]:  # DiT-DH's extra tokens, once named as DecQ's
+        new = lambda k: "num_extra" if k == "num_queries" else "extra_" + k[6:] if k.startswith("query_") else k
+        deep = lambda o: ({deep(k): deep(v) for k, v in o.items()} if isinstance(o, dict) else [deep(v) for v in o]
+                          if isinstance(o, list) else new(o) if isinstance(o, str) else o)  # FSDP's optimiser too
+        ck.update({part: deep(ck[part]) for part in ("config", "ema", "model", "optimizer") if part in ck})
     return ck
 
 

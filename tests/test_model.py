@@ -291,7 +291,7 @@ def test_latent_stats_exact_and_meanless(tmp_path):
     assert stats["var"].shape == (64, 4, 4)
     torch.testing.assert_close(stats["mean"], z.mean(0).T.reshape(64, 4, 4).float(), atol=1e-6, rtol=0)
     torch.testing.assert_close(stats["var"], z.var(0, unbiased=False).T.reshape(64, 4, 4).float(), atol=1e-6, rtol=0)
-    checkpoint.save_stats(stats, tmp_path / "stat.pt")
+    checkpoint.save_checkpoint(tmp_path / "stat.pt", **stats)
     loaded = checkpoint.load_stats(tmp_path / "stat.pt")
     tok.set_stats(loaded)
     zn = tok.encode(images).double()

@@ -135,7 +135,7 @@ def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
     assert torch.allclose(stats["var"], p.var(0, unbiased=False).T.reshape(64, 4, 4).float(), atol=1e-6)
     assert torch.allclose(stats["query_mean"], q.mean(0).float(), atol=1e-6)
     assert torch.allclose(stats["query_var"], q.var(0, unbiased=False).float(), atol=1e-6)
-    checkpoint.save_stats(stats, tmp_path / "s.pt")
+    checkpoint.save_checkpoint(tmp_path / "s.pt", **stats)
     loaded = checkpoint.load_stats(tmp_path / "s.pt")
     assert set(loaded) == set(stats) and all(torch.equal(loaded[k], stats[k]) for k in stats)
 
