@@ -1,6 +1,4 @@
-"""Command-line checks every script shares (train.py, sample.py, evaluate.py, toy.py, experiments.py): the process a
-script runs in (device, torchrun's process group), argparse with one-line errors, number types, writable output
-folders, a user's bad file as one line."""
+"""Command-line checks every script shares: process set-up, one-line errors (bad flags, bad files), numbers, folders."""
 import argparse
 import contextlib
 import os

@@ -57,6 +57,17 @@ def random_crop_arr(pil_image, image_size, rng, min_frac=0.8):
     return pil_image.crop((left, top, left + image_size, top + image_size))
 
 
+def to_uint8(x01):
+    """Images (B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and ADM .npz files hold them."""
+    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def save_image_grid(x01, path, nrow=8):
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (clamped, rounded to 8 bit)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)
+
+
 class ImageFolder(Dataset):
     """Images in class subfolders (ImageNet layout, labels = sorted folder index) or directly in `root` (label 0).
 
@@ -252,19 +263,3 @@ def allocate(path, dtype, shape):
         Path(path).unlink()
         raise SystemExit(f"--latent-cache {Path(path).parent}: cannot reserve {size / 2**30:.2f} GiB for "
                          f"{Path(path).name} ({e.strerror})") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------
-
-
-def to_uint8(x01):
-    """Images (B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and ADM .npz files hold them."""
-    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def save_image_grid(x01, path, nrow=8):
-    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (clamped, rounded to 8 bit)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)

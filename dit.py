@@ -141,8 +141,7 @@ class DiTDH(nn.Module):
         for block in [*self.blocks, self.final_layer]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        outs = [self.final_layer.linear] + ([self.extra_out] if hasattr(self, "extra_out") else [])
-        for m in outs:
+        for m in [self.final_layer.linear] + ([self.extra_out] if hasattr(self, "extra_out") else []):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         if self.num_extra:
@@ -177,9 +176,7 @@ class DiTDH(nn.Module):
         else:
             out = self.final_layer(s, c)
         v = self.final_layer.linear(out[:, : h * w]).transpose(1, 2).reshape(B, C, h, w)
-        if not self.num_extra:
-            return v
-        return v, (self.extra_out if hasattr(self, "extra_out") else self.final_layer.linear)(out[:, h * w:])
+        return (v, getattr(self, "extra_out", self.final_layer.linear)(out[:, h * w:])) if self.num_extra else v
 
 
 RAE_RENAME = {"s_embedder.proj.weight": "s_embedder.weight", "s_embedder.proj.bias": "s_embedder.bias",
