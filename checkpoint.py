@@ -1,4 +1,4 @@
-"""Loading and saving: depthrae checkpoints, the tokenizer registry, and the frozen tokenizer or generator a tool needs.
+"""Loading and saving: checkpoints, latent statistics files, the tokenizer registry, the frozen models a tool needs.
 
 Every tool (train.py, sample.py, evaluate.py, toy.py, experiments.py, bench/) reads checkpoints through this file,
 the only one that knows every method. A checkpoint is a dict written atomically by `save_checkpoint`:
@@ -10,6 +10,7 @@ the only one that knows every method. A checkpoint is a dict written atomically 
 import hashlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ def tokenizer_knobs(method):
     knobs = {}
     for cls in TOKENIZERS[method].__mro__:
         params = inspect.signature(cls.__init__).parameters.values()
-        knobs.update({p.name: p.default for p in params if p.default is not p.empty and p.name not in knobs})
+        knobs.update({p.name: p.default for p in params if p.name not in knobs and isinstance(  # not, e.g., a class
+            p.default, (type(None), bool, int, float, str, list, tuple, dict))})
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return knobs
 
@@ -50,8 +52,29 @@ def build_tokenizer(config, **overrides):
 
 
 def save_checkpoint(path, **state):
-    """Write a checkpoint dict atomically (model.save_atomic): a crash never leaves a half-written file."""
-    model.save_atomic(state, path)
+    """torch.save of the dict `state` to `path`.tmp, fsync, os.replace: a crash (kill -9) leaves at most the .tmp, which
+    the next save overwrites, never a half-written file; a failed write (disk full) is one line, the old file kept."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
+        raise
+
+
+def load_stats(path):
+    """A stats file: compute_latent_stats's dict, by save_checkpoint(path, **stats), or RAE's `stat.pt` (mean: None)."""
+    stats = model.read_state_dict(path)
+    if not isinstance(stats, dict) or "var" not in stats:
+        raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
+    return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}
 
 
 def is_checkpoint(path):
@@ -66,7 +89,7 @@ def is_checkpoint(path):
 def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
     """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
     value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was
-    expected. The dict gets the file's "path"."""
+    expected. The dict gets the file's "path"; DiT-DH's names of old (num_queries, query_*) become today's."""
     path = Path(path)
     path = path / "ckpt-last.pt" if path.is_dir() else path
     if not path.is_file():
@@ -83,6 +106,11 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
                          f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
     ck["path"] = str(path)
+    if ck["kind"] == "generator" and "num_queries" in ck["config"]:  # DiT-DH's extra tokens, once named as DecQ's
+        new = lambda k: "num_extra" if k == "num_queries" else "extra_" + k[6:] if k.startswith("query_") else k
+        deep = lambda o: ({deep(k): deep(v) for k, v in o.items()} if isinstance(o, dict) else [deep(v) for v in o]
+                          if isinstance(o, list) else new(o) if isinstance(o, str) else o)  # FSDP's optimiser too
+        ck.update({part: deep(ck[part]) for part in ("config", "ema", "model", "optimizer") if part in ck})
     return ck
 
 

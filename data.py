@@ -1,11 +1,9 @@
 """Image data: an ImageNet-style folder dataset, the ADM centre crop, a resumable (distributed) loader, the latent
-cache of a frozen tokenizer, the process-group set-up, 8-bit conversion and PNG grids.
+cache of a frozen tokenizer, 8-bit conversion and PNG grids.
 
 Randomness (crop offsets, flips) never touches the global RNG: every sample gets its own numpy generator keyed by
 (seed, epoch, global position in the epoch), so data are identical across worker counts, world sizes and resumes.
 """
-import argparse
-import contextlib
 import math
 import os
 import signal
@@ -57,6 +55,17 @@ def random_crop_arr(pil_image, image_size, rng, min_frac=0.8):
     top = int(rng.integers(0, pil_image.size[1] - image_size + 1))  # rows first, as ADM
     left = int(rng.integers(0, pil_image.size[0] - image_size + 1))
     return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def to_uint8(x01):
+    """Images (B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and ADM .npz files hold them."""
+    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def save_image_grid(x01, path, nrow=8):
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (clamped, rounded to 8 bit)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)
 
 
 class ImageFolder(Dataset):
@@ -254,82 +263,3 @@ def allocate(path, dtype, shape):
         Path(path).unlink()
         raise SystemExit(f"--latent-cache {Path(path).parent}: cannot reserve {size / 2**30:.2f} GiB for "
                          f"{Path(path).name} ({e.strerror})") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Processes and images
-# ----------------------------------------------------------------------------------------------------
-
-
-def setup_distributed(device=None):
-    """(rank, world size, device). Under torchrun: one process per device, the process group made once (NCCL on
-    CUDA, gloo on CPU); otherwise a single process (or the group the caller already made)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if "RANK" not in os.environ and not dist.is_initialized():
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors, no usage dump: "train.py: error: argument --lr: must be > 0, got -1"."""
-
-    def error(self, message):
-        raise SystemExit(f"{self.prog}: error: {message}")
-
-
-def writable(flag, folder):
-    """Refuse in one line an output folder that cannot be made or written (a file in its place or above it, no
-    permission), before any work and without creating anything."""
-    for parent in [Path(folder).absolute(), *Path(folder).absolute().parents]:
-        if parent.exists():
-            if not parent.is_dir() or not os.access(parent, os.W_OK):
-                what = "not a folder" if not parent.is_dir() else "read-only"
-                raise SystemExit(f"{flag} {folder}: {parent} is {what}")
-            return
-
-
-@contextlib.contextmanager
-def user_errors(script, downloads):
-    """A user's bad file found deep inside (model.read_state_dict's missing or unreadable weights, a config a model
-    refuses: FileNotFoundError / ValueError) or a failed offline download (RuntimeError "could not download {what}")
-    becomes one line; a download names the flag that takes a local file (`downloads`: what → flag)."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
-    except RuntimeError as e:
-        if not str(e).startswith("could not download"):
-            raise
-        flag = next(f for what, f in downloads.items() if what in str(e))
-        raise SystemExit(f"{e} ({script} {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
-
-
-def number(kind=int, low=None, high=None, above=False):
-    """An argparse type: a `kind` ≥ low (> low with `above`) and ≤ high; anything else is the parser's one-line error
-    naming the flag."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}") from None
-        if low is not None and (value < low or above and value == low) or high is not None and value > high:
-            bounds = [f"{'>' if above else '≥'} {low}"] * (low is not None) + [f"≤ {high}"] * (high is not None)
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {text}")
-        return value
-    return parse
-
-
-def to_uint8(x01):
-    """Images (B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and ADM .npz files hold them."""
-    return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def save_image_grid(x01, path, nrow=8):
-    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (clamped, rounded to 8 bit)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)

@@ -3,8 +3,8 @@
 Read top to bottom: (1) the network, with presets and the loader for the released RAE checkpoints,
 (2) flow matching in RAE's convention (t = 0 data, t = 1 noise, dimension-dependent shift),
 (3) Euler / Heun samplers with CFG or AutoGuidance inside a t-interval.
-DecQ joint denoising: optional query tokens (B, Q, C) that ride along with the patches; a tokenizer's latent
-tokens (B, h·w [+ Q], C) become the network's state by `from_tokens` and come back by `to_tokens`.
+Extra tokens: k optional tokens (B, k, C) after the patches, denoised jointly with them; a tokenizer's latent
+tokens (B, h·w [+ k], C) become the network's state by `from_tokens` and come back by `to_tokens`.
 """
 import math
 
@@ -30,7 +30,7 @@ HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 2048: 16}  # released RAE
 
 def dit_config(preset="XL", head=True, **overrides):
     """Config dict of a preset; `head=False` gives the plain DiT (body only, no DDT head)."""
-    cfg = dict(PRESETS[preset], input_size=16, in_channels=768, num_classes=1000, mlp_ratio=4.0, num_queries=0)
+    cfg = dict(PRESETS[preset], input_size=16, in_channels=768, num_classes=1000, mlp_ratio=4.0, num_extra=0)
     if not head:
         cfg["depth"] = (cfg["depth"][0], 0)
     return {**cfg, **overrides}
@@ -82,7 +82,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels)
 
     def forward(self, x, c):
-        """Modulated features (before `linear`, which the patch and query outputs apply separately)."""
+        """Modulated features (before `linear`, which the patch and extra-token outputs apply separately)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
 
@@ -93,21 +93,20 @@ class DiTDH(nn.Module):
     c = SiLU(t_emb + y_emb); body: s = Conv1×1(x) + sin-cos pos, N₁ blocks on c; s = SiLU(t_emb + s) →
     s_projector; head: separate Conv1×1(x) (RoPE only), N₂ blocks and the final layer conditioned per token
     on s. depth[1] = 0 gives the plain DiT (final layer on the body, conditioned on c).
-    num_queries > 0 adds DecQ query tokens (B, Q, C): own input projections (body and head) and learnable
-    positions (DecQ §3.3), patches and queries attending to each other (no RoPE on queries); the output projection
-    is the patches' (query_out="shared": DiT-DH-XL 838.4M → 840.9M, the paper's 839M → 841M) or its own
-    ("separate": 842.4M)."""
+    num_extra > 0 adds extra tokens (B, k, C): own input projections (body and head) and learnable positions,
+    patches and extra tokens attending to each other (no RoPE on extra tokens); the output projection is the
+    patches' (extra_out="shared": DiT-DH-XL with 8 extra tokens 838.4M → 840.9M) or its own ("separate": 842.4M)."""
 
     def __init__(self, input_size=16, in_channels=768, hidden_size=(1152, 2048), depth=(28, 2),
-                 num_heads=(16, 16), num_classes=1000, mlp_ratio=4.0, num_queries=0, query_out="shared"):
+                 num_heads=(16, 16), num_classes=1000, mlp_ratio=4.0, num_extra=0, extra_out="shared"):
         super().__init__()
-        if query_out not in ("shared", "separate"):
-            raise ValueError(f"query_out must be 'shared' or 'separate', got '{query_out}'")
+        if extra_out not in ("shared", "separate"):
+            raise ValueError(f"extra_out must be 'shared' or 'separate', got '{extra_out}'")
         self.config = dict(input_size=input_size, in_channels=in_channels, hidden_size=tuple(hidden_size),
                            depth=tuple(depth), num_heads=tuple(num_heads), num_classes=num_classes,
-                           mlp_ratio=mlp_ratio, num_queries=num_queries, query_out=query_out)
+                           mlp_ratio=mlp_ratio, num_extra=num_extra, extra_out=extra_out)
         (d1, d2), (n1, n2) = hidden_size, depth
-        self.in_channels, self.num_classes, self.num_queries = in_channels, num_classes, num_queries
+        self.in_channels, self.num_classes, self.num_extra = in_channels, num_classes, num_extra
         self.depth, self.num_heads = (n1, n2), tuple(num_heads)
         self.t_embedder = TimestepEmbedder(d1)
         self.y_embedder = nn.Embedding(num_classes + 1, d1)  # row num_classes = null label
@@ -120,13 +119,13 @@ class DiTDH(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(d1, num_heads[0], mlp_ratio) for _ in range(n1)] +
                                     [DiTBlock(d2, num_heads[1], mlp_ratio) for _ in range(n2)])
         self.final_layer = FinalLayer(out_width, in_channels)
-        if num_queries:  # DecQ §3.3 (the output projection: README, Decisions)
-            self.query_s_embedder = nn.Linear(in_channels, d1)
-            self.query_pos_embed = nn.Parameter(torch.zeros(num_queries, d1))
+        if num_extra:  # the output projection: README, Decisions
+            self.extra_s_embedder = nn.Linear(in_channels, d1)
+            self.extra_pos_embed = nn.Parameter(torch.zeros(num_extra, d1))
             if n2:
-                self.query_x_embedder = nn.Linear(in_channels, d2)
-            if query_out == "separate":
-                self.query_out = nn.Linear(out_width, in_channels)
+                self.extra_x_embedder = nn.Linear(in_channels, d2)
+            if extra_out == "separate":
+                self.extra_out = nn.Linear(out_width, in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -142,35 +141,34 @@ class DiTDH(nn.Module):
         for block in [*self.blocks, self.final_layer]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        outs = [self.final_layer.linear] + ([self.query_out] if hasattr(self, "query_out") else [])
-        for m in outs:
+        for m in [self.final_layer.linear] + ([self.extra_out] if hasattr(self, "extra_out") else []):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-        if self.num_queries:
-            nn.init.normal_(self.query_pos_embed, std=0.02)
+        if self.num_extra:
+            nn.init.normal_(self.extra_pos_embed, std=0.02)
 
     def rope(self, block, h, w, device):
-        """EVA 2-D RoPE tables for the h×w patch grid of a block; query tokens get the identity rotation."""
+        """EVA 2-D RoPE tables for the h×w patch grid of a block; extra tokens get the identity rotation."""
         cos, sin = rope_2d(block.attn.head_dim, h, w, device=device)
-        return F.pad(cos, (0, 0, 0, self.num_queries), value=1.0), F.pad(sin, (0, 0, 0, self.num_queries))
+        return F.pad(cos, (0, 0, 0, self.num_extra), value=1.0), F.pad(sin, (0, 0, 0, self.num_extra))
 
-    def forward(self, x, t, y, q=None):
-        """x (B, C, h, w), t (B,), y (B,) [, q (B, Q, C)] → v (B, C, h, w) [, v_q (B, Q, C)]."""
+    def forward(self, x, t, y, e=None):
+        """x (B, C, h, w), t (B,), y (B,) [, extra tokens e (B, k, C)] → v (B, C, h, w) [, v_e (B, k, C)]."""
         B, C, h, w = x.shape
         n1, n2 = self.depth
         t = self.t_embedder(t)[:, None]  # (B, 1, D1)
         c = F.silu(t + self.y_embedder(y)[:, None])
         s = self.s_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        if self.num_queries:
-            s = torch.cat([s, self.query_s_embedder(q) + self.query_pos_embed], dim=1)
+        if self.num_extra:
+            s = torch.cat([s, self.extra_s_embedder(e) + self.extra_pos_embed], dim=1)
         rope = self.rope(self.blocks[0], h, w, x.device)
         for block in self.blocks[:n1]:
             s = block(s, c, rope)
         if n2:
             s = self.s_projector(F.silu(t + s))  # per-token condition of the head
             xh = self.x_embedder(x).flatten(2).transpose(1, 2)
-            if self.num_queries:
-                xh = torch.cat([xh, self.query_x_embedder(q)], dim=1)
+            if self.num_extra:
+                xh = torch.cat([xh, self.extra_x_embedder(e)], dim=1)
             rope = self.rope(self.blocks[n1], h, w, x.device)
             for block in self.blocks[n1:]:
                 xh = block(xh, s, rope)
@@ -178,9 +176,7 @@ class DiTDH(nn.Module):
         else:
             out = self.final_layer(s, c)
         v = self.final_layer.linear(out[:, : h * w]).transpose(1, 2).reshape(B, C, h, w)
-        if not self.num_queries:
-            return v
-        return v, (self.query_out if hasattr(self, "query_out") else self.final_layer.linear)(out[:, h * w:])
+        return (v, getattr(self, "extra_out", self.final_layer.linear)(out[:, h * w:])) if self.num_extra else v
 
 
 RAE_RENAME = {"s_embedder.proj.weight": "s_embedder.weight", "s_embedder.proj.bias": "s_embedder.bias",
@@ -229,16 +225,16 @@ def load_rae_dit(path_or_state_dict, num_heads=None):
 
 
 def from_tokens(z, size):
-    """Latent tokens (B, size² [+ Q], C), as a tokenizer encodes them → DiT-DH's state: (patches (B, C, size, size),)
-    or (patches, DecQ queries (B, Q, C)); views, no copy."""
+    """Latent tokens (B, size² [+ k], C), as a tokenizer encodes them → DiT-DH's state: (patches (B, C, size, size),)
+    or (patches, extra tokens (B, k, C)); views, no copy."""
     n = size * size
     x = z[:, :n].transpose(1, 2).unflatten(2, (size, size))
     return (x, z[:, n:]) if z.shape[1] > n else (x,)
 
 
 def to_tokens(state):
-    """DiT-DH's state (patches (B, C, h, w) [, queries (B, Q, C)]), or patches alone → latent tokens
-    (B, h·w [+ Q], C), as a tokenizer decodes them."""
+    """DiT-DH's state (patches (B, C, h, w) [, extra tokens (B, k, C)]), or patches alone → latent tokens
+    (B, h·w [+ k], C), as a tokenizer decodes them."""
     state = state if isinstance(state, tuple) else (state,)
     return torch.cat([state[0].flatten(2).transpose(1, 2), *state[1:]], 1)
 
@@ -264,21 +260,21 @@ def sample_t(n, alpha, dist="logit-normal", t_max=0.999, device=None):
     return shift_t(u * t_max, alpha)
 
 
-def flow_matching_loss(model, x, y, q=None, lam=1.0, dist="logit-normal", alpha=None, p_uncond=0.1):
+def flow_matching_loss(model, x, y, e=None, lam=1.0, dist="logit-normal", alpha=None, p_uncond=0.1):
     """RAE flow-matching loss: plain MSE on v = ε − x at x_t = (1 − t)x + tε; the net sees the shifted t.
-    Labels are dropped to the null class with probability p_uncond. DecQ: with query latents q (B, Q, C),
-    the same t and an independent ε for the queries; loss = MSE_patch + λ·MSE_query (DecQ §3.3, §4.1)."""
+    Labels are dropped to the null class with probability p_uncond. With extra tokens e (B, k, C): the same t and
+    an independent ε for them; loss = MSE_patch + λ·MSE_extra."""
     alpha = alpha or shift_alpha(x[0].numel())
     t = sample_t(x.shape[0], alpha, dist, device=x.device)
     null = getattr(model, "module", model).num_classes  # the null label (model may be wrapped in DDP)
     y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
     noise = torch.randn_like(x)
     x_t = torch.lerp(x, noise, t.view(-1, 1, 1, 1))
-    if q is None:
+    if e is None:
         return F.mse_loss(model(x_t, t, y), noise - x)
-    noise_q = torch.randn_like(q)
-    v, v_q = model(x_t, t, y, torch.lerp(q, noise_q, t.view(-1, 1, 1)))
-    return F.mse_loss(v, noise - x) + lam * F.mse_loss(v_q, noise_q - q)
+    noise_e = torch.randn_like(e)
+    v, v_e = model(x_t, t, y, torch.lerp(e, noise_e, t.view(-1, 1, 1)))
+    return F.mse_loss(v, noise - x) + lam * F.mse_loss(v_e, noise_e - e)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,7 +288,7 @@ def time_grid(num_steps=50, alpha=math.sqrt(48), t_end=0.999):
 
 
 def _call(model, x, t, y):
-    """Velocity as a tuple of tensors (patches [, queries]); x is a tuple too."""
+    """Velocity as a tuple of tensors (patches [, extra tokens]); x is a tuple too."""
     out = model(x[0], t, y, *x[1:])
     return out if isinstance(out, tuple) else (out,)
 
@@ -315,7 +311,7 @@ def guided_velocity(model, x, t, y, scale=1.0, interval=(0.0, 1.0), guide=None):
 @torch.no_grad()
 def sample(model, noise, y, num_steps=50, method="euler", alpha=None, scale=1.0, interval=(0.0, 1.0), guide=None):
     """Integrate dx/dt = v from t = 1 (noise) down the shifted grid (Euler, or Heun's 2nd order).
-    noise: (B, C, h, w) tensor, or a (patches, queries) tuple for DecQ; returns the same structure."""
+    noise: (B, C, h, w) tensor, or a (patches, extra tokens) tuple; returns the same structure."""
     x = noise if isinstance(noise, tuple) else (noise,)
     grid = time_grid(num_steps, alpha or shift_alpha(x[0][0].numel()))
     for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):

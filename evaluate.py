@@ -27,6 +27,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import model
 from losses import LPIPS, LPIPS_VGG_URL, VGG16_URL, load_weights
@@ -438,7 +439,7 @@ def table(res):
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(prog="evaluate.py", description=__doc__,
+    p = cli.ArgumentParser(prog="evaluate.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", help="sample npz (arr_0 uint8 N×H×W×3) or image folder")
     p.add_argument("--ref", help="ADM reference batch npz, sample npz, image folder or a --save-stats file")
@@ -448,13 +449,13 @@ def parse_args(argv=None):
     p.add_argument("--save-recon", help="write the reconstructions here as an ADM-layout npz")
     p.add_argument("--inception-weights", default=FID_WEIGHTS_URL)
     p.add_argument("--preprocess", choices=["adm", "pytorch-fid"], default="adm")
-    p.add_argument("--is-shuffle-seed", type=data.number(int, 0), help="shuffle before the IS splits (class-sorted files)")
+    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0), help="shuffle before the IS splits (class-sorted files)")
     p.add_argument("--ssim", choices=["wang", "skimage"], default="wang", help="SSIM window convention")
     p.add_argument("--lpips-vgg", default=VGG16_URL, help="LPIPS VGG16 weights (URL or path)")
     p.add_argument("--lpips-lin", default=LPIPS_VGG_URL, help="LPIPS v0.1 lin weights (URL or path)")
     p.add_argument("--fd-dinov2", action="store_true", help="also FD-DINOv2 (DINOv2-L/14 CLS at 224)")
     p.add_argument("--dinov2-weights", default="official")
-    p.add_argument("--batch-size", type=data.number(int, 1), default=100)
+    p.add_argument("--batch-size", type=cli.number(int, 1), default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="JSON results file (default: next to --samples / --tokenizer)")
     args = p.parse_args(argv)
@@ -468,8 +469,8 @@ def main(argv=None):
     out = Path(args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json")
     for flag, path in (("--out", out), ("--save-stats", args.save_stats), ("--save-recon", args.save_recon)):
         if path:  # before any work: a bad output path never wastes a run
-            data.writable(flag, Path(path).parent)
-    with data.user_errors("evaluate.py", {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg",
+            cli.writable(flag, Path(path).parent)
+    with cli.user_errors("evaluate.py", {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg",
                                           "LPIPS lin": "--lpips-lin", "FID Inception": "--inception-weights"}):
         res = run(args)
     rank = rank_world()[0]
@@ -484,7 +485,7 @@ def main(argv=None):
 
 
 def run(args):
-    device = data.setup_distributed(args.device)[2]
+    device = cli.setup_distributed(args.device)[2]
     samples = open_images(args.samples) if args.samples else None  # bad input fails before any download
     net = InceptionFeatures(args.inception_weights, args.preprocess).to(device)
     dino = DINOv2Features(args.dinov2_weights).to(device) if args.fd_dinov2 else None

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import checkpoint
+import cli
 import data
 import evaluate
 import fusion
@@ -112,12 +113,12 @@ def drorae_scaling(argv):
     (toy_scaling)."""
     if "--init-from" not in argv:
         return toy_scaling(argv)
-    p = data.ArgumentParser(prog="experiments.py drorae-scaling", description=drorae_scaling.__doc__)
+    p = cli.ArgumentParser(prog="experiments.py drorae-scaling", description=drorae_scaling.__doc__)
     p.add_argument("--init-from", required=True, help="phase-1 checkpoint (rae or drorae)")
     p.add_argument("--data-path", required=True, help="training ImageFolder")
     p.add_argument("--eval-path", required=True, help="held-out ImageFolder")
     p.add_argument("--out-dir", required=True)
-    count = data.number(int, 1)
+    count = cli.number(int, 1)
     p.add_argument("--widths", type=count, nargs="+", default=[384, 768, 1536, 3072], help="expert hidden widths")
     p.add_argument("--layer-counts", type=count, nargs="+", default=[3, 6, 12], help="numbers of fused blocks")
     p.add_argument("--max-steps", type=count, default=5000, help="phase-2 budget of every run")
@@ -187,16 +188,16 @@ for _mode, _label in SAMPLINGS.items():
 
 def study_args(name, argv, seeds=(0, 1, 2)):
     """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
-    p = data.ArgumentParser(prog=f"experiments.py {name}")
-    p.add_argument("--seeds", type=data.number(int, 0), nargs="+", default=list(seeds))
+    p = cli.ArgumentParser(prog=f"experiments.py {name}")
+    p.add_argument("--seeds", type=cli.number(int, 0), nargs="+", default=list(seeds))
     p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
-    p.add_argument("--lanes", type=data.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
+    p.add_argument("--lanes", type=cli.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--world", choices=("toy", "imagenet"), default="toy")
     p.add_argument("--data-path", help="imagenet world: the training ImageFolder")
     p.add_argument("--eval-path", help="imagenet world: the held-out ImageFolder (ImageNet val)")
     p.add_argument("--ref", help="imagenet world: ADM reference batch for gFID (default: --eval-path images)")
-    p.add_argument("--gpus", type=data.number(int, 1), default=8, help="imagenet world: processes per run (torchrun)")
+    p.add_argument("--gpus", type=cli.number(int, 1), default=8, help="imagenet world: processes per run (torchrun)")
     args, extra = p.parse_known_args(argv)
     if args.world == "imagenet" and not (args.data_path and args.eval_path):
         p.error("--world imagenet needs --data-path TRAIN and --eval-path VAL")

@@ -2,8 +2,8 @@
 the RAE ViT pixel decoder and the RAE tokenizer.
 
 Read top to bottom: (1) building blocks, (2) DINOv2, (3) ViT decoder, (4) RAE tokenizer.
-Every other file (fusion.py, queries.py, vq.py, dit.py, ar.py, losses.py, evaluate.py) builds on the
-blocks here: one Attention, one Mlp, one SwiGLU, one RMSNorm, one Block, one sin-cos and one RoPE.
+Every other file of the project (methods, generators, losses, evaluation) builds on the blocks here:
+one Attention, one Mlp, one SwiGLU, one RMSNorm, one Block, one sin-cos and one RoPE.
 This file imports no other file of the project: it knows no method and no generator.
 """
 import itertools
@@ -178,7 +178,7 @@ def sincos_2d(dim, h, w=None, cls_token=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1b. Strict loading and atomic saving (every checkpoint in the project goes through these two)
+# 1b. Strict loading and reading weight files
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -208,26 +208,6 @@ def load_strict(module, state_dict, what):
         raise ValueError(f"cannot load {what}: " + "; ".join(errors))
     module.load_state_dict(state_dict, strict=True)
     return module
-
-
-def save_atomic(obj, path):
-    """torch.save to `path`.tmp, fsync, then os.replace: a crash never leaves a half-written file behind (a kill -9
-    mid-write leaves only the .tmp, which the next save overwrites). A failed write (disk full) is one line; the
-    previous file is kept."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
-        raise
 
 
 def read_state_dict(path):
@@ -467,14 +447,12 @@ class ViTDecoder(nn.Module):
     """Latent tokens (B, h·w, C) → image (B, 3, h·p, w·p) in ImageNet-normalised space.
     Linear embed, zero-init learned cls, fixed sin-cos positions (cls slot zero; a buffer loaded from the
     released checkpoint), pre-LN blocks (LN eps 1e-12, no LayerScale), final LN, Linear to p·p·3, drop cls,
-    unpatchify. With num_queries > 0 (DecQ Eq. 5) the latent may carry Q query tokens after the h·w patch tokens;
-    they get their own embed and a learned position and join the self-attention; only patch outputs are decoded.
-    Given only the h·w patch tokens (or num_queries=0) it is exactly the RAE decoder."""
+    unpatchify. A subclass may take k extra tokens after the h·w patch tokens: its `embed_extra` gives them their
+    input embedding, they join the self-attention, and only the patch outputs are decoded."""
 
-    def __init__(self, latent_dim=768, dim=1152, depth=28, num_heads=16, mlp_hidden=4096, patch_size=16, grid=16,
-                 num_queries=0):
+    def __init__(self, latent_dim=768, dim=1152, depth=28, num_heads=16, mlp_hidden=4096, patch_size=16, grid=16):
         super().__init__()
-        self.patch_size, self.grid, self.num_queries = patch_size, grid, num_queries
+        self.patch_size, self.grid = patch_size, grid
         self.decoder_embed = nn.Linear(latent_dim, dim)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(dim, grid, cls_token=True)[None])
@@ -482,17 +460,14 @@ class ViTDecoder(nn.Module):
                                     for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-12)
         self.decoder_pred = nn.Linear(dim, patch_size * patch_size * 3)
-        if num_queries:
-            self.query_embed = nn.Linear(latent_dim, dim)
-            self.query_pos_embed = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
 
     def forward(self, z):
-        """z: latent tokens (B, h·w [+ Q], C), patches row-major, then DecQ's queries."""
+        """z: latent tokens (B, h·w [+ k], C), patches row-major, then the extra tokens."""
         B, N = z.shape[0], self.grid * self.grid
         x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), self.decoder_embed(z[:, :N])], 1)
         x = x + self.decoder_pos_embed
         if z.shape[1] > N:
-            x = torch.cat([x, self.query_embed(z[:, N:]) + self.query_pos_embed], dim=1)
+            x = torch.cat([x, self.embed_extra(z[:, N:])], dim=1)
         for blk in self.blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x[:, 1:1 + N]))  # per-token ops: slicing first is exact
@@ -545,9 +520,9 @@ def rae_decoder_state_dict(src):
     return sd if "blocks.0.attn.qkv.weight" in sd else convert_rae_decoder(sd)
 
 
-def load_rae_decoder(src, num_heads=None):
-    """ViTDecoder loaded strictly from `src` (see rae_decoder_state_dict). Width, depth, MLP size, pixel patch,
-    grid and query count come from the shapes; heads from the width (768 → 12, 1024/1152 → 16), else pass
+def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
+    """A `decoder_class` (ViTDecoder) loaded strictly from `src` (see rae_decoder_state_dict). Width, depth, MLP size,
+    pixel patch and grid come from the shapes; heads from the width (768 → 12, 1024/1152 → 16), else pass
     num_heads."""
     sd = rae_decoder_state_dict(src)
     dim, latent_dim = sd["decoder_embed.weight"].shape
@@ -558,23 +533,22 @@ def load_rae_decoder(src, num_heads=None):
                depth=len([k for k in sd if k.endswith(".norm1.weight")]),
                mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
                patch_size=math.isqrt(sd["decoder_pred.weight"].shape[0] // 3),
-               grid=math.isqrt(sd["decoder_pos_embed"].shape[1] - 1),
-               num_queries=sd["query_pos_embed"].shape[1] if "query_pos_embed" in sd else 0)
+               grid=math.isqrt(sd["decoder_pos_embed"].shape[1] - 1))
     where = f" from {os.fspath(src)}" if isinstance(src, (str, os.PathLike)) else ""
-    return load_strict(ViTDecoder(**cfg), sd, "RAE decoder" + where)
+    return load_strict(decoder_class(**cfg), sd, "RAE decoder" + where)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 4. The tokenizer contract and the RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder)
 # ----------------------------------------------------------------------------------------------------
-# Every tokenizer (RAE here; DRoRAE in fusion.py, DecQ in queries.py, Ideal in vq.py) is an RAE subclass with:
+# Every tokenizer (RAE here; each method's in its own file, listed by checkpoint.TOKENIZERS) is an RAE subclass with:
 #   encoder_features(x01) → every encoder block's patch tokens (B, h·w, C) from one pass;
-#   latent(feats)         → the raw latent tokens (B, h·w [+ num_queries], C): what the method changes;
+#   latent(feats)         → the raw latent tokens (B, h·w [+ num_extra], C): what the method changes;
 #   encode(x01)           → the generator's input: normalised latent tokens, or code indices (B, h·w) when
 #                           `num_codes` is set (a discrete tokenizer; then decode takes the indices);
 #   decode(z)             → image in [0, 1] space, unclamped; forward(x01) → (recon01, aux losses) for training;
-#   num_queries           → tokens after the h·w patch tokens (DecQ's queries; 0 otherwise);
-#   latent_dim            → channels of a latent token (the encoder width, wider for DecQ's feature-concat baseline);
+#   num_extra, extra_stats → k extra tokens after the h·w patch tokens (0: none), the keys of their statistics;
+#   latent_dim            → channels of a latent token (the encoder width, or wider where a method widens them);
 #   num_codes             → None for continuous tokens, else the codebook size: the generator is then the AR
 #                           GPT instead of DiT-DH, the latent cache holds integers and evaluation counts codes;
 #   phases / set_phase    → which submodules each training phase trains (a table per class);
@@ -596,11 +570,11 @@ class RAE(nn.Module):
     encoder (encoder_weights=None) is seeded with 0, so rebuilding from `config` gives the same encoder."""
 
     method = "rae"
-    num_queries, num_codes = 0, None  # continuous patch tokens only (see the contract above)
+    num_extra, num_codes = 0, None  # continuous patch tokens only (see the contract above)
     phases = {"1": ("decoder",)}  # phase → the submodules it trains; the encoder stays frozen
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
-                 image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform", num_queries=0):
+                 image_size=256, encoder_size=None, noise_tau=0.8, noise="uniform", decoder_class=ViTDecoder):
         super().__init__()
         if noise not in ("uniform", "halfnormal"):
             raise ValueError(f"noise must be 'uniform' or 'halfnormal', got '{noise}'")
@@ -615,8 +589,8 @@ class RAE(nn.Module):
             torch.manual_seed(0)
             self.encoder = dinov2(encoder, encoder_weights).eval().requires_grad_(False)
         grid = self.encoder_size // self.encoder.patch_size
-        self.decoder = ViTDecoder(latent_dim=self.encoder.embed_dim, patch_size=image_size // grid, grid=grid,
-                                  num_queries=num_queries, **DECODERS[decoder])  # queries: DecQ's decoder
+        self.decoder = decoder_class(latent_dim=self.encoder.embed_dim, patch_size=image_size // grid, grid=grid,
+                                     **DECODERS[decoder])  # a ViTDecoder subclass takes extra tokens
         if decoder_weights:
             load_strict(self.decoder, rae_decoder_state_dict(decoder_weights), f"decoder '{decoder_weights}'")
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -631,7 +605,7 @@ class RAE(nn.Module):
 
     def encoder_features(self, x01):
         """Every encoder block output (B, h·w, C), pre-norm, prefix tokens dropped, from one pass; without gradient
-        unless the encoder itself is trained (DecQ's "unfreeze" baselines, queries.py)."""
+        unless the encoder itself is trained (a method that fine-tunes it)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.cls_token.requires_grad):
             return self.encoder.forward_blocks(self.encoder_input(x01))
 
@@ -648,7 +622,7 @@ class RAE(nn.Module):
 
     @property
     def latent_dim(self):
-        """Channels of a latent token: the decoder's input width (the encoder's, but for feature concat)."""
+        """Channels of a latent token: the decoder's input width (the encoder's, unless a method widens it)."""
         return self.decoder.decoder_embed.in_features
 
     def add_noise(self, z):
@@ -706,7 +680,7 @@ class RAE(nn.Module):
             raise ValueError(f"{type(self).__name__} has {has}, got '{phase}'")
         self.requires_grad_(False)
         for name in self.phases[phase]:
-            if getattr(self, name) is not None:  # an optional module (Ideal without AttnFuse)
+            if getattr(self, name) is not None:  # an optional module a configuration may lack
                 getattr(self, name).requires_grad_(True)
 
     def last_layer(self):
@@ -717,8 +691,8 @@ class RAE(nn.Module):
 def compute_latent_stats(tokenizer, loader, max_batches=None):
     """Exact per-element mean and population variance of the raw latents (B, h·w, C) over a loader of images
     (or (images, labels) batches), streamed in float64 and summed over ranks when torch.distributed is
-    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w];
-    with query tokens (DecQ) also {"query_mean", "query_var"} as [Q, C]."""
+    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w]; with
+    extra tokens also their mean and variance as [k, C], under the two keys in `tokenizer.extra_stats`."""
     device, s1, s2, n = tokenizer.pixel_mean.device, 0.0, 0.0, 0
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
@@ -732,24 +706,10 @@ def compute_latent_stats(tokenizer, loader, max_batches=None):
         s1, s2, n = total[0], total[1], total[2]
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0)
-    N = len(mean) - tokenizer.num_queries
+    N = len(mean) - tokenizer.num_extra
     h = math.isqrt(N)
     grid = lambda t: t[:N].T.reshape(-1, h, h).float().cpu()  # (h·w, C) → [C, h, w]
     stats = {"mean": grid(mean), "var": grid(var)}
-    if tokenizer.num_queries:
-        stats.update(query_mean=mean[N:].float().cpu(), query_var=var[N:].float().cpu())
+    if tokenizer.num_extra:
+        stats.update(zip(tokenizer.extra_stats, (mean[N:].float().cpu(), var[N:].float().cpu())))
     return stats
-
-
-def save_stats(stats, path):
-    """Write {"mean": [C,h,w] | None, "var": [C,h,w]} (the released RAE `stat.pt` layout), plus DecQ's
-    "query_mean"/"query_var" [Q, C] when present."""
-    save_atomic(dict(stats), path)
-
-
-def load_stats(path):
-    """Read a stats file (ours or the released RAE `stat.pt`, whose DINOv2-B file has mean = None)."""
-    stats = read_state_dict(path)
-    if not isinstance(stats, dict) or "var" not in stats:
-        raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
-    return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}

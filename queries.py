@@ -5,9 +5,9 @@ cross-attention "condensers"; the patch latent stays exactly the RAE latent (pat
 and the decoder reads patches and queries together. Equation numbers follow §3 of the paper (Eq. 3 cross-attention,
 Eq. 4 condenser, Eq. 5 decoder input, Eq. 6–7 generation; inferred from the paper's in-text references).
 
-Read top to bottom: (1) condensers and queries, (2) the DecQ tokenizer, (3) the baselines of the paper's Table 3
-(the encoder unfrozen, with or without distillation; feature concatenation). Training and noise augmentation are
-RAE's (one σ per sample over patches and queries), on the longer token sequence.
+Read top to bottom: (1) condensers, queries and the decoder that reads them, (2) the DecQ tokenizer, (3) the
+baselines of the paper's Table 3 (the encoder unfrozen, with or without distillation; feature concatenation). Training
+and noise augmentation are RAE's (one σ per sample over patches and queries), on the longer token sequence.
 """
 import copy
 
@@ -19,7 +19,7 @@ import model
 from model import Attention, Mlp, ln0
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Condensers and queries
+# 1. Condensers, queries and the query-reading decoder
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -58,6 +58,18 @@ class DetailQueries(nn.Module):
         return ln0(q)
 
 
+class QueryDecoder(model.ViTDecoder):
+    """DecQ Eq. 5: the RAE decoder plus the queries' own embed and learned positions; given no queries, the RAE's."""
+
+    def __init__(self, num_queries=8, latent_dim=768, dim=1152, **vit):
+        super().__init__(latent_dim, dim, **vit)
+        self.query_embed = nn.Linear(latent_dim, dim)
+        self.query_pos_embed = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
+
+    def embed_extra(self, q):
+        return self.query_embed(q) + self.query_pos_embed
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. DecQ tokenizer
 # ----------------------------------------------------------------------------------------------------
@@ -65,7 +77,7 @@ class DetailQueries(nn.Module):
 
 class DecQ(model.RAE):
     """RAE plus detail-condensing queries (method "decq"). The latent is one token sequence (B, N + Q, C): the N
-    patch tokens are exactly the RAE latent, the Q query tokens follow (`num_queries`); each part has its own
+    patch tokens are exactly the RAE latent, the Q query tokens follow (`num_extra`); each part has its own
     statistics. The decoder reads both (DecQ Eq. 5: separate input projections, sin-cos positions for patches,
     learned ones for queries) and decodes the patch outputs. One phase, "1": queries, condensers and decoder train
     together. Defaults: the condensers read every quarter of the depth (blocks 0, 3, 6, 9 of DINOv2-B), 12 heads
@@ -73,11 +85,11 @@ class DecQ(model.RAE):
 
     method = "decq"
     phases = {"1": ("condenser", "decoder")}
+    extra_stats = ("query_mean", "query_var")  # the query statistics' keys (model.compute_latent_stats), [Q, C]
 
     def __init__(self, num_queries=8, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
-        super().__init__(num_queries=num_queries, **rae)  # the decoder takes the query tokens too
-        C, depth = self.encoder.embed_dim, len(self.encoder.blocks)
-        self.num_queries = num_queries
+        super().__init__(decoder_class=lambda **vit: QueryDecoder(num_queries, **vit), **rae)  # reads the queries too
+        C, depth, self.num_extra = self.encoder.embed_dim, len(self.encoder.blocks), num_queries
         self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
                            query_mlp_ratio=query_mlp_ratio)
         query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
@@ -100,12 +112,10 @@ class DecQ(model.RAE):
         return z[:, :n], z[:, n:]
 
     def set_stats(self, stats):
-        """Patch statistics as RAE ("mean", "var": [C, h, w]); query statistics "query_mean", "query_var" of
-        shape [Q, C] (optional)."""
+        """Patch statistics as RAE ("mean", "var": [C, h, w]); the query statistics (`extra_stats`), if given."""
         super().set_stats(stats)
-        q = (stats or {}).get("query_var") is not None
-        dev = self.pixel_mean.device
-        self.query_mean, self.query_var = (stats["query_mean"].float().to(dev), stats["query_var"].float().to(dev)) if q else (None, None)
+        dev, q = self.pixel_mean.device, (stats or {}).get("query_var") is not None
+        self.query_mean, self.query_var = (stats[k].float().to(dev) for k in self.extra_stats) if q else (None, None)
 
     def normalize(self, z):
         p, q = self.split(z)

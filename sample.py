@@ -25,12 +25,13 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import dit
 
 
 def parse_args(argv=None):
-    ap = data.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="generator checkpoint (file or run directory)")
     ap.add_argument("--tokenizer", help="the generator's tokenizer checkpoint, if it moved since training (it must be "
                     "the same one)")
@@ -38,18 +39,18 @@ def parse_args(argv=None):
     ap.add_argument("--decoder-from", help="DecQ generators: decode the generated patch tokens with this RAE "
                     "tokenizer's decoder, discarding the generated queries (DecQ Table 4, 'RAE decoder')")
     ap.add_argument("--out-dir", default="samples")
-    ap.add_argument("--per-class", type=data.number(int, 1), default=50, help="samples per class (ignored with --num-samples)")
-    ap.add_argument("--num-samples", type=data.number(int, 1), help="total number of samples")
-    ap.add_argument("--classes", type=data.number(int, 0), nargs="+", help="labels to cycle through (default: all classes)")
+    ap.add_argument("--per-class", type=cli.number(int, 1), default=50, help="samples per class (ignored with --num-samples)")
+    ap.add_argument("--num-samples", type=cli.number(int, 1), help="total number of samples")
+    ap.add_argument("--classes", type=cli.number(int, 0), nargs="+", help="labels to cycle through (default: all classes)")
     ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
-    ap.add_argument("--steps", type=data.number(int, 2), default=50, help="grid points (RAE: 50 → 49 Euler steps)")
-    ap.add_argument("--scale", type=data.number(float, 0), default=1.0, help="guidance scale (1 = none); CFG unless --guide")
-    ap.add_argument("--temperature", type=data.number(float, 0), default=1.0, help="AR only: 0 = greedy")
-    ap.add_argument("--top-k", type=data.number(int, 0), default=0, help="AR only: 0 = off")
-    ap.add_argument("--top-p", type=data.number(float, 0, 1, above=True), default=1.0, help="AR only: 1 = off")
-    ap.add_argument("--interval", type=data.number(float, 0, 1), nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
-    ap.add_argument("--seed", type=data.number(int, 0), default=0)
-    ap.add_argument("--batch", type=data.number(int, 1), default=32, help="samples per forward (fixed slices of the index range)")
+    ap.add_argument("--steps", type=cli.number(int, 2), default=50, help="grid points (RAE: 50 → 49 Euler steps)")
+    ap.add_argument("--scale", type=cli.number(float, 0), default=1.0, help="guidance scale (1 = none); CFG unless --guide")
+    ap.add_argument("--temperature", type=cli.number(float, 0), default=1.0, help="AR only: 0 = greedy")
+    ap.add_argument("--top-k", type=cli.number(int, 0), default=0, help="AR only: 0 = off")
+    ap.add_argument("--top-p", type=cli.number(float, 0, 1, above=True), default=1.0, help="AR only: 1 = off")
+    ap.add_argument("--interval", type=cli.number(float, 0, 1), nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
+    ap.add_argument("--seed", type=cli.number(int, 0), default=0)
+    ap.add_argument("--batch", type=cli.number(int, 1), default=32, help="samples per forward (fixed slices of the index range)")
     ap.add_argument("--formats", nargs="+", choices=("npz", "png"), default=["npz", "png"])
     ap.add_argument("--name", help="output file name without extension (default: from the checkpoint and options)")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
@@ -61,14 +62,14 @@ def noise_for(index, seed, net):
     g = torch.Generator().manual_seed(seed * 2**32 + index)
     cfg = net.config
     x = torch.randn(cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=g)
-    return (x, torch.randn(cfg["num_queries"], cfg["in_channels"], generator=g)) if cfg["num_queries"] else (x,)
+    return (x, torch.randn(cfg["num_extra"], cfg["in_channels"], generator=g)) if cfg["num_extra"] else (x,)
 
 
 def load_guide(path, ck, tok, device):
     """AutoGuidance's weaker generator, refused in one line unless it generates the main generator's latents: the same
     tokenizer (config), statistics, latent shape and classes."""
     guide, _, g = checkpoint.load_generator(path, device, tok)
-    shape = ("in_channels", "input_size", "num_queries", "num_classes")
+    shape = ("in_channels", "input_size", "num_extra", "num_classes")
     if (g["tokenizer"]["config"] != ck["tokenizer"]["config"]
             or checkpoint.identity(g["stats"]) != checkpoint.identity(ck["stats"])):
         raise SystemExit(f"--guide {path}: trained on another tokenizer or other statistics than --ckpt")
@@ -111,7 +112,7 @@ def generate(net, tok, indices, labels, args, guide=None):
         noise = [torch.stack(parts).to(device) for parts in zip(*(noise_for(i, args.seed, net) for i in indices))]
         z = dit.to_tokens(dit.sample(net, tuple(noise), labels, args.steps, args.sampler, scale=args.scale,
                                      interval=tuple(args.interval), guide=guide))
-        z = z[:, :tok.decoder.grid ** 2 + tok.num_queries]
+        z = z[:, :tok.decoder.grid ** 2 + tok.num_extra]
     return data.to_uint8(tok.decode(z)).cpu()
 
 
@@ -129,7 +130,7 @@ def run_name(ck, tok, args, n):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = data.setup_distributed(args.device)
+    rank, world, device = cli.setup_distributed(args.device)
     net, tok, ck = checkpoint.load_generator(args.ckpt, device, tokenizer=args.tokenizer)
     if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
@@ -142,7 +143,7 @@ def main(argv=None):
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
     name = args.name or run_name(ck, tok, args, n)
     out = Path(args.out_dir)
-    data.writable("--out-dir", out)
+    cli.writable("--out-dir", out)
     out.mkdir(parents=True, exist_ok=True)
 
     batches = [range(s, min(s + args.batch, n)) for s in range(0, n, args.batch)][rank::world]

@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import evaluate
 import model
@@ -333,30 +334,30 @@ def fd(f1, f2):
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(prog="toy.py", description=__doc__,
+    p = cli.ArgumentParser(prog="toy.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="runs/toy")
-    p.add_argument("--seed", type=data.number(int, 0), default=0)
+    p.add_argument("--seed", type=cli.number(int, 0), default=0)
     p.add_argument("--stage", choices=("all", "world", "score"), default="all",
                    help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
-    p.add_argument("--vfm-steps", type=data.number(int, 1), default=1500)
-    p.add_argument("--vfm-pool", type=data.number(int, 1), default=4096, help="scenes rendered for VFM pretraining")
-    p.add_argument("--probe-images", type=data.number(int, 1), default=2000,
+    p.add_argument("--vfm-steps", type=cli.number(int, 1), default=1500)
+    p.add_argument("--vfm-pool", type=cli.number(int, 1), default=4096, help="scenes rendered for VFM pretraining")
+    p.add_argument("--probe-images", type=cli.number(int, 1), default=2000,
                    help="images of the colour probe (half fit, half test)")
-    p.add_argument("--train-images", type=data.number(int, 1), default=4096)
-    p.add_argument("--test-images", type=data.number(int, 1), default=1000, help="held-out images for PSNR / SSIM / FD")
-    p.add_argument("--tok-epochs", type=data.number(int, 1), default=12, help="epochs of every tokenizer run")
-    p.add_argument("--gen-epochs", type=data.number(int, 1), default=5,
+    p.add_argument("--train-images", type=cli.number(int, 1), default=4096)
+    p.add_argument("--test-images", type=cli.number(int, 1), default=1000, help="held-out images for PSNR / SSIM / FD")
+    p.add_argument("--tok-epochs", type=cli.number(int, 1), default=12, help="epochs of every tokenizer run")
+    p.add_argument("--gen-epochs", type=cli.number(int, 1), default=5,
                    help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
-    p.add_argument("--batch", type=data.number(int, 1), default=64)
-    p.add_argument("--lr", type=data.number(float, 0, above=True), default=2e-3,
+    p.add_argument("--batch", type=cli.number(int, 1), default=64)
+    p.add_argument("--lr", type=cli.number(float, 0, above=True), default=2e-3,
                    help="peak learning rate of the tokenizers")
-    p.add_argument("--gen-lr", type=data.number(float, 0, above=True), default=4e-3,
+    p.add_argument("--gen-lr", type=cli.number(float, 0, above=True), default=4e-3,
                    help="peak learning rate of the generators")
-    p.add_argument("--samples-per-class", type=data.number(int, 1), default=64)
-    p.add_argument("--scale", type=data.number(float, 0), default=3.0,
+    p.add_argument("--samples-per-class", type=cli.number(int, 1), default=64)
+    p.add_argument("--scale", type=cli.number(float, 0), default=3.0,
                    help="classifier-free guidance scale of the samples")
-    p.add_argument("--lanes", type=data.number(int, 1), default=2,
+    p.add_argument("--lanes", type=cli.number(int, 1), default=2,
                    help="train.py / sample.py runs at a time (one per core)")
     return p.parse_args(argv)
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import ar
 import checkpoint
+import cli
 import data
 import dit
 import losses
@@ -165,7 +166,7 @@ def knob_values(flag, pairs, defaults, what):
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--method", choices=tuple(checkpoint.TOKENIZERS), required=True)
     a("--phase", choices=("1", "2", "3", "joint", "gen"), required=True)
@@ -180,11 +181,11 @@ def parse_args(argv=None):
     a("--stats", help="latent statistics file (default: computed over the training set)")
     a("--latent-cache", help="directory of the encoded training set, filled on first use (centre crops and mirrors, "
       "normalised latents): reuse only with the same tokenizer and stats")
-    a("--max-steps", type=data.number(int, 1), help="stop after this many optimizer steps (schedule unchanged)")
-    a("--stop-epoch", type=data.number(float, 0, above=True), help="stop after this many epochs, the --epochs "
+    a("--max-steps", type=cli.number(int, 1), help="stop after this many optimizer steps (schedule unchanged)")
+    a("--stop-epoch", type=cli.number(float, 0, above=True), help="stop after this many epochs, the --epochs "
       "schedule unchanged (the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
     a("--device", help="cpu | cuda (default: cuda if available)")
-    a("--seed", type=data.number(int, 0), help="default 0")
+    a("--seed", type=cli.number(int, 0), help="default 0")
     a("--fsdp", action="store_true", default=None, help="generator phase: shard parameters, gradients, AdamW state "
       "and EMA over the processes (torch FSDP2, a unit per block; no grids) — for GPT-3B")
     a("--compile", action="store_true", default=None)
@@ -193,7 +194,7 @@ def parse_args(argv=None):
     a("--loss", nargs="+", action="extend", metavar="KEY=VALUE", help="tokenizer objective (the row's `loss`), e.g. gan_weight=0")
     a("--gen", nargs="+", action="extend", metavar="KEY=VALUE", help="generator (the row's `gen`), e.g. dit=S p_uncond=0.1")
     # the recipe's flat values (default: the row's)
-    n, r = data.number, dict(type=data.number(float, 0))
+    n, r = cli.number, dict(type=cli.number(float, 0))
     a("--epochs", type=n(int, 1))
     a("--global-batch", type=n(int, 1))
     a("--micro-batch", type=n(int, 1), help="per-process batch of one forward/backward")
@@ -679,7 +680,7 @@ class GeneratorTrainer(Trainer):
         self.stats = None
         if not self.tok.num_codes:
             if resume is not None or args.stats:
-                self.stats = resume["stats"] if resume is not None else model.load_stats(args.stats)
+                self.stats = resume["stats"] if resume is not None else checkpoint.load_stats(args.stats)
             else:
                 crops = data.make_loader(data.ImageFolder(args.data_path, size=self.tok.image_size), args.micro_batch,
                                          shuffle=False, drop_last=False, num_workers=args.workers)
@@ -709,8 +710,8 @@ class GeneratorTrainer(Trainer):
         else:
             config = dit.dit_config(args.dit, head=args.dit_head, input_size=self.token_grid,
                                     in_channels=self.tok.latent_dim, num_classes=args.num_classes,
-                                    num_queries=self.tok.num_queries,
-                                    **({"query_out": args.query_out} if self.tok.num_queries else {}))
+                                    num_extra=self.tok.num_extra,
+                                    **({"extra_out": args.query_out} if self.tok.num_extra else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
         self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
         if resume is not None:  # whole state dicts, loaded before any sharding
@@ -892,15 +893,15 @@ def main(argv=None):
         args.out_dir = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     if not args.data_path:
         raise SystemExit("--data-path is required")
-    data.writable("--out-dir", args.out_dir)
+    cli.writable("--out-dir", args.out_dir)
     if args.latent_cache:
-        data.writable("--latent-cache", args.latent_cache)
-    rank, world, device = data.setup_distributed(args.device)
+        cli.writable("--latent-cache", args.latent_cache)
+    rank, world, device = cli.setup_distributed(args.device)
     stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
     handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with data.user_errors("train.py", DOWNLOADS):
+        with cli.user_errors("train.py", DOWNLOADS):
             train(args, rank, world, device, stop)
     finally:
         for s, h in handlers.items():

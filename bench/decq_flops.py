@@ -26,7 +26,8 @@ def forward_flops(method, image_size=256, **kw):
         with counter:
             tok.decode(tok.encode(x))
     per_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}  # keyed by module class
-    total, condenser, decoder = counter.get_total_flops(), per_module.get("DetailQueries", 0), per_module["ViTDecoder"]
+    total, condenser = counter.get_total_flops(), per_module.get("DetailQueries", 0)
+    decoder = per_module[type(tok.decoder).__name__]  # ViTDecoder, or DecQ's QueryDecoder
     return dict(encoder=total - condenser - decoder, condenser=condenser, decoder=decoder, total=total)
 
 

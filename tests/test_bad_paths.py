@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import cli
 import evaluate
 import losses
 import sample
@@ -35,8 +35,8 @@ MAIN = {"train.py": train.main, "sample.py": sample.main, "evaluate.py": evaluat
 
 
 def test_every_path_flag_is_in_the_sweep(monkeypatch):
-    parsers, parse = [], data.ArgumentParser.parse_args
-    monkeypatch.setattr(data.ArgumentParser, "parse_args",
+    parsers, parse = [], cli.ArgumentParser.parse_args
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args",
                         lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))
     for script, module, argv in (("train.py", train, ["--method", "rae", "--phase", "1"]),
                                  ("sample.py", sample, ["--ckpt", "x"]), ("evaluate.py", evaluate, ["--samples", "x"])):

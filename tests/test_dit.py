@@ -13,10 +13,10 @@ import dit
 from conftest import reference
 
 
-def tiny(num_queries=0, **kw):
+def tiny(num_extra=0, **kw):
     """Tiny DiT-DH with random (non-zero) weights so that every path matters."""
     cfg = dict(input_size=4, in_channels=8, hidden_size=(32, 48), depth=(2, 1), num_heads=(2, 4), num_classes=5,
-               num_queries=num_queries)
+               num_extra=num_extra)
     m = dit.DiTDH(**{**cfg, **kw})
     with torch.no_grad():
         for p in m.parameters():
@@ -79,8 +79,8 @@ def test_official_key_layout_and_param_counts(name, preset):
 
 def test_plain_dit_and_decq_param_counts():
     plain = param_count(**dit.dit_config("XL", head=False))
-    decq = param_count(**dit.dit_config("XL", num_queries=8))
-    separate = param_count(**dit.dit_config("XL", num_queries=8, query_out="separate"))
+    decq = param_count(**dit.dit_config("XL", num_extra=8))
+    separate = param_count(**dit.dit_config("XL", num_extra=8, extra_out="separate"))
     print(f"\nDiT-XL (no head) {plain:,}; DiT-DH-XL + 8 DecQ queries {decq:,} (own query output: {separate:,})")
     assert round(plain / 1e6) == 677  # RAE-DiT-XL, "676M" in the paper
     # DecQ paper: 839M → 841M; separate input projections + positions (+2.47M), the patches' output projection
@@ -201,7 +201,7 @@ def test_heun_is_exact_for_velocity_linear_in_t():
 
 
 def test_decq_queries_change_the_patch_velocity():
-    m = tiny(num_queries=3)
+    m = tiny(num_extra=3)
     x, t, y, q = torch.randn(2, 8, 4, 4), torch.tensor([0.3, 0.8]), torch.tensor([0, 4]), torch.randn(2, 3, 8)
     v, v_q = m(x, t, y, q)
     assert v.shape == x.shape and v_q.shape == q.shape
@@ -212,16 +212,16 @@ def test_decq_queries_change_the_patch_velocity():
 
 
 def test_decq_lambda_zero_has_no_query_loss_gradient():
-    m = tiny(num_queries=3, query_out="separate").train()
+    m = tiny(num_extra=3, extra_out="separate").train()
     x, y, q = torch.randn(4, 8, 4, 4), torch.tensor([0, 1, 2, 3]), torch.randn(4, 3, 8)
     torch.manual_seed(1)
     dit.flow_matching_loss(m, x, y, q, lam=0.0).backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-    assert grads["query_out.weight"].abs().max() == 0 and grads["query_out.bias"].abs().max() == 0
+    assert grads["extra_out.weight"].abs().max() == 0 and grads["extra_out.bias"].abs().max() == 0
     m.zero_grad()
     torch.manual_seed(1)
     dit.flow_matching_loss(m, x, y, q, lam=1.0).backward()
-    assert m.query_out.weight.grad.abs().max() > 0
+    assert m.extra_out.weight.grad.abs().max() > 0
     # λ = 0 is the patch loss alone: the same gradients as the patch MSE with the same t, noise and labels
     m.zero_grad()
     torch.manual_seed(1)
@@ -242,10 +242,10 @@ def make_generator_ckpt(root, method="rae", num_queries=0):
     torch.manual_seed(0)
     tok = checkpoint.build_tokenizer("tiny", **({"method": "decq", "num_queries": num_queries} if num_queries else {}))
     _, n, c = tok.encode(torch.rand(1, 3, 64, 64)).shape
-    n -= tok.num_queries  # patch tokens only
+    n -= tok.num_extra  # patch tokens only
     torch.save(dict(kind="tokenizer", method=method, phase="1", config=tok.config, ema=tok.state_dict()),
                root / "tok.pt")
-    net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3, num_queries=num_queries)
+    net = tiny(input_size=math.isqrt(n), in_channels=c, num_classes=3, num_extra=num_queries)
     stats = {"mean": None, "var": torch.full((c, math.isqrt(n), math.isqrt(n)), 4.0)}
     if num_queries:
         stats.update(query_mean=torch.zeros(num_queries, c), query_var=torch.full((num_queries, c), 2.0))
@@ -325,7 +325,7 @@ def test_guide_of_other_latents_is_refused(generator_ckpt, tmp_path):
            "--out-dir", str(tmp_path), "--device", "cpu"]
     for name, g in variants.items():
         if name == "classes":  # the guide's weights must still load: build it with 5 classes
-            net = tiny(**{k: ck["config"][k] for k in ("input_size", "in_channels", "num_queries")}, num_classes=5)
+            net = tiny(**{k: ck["config"][k] for k in ("input_size", "in_channels", "num_extra")}, num_classes=5)
             g = dict(g, ema=net.state_dict())
         torch.save(g, tmp_path / f"{name}.pt")
         with pytest.raises(SystemExit, match="--guide .*(another tokenizer or other statistics|num_classes 5 vs 3)"):
@@ -340,6 +340,24 @@ def test_sample_decq_generates_patches_and_queries(tmp_path):
     sample.main(["--ckpt", str(root / "generator.pt"), "--num-samples", "2", "--steps", "2",
                  "--out-dir", str(tmp_path / "out"), "--formats", "npz", "--device", "cpu"])
     assert np.load(next((tmp_path / "out").glob("*.npz")))["arr_0"].shape == (2, 64, 64, 3)
+
+
+def test_generator_checkpoint_with_the_old_query_names_loads(tmp_path):
+    """A DiT-DH checkpoint written while DiT-DH named its extra tokens after DecQ's queries (config num_queries /
+    query_out, weights query_*; FSDP's optimiser state keyed by those names) loads as today's."""
+    root = make_generator_ckpt(tmp_path, method="decq", num_queries=2)
+    ck = torch.load(root / "generator.pt")
+    old = lambda k: {"num_extra": "num_queries", "extra_out": "query_out"}.get(k, k.replace("extra_", "query_", 1))
+    sd = {old(k): v for k, v in ck["ema"].items()}
+    assert {"query_s_embedder.weight", "query_pos_embed", "query_x_embedder.weight"} <= set(sd)
+    torch.save(dict(ck, config={old(k): v for k, v in ck["config"].items()}, ema=sd, model=sd,
+                    optimizer={"state": {k: {} for k in sd}, "param_groups": [{"params": list(sd)}]}), root / "old.pt")
+    net, _, _ = checkpoint.load_generator(root / "generator.pt")
+    old_net, _, old_ck = checkpoint.load_generator(root / "old.pt")
+    assert old_net.config == net.config and old_net.num_extra == 2
+    assert all(torch.equal(a, b) for a, b in zip(old_net.state_dict().values(), net.state_dict().values()))
+    assert list(old_ck["model"]) == list(ck["ema"]) == old_ck["optimizer"]["param_groups"][0]["params"]
+    assert list(old_ck["optimizer"]["state"]) == list(ck["ema"])
 
 
 def test_sample_decq_with_the_rae_decoder(tmp_path):

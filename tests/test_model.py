@@ -237,20 +237,6 @@ def test_rae_decoder_errors():
         load_rae_decoder(rae["state_dict"])
 
 
-def test_decoder_queries_zero_is_rae_decoder():
-    plain = ViTDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4).eval()
-    withq = ViTDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4,
-                       num_queries=8).eval()
-    withq.load_state_dict(plain.state_dict(), strict=False)
-    z, q = torch.randn(2, 16, 32), torch.randn(2, 8, 32)
-    with torch.no_grad():
-        assert torch.equal(withq(z), plain(z))
-        out = withq(torch.cat([z, q], 1))  # patch tokens, then the query tokens
-    assert out.shape == (2, 3, 16, 16) and (out - plain(z)).abs().max() > 1e-4
-    assert 0.01 < withq.query_pos_embed.std() < 0.03
-    assert torch.equal(load_rae_decoder(withq.state_dict(), num_heads=4).query_pos_embed, withq.query_pos_embed)
-
-
 # ---------------------------------------------------------------------------------------------------- RAE
 
 
@@ -305,8 +291,8 @@ def test_latent_stats_exact_and_meanless(tmp_path):
     assert stats["var"].shape == (64, 4, 4)
     torch.testing.assert_close(stats["mean"], z.mean(0).T.reshape(64, 4, 4).float(), atol=1e-6, rtol=0)
     torch.testing.assert_close(stats["var"], z.var(0, unbiased=False).T.reshape(64, 4, 4).float(), atol=1e-6, rtol=0)
-    model.save_stats(stats, tmp_path / "stat.pt")
-    loaded = model.load_stats(tmp_path / "stat.pt")
+    checkpoint.save_checkpoint(tmp_path / "stat.pt", **stats)
+    loaded = checkpoint.load_stats(tmp_path / "stat.pt")
     tok.set_stats(loaded)
     zn = tok.encode(images).double()
     torch.testing.assert_close(zn.mean(0), torch.zeros(16, 64, dtype=torch.double), atol=1e-4, rtol=0)
@@ -315,7 +301,7 @@ def test_latent_stats_exact_and_meanless(tmp_path):
     # the released layout: mean None, var [C, h, w] element (c, i, j) scales token i·w + j, channel c
     var = torch.rand(64, 4, 4) + 0.5
     torch.save({"mean": None, "var": var}, tmp_path / "released.pt")
-    tok.set_stats(model.load_stats(tmp_path / "released.pt"))
+    tok.set_stats(checkpoint.load_stats(tmp_path / "released.pt"))
     raw = tok.latent(tok.encoder_features(images))
     expected = raw / torch.sqrt(var.flatten(1).T + 1e-5)
     torch.testing.assert_close(tok.encode(images), expected, atol=1e-6, rtol=0)
@@ -326,17 +312,17 @@ def test_latent_stats_exact_and_meanless(tmp_path):
 # ---------------------------------------------------------------------------------------------------- utilities
 
 
-def test_load_strict_lists_problems_and_save_atomic(tmp_path):
+def test_load_strict_lists_problems_and_save_checkpoint_is_atomic(tmp_path):
     lin = torch.nn.Linear(3, 2)
     bad = {"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"cannot load thing: missing keys: bias; unexpected keys: extra; "
                                          r"shape mismatches: weight checkpoint \(2, 4\) vs model \(2, 3\)"):
         load_strict(lin, bad, "thing")
-    model.save_atomic(lin.state_dict(), tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(tmp_path / "ckpt.pt", **lin.state_dict())
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert same_state(torch.load(tmp_path / "ckpt.pt"), lin.state_dict())
     (tmp_path / "ckpt.pt.tmp").write_bytes(b"left by a kill -9")  # the next save takes it over
-    model.save_atomic(lin.state_dict(), tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(tmp_path / "ckpt.pt", **lin.state_dict())
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
     def disk_full(obj, f):
@@ -345,7 +331,7 @@ def test_load_strict_lists_problems_and_save_atomic(tmp_path):
     real, torch.save = torch.save, disk_full
     try:
         with pytest.raises(SystemExit, match="ckpt.pt: could not write .No space left on device.; the previous file"):
-            model.save_atomic({"other": torch.zeros(1)}, tmp_path / "ckpt.pt")
+            checkpoint.save_checkpoint(tmp_path / "ckpt.pt", other=torch.zeros(1))
     finally:
         torch.save = real
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no half file, the previous one intact

@@ -1,11 +1,14 @@
 """DecQ (queries.py): the patch latent is the RAE latent, the encoder gets no gradient, the query-aware decoder
 without queries is the RAE decoder, separate statistics, noise on both parts, the phase, the extra compute; the
 Table 3 baselines (unfreeze, unfreeze + distill, feature concat)."""
+import functools
+
 import pytest
 import torch
 
 import checkpoint
 import model
+import queries
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])  # DINOv2 tiny: 4 blocks of width 64, 4×4 tokens
 DECQ = dict(TINY, method="decq", query_heads=4, query_layers=[0, 1, 3])
@@ -21,7 +24,7 @@ def test_patch_latent_is_the_rae_latent_bitwise():
     rae, tok = _pair()
     x = torch.rand(2, 3, 64, 64)
     z = tok.encode(x)  # one token sequence: 16 patch tokens, then 8 queries
-    assert z.shape == (2, 24, 64) and tok.num_queries == 8
+    assert z.shape == (2, 24, 64) and tok.num_extra == 8
     patch, q = tok.split(z)
     assert torch.equal(patch, rae.encode(x)) and q.shape == (2, 8, 64)
     assert torch.allclose(q.mean(-1), torch.zeros(2, 8), atol=1e-5)  # final LN₀ on the queries
@@ -52,10 +55,26 @@ def test_decoder_without_queries_is_the_rae_decoder():
     tok.decoder.load_state_dict({**tok.decoder.state_dict(), **rae.decoder.state_dict()})
     z = torch.randn(2, 16, 64)
     assert torch.equal(tok.decoder(z), rae.decoder(z))  # queries=None
-    plain = model.ViTDecoder(64, **model.DECODERS["tiny"], patch_size=16, grid=4, num_queries=0)
+    plain = model.ViTDecoder(64, **model.DECODERS["tiny"], patch_size=16, grid=4)
     plain.load_state_dict({k: v for k, v in tok.decoder.state_dict().items() if not k.startswith("query_")})
     assert torch.equal(plain(z), tok.decoder(z))
     assert not torch.equal(tok.decoder(torch.cat([z, torch.randn(2, 8, 64)], 1)), rae.decoder(z))
+
+
+def test_decoder_queries_zero_is_rae_decoder():
+    plain = model.ViTDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4).eval()
+    withq = queries.QueryDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4,
+                                 num_queries=8).eval()
+    withq.load_state_dict(plain.state_dict(), strict=False)
+    z, q = torch.randn(2, 16, 32), torch.randn(2, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(withq(z), plain(z))
+        out = withq(torch.cat([z, q], 1))  # patch tokens, then the query tokens
+    assert out.shape == (2, 3, 16, 16) and (out - plain(z)).abs().max() > 1e-4
+    assert 0.01 < withq.query_pos_embed.std() < 0.03
+    decq = functools.partial(queries.QueryDecoder, 8)
+    assert torch.equal(model.load_rae_decoder(withq.state_dict(), num_heads=4, decoder_class=decq).query_pos_embed,
+                       withq.query_pos_embed)
 
 
 def test_separate_statistics_round_trip():
@@ -116,8 +135,8 @@ def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
     assert torch.allclose(stats["var"], p.var(0, unbiased=False).T.reshape(64, 4, 4).float(), atol=1e-6)
     assert torch.allclose(stats["query_mean"], q.mean(0).float(), atol=1e-6)
     assert torch.allclose(stats["query_var"], q.var(0, unbiased=False).float(), atol=1e-6)
-    model.save_stats(stats, tmp_path / "s.pt")
-    loaded = model.load_stats(tmp_path / "s.pt")
+    checkpoint.save_checkpoint(tmp_path / "s.pt", **stats)
+    loaded = checkpoint.load_stats(tmp_path / "s.pt")
     assert set(loaded) == set(stats) and all(torch.equal(loaded[k], stats[k]) for k in stats)
 
 
@@ -156,7 +175,7 @@ def test_feature_concat_widens_every_patch_token_and_keeps_the_rae_channels():
     tok = checkpoint.build_tokenizer(dict(TINY, method="concat", query_heads=4)).eval()
     x = torch.rand(2, 3, 64, 64)
     z = tok.latent(tok.encoder_features(x))
-    assert tok.num_queries == 0 and tok.latent_dim == 64 + 32 and z.shape == (2, 16, 96)  # 8·64/16 = 32 channels
+    assert tok.num_extra == 0 and tok.latent_dim == 64 + 32 and z.shape == (2, 16, 96)  # 8·64/16 = 32 channels
     assert torch.equal(z[..., :64], rae.latent(rae.encoder_features(x)))
     assert torch.allclose(z[..., 64:].mean(-1), torch.zeros(2, 16), atol=1e-5)  # LN₀ after the bottleneck
     assert len(tok.condenser.queries) == 16 and tok.condenser.layers == [0, 1, 2, 3]

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import checkpoint
+import cli
 import data
 import losses
 import model
@@ -554,12 +555,12 @@ def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
 
 def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
     """Every flag of train.py, sample.py and evaluate.py that takes a number, given a negative number or a word: exit
-    with one line naming the flag, no traceback (argparse's usage dump replaced by data.ArgumentParser.error)."""
+    with one line naming the flag, no traceback (argparse's usage dump replaced by cli.ArgumentParser.error)."""
     import evaluate
     import sample
 
-    parsers, parse = [], data.ArgumentParser.parse_args
-    monkeypatch.setattr(data.ArgumentParser, "parse_args",
+    parsers, parse = [], cli.ArgumentParser.parse_args
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args",
                         lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))  # keeps each parser
     base = {"train.py": ["--method", "rae", "--phase", "1"], "sample.py": ["--ckpt", "x"],
             "evaluate.py": ["--samples", "x.npz"]}
