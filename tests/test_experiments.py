@@ -8,7 +8,7 @@ import checkpoint
 import experiments
 import fusion
 import model
-import toy
+import runs
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])
 
@@ -103,26 +103,26 @@ def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
     (tmp_path / "img" / "a").mkdir(parents=True)
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / "a" / f"{i}.png")
-    run = ["--method", "rae", "--phase", "1", "--preset", "tiny", "--data-path", str(tmp_path / "img"), "--out-dir",
-           str(tmp_path / "rae"), "--lpips-weight", "0", "--gan-weight", "0", "--epochs", "2"]
+    run = dict(method="rae", phase="1", preset="tiny", data_path=tmp_path / "img", out_dir=tmp_path / "rae",
+               loss=dict(lpips_weight=0, gan_weight=0), epochs=2)
     import train
-    train.main(run + ["--max-steps", "1"])  # as if stopped: a checkpoint, not finished
-    toy.run_jobs([("rae", "train.py", run, [])], tmp_path, lanes=1, reuse=True)  # without --resume: would refuse
+    train.main(runs.argv(runs.Run("rae", "train.py", dict(run, max_steps=1))))  # as if stopped: a checkpoint
+    runs.run_jobs([runs.Run("rae", "train.py", run)], tmp_path, lanes=1, reuse=True)  # without --resume: would refuse
     assert (tmp_path / "rae" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "rae")["step"] == 2
     with pytest.raises(SystemExit, match="finished earlier with another command"):
-        toy.run_jobs([("rae", "train.py", run + ["--seed", "1"], [])], tmp_path, lanes=1, reuse=True)
+        runs.run_jobs([runs.Run("rae", "train.py", dict(run, seed=1))], tmp_path, lanes=1, reuse=True)
     # a run whose input is made again is never silently reused: a finished training run on it is refused
     import json
     import shutil
-    gen = ["--method", "rae", "--phase", "gen", *run[6:8], "--tokenizer", str(tmp_path / "rae"), "--out-dir",
-           str(tmp_path / "gen"), "--preset", "tiny", "--max-steps", "1"]
-    jobs = [("rae", "train.py", run, []), ("gen", "train.py", gen, ["rae"])]
-    toy.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+    gen = dict(method="rae", phase="gen", data_path=run["data_path"], tokenizer=tmp_path / "rae",
+               out_dir=tmp_path / "gen", preset="tiny", max_steps=1)
+    jobs = [runs.Run("rae", "train.py", run), runs.Run("gen", "train.py", gen, ("rae",))]
+    runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
     finished = json.loads((tmp_path / "finished.json").read_text())
     (tmp_path / "finished.json").write_text(json.dumps({"gen": finished["gen"]}))  # RAE is to be trained again
     shutil.rmtree(tmp_path / "rae")
     with pytest.raises(SystemExit, match="gen: finished earlier on inputs that are made again"):
-        toy.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+        runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
 
 
 def test_full_scale_dry_run_commands_parse(capsys):
@@ -264,3 +264,4 @@ def test_ideal_fusion_study_on_tiny_settings(tmp_path):
     assert all(0 < r["usage"]["mean"] <= 1 and r["perplexity"]["mean"] >= 1 for r in res["table"].values())
     commands = (tmp_path / "ideal" / "commands.sh").read_text()
     assert "--fuse linear" in commands and "--fuse none" in commands
+
