@@ -265,3 +265,17 @@ def test_ideal_fusion_study_on_tiny_settings(tmp_path):
     commands = (tmp_path / "ideal" / "commands.sh").read_text()
     assert "--fuse linear" in commands and "--fuse none" in commands
 
+
+def test_a_runs_settings_render_as_its_scripts_flags():
+    """runs.argv, the one place that spells flags: train.py's groups as today's flags (Ideal's tok `beta` is
+    --commit-beta), lists after one flag, dicts as JSON, booleans as --x / --no-x, `extra` as given; merge keeps places."""
+    run = runs.Run("x", "train.py", dict(method="ideal", phase="1", tok=dict(beta=0.5, fusion_layers=[0, 2],
+                                                                          encoder={"depth": 6}), flip=False,
+                                         loss=dict(lpips_weight=0), extra=["--preset", "tiny"]))
+    assert runs.argv(run) == ["--method", "ideal", "--phase", "1", "--commit-beta", "0.5", "--fusion-layers", "0", "2",
+                              "--encoder", '{"depth": 6}', "--no-flip", "--lpips-weight", "0", "--preset", "tiny"]
+    assert runs.argv(run._replace(settings=dict(method="drorae", tok=dict(beta=0.5)))) == ["--method", "drorae",
+                                                                                            "--beta", "0.5"]
+    merged = runs.merge(run.settings, dict(phase="2", tok=dict(fuse="none"), seed=1))
+    assert list(merged) == [*run.settings, "seed"] and merged["tok"]["beta"] == 0.5 and merged["tok"]["fuse"] == "none"
+    assert runs.command(run, gpus=8).startswith("torchrun --nproc_per_node=8 train.py --method ideal")
