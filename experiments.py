@@ -17,17 +17,18 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
     python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's (they share <out-dir>/decq)
     python experiments.py ideal-layers --seeds 0 1 2                   # Ideal's (they share <out-dir>/ideal)
 
-Read top to bottom: (1) the DRoRAE capacity scaling study, (2) studies over seeds: aggregation, table, chart,
-(3) the main table, (4) the scaling study in the toy world, (5) the ablations: DRoRAE's phases, routing and routing
-maps; DecQ's decoder, baselines, queries, condensers and convergence; Ideal's fusion, shallow branch, single blocks
-and generation, (6) the command line.
+Read top to bottom: (1) DRoRAE capacity scaling: fits, table, the study from a given phase-1 checkpoint, (2) studies
+over seeds: aggregation, table, chart, (3) the worlds: a study's runs declared once (seed_runs) under a world's recipe,
+toy or full scale, and scored, (4) the main table and the scaling study, (5) the ablations: DRoRAE's phases, routing
+and routing maps; DecQ's decoder, baselines, queries, condensers and convergence; Ideal's fusion, shallow branch, single
+blocks, codebook and generation, (6) the command line.
 """
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ import data
 import evaluate
 import fusion
 import model
+import runs
 import toy
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,23 +106,21 @@ def reconstruction_metrics(run, args):
     return dict(psnr=torch.cat(psnr).mean().item(), rfid=None)
 
 
-def drorae_scaling(argv):
-    """Phase 2 (fusion only) for every (expert width × number of fused blocks) from the same phase-1 weights at
-    the same step budget, each a `python train.py --method drorae --phase 2` run; reconstruction on a held-out
-    folder; fit metric = a + b·log(fusion parameters); print the table with R². Unknown flags go to train.py
-    (e.g. --preset tiny), --eval-args to evaluate.py (e.g. --inception-weights PATH). A grid point whose run
-    directory already holds a checkpoint is not trained again. Without --init-from: the toy world over seeds
-    (toy_scaling)."""
-    if "--init-from" not in argv:
-        return toy_scaling(argv)
-    p = cli.ArgumentParser(prog="experiments.py drorae-scaling", description=drorae_scaling.__doc__)
+def scaling_from(argv):
+    """drorae-scaling from a given phase-1 checkpoint (--init-from): phase 2 (fusion only) for every (expert width ×
+    number of fused blocks), each a `python train.py --method drorae --phase 2` run from its own copy of the phase-1
+    weights with a fresh fusion of its size (init.pt), at the same step budget; reconstruction on a held-out folder;
+    the table with R². Unknown flags go to train.py (e.g. --recipe tiny), --eval-args to evaluate.py (e.g.
+    --inception-weights PATH). A grid point whose run directory already holds a checkpoint is not trained again."""
+    p = cli.ArgumentParser(prog="experiments.py drorae-scaling", description=scaling_from.__doc__)
     p.add_argument("--init-from", required=True, help="phase-1 checkpoint (rae or drorae)")
     p.add_argument("--data-path", required=True, help="training ImageFolder")
     p.add_argument("--eval-path", required=True, help="held-out ImageFolder")
     p.add_argument("--out-dir", required=True)
     count = cli.number(int, 1)
-    p.add_argument("--widths", type=count, nargs="+", default=[384, 768, 1536, 3072], help="expert hidden widths")
-    p.add_argument("--layer-counts", type=count, nargs="+", default=[3, 6, 12], help="numbers of fused blocks")
+    p.add_argument("--widths", type=count, nargs="+", default=list(SCALING["imagenet"][1]), help="expert widths")
+    p.add_argument("--layer-counts", type=count, nargs="+", default=list(SCALING["imagenet"][2]),
+                   help="numbers of fused blocks")
     p.add_argument("--max-steps", type=count, default=5000, help="phase-2 budget of every run")
     p.add_argument("--batch", type=count, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,11 +149,11 @@ def drorae_scaling(argv):
         os.makedirs(run, exist_ok=True)
         checkpoint.save_checkpoint(f"{run}/init.pt", kind="tokenizer", method="drorae", phase="1",
                                    config=tok.config, model=tok.state_dict(), ema=tok.state_dict())
-        jobs.append((os.path.basename(run), "train.py", [
-            "--method", "drorae", "--phase", "2", "--init-from", f"{run}/init.pt", "--data-path", args.data_path,
-            "--out-dir", run, "--max-steps", str(args.max_steps), "--device", args.device, *train_args], []))
+        jobs.append(runs.Run(os.path.basename(run), "train.py", dict(
+            method="drorae", phase="2", init_from=f"{run}/init.pt", data_path=args.data_path, out_dir=run,
+            max_steps=args.max_steps, device=args.device, extra=train_args)))
     if jobs:
-        toy.run_jobs(jobs, Path(args.out_dir), args.lanes, threads=1 if args.lanes > 1 else None)
+        runs.run_jobs(jobs, Path(args.out_dir), args.lanes, threads=1 if args.lanes > 1 else None)
     rows = [dict(hidden=hidden, layers=count, params=fusion_params(dim, hidden, count),
                  **reconstruction_metrics(run, args)) for hidden, count, run in grid]
     fits = scaling_table(rows, ["psnr", "rfid"])
@@ -173,17 +173,28 @@ METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lo
     "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f"),
     "usage": ("code usage", 1, ".3f"), "perplexity": ("perplexity", 1, ".1f"), "probe": ("code probe acc", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
-# Sampling modes of the ablation studies → column label; a mode's metrics are keyed "<metric>_<mode>", except the main
-# table's sampling ("cfg"), which keeps the plain keys. "MODE@E": the generator's checkpoint after epoch E.
-SAMPLINGS = {"cfg": "", "none": " unguided", "ag": " AG", "raedec": " RAE dec."}
 
 
-def suffix(mode):
-    return "" if mode == "cfg" else f"_{mode}"
+class Sampling(NamedTuple):
+    """How an ablation samples a generator: `name` (folder samples_NAME, metrics <metric>_NAME; the main table's CFG:
+    the plain keys), the guidance scale (None: the world's own, toy CFG 3, full scale none), AutoGuidance with a weaker
+    generator as guide (trained too), DecQ's generated patch tokens decoded by the RAE tokenizer's decoder (DecQ
+    Table 4), the checkpoint kept after `epoch`."""
+    name: str
+    scale: float = None
+    guide: bool = False
+    rae_decoder: bool = False
+    epoch: int = None
+
+    @property
+    def suffix(self):
+        return "" if self.name == "cfg" else f"_{self.name}"
 
 
-for _mode, _label in SAMPLINGS.items():
-    METRICS.update({k + suffix(_mode): (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
+CFG, UNGUIDED, AG, RAE_DECODER = (Sampling("cfg"), Sampling("none", 1.0), Sampling("ag", 1.5, guide=True),
+                                  Sampling("raedec", rae_decoder=True))
+for _s, _label in ((UNGUIDED, " unguided"), (AG, " AG"), (RAE_DECODER, " RAE dec.")):  # their metrics' columns
+    METRICS.update({k + _s.suffix: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
 
 
 def study_args(name, argv, seeds=(0, 1, 2)):
@@ -204,17 +215,6 @@ def study_args(name, argv, seeds=(0, 1, 2)):
     if args.world == "imagenet" and extra:
         p.error(f"unrecognized arguments: {' '.join(extra)} (toy.py flags belong to the toy world)")
     return args, extra
-
-
-def with_flags(argv, *pairs):
-    """argv with each (flag, value) set: the value after the flag replaced where it is present, else appended."""
-    argv = list(argv)
-    for flag, value in pairs:
-        if flag in argv:
-            argv[argv.index(flag) + 1] = str(value)
-        else:
-            argv += [flag, str(value)]
-    return argv
 
 
 def aggregate(per_seed, rows):
@@ -309,16 +309,6 @@ def chart(table, rows, path, title, metrics=None):
     img.save(path)
 
 
-def run_study(name, jobs, root, args, gpus=0):
-    """Print the commands (--dry-run) or run them: reuse finished runs, continue interrupted ones."""
-    if args.dry_run:
-        launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]
-        print("\n".join(shlex.join([*launch, script, *argv]) for _, script, argv, _ in jobs))
-        return False
-    toy.run_jobs(jobs, root, args.lanes, threads=None if gpus else 1, reuse=True, gpus=gpus)
-    return True
-
-
 def curve_chart(table, rows, path, title, metrics=None):
     """A PNG panel per metric of rows named "SERIES @EPOCH": a line per series through the means over seeds against
     the epoch, a whisker from the lowest to the highest seed at each epoch (drawn with Pillow alone)."""
@@ -376,137 +366,42 @@ def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, m
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The main table: every method and generator, toy.py's table (or its full-scale equivalent) over seeds
+# 3. The worlds: every study's runs declared once (seed_runs) under a world's recipe, toy or full scale, and scored
 # ----------------------------------------------------------------------------------------------------
 
-MAIN_ROWS = ("rae", "drorae_p2", "drorae_p3", "decq", "ideal", "ideal_deep_only")
-
-
-def toy_seed_jobs(seed, root, toy_flags):
-    """One seed of the toy table as jobs: the world (toy VFM + data), every run of toy.plan_runs, the scoring."""
+def toy_world(seed, root, args, toy_flags):
+    """One seed of the toy world: toy.recipe on the world a toy.py run makes first (toy VFM, data), changed by toy.py
+    flags (e.g. --gen-epochs 10); AutoGuidance's guide: one epoch; decq-convergence: twice the budget, every epoch."""
     out = root / f"seed{seed}"
-    flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
-    runs = toy.plan_runs(toy.parse_args(flags), out)[0]
-    pre = f"s{seed}-"
-    return ([(pre + "world", "toy.py", [*flags, "--stage", "world"], [])]
-            + [(pre + n, script, argv, [pre + "world"] + [pre + d for d in deps]) for n, script, argv, deps in runs]
-            + [(pre + "score", "toy.py", [*flags, "--stage", "score"], [pre + n for n, *_ in runs])])
+    own = dict(seed=seed, out_dir=out, extra=toy_flags)  # toy.py's settings of this seed
+    world = runs.Run("world", "toy.py", dict(own, stage="world"))
+    targs = toy.parse_args(runs.argv(world))
+    return dict(toy.recipe(targs, out), out=out, args=targs, depth=toy.VFM_CONFIG["depth"], start=[world],
+                score=dict(own, stage="score"), scores=toy_scores, generator_file="generator.pt", budget={},
+                guide=dict(epochs="1"), curve=dict(epochs=10, keep_every_epochs=1))
 
 
-def imagenet_seed_jobs(seed, root, args):
-    """One seed of the main table at full scale: the published recipes (train.py's defaults: DINOv2-B/14-reg, ViT-XL
-    decoder, DiT-DH-XL, LlamaGen-B), rFID etc. of every tokenizer, 50K unguided samples and gFID per generator."""
-    out, common = root / f"seed{seed}", ["--data-path", args.data_path, "--seed", str(seed)]
-    jobs = []
-    for key, method, phase, init, extra in toy.tokenizer_runs(12):
-        flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key), *common,
-                 *(["--fuse", "none"] if "none" in extra else [])]
-        flags += ["--init-from", str(out / init / "tokenizer.pt")] if init else []
-        jobs.append((key, "train.py", flags, [init] if init else []))
-        jobs.append((f"{key}_eval", "evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
-                                                    args.eval_path, "--out", str(out / key / "eval.json")], [key]))
-    for key in toy.GENERATORS:
-        gen = out / f"{key}_gen"
-        jobs.append((f"{key}_gen", "train.py", ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer",
-                                                str(out / key / "tokenizer.pt"), "--latent-cache", str(gen / "cache"),
-                                                "--out-dir", str(gen), *common], [key]))
-        jobs.append((f"{key}_samples", "sample.py", ["--ckpt", str(gen / "generator.pt"), "--per-class", "50",
-                                                     "--out-dir", str(gen / "samples"), "--name", "samples",
-                                                     "--seed", str(seed)], [f"{key}_gen"]))
-        jobs.append((f"{key}_gen_eval", "evaluate.py", ["--samples", str(gen / "samples" / "samples.npz"), "--ref",
-                                                        args.ref or args.eval_path, "--out", str(gen / "eval.json")],
-                     [f"{key}_samples"]))
-    pre = f"s{seed}-"
-    return [(pre + n, script, argv, [pre + d for d in deps]) for n, script, argv, deps in jobs]
+def imagenet_world(seed, root, args, toy_flags=()):
+    """One seed at full scale: train.py's defaults are the published recipes (DINOv2-B/14-reg, ViT-XL decoder,
+    DiT-DH-XL, LlamaGen-B); an evaluate.py run scores every tokenizer (on --eval-path) and sample set (against --ref,
+    default the --eval-path images); 50 samples per class. Ablations: DiT-DH-XL 80 epochs of the 800-epoch schedule
+    (as the papers report; Ideal's GPT-B its 300), its last checkpoint sampled; AutoGuidance's guide DiT-DH-S at 14
+    epochs (RAE's released guide); decq-convergence keeps every 10th epoch."""
+    out, common = root / f"seed{seed}", dict(data_path=args.data_path, seed=seed)
+
+    def evaluation(name, dep, path, tokenizer=None, samples=None):
+        what = (dict(tokenizer=tokenizer, data_path=args.eval_path) if tokenizer else
+                dict(samples=samples, ref=args.ref or args.eval_path))
+        return [runs.Run(name, "evaluate.py", dict(what, out=path), (dep,))]
+    return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common, codes=common,
+                sample=lambda ckpt, where: dict(ckpt=ckpt, per_class=50, out_dir=where, name="samples", seed=seed),
+                evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
+                budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
+                curve=dict(keep_every_epochs=10))
 
 
-def imagenet_results(out):
-    """A seed's full-scale results from the eval.json files: rFID, PSNR, SSIM per tokenizer; gFID, IS, precision,
-    recall per generator."""
-    res = {}
-    for key in MAIN_ROWS:
-        r = json.loads((out / key / "eval.json").read_text())
-        res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
-        if key in toy.GENERATORS:
-            g = json.loads((out / f"{key}_gen" / "eval.json").read_text())
-            res[key].update(gFID=g["gFID"], IS=g["IS"], precision=g.get("precision"), recall=g.get("recall"))
-    return res
+WORLDS = {"toy": toy_world, "imagenet": imagenet_world}
 
-
-def main_study(argv):
-    """toy.py's main table (every method's reconstruction, every generator's samples) over seeds."""
-    args, toy_flags = study_args("main", argv)
-    root = Path(args.out_dir) / "main"
-    if args.world == "imagenet":
-        jobs = [j for seed in args.seeds for j in imagenet_seed_jobs(seed, root, args)]
-    else:
-        jobs = [j for seed in args.seeds for j in toy_seed_jobs(seed, root, toy_flags)]
-    if not run_study("main", jobs, root, args, gpus=args.gpus if args.world == "imagenet" else 0):
-        return None
-    if args.world == "imagenet":
-        per_seed = {s: imagenet_results(root / f"seed{s}") for s in args.seeds}
-        vfm = None
-    else:
-        per_seed = {s: json.loads((root / f"seed{s}" / "results.json").read_text()) for s in args.seeds}
-        vfm = {s: per_seed[s]["vfm"] for s in args.seeds}
-    return finish("main", root, per_seed, MAIN_ROWS, args, "rae", [g for g in toy.GENERATORS if g != "rae"],
-                  dict(vfm=vfm))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. DRoRAE capacity scaling in the toy world, over seeds
-# ----------------------------------------------------------------------------------------------------
-
-TOY_WIDTHS, TOY_COUNTS = (32, 64, 128), (2, 3, 6)  # expert widths (2C = 128) × fused blocks of the toy VFM (depth 6)
-
-
-def toy_scaling(argv):
-    """DRoRAE §4.4 in the toy world over seeds: per seed the world and RAE phase 1 (the main study's commands), then
-    phase 2 for every (expert width × fused blocks) at the main table's budget, each `train.py --phase 2
-    --init-from RAE --fusion-hidden H --fusion-layers …`; PSNR on the held-out images; the log-linear fit of the mean
-    PSNR over the grid, and per seed. (128, 6) is the main table's DRoRAE phase 2."""
-    args, toy_flags = study_args("drorae-scaling", argv)
-    root, depth, dim = Path(args.out_dir) / "drorae-scaling", toy.VFM_CONFIG["depth"], toy.VFM_CONFIG["embed_dim"]
-    points = [(h, n, f"h{h}-l{n}") for h in TOY_WIDTHS for n in TOY_COUNTS]
-    jobs = []
-    for seed in args.seeds:
-        out, pre = root / f"seed{seed}", f"s{seed}-"
-        flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
-        runs = {name: (script, argv) for name, script, argv, _ in toy.plan_runs(toy.parse_args(flags), out)[0]}
-        jobs += [(pre + "world", "toy.py", [*flags, "--stage", "world"], []),
-                 (pre + "rae", *runs["rae"], [pre + "world"])]
-        for h, n, name in points:
-            jobs.append((pre + name, "train.py", [*with_flags(runs["drorae_p2"][1], ("--out-dir", out / name)),
-                                                  "--fusion-hidden", str(h), "--fusion-layers",
-                                                  *map(str, spread_layers(depth, n))], [pre + "rae"]))
-    if not run_study("drorae-scaling", jobs, root, args):
-        return None
-    per_seed, threads = {}, torch.get_num_threads()
-    torch.set_num_threads(1)  # as toy.py's scoring: the same digits
-    for seed in args.seeds:
-        out = root / f"seed{seed}"
-        x_test = toy.test_set(toy.parse_args(["--seed", str(seed), *toy_flags]))[0]
-        per_seed[seed] = {name: dict(psnr=evaluate.psnr(data.to_uint8(x_test), data.to_uint8(toy.reconstruct(
-            checkpoint.load_tokenizer(out / name / "tokenizer.pt"), x_test))).mean().item()) for _, _, name in points}
-    torch.set_num_threads(threads)
-    grid = lambda psnr: [dict(hidden=h, layers=n, params=fusion_params(dim, h, n), psnr=psnr(name))  # noqa: E731
-                         for h, n, name in points]
-    fits = {}
-    for seed in args.seeds:
-        print(f"\nseed {seed}:")
-        fits[seed] = scaling_table(grid(lambda name: per_seed[seed][name]["psnr"]), ["psnr"])
-    print("\nmean PSNR over the seeds:")
-    mean = grid(lambda name: sum(per_seed[s][name]["psnr"] for s in args.seeds) / len(args.seeds))
-    fits["mean"] = scaling_table(mean, ["psnr"])
-    rows = [name for _, _, name in points]
-    return finish("drorae-scaling", root, per_seed, rows, args, extra=dict(grid=mean, fits=fits))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's Tables 3-5, condensers and
-#    convergence; Ideal's Tables 1 and 7 and its generator. A paper's studies share <out-dir>/<paper>/seedN, so a run
-#    two studies need (the world, RAE, ...) is trained once.
-# ----------------------------------------------------------------------------------------------------
 
 def decq_layer_halves(depth):
     """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12; all six of the toy VFM's 6)
@@ -515,151 +410,113 @@ def decq_layer_halves(depth):
     return layers[:len(layers) // 2], layers[len(layers) // 2:]
 
 
-ABLATION_RUNS = {  # tokenizer key → (template, phase, --init-from key or None, flags); template: a main-table run
-    "drorae_p2": ("drorae_p2", "2", "rae", []), "drorae_p3": ("drorae_p2", "3", "drorae_p2", []),
-    "drorae_joint": ("drorae_p2", "joint", "rae", []),  # DRoRAE: the energy router at β = 0.2 is the paper's
-    "softmax_p2": ("drorae_p2", "2", "rae", ["--router", "softmax"]),
-    "softmax_p3": ("drorae_p2", "3", "softmax_p2", []),
-    "mean_p3": ("drorae_p2", "3", "rae", ["--router", "mean"]),  # no parameters, so no phase 2
-    **{f"beta{b}_{p}": ("drorae_p2", p[1], "rae" if p == "p2" else f"beta{b}_p2", ["--beta", b] if p == "p2" else [])
+# drorae-scaling's grid per world: the encoder width C, expert widths (2C: the default), numbers of fused blocks
+SCALING = {"toy": (toy.VFM_CONFIG["embed_dim"], (32, 64, 128), (2, 3, 6)),
+           "imagenet": (768, (384, 768, 1536, 3072), (3, 6, 12))}
+tok = lambda **keywords: dict(tok=keywords)  # noqa: E731 — a tokenizer's own constructor keywords
+ABLATION_RUNS = {  # tokenizer key → (method, phase, the key it starts from or None, its own settings or a function
+    **toy.TOKENIZERS,  # of the encoder depth giving them): the main table's, and
+    "drorae_joint": ("drorae", "joint", "rae", {}),  # DRoRAE: the energy router at β = 0.2 is the paper's
+    "softmax_p2": ("drorae", "2", "rae", tok(router="softmax")), "softmax_p3": ("drorae", "3", "softmax_p2", {}),
+    "mean_p3": ("drorae", "3", "rae", tok(router="mean")),  # no parameters, so no phase 2
+    **{f"beta{b}_{p}": ("drorae", p[1], "rae" if p == "p2" else f"beta{b}_p2", tok(beta=b) if p == "p2" else {})
        for b in ("0.1", "0.5", "1") for p in ("p2", "p3")},
-    "decq": ("decq", "1", None, []),  # DecQ: 8 queries, condensers every quarter of the depth (toy: every block)
-    **{f"decq_q{n}": ("decq", "1", None, ["--num-queries", str(n)]) for n in (1, 2, 4, 16)},
+    **{f"h{h}-l{n}": ("drorae", "2", "rae", lambda depth, h=h, n=n: tok(  # drorae-scaling's grid
+        fusion_hidden=h, fusion_layers=spread_layers(depth, n))) for _, hs, ns in SCALING.values() for h in hs
+       for n in ns},  # DecQ: 8 queries, condensers every quarter of the depth (toy: every block)
+    **{f"decq_q{n}": ("decq", "1", None, tok(num_queries=n)) for n in (1, 2, 4, 16)},
     **{f"decq_{half}": ("decq", "1", None,  # the first / second half of DecQ's default condenser blocks
-                        lambda depth, h=h: ["--query-layers", *map(str, decq_layer_halves(depth)[h])])
+                        lambda depth, h=h: tok(query_layers=decq_layer_halves(depth)[h]))
        for h, half in enumerate(("shallow", "deep"))},
-    "unfreeze": ("unfreeze", "1", None, []),  # DecQ Table 3's baselines, on the budget of DecQ's own run
-    "unfreeze_distill": ("unfreeze", "1", None, ["--distill", "1"]), "concat": ("concat", "1", None, []),
-    "ideal": ("ideal", "1", None, []), "ideal_deep_only": ("ideal_deep_only", "1", None, []),  # Ideal (toy: main's)
-    "ideal_linear": ("ideal", "1", None, [("--fuse", "linear")]), "ideal_no_shallow": ("ideal", "1", None, [
-        ("--shallow-weight", 0)]),
-    **{f"ideal_s{k}": ("ideal", "1", None, lambda depth, k=k: [("--shallow-layer", k * depth // 6)])  # toy blocks
+    "unfreeze": ("unfreeze", "1", None, {}),  # DecQ Table 3's baselines, on the budget of DecQ's own run
+    "unfreeze_distill": ("unfreeze", "1", None, tok(distill=1)), "concat": ("concat", "1", None, {}),
+    "ideal_linear": ("ideal", "1", None, tok(fuse="linear")),  # Ideal (toy: the main table's settings)
+    "ideal_no_shallow": ("ideal", "1", None, tok(shallow_weight=0)),
+    **{f"ideal_s{k}": ("ideal", "1", None, lambda depth, k=k: tok(shallow_layer=k * depth // 6))  # toy blocks
        for k in (0, 2, 3)},  # 0, 2, 3 of 6 (default 1); DINOv2-B: 0, 4, 6 of 12 (default 3)
-    **{f"ideal_b{k}": ("ideal_deep_only", "1", None, [("--deep-layer", k)]) for k in (0, 1, 3)},  # one block alone
-    **{f"ideal_{name}": ("ideal", "1", None, [(flag, value)]) for name, flag, value in (  # the codebook's knobs
-        ("d8", "--code-dim", 8), ("k256", "--codebook-size", 256), ("h0", "--entropy-weight", 0),
-        ("h0.1", "--entropy-weight", 0.1), ("t1", "--entropy-temperature", 1))}}
-
+    **{f"ideal_b{k}": ("ideal", "1", None, tok(fuse="none", deep_layer=k)) for k in (0, 1, 3)},  # one block alone
+    **{f"ideal_{name}": ("ideal", "1", None, tok(**{key: value})) for name, key, value in (  # the codebook's knobs
+        ("d8", "code_dim", 8), ("k256", "codebook_size", 256), ("h0", "entropy_weight", 0),
+        ("h0.1", "entropy_weight", 0.1), ("t1", "entropy_temperature", 1))}}
 CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
-GENERATOR_RUNS = {  # generator key → (tokenizer key, {world: train.py flags set on the main generator's command})
-    "decq_l0": ("decq", {"toy": [("--query-weight", 0)], "imagenet": [("--query-weight", 0)]}),
-    **{f"{k}_curve": (k, {"toy": [("--epochs", 10), ("--keep-every-epochs", 1)],  # twice the main budget
-                          "imagenet": [("--keep-every-epochs", 10)]}) for k in ("rae", "decq")}}
-GUIDE = {"toy": [("--epochs", "1")],  # AutoGuidance's weak model: shorter training (toy), DiT-DH-S at 14 epochs
-         "imagenet": [("--dit", "S"), ("--stop-epoch", "14")]}  # (RAE's released guide)
+GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the world's generator, given the world recipe)
+    "decq_l0": ("decq", lambda w: dict(gen=dict(query_weight=0))),
+    **{f"{k}_curve": (k, lambda w: w["curve"]) for k in ("rae", "decq")}}
 
 
-def ablation_jobs(seed, root, args, toy_flags, tokenizers, samplings):
-    """One seed's jobs: the world (toy), RAE phase 1, the ABLATION_RUNS `tokenizers` with what they start from, and
-    for each (key, mode) of `samplings` a generator on the latent of tokenizer `key` (or the GENERATOR_RUNS variant
-    `key`) and its samples; mode "cfg" = the main table's sampling (toy: CFG 3), "none" = no guidance, "ag" =
-    AutoGuidance 1.5 with a weaker generator as guide (trained too), "raedec" = the main sampling decoded by the RAE
-    tokenizer's decoder (DecQ Table 4); "cfgS": CFG at scale S; "MODE@E" samples the checkpoint kept after epoch E.
-    Full scale: 80-epoch DiT-DH-XL (the 800-epoch schedule stopped at epoch 80, as the papers report; Ideal's GPT-B
-    its 300 epochs), 50 samples per class, evaluate.py jobs for every tokenizer and sample set."""
-    out, full = root / f"seed{seed}", args.world == "imagenet"
-    if full:
-        common = ["--data-path", args.data_path, "--seed", str(seed)]
-        rae = ["--method", "rae", "--phase", "1", "--out-dir", str(out / "rae"), *common]
-        templates = dict(rae=rae, drorae_p2=with_flags(rae, ("--method", "drorae"), ("--phase", "2")),
-                         decq=with_flags(rae, ("--method", "decq")), ideal=with_flags(rae, ("--method", "ideal")),
-                         ideal_deep_only=with_flags(rae, ("--method", "ideal")) + ["--fuse", "none"],
-                         gen=["--method", "rae", "--phase", "gen", *common, "--epochs", "800", "--stop-epoch", "80"],
-                         gen_ar=["--method", "ideal", "--phase", "gen", *common])  # Ideal's GPT: its 300 epochs
-        jobs = {"rae": ("train.py", rae, [])}
-    else:
-        flags = ["--seed", str(seed), "--out-dir", str(out), *toy_flags]
-        targs = toy.parse_args(flags)
-        templates = {name: argv for name, _, argv, _ in toy.plan_runs(targs, out)[0]}
-        templates.update(gen=templates["rae_gen"], gen_ar=templates["ideal_gen"])
-        jobs = {"world": ("toy.py", [*flags, "--stage", "world"], []), "rae": ("train.py", templates["rae"], ["world"])}
-    templates.update({m: with_flags(templates["rae"], ("--method", m)) for m in ("unfreeze", "concat")})
+def seed_runs(w, tokenizers, samplings):
+    """One seed's runs under the world recipe w, built as the main table's (toy.tokenizer_run, toy.generator_run): its
+    start (toy: the world), RAE and the ABLATION_RUNS `tokenizers` with what they start from, for each (key, Sampling)
+    a generator on tokenizer `key`'s latent (or the GENERATOR_RUNS variant `key`) and its samples; each evaluated."""
+    out, start = w["out"], tuple(r.name for r in w["start"])
+    jobs = {r.name: r for r in w["start"]}
+    add = lambda *new: jobs.update({r.name: r for r in new})  # noqa: E731
 
     def tokenizer(key):
         if key not in jobs:
-            template, phase, init, extra = ABLATION_RUNS[key]
-            extra = extra(12 if full else toy.VFM_CONFIG["depth"]) if callable(extra) else extra  # DINOv2-B: 12
-            pairs = [("--phase", phase), ("--out-dir", out / key)]
+            method, phase, init, own = ABLATION_RUNS[key]
             if init:
                 tokenizer(init)
-                pairs.append(("--init-from", out / init / "tokenizer.pt"))
-            pairs += [e for e in extra if isinstance(e, tuple)]  # (flag, value): set; strings: appended
-            jobs[key] = ("train.py", with_flags(templates[template], *pairs) + [e for e in extra if isinstance(e, str)],
-                         [init] if init else [] if full else ["world"])
-            if full:
-                jobs[f"{key}_eval"] = ("evaluate.py", ["--tokenizer", str(out / key / "tokenizer.pt"), "--data-path",
-                                                       args.eval_path, "--out", str(out / key / "eval.json")], [key])
+            add(*toy.tokenizer_run(w, out, key, method, phase, init, own(w["depth"]) if callable(own) else own, start))
 
     def generator(key, name):
-        tok, flags = GENERATOR_RUNS.get(key, (key, {}))
-        run, tok_argv = out / f"{key}_{name}", jobs[tok][1]
-        method = tok_argv[tok_argv.index("--method") + 1]
-        argv = with_flags(templates["gen_ar" if method == "ideal" else "gen"], ("--method", method),
-                          ("--tokenizer", out / tok / "tokenizer.pt"), ("--out-dir", run),
-                          ("--latent-cache", run / "cache"), *flags.get(args.world, []))
-        jobs.setdefault(f"{key}_{name}", ("train.py", argv if name == "gen" else with_flags(argv, *GUIDE[args.world]),
-                                          [tok]))
-        return run / "ckpt-last.pt" if full else run / "generator.pt"
+        tok, own = GENERATOR_RUNS.get(key, (key, lambda w: {}))
+        method = ABLATION_RUNS[tok][0]
+        run = toy.generator_run(w, out, f"{key}_{name}", tok, method, {} if method == "ideal" else w["budget"],
+                                own(w), w["guide"] if name == "guide" else {})  # the GPT: its own budget
+        jobs.setdefault(run.name, run)
+        return out / run.name / w["generator_file"]
 
-    for key in tokenizers:
+    for key in ("rae", *tokenizers):
         tokenizer(key)
-    if full:
-        jobs["rae_eval"] = ("evaluate.py", ["--tokenizer", str(out / "rae" / "tokenizer.pt"), "--data-path",
-                                            args.eval_path, "--out", str(out / "rae" / "eval.json")], ["rae"])
-    for key, mode in samplings:
-        base, _, epoch = mode.partition("@")
-        gen, where = generator(key, "gen"), out / f"{key}_gen" / f"samples_{mode}"
-        gen = gen.parent / f"ckpt-epoch{epoch}.pt" if epoch else gen
-        guide = generator(key, "guide") if base == "ag" else None
-        scale = {"none": 1.0, "ag": 1.5}.get(base) or (float(base[3:]) if base[:3] == "cfg" and base[3:] else None)
-        if full:
-            argv = ["--ckpt", str(gen), "--per-class", "50", "--out-dir", str(where), "--name", "samples", "--seed",
-                    str(seed), "--scale", str(scale or 1.0)]
-        else:
-            argv = toy.sample_flags(gen, len(toy.SHAPES) * targs.samples_per_class, targs, where)
-            argv = with_flags(argv, ("--scale", scale)) if scale else argv
-        argv += ["--guide", str(guide)] if guide else []
-        argv += ["--decoder-from", str(out / "rae" / "tokenizer.pt")] if base == "raedec" else []
-        deps = [f"{key}_gen"] + ([f"{key}_guide"] if guide else []) + (["rae"] if base == "raedec" else [])
-        jobs[f"{key}_samples_{mode}"] = ("sample.py", argv, deps)
-        if full:
-            jobs[f"{key}_samples_{mode}_eval"] = ("evaluate.py", [
-                "--samples", str(where / "samples.npz"), "--ref", args.ref or args.eval_path, "--out",
-                str(where / "eval.json")], [f"{key}_samples_{mode}"])
-    pre = f"s{seed}-"
-    return [(pre + n, script, argv, [pre + d for d in deps]) for n, (script, argv, deps) in jobs.items()]
+    for key, s in samplings:
+        gen, name = generator(key, "gen"), f"{key}_samples_{s.name}"
+        where = gen.parent / f"samples_{s.name}"
+        settings = w["sample"](gen.parent / f"ckpt-epoch{s.epoch}.pt" if s.epoch else gen, where)
+        settings = runs.merge(settings, dict(scale=s.scale or settings.get("scale", 1.0)),  # None: the world's own
+                              dict(guide=generator(key, "guide")) if s.guide else {},
+                              dict(decoder_from=out / "rae" / "tokenizer.pt") if s.rae_decoder else {})
+        add(runs.Run(name, "sample.py", settings, (f"{key}_gen", *[f"{key}_guide"] * s.guide,
+                                                    *["rae"] * s.rae_decoder)),
+            *w["evaluate"](f"{name}_eval", name, where / "eval.json", samples=where / "samples.npz"))
+    return list(jobs.values())
 
 
-def ablation_scores(seed, root, args, toy_flags, tokenizers, samplings):
-    """One seed's metrics {key: {metric: value}}: reconstruction of every tokenizer (toy: PSNR, SSIM, the toy VFM's
-    accuracy, rFD in its feature space; full scale: evaluate.py's PSNR, SSIM, rFID) and of every sample set (toy:
-    sample accuracy, FD, precision, recall; full scale: gFID, IS, precision, recall), suffixed by mode (_none, _ag,
-    _raedec; none for "cfg")."""
-    out, res = root / f"seed{seed}", {}
-    if args.world == "imagenet":
-        for key in ("rae", *tokenizers):
-            r = json.loads((out / key / "eval.json").read_text())
-            res[key] = dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
-        for key, mode in samplings:
-            g = json.loads((out / f"{key}_gen" / f"samples_{mode}" / "eval.json").read_text())
-            res.setdefault(key, {}).update({k + suffix(mode): g.get(n) for k, n in (("gFID", "gFID"), ("IS", "IS"),
-                                                                     ("precision", "precision"), ("recall", "recall"))})
-        return res
-    threads = torch.get_num_threads()
+def toy_scores(w, tokenizers, samplings):
+    """One toy seed's metrics {key: {metric: value}}: every tokenizer's reconstruction (PSNR, SSIM, the toy VFM's
+    accuracy, rFD in its feature space; discrete ones also codebook usage, perplexity and the code probe) and every
+    sample set's sample accuracy, FD, precision and recall, keyed with its sampling's suffix."""
+    threads, res = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # as toy.py's scoring: the same digits
-    targs = toy.parse_args(["--seed", str(seed), *toy_flags])
-    vfm, heads = toy.load_vfm(out)
-    x_test, y_test = toy.test_set(targs)
+    vfm, heads = toy.load_vfm(w["out"])
+    x_test, y_test = toy.test_set(w["args"])
     f_test = toy.vfm_features(vfm, x_test)
     for key in ("rae", *tokenizers):
-        tok = checkpoint.load_tokenizer(out / key / "tokenizer.pt")
+        tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
         res[key] = toy.recon_scores(tok, x_test, y_test, vfm, heads, f_test)[1]
         res[key].update(code_scores(tok, x_test, y_test) if tok.num_codes else {})
-    for key, mode in samplings:
-        s, labels = toy.read_samples(out / f"{key}_gen" / f"samples_{mode}")
-        res.setdefault(key, {}).update({k + suffix(mode): v for k, v in
-                                        toy.sample_scores(s, labels, vfm, heads, f_test).items()})
+    for key, s in samplings:
+        x, labels = toy.read_samples(w["out"] / f"{key}_gen" / f"samples_{s.name}")
+        res.setdefault(key, {}).update({k + s.suffix: v for k, v in
+                                        toy.sample_scores(x, labels, vfm, heads, f_test).items()})
     torch.set_num_threads(threads)
+    return res
+
+
+def evaluated(path, suffix=None):
+    """A full-scale evaluate.py result as metrics: a tokenizer's rFID, PSNR, SSIM; given a suffix, a sample set's
+    gFID, IS, precision, recall (keys + suffix)."""
+    r = json.loads(Path(path).read_text())
+    if suffix is None:
+        return dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
+    return {k + suffix: r.get(k) for k in ("gFID", "IS", "precision", "recall")}
+
+
+def imagenet_scores(w, tokenizers, samplings):
+    """One full-scale seed's metrics from its evaluate.py runs."""
+    res = {key: evaluated(w["out"] / key / "eval.json") for key in ("rae", *tokenizers)}
+    for key, s in samplings:
+        res.setdefault(key, {}).update(evaluated(w["out"] / f"{key}_gen" / f"samples_{s.name}" / "eval.json", s.suffix))
     return res
 
 
@@ -677,30 +534,103 @@ def code_scores(tok, x, y):
                 probe=((f[half:] @ w).argmax(1) == y[half:]).double().mean().item())
 
 
-def ablation_study(name, argv, tokenizers, samplings):
-    """Run an ablation study's jobs (runs shared with the same paper's other studies in <out-dir>/<paper>, e.g.
-    <out-dir>/drorae) and score every seed; None on --dry-run."""
+def run_seeds(name, argv, plan, folder=None):
+    """Run plan(w), a study's runs under each seed's world recipe w (a seed's runs named s<seed>-<name>; full scale:
+    each under torchrun with --gpus processes), in <out-dir>/<folder>, by default the paper's (e.g. <out-dir>/drorae),
+    which its other studies share, so a run two of them need is trained once; finished runs are reused, interrupted
+    ones continued: (args, folder, {seed: w}). --dry-run: print the commands, return None."""
     args, toy_flags = study_args(name, argv)
-    runs = Path(args.out_dir) / name.split("-")[0]
-    jobs = [j for seed in args.seeds for j in ablation_jobs(seed, runs, args, toy_flags, tokenizers, samplings)]
-    if not run_study(name, jobs, runs, args, gpus=args.gpus if args.world == "imagenet" else 0):
+    root, gpus = Path(args.out_dir) / (folder or name.split("-")[0]), args.gpus if args.world == "imagenet" else 0
+    worlds = {s: WORLDS[args.world](s, root, args, toy_flags) for s in args.seeds}
+    jobs = [r._replace(name=f"s{s}-{r.name}", deps=tuple(f"s{s}-{d}" for d in r.deps))
+            for s, w in worlds.items() for r in plan(w)]
+    if args.dry_run:
+        print("\n".join(runs.command(run, gpus) for run in jobs))
         return None
-    per_seed = {s: ablation_scores(s, runs, args, toy_flags, tokenizers, samplings) for s in args.seeds}
-    return args, runs, per_seed
+    runs.run_jobs(jobs, root, args.lanes, threads=None if gpus else 1, reuse=True, gpus=gpus)
+    return args, root, worlds
 
+
+def ablation_study(name, argv, tokenizers, samplings, folder=None):
+    """The seed_runs of `tokenizers` and `samplings` over the seeds (run_seeds), every seed scored by its world:
+    (args, folder, {seed: metrics}); None on --dry-run."""
+    done = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
+    return done and (*done[:2], {s: w["scores"](w, tokenizers, samplings) for s, w in done[2].items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The main table (toy.py's table, or its full-scale equivalent) and the DRoRAE capacity scaling, over seeds
+# ----------------------------------------------------------------------------------------------------
+
+MAIN_ROWS = tuple(toy.TOKENIZERS)
+
+
+def main_runs(w):
+    """toy.py's main table under the world recipe w: its start (toy: the world), toy.plan_runs, toy.py's scoring."""
+    start = tuple(r.name for r in w["start"])
+    plan = [r._replace(deps=start + r.deps) for r in toy.plan_runs(w, w["out"])]
+    return w["start"] + plan + [runs.Run("score", "toy.py", w["score"], tuple(r.name for r in plan))] * bool(w["score"])
+
+
+def main_study(argv):
+    """toy.py's main table (every method's reconstruction, every generator's samples) over seeds (main_runs)."""
+    done = run_seeds("main", argv, main_runs)
+    if done is None:
+        return None
+    args, root, worlds = done  # scores: toy.py's scoring stage's; full scale: evaluate.py's
+    per_seed = {s: json.loads((w["out"] / "results.json").read_text()) if args.world == "toy" else {
+        k: {**evaluated(w["out"] / k / "eval.json"), **(evaluated(w["out"] / f"{k}_gen" / "eval.json", "")
+                                                        if k in toy.GENERATORS else {})} for k in MAIN_ROWS}
+                for s, w in worlds.items()}
+    vfm = {s: per_seed[s]["vfm"] for s in args.seeds} if args.world == "toy" else None
+    return finish("main", root, per_seed, MAIN_ROWS, args, "rae", [g for g in toy.GENERATORS if g != "rae"],
+                  dict(vfm=vfm))
+
+
+def drorae_scaling(argv):
+    """DRoRAE §4.4 (capacity scaling): phase 2 (fusion only) for every (expert width × fused blocks) of the world's
+    grid (SCALING), each from the same RAE phase 1 at the main table's budget (toy: (128, 6) is the main table's
+    DRoRAE phase 2), in <out-dir>/drorae-scaling; reconstruction on the held-out images; the log-linear fit of each
+    metric over the grid, per seed and of the means. --init-from: from a given phase-1 checkpoint (scaling_from)."""
+    if "--init-from" in argv:
+        return scaling_from(argv)
+    dim, widths, counts = SCALING[study_args("drorae-scaling", argv)[0].world]
+    points = [(h, n, f"h{h}-l{n}") for h in widths for n in counts]
+    done = ablation_study("drorae-scaling", argv, [name for *_, name in points], [], folder="drorae-scaling")
+    if done is None:
+        return None
+    args, root, per_seed = done
+    metrics = [m for m in ("psnr", "rFID") if m in per_seed[args.seeds[0]]["rae"]]
+    grid = lambda value: [dict(hidden=h, layers=n, params=fusion_params(dim, h, n),  # noqa: E731
+                               **{m: value(name, m) for m in metrics}) for h, n, name in points]
+    fits = {}
+    for seed in args.seeds:
+        print(f"\nseed {seed}:")
+        fits[seed] = scaling_table(grid(lambda name, m: per_seed[seed][name][m]), metrics)
+    print("\nthe means over the seeds:")
+    mean = grid(lambda name, m: sum(per_seed[s][name][m] for s in args.seeds) / len(args.seeds))
+    fits["mean"] = scaling_table(mean, metrics)
+    return finish("drorae-scaling", root, per_seed, [name for *_, name in points], args,
+                  extra=dict(grid=mean, fits=fits))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's Tables 3-5, condensers and
+#    convergence; Ideal's Tables 1 and 7, its codebook and its generator
+# ----------------------------------------------------------------------------------------------------
 
 def drorae_phases(argv):
     """DRoRAE §3.3 / §4.3: RAE, phase 2 (fusion only), phase 3 (decoder fine-tuned) and joint training (fusion and
     decoder at once, the ablation the paper reports failing), each tokenizer's reconstruction and a generator on its
     latent sampled without guidance and with AutoGuidance 1.5 (a weaker generator as guide, trained too)."""
     rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
-    done = ablation_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in ("none", "ag")])
+    done = ablation_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in (UNGUIDED, AG)])
     if done is None:
         return None
-    args, runs, per_seed = done
+    args, root, per_seed = done
     metrics = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag", "sample_accuracy_none",
                "sample_accuracy_ag"]
-    return finish("drorae-phases", runs / "drorae-phases", per_seed, rows, args, "drorae_p3",
+    return finish("drorae-phases", root / "drorae-phases", per_seed, rows, args, "drorae_p3",
                   ("rae", "drorae_p2", "drorae_joint"), metrics=metrics, compare=metrics)
 
 
@@ -713,15 +643,15 @@ def drorae_routing(argv):
     0.5, 1; reconstruction (also after phase 2 where there is one) and a generator on each latent (the main table's
     sampling)."""
     p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
-    done = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, "cfg") for k in ROUTING_ROWS])
+    done = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, CFG) for k in ROUTING_ROWS])
     if done is None:
         return None
-    args, runs, per_seed = done
+    args, root, per_seed = done
     for seed in args.seeds:
         for k, k2 in p2.items():
             per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
     metrics = ["psnr_p2", "psnr", "ssim", "fd_recon", "rFID", "fd", "gFID", "sample_accuracy", "precision", "recall"]
-    return finish("drorae-routing", runs / "drorae-routing", per_seed, ROUTING_ROWS, args, "drorae_p3",
+    return finish("drorae-routing", root / "drorae-routing", per_seed, ROUTING_ROWS, args, "drorae_p3",
                   ROUTING_ROWS[1:], metrics=metrics, compare=metrics[:5] + ["fd", "gFID"])
 
 
@@ -738,22 +668,21 @@ def region_weights(tok, x01, masks):
 def drorae_routing_maps(argv):
     """Where the routers send each token: PNG grids of the per-block routing weights of phase 2 (energy and softmax)
     on held-out toy images (seed by seed), and the mean weight per block on background, edge and interior tokens."""
-    args, toy_flags = study_args("drorae-routing-maps", argv)
+    args = study_args("drorae-routing-maps", argv)[0]
     if args.world == "imagenet":
         raise SystemExit("drorae-routing-maps runs in the toy world; at full scale: fusion.save_routing_maps(tok, x, "
                          "path) on a phase-2 tokenizer (checkpoint.load_tokenizer)")
-    runs, keys = Path(args.out_dir) / "drorae", ("drorae_p2", "softmax_p2")
-    jobs = [j for seed in args.seeds for j in ablation_jobs(seed, runs, args, toy_flags, keys, [])]
-    if not run_study("drorae-routing-maps", jobs, runs, args):
+    keys = ("drorae_p2", "softmax_p2")
+    done = run_seeds("drorae-routing-maps", argv, lambda w: seed_runs(w, keys, []))
+    if done is None:
         return None
-    root, res = runs / "drorae-routing-maps", {}
+    root, res = done[1] / "drorae-routing-maps", {}
     root.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
-        targs = toy.parse_args(["--seed", str(seed), *toy_flags])
-        x, _, masks = toy.make_world(targs.test_images, targs.seed + 1000)
+    for seed, w in done[2].items():
+        x, _, masks = toy.make_world(w["args"].test_images, seed + 1000)
         x = data.to_uint8(x).permute(0, 3, 1, 2).float() / 255  # as the held-out PNGs hold them
         for key in keys:
-            tok = checkpoint.load_tokenizer(runs / f"seed{seed}" / key / "tokenizer.pt")
+            tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
             fusion.save_routing_maps(tok, x[:8], root / f"seed{seed}-{key}.png")
             res.setdefault(key, {})[seed] = region_weights(tok, x, masks)
     print(f"\nmean |routing weight| per fused block (0 = first) on held-out tokens, mean±spread, seeds {args.seeds}")
@@ -769,22 +698,22 @@ def drorae_routing_maps(argv):
 
 
 def sampling_rows(per_seed, rows):
-    """Table rows from (key, mode) samplings: {seed: {row: the generation metrics of `key` sampled in `mode`}}."""
-    return {s: {row: {m: r[key][m + suffix(mode)] for m in GENERATION if m + suffix(mode) in r[key]}
-                for row, (key, mode) in rows.items()} for s, r in per_seed.items()}
+    """Table rows from (key, Sampling) samplings: {seed: {row: the generation metrics of `key` sampled so}}."""
+    return {s: {row: {m: r[key][m + how.suffix] for m in GENERATION if m + how.suffix in r[key]}
+                for row, (key, how) in rows.items()} for s, r in per_seed.items()}
 
 
 def decq_decoder(argv):
     """DecQ Table 4: generation of RAE, DecQ with its own decoder, and DecQ's generated patch tokens decoded by the
     plain RAE decoder (the generated queries dropped); and the same for a DecQ generator trained with λ = 0 (no
     query loss), which separates what the query loss costs the patch tokens from what the queries add."""
-    rows = {"rae": ("rae", "cfg"), "decq (RAE decoder)": ("decq", "raedec"), "decq": ("decq", "cfg"),
-            "decq λ=0 (RAE decoder)": ("decq_l0", "raedec"), "decq λ=0": ("decq_l0", "cfg")}
+    rows = {"rae": ("rae", CFG), "decq (RAE decoder)": ("decq", RAE_DECODER), "decq": ("decq", CFG),
+            "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
     done = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
     if done is None:
         return None
-    args, runs, per_seed = done
-    return finish("decq-decoder", runs / "decq-decoder", sampling_rows(per_seed, rows), tuple(rows), args, "rae",
+    args, root, per_seed = done
+    return finish("decq-decoder", root / "decq-decoder", sampling_rows(per_seed, rows), tuple(rows), args, "rae",
                   tuple(rows)[1:])
 
 
@@ -796,11 +725,11 @@ def tokenizer_study(name, argv, rows, base, metrics, generate=True):
     """A study over tokenizer variants `rows` (ABLATION_RUNS keys; RAE is always trained): each one's reconstruction
     (discrete ones also codebook usage, perplexity and the code probe) and, with `generate`, a generator on its latent
     sampled as in `main`; every metric compared against `base`."""
-    done = ablation_study(name, argv, [r for r in rows if r != "rae"], [(k, "cfg") for k in rows] if generate else [])
+    done = ablation_study(name, argv, [r for r in rows if r != "rae"], [(k, CFG) for k in rows] if generate else [])
     if done is None:
         return None
-    args, runs, per_seed = done
-    return finish(name, runs / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
+    args, root, per_seed = done
+    return finish(name, root / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
 
 
@@ -846,19 +775,19 @@ def decq_convergence(argv):
     epoch (full scale: every 10), each sampled without guidance. The chart draws the scores against epochs; the
     speed-up is RAE's last epoch over the epoch from which DecQ stays at least as good as RAE there."""
     epochs = list(CURVE_EPOCHS[study_args("decq-convergence", argv)[0].world])
-    rows = {f"{k} @{e}": (f"{k}_curve", f"none@{e}") for k in ("rae", "decq") for e in epochs}
+    rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"none@{e}", 1.0, epoch=e)) for k in ("rae", "decq") for e in epochs}
     done = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
     if done is None:
         return None
-    args, runs, per_seed = done
+    args, root, per_seed = done
     metric = "gFID" if args.world == "imagenet" else "fd"
-    res = finish("decq-convergence", runs / "decq-convergence", sampling_rows(per_seed, rows), tuple(rows), args,
+    res = finish("decq-convergence", root / "decq-convergence", sampling_rows(per_seed, rows), tuple(rows), args,
                  metrics=[metric, "sample_accuracy", "IS", "precision", "recall"], draw=curve_chart)
     res["speed_up"] = {m: speed_up(res["table"], epochs, m, args.seeds) for m in (metric, "sample_accuracy")}
     for m, s in res["speed_up"].items():
         print(f"{METRICS[m][0]}: RAE's epoch-{epochs[-1]} score reached by DecQ " + ", ".join(
             f"{k} {f'{v:.2f}× sooner' if v else 'not for good within the epochs'}" for k, v in s.items()))
-    (runs / "decq-convergence" / "results.json").write_text(json.dumps(res, indent=1))
+    (root / "decq-convergence" / "results.json").write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -893,14 +822,15 @@ def ideal_codebook(argv):
 def ideal_generation(argv):
     """Ideal's generation claim in the toy: the GPT on Ideal's codes against the GPT on deep-only codes, sampled
     without guidance and with CFG 1.5, 2, 3 (the main table's) and 5."""
-    scales = {"none": "CFG 1", "cfg1.5": "CFG 1.5", "cfg2": "CFG 2", "cfg": "CFG 3", "cfg5": "CFG 5"}
-    rows = {f"{k} {label}": (k, mode) for k in ("ideal", "ideal_deep_only") for mode, label in scales.items()}
+    scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": CFG,
+              "CFG 5": Sampling("cfg5", 5.0)}
+    rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
     done = ablation_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), list(rows.values()))
     if done is None:
         return None
-    args, runs, per_seed = done
-    base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales.values()}  # each scale against its own
-    return finish("ideal-generation", runs / "ideal-generation", sampling_rows(per_seed, rows), tuple(rows), args, base,
+    args, root, per_seed = done
+    base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
+    return finish("ideal-generation", root / "ideal-generation", sampling_rows(per_seed, rows), tuple(rows), args, base,
                   tuple(base))
 
 
@@ -933,7 +863,8 @@ STUDIES = {
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "
                                        "reconstruction vs log(fusion parameters) with R² (toy: --seeds; full scale: "
-                                       "--init-from P1 --data-path --eval-path --out-dir)"),
+                                       "--world imagenet, or from a given phase 1: --init-from P1 --data-path "
+                                       "--eval-path --out-dir)"),
 }
 
 

@@ -17,10 +17,6 @@ and on class-conditional samples.
 import argparse
 import json
 import math
-import os
-import shlex
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +33,7 @@ import cli
 import data
 import evaluate
 import model
+import runs
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring", "ell", "bar", "star")
 
@@ -229,96 +226,71 @@ def vfm_classify(vfm, heads, x01):
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
-    """Run jobs (name, script, argv, deps) as `python script argv…` subprocesses, `lanes` at a time, each once its
-    deps have finished, with `threads` intra-op threads each (toy models gain nothing from a second; None: the
-    environment's setting). The command lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log;
-    a failed run stops the whole run. With reuse, a job that <out>/finished.json records as finished with the same
-    command, all its dependencies reused too, is not run again; a finished train.py run that would run again (its
-    command or an input changed) is refused with what to delete (sampling and scoring simply run again); a train.py
-    run interrupted after writing a checkpoint continues (--resume).
-    gpus > 0: every job runs under torchrun with that many processes."""
-    root, logs, record = Path(__file__).resolve().parent, out / "logs", out / "finished.json"
-    logs.mkdir(parents=True, exist_ok=True)
-    launch = ["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]
-    command = {name: shlex.join([*launch, script, *argv]) for name, script, argv, _ in jobs}
-    (out / "commands.sh").write_text("".join(c + "\n" for c in command.values()))
-    finished = json.loads(record.read_text()) if reuse and record.exists() else {}
-    todo, done = [], set()
-    for name, script, argv, deps in jobs:  # dependencies come first
-        run_dir = Path(argv[argv.index("--out-dir") + 1]) if script == "train.py" and "--out-dir" in argv else None
-        if finished.get(name) == command[name] and set(deps) <= done:
-            done.add(name)
-            continue
-        if name in finished and run_dir is not None:  # a finished training run would be trained again
-            why = "with another command" if finished[name] != command[name] else "on inputs that are made again"
-            raise SystemExit(f"{name}: finished earlier {why} (see {record}); delete {run_dir} and its entry "
-                             "there, or choose another --out-dir")
-        resume = reuse and run_dir is not None and (run_dir / "ckpt-last.pt").exists()
-        todo.append((name, script, argv + (["--resume", str(run_dir)] if resume else []), deps))
-    env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    running = {}
-    bar = tqdm(total=len(jobs), initial=len(done), desc="runs", dynamic_ncols=True)
-    while todo or running:
-        for job in [j for j in todo if set(j[3]) <= done][:lanes - len(running)]:
-            log = open(logs / f"{job[0]}.log", "w")
-            torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
-            cmd = [*torchrun, str(root / job[1]), *job[2]]
-            running[job[0]] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
-            todo.remove(job)
-            bar.set_postfix_str(" ".join(running))
-        time.sleep(0.5)
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            if proc.returncode:
-                for other, other_log in running.values():  # SIGTERM: a train.py run saves its step first
-                    other.terminate()
-                    other.wait()
-                    other_log.close()
-                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
-            done.add(name)
-            finished[name] = command[name]
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(finished, indent=1))
-            os.replace(tmp, record)
-            bar.update(1)
-    bar.close()
-
-
-def tokenizer_runs(depth):
-    """(result key, method, phase, init-from key, extra flags) of every tokenizer run, in order. Ideal's shallow
-    block is a quarter of the depth (block 3 of DINOv2-B's 12); its codebook is scaled to the toy world; it sees the
-    same whole, unflipped images as every other tokenizer (not Ideal's random crops and flips)."""
-    ideal = ["--shallow-layer", str(depth // 4), "--codebook-size", "1024", "--fuse-heads", "4", "--feat-heads", "4",
-             "--feat-depth", "2", "--crop", "resize", "--no-flip"]
-    return [("rae", "rae", "1", None, []), ("drorae_p2", "drorae", "2", "rae", []),
-            ("drorae_p3", "drorae", "3", "drorae_p2", []), ("decq", "decq", "1", None, []),
-            ("ideal", "ideal", "1", None, ideal), ("ideal_deep_only", "ideal", "1", None, ideal + ["--fuse", "none"])]
-
-
+TOKENIZERS = {  # the main table's tokenizers: key → (method, phase, the tokenizer it starts from, its own settings)
+    "rae": ("rae", "1", None, {}), "drorae_p2": ("drorae", "2", "rae", {}),
+    "drorae_p3": ("drorae", "3", "drorae_p2", {}), "decq": ("decq", "1", None, {}), "ideal": ("ideal", "1", None, {}),
+    "ideal_deep_only": ("ideal", "1", None, dict(tok=dict(fuse="none")))}  # Ideal Table 7a's "no fusion"
 GENERATORS = ("rae", "drorae_p3", "decq", "ideal")  # DiT-DH for the continuous latents, the AR GPT for Ideal
 
 
-def common_flags(args, out, epochs, lr):
-    return ["--data-path", str(out / "data" / "train"), "--global-batch", str(args.batch), "--micro-batch",
-            str(args.batch), "--epochs", str(epochs), "--warmup-epochs", "0", "--lr", str(lr), "--lr-min", str(lr / 10),
-            "--schedule", "cosine", "--ema", "0.99", "--workers", "1", "--log-every", "10", "--grid-every", "0",
-            "--ckpt-every", "1000000", "--device", "cpu", "--seed", str(args.seed)]
+def recipe(args, out):
+    """The toy world's settings of every run (plan_runs' recipe): tiny models on the toy VFM, no LPIPS or GAN term, one
+    CPU; Ideal's shallow block a quarter of the depth (block 3 of DINOv2-B's 12), its codebook scaled to the toy world,
+    the same whole, unflipped images as every other tokenizer (not Ideal's random crops and flips); samples: label
+    i % 8, CFG scale --scale (DiT-DH: Euler on the 50-point grid; AR: temperature 1); no evaluate.py runs (score)."""
+    def common(epochs, lr):
+        return dict(data_path=out / "data" / "train", global_batch=args.batch, micro_batch=args.batch, epochs=epochs,
+                    warmup_epochs=0, lr=lr, lr_min=lr / 10, schedule="cosine", ema=0.99, workers=1, log_every=10,
+                    grid_every=0, ckpt_every=1000000, device="cpu", seed=args.seed)
+    return dict(
+        tokenizer=dict(common(args.tok_epochs, args.lr), resize=32, loss=dict(
+            lpips_weight=0, gan_weight=0, disc="tiny", disc_weights="random"), tok=dict(
+            encoder_weights=out / "vfm.pth", image_size=32, encoder_size=32, decoder="tiny")),
+        fresh=dict(tok=dict(encoder=VFM_CONFIG)),  # a tokenizer that starts from no other one
+        methods=dict(ideal=dict(crop="resize", flip=False, tok=dict(
+            shallow_layer=VFM_CONFIG["depth"] // 4, codebook_size=1024, fuse_heads=4, feat_heads=4, feat_depth=2))),
+        generator=dict(common(args.gen_epochs, args.gen_lr), num_classes=len(SHAPES), gen=dict(
+            t_dist="uniform", dit="tiny")),  # DiT-DH on continuous latents; `codes`: the AR GPT on Ideal's codes
+        codes=dict(common(args.gen_epochs, args.gen_lr), num_classes=len(SHAPES), gen=dict(gpt="tiny")),
+        sample=lambda ckpt, where: dict(ckpt=ckpt, num_samples=len(SHAPES) * args.samples_per_class, out_dir=where,
+                                        seed=args.seed, batch=128, device="cpu", scale=args.scale),
+        evaluate=lambda name, dep, out, **what: [])
+
+
+def tokenizer_run(recipe, out, key, method, phase, init=None, own=None, start=()):
+    """A tokenizer's train.py run under a world's recipe, from the tokenizer `init` (else from scratch, after the runs
+    `start`), with its own settings; then the recipe's evaluation runs of it."""
+    begin = dict(init_from=out / init / "tokenizer.pt") if init else recipe["fresh"]
+    settings = runs.merge(dict(method=method, phase=phase, out_dir=out / key), recipe["tokenizer"],
+                          recipe["methods"].get(method, {}), begin, own or {})
+    return [runs.Run(key, "train.py", settings, (init,) if init else start),
+            *recipe["evaluate"](f"{key}_eval", key, out / key / "eval.json", tokenizer=out / key / "tokenizer.pt")]
+
+
+def generator_run(recipe, out, name, tokenizer, method, *own):
+    """A generator's train.py run under a world's recipe on the latent of the tokenizer `tokenizer` (of `method`)."""
+    return runs.Run(name, "train.py", runs.merge(dict(
+        method=method, phase="gen", tokenizer=out / tokenizer / "tokenizer.pt", latent_cache=out / name / "cache",
+        out_dir=out / name), recipe["codes" if method == "ideal" else "generator"], *own), (tokenizer,))
+
+
+def plan_runs(recipe, out):
+    """The main table's runs under a world's recipe (toy: recipe(args, out)): every tokenizer, a generator on each of
+    the GENERATORS' latents and its samples, each followed by the recipe's evaluation runs (full scale: evaluate.py)."""
+    plan = [r for key, how in TOKENIZERS.items() for r in tokenizer_run(recipe, out, key, *how)]
+    for key in GENERATORS:
+        gen = out / f"{key}_gen"
+        plan += [generator_run(recipe, out, f"{key}_gen", key, TOKENIZERS[key][0]),
+                 runs.Run(f"{key}_samples", "sample.py", recipe["sample"](gen / "generator.pt", gen / "samples"),
+                          (f"{key}_gen",)),
+                 *recipe["evaluate"](f"{key}_gen_eval", f"{key}_samples", gen / "eval.json",
+                                     samples=gen / "samples" / "samples.npz")]
+    return plan
 
 
 @torch.no_grad()
 def reconstruct(tok, x01, batch=256):
     return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
-
-
-def sample_flags(path, n, args, out):
-    """sample.py flags of the class-conditional samples: label i % 8, CFG scale --scale (DiT-DH: Euler on the
-    50-point grid; AR: temperature 1)."""
-    return ["--ckpt", str(path), "--num-samples", str(n), "--out-dir", str(out), "--seed", str(args.seed),
-            "--batch", "128", "--device", "cpu", "--scale", str(args.scale)]
 
 
 def read_samples(out):
@@ -403,29 +375,6 @@ def test_set(args):
     return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y
 
 
-def plan_runs(args, out):
-    """Every tokenizer, generator and sample run as a job (name, script, argv, dependencies) for run_jobs, and the
-    tokenizer checkpoints {key: path}."""
-    jobs, ckpt = [], {}
-    for key, method, phase, init, extra in tokenizer_runs(VFM_CONFIG["depth"]):
-        flags = ["--method", method, "--phase", phase, "--out-dir", str(out / key),
-                 *common_flags(args, out, args.tok_epochs, args.lr), "--encoder-weights", str(out / "vfm.pth"),
-                 "--image-size", "32", "--encoder-size", "32", "--resize", "32", "--decoder", "tiny",
-                 "--lpips-weight", "0", "--gan-weight", "0", "--disc", "tiny", "--disc-weights", "random", *extra]
-        flags += ["--init-from", str(ckpt[init])] if init else ["--encoder", json.dumps(VFM_CONFIG)]
-        jobs.append((key, "train.py", flags, [init] if init else []))
-        ckpt[key] = out / key / "tokenizer.pt"
-    for key in GENERATORS:
-        gen = out / f"{key}_gen"
-        flags = ["--method", key.split("_")[0], "--phase", "gen", "--tokenizer", str(ckpt[key]), "--out-dir", str(gen),
-                 "--num-classes", str(len(SHAPES)), "--latent-cache", str(gen / "cache"), "--t-dist", "uniform",
-                 *common_flags(args, out, args.gen_epochs, args.gen_lr), "--dit", "tiny", "--gpt", "tiny"]
-        jobs.append((f"{key}_gen", "train.py", flags, [key]))
-        jobs.append((f"{key}_samples", "sample.py", sample_flags(gen / "generator.pt", len(SHAPES) * args.samples_per_class,
-                                                                 args, gen / "samples"), [f"{key}_gen"]))
-    return jobs, ckpt
-
-
 def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
     """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD to the
     held-out images in its feature space."""
@@ -450,7 +399,7 @@ def score(args, out, seconds=None):
     held-out images). Writes results.json and the grids, prints the table, returns the results."""
     vfm, heads = load_vfm(out)
     x_test, y_test = test_set(args)
-    ckpt = plan_runs(args, out)[1]
+    ckpt = {key: out / key / "tokenizer.pt" for key in TOKENIZERS}
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     samples, results = {}, {}
     for key in GENERATORS:
@@ -497,7 +446,7 @@ def main(argv=None):
     if (out / "data").exists():
         raise SystemExit(f"{out} already holds a toy run: choose another --out-dir or delete it")
     world(args, out)
-    run_jobs(plan_runs(args, out)[0], out, args.lanes)
+    runs.run_jobs(plan_runs(recipe(args, out), out), out, args.lanes)
     results = score(args, out, seconds=round(time.time() - t0, 1))
     print(f"wrote {out}/results.json, reconstructions.png, samples.png in {time.time() - t0:.0f} s")
     return results

@@ -301,7 +301,7 @@ def check(args):
     for k in PROBABILITIES:
         if k in given and not 0 <= getattr(args, k) <= 1:
             raise SystemExit(f"--{given[k]}={getattr(args, k)}: must be in [0, 1]")
-    if args.method == "drorae" and args.tok["router"] == "mean" and args.phase == "2":
+    if args.method == "drorae" and args.tok.get("router") == "mean" and args.phase == "2":
         raise SystemExit("--tok router=mean has no parameters, so phase 2 has nothing to train: run --phase 3 "
                          "--init-from the phase-1 checkpoint")
     if args.fsdp and args.phase != "gen":

@@ -8,7 +8,7 @@ import checkpoint
 import experiments
 import fusion
 import model
-import toy
+import runs
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])
 
@@ -41,8 +41,8 @@ def test_scaling_command_on_tiny_preset(tmp_path, capsys):
                                model=rae.state_dict(), ema=rae.state_dict())
     argv = ["drorae-scaling", "--init-from", str(tmp_path / "p1.pt"), "--data-path", str(tmp_path / "train"),
             "--eval-path", str(tmp_path / "val"), "--out-dir", str(tmp_path / "sc"), "--widths", "16", "64",
-            "--layer-counts", "2", "4", "--max-steps", "1", "--device", "cpu", "--lanes", "2", "--preset", "tiny",
-            "--lpips-weight", "0"]
+            "--layer-counts", "2", "4", "--max-steps", "1", "--device", "cpu", "--lanes", "2", "--recipe", "tiny",
+            "--loss", "lpips_weight=0"]
     rows, fits = experiments.main(argv)
     assert [(r["hidden"], r["layers"]) for r in rows] == [(16, 2), (16, 4), (64, 2), (64, 4)]
     assert all(r["psnr"] > 0 for r in rows) and "psnr/all" in fits
@@ -103,26 +103,26 @@ def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
     (tmp_path / "img" / "a").mkdir(parents=True)
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "img" / "a" / f"{i}.png")
-    run = ["--method", "rae", "--phase", "1", "--preset", "tiny", "--data-path", str(tmp_path / "img"), "--out-dir",
-           str(tmp_path / "rae"), "--lpips-weight", "0", "--gan-weight", "0", "--epochs", "2"]
+    run = dict(method="rae", phase="1", recipe="tiny", data_path=tmp_path / "img", out_dir=tmp_path / "rae",
+               loss=dict(lpips_weight=0, gan_weight=0), epochs=2)
     import train
-    train.main(run + ["--max-steps", "1"])  # as if stopped: a checkpoint, not finished
-    toy.run_jobs([("rae", "train.py", run, [])], tmp_path, lanes=1, reuse=True)  # without --resume: would refuse
+    train.main(runs.argv(runs.Run("rae", "train.py", dict(run, max_steps=1))))  # as if stopped: a checkpoint
+    runs.run_jobs([runs.Run("rae", "train.py", run)], tmp_path, lanes=1, reuse=True)  # without --resume: would refuse
     assert (tmp_path / "rae" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "rae")["step"] == 2
     with pytest.raises(SystemExit, match="finished earlier with another command"):
-        toy.run_jobs([("rae", "train.py", run + ["--seed", "1"], [])], tmp_path, lanes=1, reuse=True)
+        runs.run_jobs([runs.Run("rae", "train.py", dict(run, seed=1))], tmp_path, lanes=1, reuse=True)
     # a run whose input is made again is never silently reused: a finished training run on it is refused
     import json
     import shutil
-    gen = ["--method", "rae", "--phase", "gen", *run[6:8], "--tokenizer", str(tmp_path / "rae"), "--out-dir",
-           str(tmp_path / "gen"), "--preset", "tiny", "--max-steps", "1"]
-    jobs = [("rae", "train.py", run, []), ("gen", "train.py", gen, ["rae"])]
-    toy.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+    gen = dict(method="rae", phase="gen", data_path=run["data_path"], tokenizer=tmp_path / "rae",
+               out_dir=tmp_path / "gen", recipe="tiny", max_steps=1)
+    jobs = [runs.Run("rae", "train.py", run), runs.Run("gen", "train.py", gen, ("rae",))]
+    runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
     finished = json.loads((tmp_path / "finished.json").read_text())
     (tmp_path / "finished.json").write_text(json.dumps({"gen": finished["gen"]}))  # RAE is to be trained again
     shutil.rmtree(tmp_path / "rae")
     with pytest.raises(SystemExit, match="gen: finished earlier on inputs that are made again"):
-        toy.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+        runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
 
 
 def test_full_scale_dry_run_commands_parse(capsys):
@@ -143,8 +143,9 @@ def test_full_scale_dry_run_commands_parse(capsys):
         assert words[:2] == ["torchrun", "--nproc_per_node=8"]
         args = parsers[words[2]](words[3:])
         if words[2] == "train.py":
-            assert args.preset == "published" and args.encoder == "vitb14_reg" and args.decoder == "XL"
-    assert any("--phase gen" in line and "--dit" not in line for line in lines)  # DiT-DH-XL: the default
+            assert args.recipe == "published" and args.phase == "gen" or (args.tok["encoder"], args.tok["decoder"]) == (
+                "vitb14_reg", "XL")
+    assert any("--phase gen" in line and "dit=" not in line for line in lines)  # DiT-DH-XL: the default
     with pytest.raises(SystemExit):
         experiments.main(["main", "--world", "imagenet", "--dry-run"])  # needs --data-path and --eval-path
 
@@ -154,8 +155,8 @@ def test_toy_scaling_study_on_tiny_settings(tmp_path, capsys):
     train.py command with its fusion size; one PSNR per grid point and the log-linear fits."""
     res = experiments.main(["drorae-scaling", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     commands = (tmp_path / "drorae-scaling" / "commands.sh").read_text().splitlines()
-    assert len(commands) == 2 + 9 and all("--fusion-hidden" in c for c in commands[2:])
-    assert "--fusion-hidden 128 --fusion-layers 0 1 2 3 4 5" in commands[-1]
+    assert len(commands) == 2 + 9 and all("fusion_hidden=" in c for c in commands[2:])
+    assert "fusion_hidden=128" in commands[-1] and "fusion_layers=[0,1,2,3,4,5]" in commands[-1]
     assert len(res["grid"]) == 9 and all(g["psnr"] > 0 for g in res["grid"]) and "psnr/all" in res["fits"]["mean"]
     assert "R²" in capsys.readouterr().out and (tmp_path / "drorae-scaling" / "chart.png").exists()
 
@@ -264,3 +265,23 @@ def test_ideal_fusion_study_on_tiny_settings(tmp_path):
     assert all(0 < r["usage"]["mean"] <= 1 and r["perplexity"]["mean"] >= 1 for r in res["table"].values())
     commands = (tmp_path / "ideal" / "commands.sh").read_text()
     assert "--fuse linear" in commands and "--fuse none" in commands
+
+
+def test_a_runs_settings_render_as_its_scripts_flags():
+    """runs.argv, the one place that spells flags: train.py's groups as one flag each (`--tok key=value …`, lists and
+    dicts as JSON), other lists after one flag, booleans as --x / --no-x, `extra` as given; merge keeps places."""
+    run = runs.Run("x", "train.py", dict(method="ideal", phase="1", tok=dict(beta=0.5, fusion_layers=[0, 2],
+                                                                          encoder={"depth": 6}), flip=False,
+                                         loss=dict(lpips_weight=0), extra=["--recipe", "tiny"]))
+    assert runs.argv(run) == ["--method", "ideal", "--phase", "1", "--tok", "beta=0.5", "fusion_layers=[0,2]",
+                              'encoder={"depth":6}', "--no-flip", "--loss", "lpips_weight=0", "--recipe", "tiny"]
+    assert runs.argv(run._replace(settings=dict(method="drorae", tok=dict(beta=0.5), gen={}))) == [
+        "--method", "drorae", "--tok", "beta=0.5"]
+    import train
+    args = train.parse_args(runs.argv(run._replace(settings=dict(run.settings, tok=dict(beta=0.5, encoder={
+        "depth": 6}, restart_dead=True, deep_layer=None)))))
+    assert (args.tok["beta"], args.tok["encoder"], args.tok["restart_dead"], args.tok["deep_layer"]) == (
+        0.5, {"depth": 6}, True, None)  # read back as they were written
+    merged = runs.merge(run.settings, dict(phase="2", tok=dict(fuse="none"), seed=1))
+    assert list(merged) == [*run.settings, "seed"] and merged["tok"]["beta"] == 0.5 and merged["tok"]["fuse"] == "none"
+    assert runs.command(run, gpus=8).startswith("torchrun --nproc_per_node=8 train.py --method ideal")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import model
+import runs
 import toy
 
 TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train-images", "64", "--test-images", "16",
@@ -53,9 +54,9 @@ def test_miniature_end_to_end(tmp_path):
 
 
 def test_a_failed_run_stops_the_pipeline(tmp_path):
-    jobs = [("bad", "train.py", ["--method", "nope"], []), ("after", "train.py", ["--help"], ["bad"])]
+    jobs = [runs.Run("bad", "train.py", dict(method="nope")), runs.Run("after", "train.py", dict(help=True), ("bad",))]
     with pytest.raises(SystemExit, match=r"run bad failed \(exit 1\); see .*bad\.log"):
-        toy.run_jobs(jobs, tmp_path, lanes=2)
+        runs.run_jobs(jobs, tmp_path, lanes=2)
     assert "invalid choice: 'nope'" in (tmp_path / "logs" / "bad.log").read_text()
     assert not (tmp_path / "logs" / "after.log").exists()  # waits for its dependency, which failed
 

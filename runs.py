@@ -1,0 +1,120 @@
+"""The run scheduler. A run is data: a name, a script (train.py, sample.py, evaluate.py, toy.py), its settings (a dict,
+never a command line) and the runs it depends on. `argv` renders a run's settings as its script's command line, the one
+place that knows flag spellings; `run_jobs` runs them as `python script …` subprocesses, `lanes` at a time, reusing
+finished runs and continuing interrupted ones. Used by toy.py's main job and by experiments.py's studies."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+
+class Run(NamedTuple):
+    name: str
+    script: str
+    settings: dict
+    deps: tuple = ()
+
+
+# train.py's settings in groups: the tokenizer's constructor keywords, the tokenizer's objective, the generator; every
+# other setting is flat. `extra` (any script): flags passed on exactly as a user gave them.
+GROUPS = ("tok", "loss", "gen")
+
+
+def merge(settings, *changes):
+    """settings with each dict of changes applied in turn: a key keeps its place, a new one goes last; the GROUPS merge
+    keyword by keyword."""
+    out = dict(settings)
+    for change in changes:
+        out.update({k: {**out.get(k, {}), **v} if k in GROUPS else v for k, v in change.items()})
+    return out
+
+
+def argv(run):
+    """The command line of a run's script, the one place that knows flag spellings: key → --key-with-dashes VALUE (a
+    list: its items after the flag; a dict: JSON; True / False: --key / --no-key); `extra`: as given; train.py's
+    groups as one flag each, `--tok key=value …` (values as Python / JSON literals)."""
+    out = []
+    for key, value in run.settings.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "extra":
+            out += value
+        elif key in GROUPS:
+            out += [flag, *(f"{k}={literal(v)}" for k, v in value.items())] if value else []
+        elif isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, *(map(str, value) if isinstance(value, (list, tuple)) else
+                            [json.dumps(value) if isinstance(value, dict) else str(value)])]
+    return out
+
+
+def literal(value):
+    """A knob's value as train.py reads it back: lists and dicts as JSON, None as None, the rest as written."""
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def command(run, gpus=0):
+    return shlex.join([*(["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]), run.script, *argv(run)])
+
+
+def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
+    """Run the runs `jobs` as `python script argv…` subprocesses, `lanes` at a time, each once its deps have finished,
+    with `threads` intra-op threads each (toy models gain nothing from a second; None: the environment's setting). The
+    command lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log; a failed run stops the whole run.
+    With reuse, a run that <out>/finished.json records as finished with the same command, all its dependencies reused
+    too, is not run again; a finished train.py run that would run again (its command or an input changed) is refused
+    with what to delete (sampling and scoring simply run again); a train.py run interrupted after writing a checkpoint
+    continues (--resume). gpus > 0: every run under torchrun with that many processes."""
+    root, logs, record = Path(__file__).resolve().parent, out / "logs", out / "finished.json"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = {run.name: command(run, gpus) for run in jobs}
+    (out / "commands.sh").write_text("".join(c + "\n" for c in cmd.values()))
+    finished = json.loads(record.read_text()) if reuse and record.exists() else {}
+    todo, done = [], set()
+    for run in jobs:  # dependencies come first
+        run_dir = Path(run.settings["out_dir"]) if run.script == "train.py" and "out_dir" in run.settings else None
+        if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done:
+            done.add(run.name)
+            continue
+        if run.name in finished and run_dir is not None:  # a finished training run would be trained again
+            why = "with another command" if finished[run.name] != cmd[run.name] else "on inputs that are made again"
+            raise SystemExit(f"{run.name}: finished earlier {why} (see {record}); delete {run_dir} and its entry "
+                             "there, or choose another --out-dir")
+        resume = reuse and run_dir is not None and (run_dir / "ckpt-last.pt").exists()
+        todo.append(run._replace(settings=merge(run.settings, dict(resume=run_dir))) if resume else run)
+    env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
+    running = {}
+    bar = tqdm(total=len(jobs), initial=len(done), desc="runs", dynamic_ncols=True)
+    while todo or running:
+        for run in [r for r in todo if set(r.deps) <= done][:lanes - len(running)]:
+            log = open(logs / f"{run.name}.log", "w")
+            running[run.name] = subprocess.Popen([*launch, str(root / run.script), *argv(run)], stdout=log,
+                                                 stderr=subprocess.STDOUT, env=env), log
+            todo.remove(run)
+            bar.set_postfix_str(" ".join(running))
+        time.sleep(0.5)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode:
+                for other, other_log in running.values():  # SIGTERM: a train.py run saves its step first
+                    other.terminate()
+                    other.wait()
+                    other_log.close()
+                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
+            done.add(name)
+            finished[name] = cmd[name]
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(finished, indent=1))
+            os.replace(tmp, record)
+            bar.update(1)
+    bar.close()
