@@ -34,7 +34,7 @@ def energy_route(a, e, eps=1e-6):
     return ln0(torch.einsum("bnl,bnlc->bnc", w, e)), w
 
 
-def softmax_route(a, e):
+def softmax_route(a, e, eps=None):
     """The Mixture-of-Experts form DRoRAE §3.2 argues against ("without the winner-take-all behavior of softmax"):
     the same logits and experts, w = softmax(a) (non-negative, summing to 1), z_fuse = LN₀(Σ_k w_k e_k)."""
     w = a.softmax(-1)
@@ -67,7 +67,7 @@ def routing_smoothness(w, h, wd):
 # ----------------------------------------------------------------------------------------------------
 
 
-ROUTERS = ("energy", "softmax", "mean")
+ROUTERS = {"energy": energy_route, "softmax": softmax_route, "mean": None}  # router → f(a, e, eps): (z_fuse, w)
 
 
 class DepthRoutedFusion(nn.Module):
@@ -96,7 +96,7 @@ class DepthRoutedFusion(nn.Module):
         else:
             e = torch.stack([expert(mlp, h) for mlp, h in zip(self.experts, hs)], dim=2)
             a = self.router(torch.cat([ln0(h) for h in hs], dim=-1))
-            z_fuse, w = energy_route(a, e, self.eps) if self.route == "energy" else softmax_route(a, e)
+            z_fuse, w = ROUTERS[self.route](a, e, self.eps)
         return incremental_correction(z_base, z_fuse, self.beta), w
 
 
