@@ -242,7 +242,8 @@ def resolve(given):
                          f"{', '.join(f for m, f in RECIPES if m == method)})")
     ck = checkpoint.load_checkpoint(given.resume) if given.resume else {}
     saved = ck.get("args", {})
-    row = recipe(method, phase, saved.get("recipe", saved.get("preset", given.recipe)) or "published")
+    name = saved.get("recipe", saved.get("preset", given.recipe)) or "published"  # old runs said --preset
+    row = recipe(method, phase, name)
     init, row_tok = row.pop("init", None), row.pop("tok", {})
     values = {f"{k}.{key}" if isinstance(v, dict) else k: value for k, v in row.items()
               for key, value in (v.items() if isinstance(v, dict) else [(None, v)])}
@@ -274,7 +275,7 @@ def resolve(given):
         sources.update(dict.fromkeys(kept, "resumed run"))
     values.update(flags)
     sources.update(dict.fromkeys(flags, "flag"))
-    values["seed"], values["recipe"] = values["seed"] or 0, values["recipe"] or "published"
+    values["seed"], values["recipe"] = values["seed"] or 0, name
     values.update({k: bool(values[k]) for k in ("fsdp", "compile", "print_config")})
     if values["precision"] == "bf16" and sources["precision"] != "flag" and not cuda(values["device"]):
         values["precision"], sources["precision"] = "fp32", "recipe (bf16 on CUDA only)"

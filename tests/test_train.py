@@ -634,3 +634,18 @@ def test_a_new_keyword_of_a_tokenizer_reaches_the_command_line_without_train_py(
     train.main(["--method", "drorae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir",
                 str(tmp_path / "g"), "--tok", "gain=2.5"])
     assert checkpoint.load_checkpoint(tmp_path / "g")["config"]["gain"] == 2.5
+
+
+def test_a_run_saved_before_the_recipe_table_resumes(images, tmp_path):
+    """A ckpt-last.pt whose saved settings are the old flat flags (--preset, --encoder, … as their own keys, no `tok`)
+    resumes: the flags by name, the tokenizer's keywords from its config."""
+    out = tmp_path / "old"
+    train.main(["--method", "rae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(out)])
+    ck = torch.load(out / "ckpt-last.pt", weights_only=True)
+    new = ck["args"]
+    ck["args"] = {**{k: v for k, v in new.items() if k not in ("tok", "recipe")}, **new["tok"], "preset": "tiny"}
+    torch.save(ck, out / "ckpt-last.pt")
+    train.main(["--method", "rae", "--phase", "1", "--resume", str(out), "--max-steps", "2"])
+    ck = checkpoint.load_checkpoint(out)
+    assert ck["step"] == 2 and ck["args"]["global_batch"] == 4 and ck["args"]["tok"]["decoder"] == "tiny"
+    assert ck["args"]["recipe"] == "tiny" and ck["args"]["gan_weight"] == 0
