@@ -181,7 +181,7 @@ def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
     assert "psnr_p2" in routing["table"]["softmax_p3"] and "psnr_p2" not in routing["table"]["mean_p3"]
     assert all(p.stat().st_mtime_ns == t for p, t in reused.items())  # nothing of drorae-phases ran again
     commands = (runs / "commands.sh").read_text()
-    assert "--router mean" in commands and "--beta 0.5" in commands and "--router softmax" in commands
+    assert "router=mean" in commands and "beta=0.5" in commands and "router=softmax" in commands
     maps = experiments.main(["drorae-routing-maps", *base])
     assert set(maps) == {"drorae_p2", "softmax_p2"} and len(maps["softmax_p2"][0]["edge"]) == 6  # 6 fused blocks
     img = Image.open(runs / "drorae-routing-maps" / "seed0-drorae_p2.png")
@@ -227,13 +227,13 @@ def test_decq_decoder_study_on_tiny_settings(tmp_path):
     assert list(res["table"]) == ["rae", "decq (RAE decoder)", "decq", "decq λ=0 (RAE decoder)", "decq λ=0"]
     assert all({"fd", "sample_accuracy"} <= set(row) for row in res["table"].values())
     commands = (tmp_path / "decq" / "commands.sh").read_text()
-    assert commands.count("--decoder-from") == 2 and commands.count("--query-weight 0") == 1
+    assert commands.count("--decoder-from") == 2 and commands.count("query_weight=0") == 1
     assert res["table"]["decq"]["fd"]["mean"] != res["table"]["decq (RAE decoder)"]["fd"]["mean"]
     layers = experiments.main(["decq-layers", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     assert list(layers["table"]) == ["rae", "decq_shallow", "decq_deep", "decq"]
     assert layers["table"]["decq"]["fd"] == res["table"]["decq"]["fd"]  # the same runs, reused
     commands = (tmp_path / "decq" / "commands.sh").read_text()
-    assert "--query-layers 0 1 2" in commands and "--query-layers 3 4 5" in commands
+    assert "query_layers=[0,1,2]" in commands and "query_layers=[3,4,5]" in commands
 
 
 def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
@@ -246,7 +246,7 @@ def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
     assert {c["tokenizer"] for c in res["comparisons"]} == {"unfreeze", "unfreeze_distill", "concat", "decq"}
     assert all({"psnr", "fd", "sample_accuracy"} <= set(row) for row in res["table"].values())
     commands = (tmp_path / "decq" / "commands.sh").read_text()
-    assert "--method unfreeze --phase 1" in commands and "--distill 1" in commands and "--method concat --phase gen" in commands
+    assert "--method unfreeze --phase 1" in commands and "distill=1" in commands and "--method concat --phase gen" in commands
     monkeypatch.setitem(experiments.CURVE_EPOCHS, "toy", (1, 2))
     curve = experiments.main(["decq-convergence", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     assert list(curve["table"]) == ["rae @1", "rae @2", "decq @1", "decq @2"]
@@ -264,7 +264,7 @@ def test_ideal_fusion_study_on_tiny_settings(tmp_path):
     assert all({"psnr", "recon_accuracy", "usage", "perplexity", "probe"} <= set(r) for r in res["table"].values())
     assert all(0 < r["usage"]["mean"] <= 1 and r["perplexity"]["mean"] >= 1 for r in res["table"].values())
     commands = (tmp_path / "ideal" / "commands.sh").read_text()
-    assert "--fuse linear" in commands and "--fuse none" in commands
+    assert "fuse=linear" in commands and "fuse=none" in commands
 
 
 def test_a_runs_settings_render_as_its_scripts_flags():
