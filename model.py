@@ -1,9 +1,5 @@
-"""Building blocks shared by every model in depthrae, the DINOv2 backbone with weight loading,
-the RAE ViT pixel decoder and the RAE tokenizer.
-
-Read top to bottom: (1) building blocks, (2) DINOv2, (3) ViT decoder, (4) RAE tokenizer.
-Every other file of the project (methods, generators, losses, evaluation) builds on the blocks here:
-one Attention, one Mlp, one SwiGLU, one RMSNorm, one Block, one sin-cos and one RoPE.
+"""Building blocks shared by every model in depthrae (one Attention, Mlp, SwiGLU, RMSNorm, Block, sin-cos and RoPE),
+the DINOv2 backbone with weight loading, the RAE ViT pixel decoder and the RAE tokenizer, in that order.
 This file imports no other file of the project: it knows no method and no generator.
 """
 import itertools
@@ -16,14 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Building blocks
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. Building blocks ------------------------------------------------------------------------------------
 
 
 def ln0(x, eps=1e-6):
-    """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize': the encoder's final LayerNorm
-    without its affine)."""
+    """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize')."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
@@ -52,8 +45,7 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear → GELU → Linear, keys `fc1`/`fc2` (DINOv2, RAE decoder, fusion experts). GELU is exact by
-    default; approximate="tanh" for RAE's copy of DINO in the discriminator."""
+    """Linear → GELU → Linear, keys `fc1`/`fc2`; approximate="tanh" for RAE's copy of DINO in the discriminator."""
 
     def __init__(self, dim, hidden, out=None, bias=True, drop=0.0, approximate="none"):
         super().__init__()
@@ -88,22 +80,18 @@ def apply_rope(x, cos, sin):
 
 
 def rope_2d(head_dim, h, w, theta=10000.0, device=None):
-    """2-D RoPE tables for an h×w grid (EVA `VisionRotaryEmbeddingFast` as used by RAE's DiT-DH):
-    half of the head dim encodes the row, half the column; frequencies θ^(−2i/(d/2)), each repeated
-    twice (interleaved pairs); integer positions 0..h−1 / 0..w−1. Returns cos, sin of shape (h·w, head_dim)."""
+    """2-D RoPE tables cos, sin (h·w, head_dim) for an h×w grid (EVA `VisionRotaryEmbeddingFast` as used by RAE's
+    DiT-DH): half of the head dim encodes the row, half the column; frequencies θ^(−2i/(d/2)), each repeated twice."""
     half = head_dim // 2
     freqs = 1.0 / theta ** (torch.arange(0, half, 2, device=device)[: half // 2].float() / half)
-    fh = torch.outer(torch.arange(h, device=device).float(), freqs).repeat_interleave(2, -1)  # (h, half)
-    fw = torch.outer(torch.arange(w, device=device).float(), freqs).repeat_interleave(2, -1)  # (w, half)
-    f = torch.cat([fh[:, None, :].expand(h, w, half), fw[None, :, :].expand(h, w, half)], dim=-1)
-    f = f.reshape(h * w, 2 * half)
+    fh, fw = (torch.outer(torch.arange(n, device=device).float(), freqs).repeat_interleave(2, -1) for n in (h, w))
+    f = torch.cat([fh[:, None].expand(h, w, half), fw[None].expand(h, w, half)], dim=-1).reshape(h * w, 2 * half)
     return f.cos(), f.sin()
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`, keys `qkv`/`proj` (DINOv2 layout).
-    Self-attention by default; given `context`, cross-attention with q from x and k, v from context
-    (same fused weight, so one module serves both). Optional RoPE tables and causal masking."""
+    """Multi-head attention through SDPA, keys `qkv`/`proj` (DINOv2 layout): self-attention, or given `context`
+    cross-attention with q from x and k, v from context (the same fused weight); optional RoPE and causal mask."""
 
     def __init__(self, dim, num_heads, qkv_bias=True, proj_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -139,9 +127,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))). DINOv2 key layout.
-    `layer_scale=None` drops LayerScale (DINOv1, RAE decoder); `ffn='swiglu'` for DINOv2-g; `gelu` is the
-    Mlp's GELU approximation ("none" or "tanh")."""
+    """Pre-norm ViT block, DINOv2 key layout. `layer_scale=None` drops LayerScale (DINOv1, RAE decoder);
+    `ffn='swiglu'` for DINOv2-g; `gelu` is the Mlp's GELU approximation ("none" or "tanh")."""
 
     def __init__(self, dim, num_heads, mlp_hidden, eps=1e-6, layer_scale=1.0, ffn="mlp", drop=0.0, gelu="none"):
         super().__init__()
@@ -165,21 +152,17 @@ def sincos_1d(dim, pos):
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
-def sincos_2d(dim, h, w=None, cls_token=False):
-    """MAE/DiT fixed 2-D sin-cos position embedding for an h×w grid, row-major, (h·w [+1], dim) fp32.
-    First half of the channels encodes the column (w), second half the row (h), as in MAE.
-    With cls_token a zero row is prepended."""
-    w = w or h
-    gh, gw = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+def sincos_2d(dim, h, cls_token=False):
+    """MAE/DiT fixed 2-D sin-cos position embedding for an h×h grid, row-major, (h·h [+1], dim) fp32: the first half
+    of the channels encodes the column, the second the row, as in MAE; with cls_token a zero row first."""
+    gh, gw = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(h, dtype=torch.float64), indexing="ij")
     emb = torch.cat([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], dim=1)
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1b. Strict loading and reading weight files
-# ----------------------------------------------------------------------------------------------------
+# ---- 1b. Strict loading and reading weight files -----------------------------------------------------------
 
 
 def checked_heads(dim, num_heads, name):
@@ -195,8 +178,8 @@ def _listing(keys, limit=10):
 
 
 def load_strict(module, state_dict, what):
-    """`module.load_state_dict(state_dict, strict=True)` whose error names `what` and lists the missing keys,
-    unexpected keys and shape mismatches (key, checkpoint shape, model shape). Returns the module."""
+    """`module.load_state_dict(state_dict, strict=True)` whose one error names `what` and lists the missing keys,
+    unexpected keys and shape mismatches. Returns the module."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -211,8 +194,7 @@ def load_strict(module, state_dict, what):
 
 
 def read_state_dict(path):
-    """Tensors from a local weights file: `.safetensors` (needs the optional safetensors package) or a torch
-    pickle (`.pth`, `.pt`, `pytorch_model.bin`, loaded with weights_only=True)."""
+    """Tensors from a local weights file: `.safetensors` (optional safetensors package) or a torch pickle."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
@@ -228,16 +210,13 @@ def read_state_dict(path):
         raise ValueError(f"{path}: not a readable weights file ({type(e).__name__})") from None
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference)
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference) --------------------------------
 
 
 class DINOv2(nn.Module):
-    """DINOv2 ViT with the official parameter names, so official checkpoints load strictly as they are.
-    Tokens are [cls, registers, patches]; registers get no position embedding. `layer_scale=False,
-    mask_token=False, patch_size=8, img_size=224` gives the DINO (v1) ViT, which interpolates positions like
-    the non-register DINOv2 models (offset 0.1, no antialias)."""
+    """DINOv2 ViT with the official parameter names, so official checkpoints load strictly as they are. Tokens are
+    [cls, registers, patches]; registers get no position embedding. `layer_scale=False, mask_token=False,
+    patch_size=8, img_size=224` gives the DINO (v1) ViT (positions interpolated as the non-register DINOv2 models)."""
 
     def __init__(self, img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1, ffn_layer="mlp",
@@ -321,9 +300,8 @@ class DINOv2(nn.Module):
         cls = [o[:, 0] for o in outs]
         outs = [o[:, 1 + self.num_register_tokens:] for o in outs]
         if reshape:
-            B, _, H, W = x.shape
-            p = self.patch_size
-            outs = [o.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for o in outs]
+            h, w = (s // self.patch_size for s in x.shape[2:])
+            outs = [o.reshape(len(o), h, w, -1).permute(0, 3, 1, 2).contiguous() for o in outs]
         return tuple(zip(outs, cls)) if return_class_token else tuple(outs)
 
     def forward_blocks(self, x):
@@ -361,12 +339,10 @@ def convert_hf_dinov2(sd):
         for a, b in renames:
             k = k.replace(a, b)
         out[k] = v
-    for k in [k for k in out if ".attn.q." in k]:  # fuse q, k, v → qkv; gate, up → w12
-        pre, _, suf = k.partition(".attn.q.")
-        out[f"{pre}.attn.qkv.{suf}"] = torch.cat([out.pop(f"{pre}.attn.{n}.{suf}") for n in "qkv"])
-    for k in [k for k in out if ".mlp.gate_proj." in k]:
-        pre, _, suf = k.partition(".mlp.gate_proj.")
-        out[f"{pre}.mlp.w12.{suf}"] = torch.cat([out.pop(k), out.pop(f"{pre}.mlp.up_proj.{suf}")])
+    for mod, parts, fused in ((".attn.", ("q.", "k.", "v."), "qkv."), (".mlp.", ("gate_proj.", "up_proj."), "w12.")):
+        for k in [k for k in out if mod + parts[0] in k]:  # fuse q, k, v → qkv; gate, up → w12
+            pre, _, suf = k.partition(mod + parts[0])
+            out[pre + mod + fused + suf] = torch.cat([out.pop(pre + mod + p + suf) for p in parts])
     return out
 
 
@@ -385,9 +361,8 @@ def convert_timm_dinov2(sd):
 
 
 def convert_dinov2(sd):
-    """Any public DINOv2 layout → official names, detected from the keys (prefixes `dinov2.`,
-    `dinov2_with_registers.`, `module.` stripped): HF has `embeddings.position_embeddings`; timm has
-    `reg_token` or lacks `mask_token`; otherwise official."""
+    """Any public DINOv2 layout → official names, detected from the keys (prefixes `dinov2.`, `dinov2_with_registers.`,
+    `module.` stripped): HF has `embeddings.position_embeddings`; timm `reg_token` or no `mask_token`."""
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "dinov2_with_registers.", "dinov2."):
@@ -401,10 +376,9 @@ def convert_dinov2(sd):
 
 
 def dinov2(name, weights="official", **overrides):
-    """DINOv2 by hub name: vits14 vitb14 vitl14 vitg14 (+ `_reg`: 4 registers, antialiased size-based
-    position interpolation) or the tiny test preset vitt14[_reg]; or a dict of `DINOv2` keyword arguments for
-    a custom architecture (e.g. the toy VFM). weights: "official" (download into the torch hub cache), a local
-    file in official / HF / timm layout, or None (random init). Loading is strict."""
+    """DINOv2 by hub name: vits14 vitb14 vitl14 vitg14 (+ `_reg`: 4 registers, antialiased size-based position
+    interpolation), the tiny test preset vitt14[_reg], or a dict of `DINOv2` keyword arguments (e.g. the toy VFM).
+    weights: "official" (torch hub cache), a local file in official / HF / timm layout, or None (random init)."""
     if isinstance(name, dict):
         arch, reg, kw = "custom", False, dict(name)
     else:
@@ -431,9 +405,7 @@ def dinov2(name, weights="official", **overrides):
     return load_strict(model, convert_dinov2(sd), f"DINOv2 {name} weights '{weights}'")
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style)
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style) ---------------------------------
 
 DECODERS = {
     "B": dict(dim=768, depth=12, num_heads=12, mlp_hidden=3072),  # 86.2M
@@ -444,11 +416,9 @@ DECODERS = {
 
 
 class ViTDecoder(nn.Module):
-    """Latent tokens (B, h·w, C) → image (B, 3, h·p, w·p) in ImageNet-normalised space.
-    Linear embed, zero-init learned cls, fixed sin-cos positions (cls slot zero; a buffer loaded from the
-    released checkpoint), pre-LN blocks (LN eps 1e-12, no LayerScale), final LN, Linear to p·p·3, drop cls,
-    unpatchify. A subclass may take k extra tokens after the h·w patch tokens: its `embed_extra` gives them their
-    input embedding, they join the self-attention, and only the patch outputs are decoded."""
+    """Latent tokens (B, h·w, C) → image (B, 3, h·p, w·p) in ImageNet-normalised space. The fixed sin-cos positions
+    are a buffer (the released checkpoint holds them). A subclass may take k extra tokens after the h·w patch tokens:
+    its `embed_extra` embeds them, they join the self-attention, and only the patch outputs are decoded."""
 
     def __init__(self, latent_dim=768, dim=1152, depth=28, num_heads=16, mlp_hidden=4096, patch_size=16, grid=16):
         super().__init__()
@@ -471,9 +441,8 @@ class ViTDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x[:, 1:1 + N]))  # per-token ops: slicing first is exact
-        h = w = self.grid
-        p = self.patch_size
-        return torch.einsum("nhwpqc->nchpwq", x.reshape(B, h, w, p, p, 3)).reshape(B, 3, h * p, w * p)
+        g, p = self.grid, self.patch_size
+        return torch.einsum("nhwpqc->nchpwq", x.reshape(B, g, g, p, p, 3)).reshape(B, 3, g * p, g * p)
 
 
 RAE_DECODER_TOP = ["decoder_pos_embed", "trainable_cls_token", "decoder_embed.weight", "decoder_embed.bias",
@@ -487,8 +456,8 @@ def convert_rae_decoder(sd):
     """Released RAE decoder state dict (`decoder_layers.i.attention.attention.{query,key,value}` …) → our
     ViTDecoder names, after checking the released key set (missing / unexpected keys listed)."""
     depth = 1 + max([int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers.")], default=-1)
-    layer = [f"{n}.{p}" for n in ["attention.attention.query", "attention.attention.key", "attention.attention.value",
-                                  *RAE_DECODER_LAYER] for p in ("weight", "bias")]
+    qkv = [f"attention.attention.{n}" for n in ("query", "key", "value")]
+    layer = [f"{n}.{p}" for n in qkv + list(RAE_DECODER_LAYER) for p in ("weight", "bias")]
     expected = RAE_DECODER_TOP + [f"decoder_layers.{i}.{k}" for i in range(depth) for k in layer]
     missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in set(expected)]
     if missing or unexpected:
@@ -498,17 +467,14 @@ def convert_rae_decoder(sd):
     for i in range(depth):
         pre = f"decoder_layers.{i}."
         for p in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([sd[f"{pre}attention.attention.{n}.{p}"]
-                                                         for n in ("query", "key", "value")])
-            for a, b in RAE_DECODER_LAYER.items():
-                out[f"blocks.{i}.{b}.{p}"] = sd[f"{pre}{a}.{p}"]
+            out[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([sd[f"{pre}{n}.{p}"] for n in qkv])
+            out.update({f"blocks.{i}.{b}.{p}": sd[f"{pre}{a}.{p}"] for a, b in RAE_DECODER_LAYER.items()})
     return out
 
 
 def rae_decoder_state_dict(src):
-    """Decoder weights in our ViTDecoder layout from the released RAE decoder (`model.pt`, HF ViT-MAE names)
-    or our own layout: a path or a state dict; a training checkpoint dict gives its `ema` weights (else
-    `model`), keeping `decoder.*`. A DiT-DH generator checkpoint is refused."""
+    """Decoder weights in our layout from a path or state dict: the released RAE decoder (`model.pt`, HF ViT-MAE
+    names), ours, or a training checkpoint's `ema` (else `model`) `decoder.*`; a DiT-DH checkpoint is refused."""
     sd = read_state_dict(src) if isinstance(src, (str, os.PathLike)) else src
     if "ema" in sd or "model" in sd:
         sd = sd["ema"] if sd.get("ema") is not None else sd["model"]
@@ -521,9 +487,8 @@ def rae_decoder_state_dict(src):
 
 
 def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
-    """A `decoder_class` (ViTDecoder) loaded strictly from `src` (see rae_decoder_state_dict). Width, depth, MLP size,
-    pixel patch and grid come from the shapes; heads from the width (768 → 12, 1024/1152 → 16), else pass
-    num_heads."""
+    """A `decoder_class` (ViTDecoder) loaded strictly from `src` (see rae_decoder_state_dict), its sizes read from the
+    shapes; heads from the width (768 → 12, 1024/1152 → 16), else pass num_heads."""
     sd = rae_decoder_state_dict(src)
     dim, latent_dim = sd["decoder_embed.weight"].shape
     heads = num_heads or {768: 12, 1024: 16, 1152: 16}.get(dim)
@@ -538,9 +503,7 @@ def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
     return load_strict(decoder_class(**cfg), sd, "RAE decoder" + where)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. The tokenizer contract and the RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder)
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. The tokenizer contract and the RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder) -----------
 # Every tokenizer (RAE here; each method's in its own file, listed by checkpoint.TOKENIZERS) is an RAE subclass with:
 #   encoder_features(x01) → every encoder block's patch tokens (B, h·w, C) from one pass;
 #   latent(feats)         → the raw latent tokens (B, h·w [+ num_extra], C): what the method changes;
@@ -604,8 +567,8 @@ class RAE(nn.Module):
         return self
 
     def encoder_features(self, x01):
-        """Every encoder block output (B, h·w, C), pre-norm, prefix tokens dropped, from one pass; without gradient
-        unless the encoder itself is trained (a method that fine-tunes it)."""
+        """Every encoder block's patch tokens (B, h·w, C), pre-norm, from one pass; gradient only if the encoder is
+        trained (a method that fine-tunes it)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.cls_token.requires_grad):
             return self.encoder.forward_blocks(self.encoder_input(x01))
 
@@ -672,8 +635,7 @@ class RAE(nn.Module):
         return self.to01(self.decoder(z))
 
     def set_phase(self, phase):
-        """Exactly the submodules of `phase` in the class's `phases` table become trainable (RAE: "1" = the
-        decoder); everything else is frozen (the encoder too, unless a phase names it)."""
+        """Exactly the submodules of `phase` in the class's `phases` table become trainable; the rest is frozen."""
         if phase not in self.phases:
             valid = ", ".join(f"'{p}'" for p in self.phases)
             has = f"only phase {valid}" if len(self.phases) == 1 else f"phases {valid}"
@@ -689,18 +651,17 @@ class RAE(nn.Module):
 
 @torch.no_grad()
 def compute_latent_stats(tokenizer, loader, max_batches=None):
-    """Exact per-element mean and population variance of the raw latents (B, h·w, C) over a loader of images
-    (or (images, labels) batches), streamed in float64 and summed over ranks when torch.distributed is
-    initialised (RAE's momentum-0.1 running estimate is approximate). Returns {"mean", "var"} as [C, h, w]; with
-    extra tokens also their mean and variance as [k, C], under the two keys in `tokenizer.extra_stats`."""
+    """Exact per-element mean and population variance of the raw latents over a loader of images (or (images, labels)
+    batches), in float64, summed over ranks (RAE's momentum-0.1 running estimate is approximate). Returns {"mean",
+    "var"} as [C, h, w]; with extra tokens also theirs as [k, C], under the two keys in `tokenizer.extra_stats`."""
     device, s1, s2, n = tokenizer.pixel_mean.device, 0.0, 0.0, 0
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    distributed = dist.is_available() and dist.is_initialized()
     batches = loader if max_batches is None else itertools.islice(loader, max_batches)
-    for batch in tqdm(batches, desc="latent stats", disable=not rank0, total=max_batches):
+    for batch in tqdm(batches, desc="latent stats", disable=distributed and dist.get_rank() > 0, total=max_batches):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         z = tokenizer.latent(tokenizer.encoder_features(x.to(device))).double()
         s1, s2, n = s1 + z.sum(0), s2 + (z * z).sum(0), n + z.shape[0]
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         total = torch.stack([s1, s2, torch.full_like(s1, n)])
         dist.all_reduce(total)
         s1, s2, n = total[0], total[1], total[2]
