@@ -41,8 +41,7 @@ def resize_short_side(pil_image, short):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM (guided-diffusion) centre crop: resize_short_side to size, then crop the centre size×size. Used for
-    evaluation, statistics and latents."""
+    """ADM (guided-diffusion) centre crop: resize_short_side to size, then crop the centre size×size."""
     pil_image = resize_short_side(pil_image, image_size)
     left, top = (pil_image.size[0] - image_size) // 2, (pil_image.size[1] - image_size) // 2
     return pil_image.crop((left, top, left + image_size, top + image_size))
@@ -70,13 +69,10 @@ def save_image_grid(x01, path, nrow=8):
 
 class ImageFolder(Dataset):
     """Images in class subfolders (ImageNet layout, labels = sorted folder index) or directly in `root` (label 0).
-
-    resize=R: Resize(R, bicubic) → RandomCrop(size) (RAE decoder training: R=384, size=256; no flip by default).
-    min_frac=F: ADM `random_crop_arr(size)`, the short side drawn from [size, size / F] (Ideal: F = 0.8, with flips).
-    Neither: ADM `center_crop_arr(size)` (evaluation, statistics, generator latents; flip optional).
-    Items are (image (3, size, size) float in [0, 1], label, n_skipped). An unreadable image is skipped with a
-    warning: the next index is used instead (deterministic) and n_skipped counts the failures.
-    `dataset[i]` works directly; the loader passes (i, key) so crops/flips are keyed by (seed, epoch, position)."""
+    resize=R: Resize(R, bicubic) → RandomCrop(size) (RAE decoder training: R=384, size=256); min_frac=F: ADM
+    `random_crop_arr` (Ideal: F = 0.8, with flips); neither: ADM `center_crop_arr` (evaluation, statistics, latents).
+    Items are (image (3, size, size) in [0, 1], label, n_skipped): an unreadable image is skipped with a warning for the
+    next index. `dataset[i]` works; the loader passes (i, key) so crops/flips are keyed by (seed, epoch, position)."""
 
     def __init__(self, root, size=256, resize=None, flip=False, min_frac=None):
         root = Path(root)
@@ -119,10 +115,8 @@ class ImageFolder(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (world size 1 when torch.distributed is not initialised) that can start mid-epoch and
-    yields (index, key) with key = (seed, epoch, global position) for per-sample augmentation.
-    Rank r takes global positions r, r + W, r + 2W, … of the seeded permutation, so a global batch of W·B
-    samples is the same set for any world size W (accumulation-equivalent)."""
+    """DistributedSampler that can start mid-epoch and yields (index, key), key = (seed, epoch, global position). Rank r
+    takes positions r, r + W, … of the seeded permutation: a global batch of W·B samples is the same for any W."""
 
     def __init__(self, dataset, batch_size, shuffle=True, seed=0, drop_last=True, distributed=None):
         distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
@@ -156,8 +150,11 @@ def _collate(batch):
 
 
 class Loader:
-    """Iterates (images (B, 3, H, W) in [0, 1], labels (B,)) over a ResumableSampler; `skipped` counts the
-    unreadable images replaced so far on this rank."""
+    """Per-rank loader of (images (B, 3, H, W) in [0, 1], labels (B,)); distributed = torch.distributed is initialised
+    (default). Deterministic given (seed, epoch): order and augmentation are independent of workers and of the global
+    RNG. Exact resume: `steps_per_epoch = len(loader)` (after `set_epoch(e)` with no skip), then for the epoch being
+    resumed `loader.set_epoch(epoch, skip_batches=step % steps_per_epoch)`, later epochs `loader.set_epoch(epoch)`.
+    `loader.skipped` counts the unreadable images replaced so far on this rank."""
 
     def __init__(self, dataset, batch_size, shuffle=True, seed=0, drop_last=True, num_workers=0, distributed=None):
         self.sampler = ResumableSampler(dataset, batch_size, shuffle, seed, drop_last, distributed)
@@ -167,7 +164,6 @@ class Loader:
         self.skipped = 0
 
     def set_epoch(self, epoch, skip_batches=0):
-        """Call before every epoch; on resume pass the number of batches already consumed in that epoch."""
         self.sampler.set_epoch(epoch, skip_batches)
 
     def __len__(self):
@@ -179,19 +175,10 @@ class Loader:
             yield x, y
 
 
-def make_loader(dataset, batch_size, shuffle=True, seed=0, drop_last=True, num_workers=0, distributed=None):
-    """Per-rank loader of `batch_size` samples; distributed = torch.distributed is initialised (default).
-
-    Deterministic given (seed, epoch): order and augmentation are independent of workers and of the global RNG.
-    Exact resume: `steps_per_epoch = len(loader)` (take it after `set_epoch(e)` with no skip), then for the
-    epoch being resumed call `loader.set_epoch(epoch, skip_batches=step % steps_per_epoch)`, later epochs
-    `loader.set_epoch(epoch)`. `loader.skipped` counts unreadable images replaced on this rank."""
-    return Loader(dataset, batch_size, shuffle, seed, drop_last, num_workers, distributed)
+make_loader = Loader
 
 
-# ----------------------------------------------------------------------------------------------------
-# The latent cache: a training set encoded once by a frozen tokenizer
-# ----------------------------------------------------------------------------------------------------
+# ---- The latent cache: a training set encoded once by a frozen tokenizer -------------------------------------
 
 
 class LatentCache(Dataset):
@@ -222,19 +209,18 @@ def fill_cache(root, encode, images, batch_size, num_workers, device):
     under torch.distributed the ranks write interleaved rows of one memmap. `labels.npy` is written last: it marks
     the cache complete."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank, barrier = (dist.get_rank(), dist.barrier) if world > 1 else (0, lambda: None)
     loader = make_loader(images, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
     loader.set_epoch(0)
     order = iter([i for i, _ in loader.sampler])
     probe = encode(images[0][0][None].to(device))[0].cpu()
     dtype = np.float16 if probe.is_floating_point() else np.int16 if probe.max() < 2**15 else np.int32
     path, labels = Path(root) / "latents.npy", Path(root) / "labels.tmp.npy"
-    rank = dist.get_rank() if world > 1 else 0
     if rank == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
         allocate(path, dtype, (2 * len(images), *probe.shape))
         allocate(labels, np.int64, (2 * len(images),))
-    if world > 1:
-        dist.barrier()
+    barrier()
     z, y = np.load(path, mmap_mode="r+"), np.load(labels, mmap_mode="r+")
     for x, label in tqdm(loader, desc="latent cache", disable=rank != 0):
         rows = [next(order) for _ in range(len(x))]
@@ -243,12 +229,10 @@ def fill_cache(root, encode, images, batch_size, num_workers, device):
             z[[2 * i + flip for i in rows]] = encode(view).cpu().numpy().astype(dtype)
             y[[2 * i + flip for i in rows]] = label.numpy()  # an unreadable image's row: its replacement and its label
     z.flush(), y.flush()
-    if world > 1:
-        dist.barrier()
+    barrier()
     if rank == 0:
         os.replace(labels, Path(root) / "labels.npy")
-    if world > 1:
-        dist.barrier()
+    barrier()
 
 
 def allocate(path, dtype, shape):
