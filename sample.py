@@ -8,9 +8,8 @@ JSON sidecar.
     python sample.py --ckpt runs/ideal-gen --per-class 50 --scale 2.0 --top-k 0 --top-p 1.0   # AR: CFG on logits
 
 Sample i has label classes[i % len(classes)] (all classes by default: every contiguous tenth of the file is
-class-balanced, as IS splits expect) and its noise comes from a generator seeded by (seed, i). Batches are
-fixed slices of the index range dealt round-robin to the processes, so sample i is bit-identical whatever
-the number of processes. The AR model draws sample i's tokens from its own generator seeded the same way.
+class-balanced, as IS splits expect); its noise (or the AR model's tokens) comes from a generator seeded by (seed, i),
+and batches are fixed slices of the index range dealt round-robin: sample i is bit-identical for any process count.
 """
 import json
 import math
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 import checkpoint
@@ -82,17 +80,14 @@ def load_guide(path, ck, tok, device):
 
 def plain_decoder(path, tok, stats, device):
     """The RAE tokenizer at `path` as the decoder of a DecQ generator's patch tokens (DecQ Table 4), with the
-    generator's patch statistics. Refused unless its latent is DecQ's patch latent: the same encoder (config and
-    weights) at the same sizes."""
+    generator's patch statistics; refused unless it has the same encoder (config and weights) at the same sizes."""
     if tok.config["method"] != "decq":
         raise SystemExit(f"--decoder-from: only for DecQ generators (whose patch tokens are the RAE latent); this "
                          f"generator's tokenizer is {tok.config['method']}")
     rae = checkpoint.load_tokenizer(path, device, "rae")
-    keys = ("encoder", "image_size", "encoder_size")
     mine = tok.encoder.state_dict()
-    same = all(rae.config[k] == tok.config[k] for k in keys) and all(
-        torch.equal(v, mine[k]) for k, v in rae.encoder.state_dict().items())
-    if not same:
+    if not (all(rae.config[k] == tok.config[k] for k in ("encoder", "image_size", "encoder_size"))
+            and all(torch.equal(v, mine[k]) for k, v in rae.encoder.state_dict().items())):
         raise SystemExit(f"--decoder-from {path}: its encoder differs from the DecQ tokenizer's, so its decoder does "
                          "not read the generated patch latent")
     rae.set_stats(stats)  # the patch part of the generator's statistics
@@ -167,11 +162,10 @@ def main(argv=None):
             np.savez(out / f"{name}.npz", arr_0=arr.numpy(), arr_1=labels.numpy())
         if "png" in args.formats:
             grid = arr[:64].permute(0, 3, 1, 2).float() / 255
-            save_image(grid, out / f"{name}.png", nrow=int(math.ceil(math.sqrt(len(grid)))))
+            data.save_image_grid(grid, out / f"{name}.png", nrow=math.ceil(math.sqrt(len(grid))))
         info = dict(vars(args), name=name, num_samples=n, classes=classes, world_size=world, method=ck["method"],
                     generator=ck["path"], generator_step=ck.get("step"), tokenizer=ck["tokenizer"]["path"],
-                    decoder=args.decoder_from or ck["tokenizer"]["path"],
-                    seconds=round(time.time() - t0, 1))
+                    decoder=args.decoder_from or ck["tokenizer"]["path"], seconds=round(time.time() - t0, 1))
         (out / f"{name}.json").write_text(json.dumps(info, indent=2))
         print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")
     if world > 1:
