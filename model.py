@@ -47,10 +47,10 @@ class LayerScale(nn.Module):
 class Mlp(nn.Module):
     """Linear → GELU → Linear, keys `fc1`/`fc2`; approximate="tanh" for RAE's copy of DINO in the discriminator."""
 
-    def __init__(self, dim, hidden, out=None, bias=True, drop=0.0, approximate="none"):
+    def __init__(self, dim, hidden, drop=0.0, approximate="none"):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, out or dim, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
         self.drop, self.approximate = nn.Dropout(drop), approximate
 
     def forward(self, x):
@@ -113,10 +113,10 @@ class Attention(nn.Module):
             k, v = kv.view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def attend(self, q, k, v, is_causal=False, attn_mask=None):
+    def attend(self, q, k, v, is_causal=False):
         """SDPA over (B, heads, N, d) tensors, then merge heads and project."""
         drop = self.attn_drop if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)
         return self.proj_drop(self.proj(o.transpose(1, 2).flatten(2)))
 
     def forward(self, x, context=None, rope=None, is_causal=False):
