@@ -4,9 +4,6 @@ rFID, PSNR, SSIM, LPIPS and codebook usage for tokenizers; FD-DINOv2 for both.
     python evaluate.py --samples S.npz --ref VIRTUAL_imagenet256_labeled.npz
     python evaluate.py --tokenizer ckpt.pt --data-path imagenet/val --save-recon recon.npz
     torchrun --nproc_per_node=8 evaluate.py ...   (same numbers as one process)
-
-Read top to bottom: (1) the FID Inception, (2) FD-DINOv2 features, (3) metrics, (4) image sets,
-(5) sharded extraction, (6) CLI.
 """
 import argparse
 import json
@@ -35,8 +32,7 @@ from model import IMAGENET_MEAN, IMAGENET_STD, load_strict
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
-# ----------------------------------------------------------------------------------------------------
-# 1. The FID Inception (TF "2015-12-05" graph): torchvision Inception3 with pytorch-fid's four patches
+# ---- 1. The FID Inception (TF "2015-12-05" graph): torchvision Inception3 with pytorch-fid's four patches ----
 
 
 def _avg3(x):
@@ -100,11 +96,10 @@ def resize_tf1(x, size):
 
 
 class InceptionFeatures(tvi.Inception3):
-    """The FID InceptionV3. Parameter names equal the pytorch-fid weights file, which loads strictly.
-    Call on uint8 NHWC (0..255) or float NCHW in [0, 1] → pool (B, 2048), logits (B, 1008; pool @ fc.weight.T,
-    no bias, as ADM/improved-gan IS) and spatial (B, 2023; Mixed_6d.branch1x1 post-ReLU, first 7 channels,
-    flattened NHWC, as ADM sFID). preprocess "adm": TF1 resize of 0..255 values to 299, (x − 128)/128 (the TF graph
-    ADM runs); "pytorch-fid": half-pixel bilinear of [0, 1] values, 2x − 1. weights: path or URL, None = random."""
+    """The FID InceptionV3 with the pytorch-fid weights file's parameter names. uint8 NHWC or float NCHW in [0, 1]
+    → pool (B, 2048), logits (B, 1008; pool @ fc.weight.T, no bias, as ADM/improved-gan IS) and spatial (B, 2023;
+    Mixed_6d.branch1x1 post-ReLU, first 7 channels, flattened NHWC, as ADM sFID). preprocess "adm": TF1 resize to
+    299 of 0..255 values, (x − 128)/128 (the TF graph ADM runs); "pytorch-fid": half-pixel bilinear, 2x − 1."""
 
     def __init__(self, weights=FID_WEIGHTS_URL, preprocess="adm"):
         blocks = [partial(b, conv_block=BasicConv2d) for b in (FIDInceptionA, tvi.InceptionB, FIDInceptionC,
@@ -140,8 +135,7 @@ class InceptionFeatures(tvi.Inception3):
             return pool, pool @ self.fc.weight.T, spatial.permute(0, 2, 3, 1).flatten(1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. FD-DINOv2 features (Stein et al. 2023, as in EDM2)
+# ---- 2. FD-DINOv2 features (Stein et al. 2023, as in EDM2) -------------------------------------------------
 
 
 class DINOv2Features(nn.Module):
@@ -161,8 +155,7 @@ class DINOv2Features(nn.Module):
             return self.net.forward_features((x / 255 - self.mean) / self.std)["x_norm_clstoken"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Metrics
+# ---- 3. Metrics --------------------------------------------------------------------------------------------
 
 
 def gaussian(features):
@@ -194,9 +187,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, splits=10, shuffle_seed=None):
-    """Mean over `splits` contiguous chunks (file order, as ADM) of exp E_x KL(p(y|x) ‖ p(y)); softmax over all
-    1008 logits in float64 with 0·log 0 = 0 (at most one split per image). shuffle_seed permutes first (for
-    class-sorted files)."""
+    """Mean over `splits` contiguous chunks (file order, as ADM) of exp E_x KL(p(y|x) ‖ p(y)), softmax over all 1008
+    logits in float64; shuffle_seed permutes first (for class-sorted files)."""
     p = torch.as_tensor(logits, dtype=torch.float64).softmax(1)
     if shuffle_seed is not None:
         p = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(shuffle_seed))]
@@ -210,9 +202,8 @@ def _sqdist(u, v):
 
 
 def precision_recall(ref_features, sample_features, k=3, block=2048, device=None):
-    """Improved precision/recall (Kynkäänniemi et al. 2019): each point's ball has the squared distance to its k-th
-    nearest other point of its own set (k+1-th smallest with self); precision = fraction of samples inside some
-    reference ball (d ≤ r), recall = fraction of references inside some sample ball. Row blocks of `block`."""
+    """Improved precision/recall (Kynkäänniemi et al. 2019): a point's ball reaches its k-th nearest other point of its
+    set; precision = fraction of samples inside some reference ball, recall = of references inside some sample ball."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref, smp = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (ref_features, sample_features))
 
@@ -260,8 +251,7 @@ def lpips(a, b, net):
         return net(to01(a), to01(b)).flatten()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Image sets: uint8 NHWC batches read by index range
+# ---- 4. Image sets: uint8 NHWC batches read by index range -------------------------------------------------
 
 
 class NpzImages:
@@ -331,8 +321,7 @@ def open_images(path):
     return FolderImages(path) if os.path.isdir(path) else NpzImages(path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Sharded extraction: identical numbers for any number of processes
+# ---- 5. Sharded extraction: identical numbers for any number of processes ----------------------------------
 
 
 def rank_world():
@@ -387,8 +376,7 @@ class NpzWriter:
         self.zip.close()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. CLI
+# ---- 6. CLI ------------------------------------------------------------------------------------------------
 
 
 def statistics(f):
@@ -491,8 +479,7 @@ def run(args):
     dino = DINOv2Features(args.dinov2_weights).to(device) if args.fd_dinov2 else None
 
     def features(x):
-        pool, logits, spatial = net(x)
-        return dict(pool=pool, logits=logits, spatial=spatial, **({"dino": dino(x)} if dino else {}))
+        return dict(zip(("pool", "logits", "spatial"), net(x)), **({"dino": dino(x)} if dino else {}))
 
     def extract(images, desc, size=None):
         if size is not None and tuple(images.size) != tuple(size):
@@ -502,8 +489,7 @@ def run(args):
 
     res = {"inception": args.preprocess}
     if args.tokenizer:
-        res.update(reconstruct(args, features, device))
-        return res
+        return {**res, **reconstruct(args, features, device)}
     f = extract(samples, "samples")
     st = statistics(f)
     res.update(images=len(samples), IS=inception_score(f["logits"], shuffle_seed=args.is_shuffle_seed))
