@@ -136,8 +136,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, proj_drop=drop)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = SwiGLU(dim, mlp_hidden, drop=drop) if ffn == "swiglu" else Mlp(dim, mlp_hidden, drop=drop,
-                                                                                    approximate=gelu)
+        self.mlp = SwiGLU(dim, mlp_hidden, drop=drop) if ffn == "swiglu" else Mlp(dim, mlp_hidden, drop, gelu)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
 
     def forward(self, x):

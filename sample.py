@@ -1,6 +1,5 @@
 """Class-conditional sampling from a generator checkpoint (DiT-DH, or the AR GPT for Ideal codes) and its frozen
-tokenizer → PNG grid and/or an ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` labels, in sample-index order) + a
-JSON sidecar.
+tokenizer → PNG grid and/or an ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` labels, in sample order) + a JSON sidecar.
 
     python sample.py --ckpt runs/gen --per-class 50                       # 50K samples, 50 per class (ADM gFID protocol)
     torchrun --nproc_per_node=8 sample.py --ckpt runs/gen --per-class 50 --guide runs/guide --scale 1.42
