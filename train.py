@@ -345,6 +345,16 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def seed_ranks(args, resume, rank, world):
+    """Each rank's randomness (noise augmentation, dropout, DiffAugment, flow-matching noise): the saved state when the
+    run is resumed on as many processes, else seeded per rank."""
+    if resume is not None and len(resume["rng"]) == world:
+        set_rng_state(resume["rng"][rank])
+    else:
+        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+            seed_fn(args.seed * world + rank)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Distributed training helpers (shared by every phase)
 # ----------------------------------------------------------------------------------------------------
@@ -433,6 +443,17 @@ def any_rank(flag, world, device):
     if world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t)
+
+
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
+
+
+def shard(net):
+    """FSDP2 (--fsdp): each block of every block list (DiT-DH body and head, GPT) its own unit, then the rest."""
+    for blocks in [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(net)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,14 +554,33 @@ def check_finite(loss, step, world, out, precision):
 
 
 class Trainer:
-    """What every phase shares, written once: the wrapper of the trained network (torch.compile, DDP) and the
-    optimisation step. A phase (below) builds its network, EMA and AdamW (`trained`, `ema`, `opt`, `sched`, `clipped`:
-    the tensors whose gradient norm is clipped) and says its loss."""
+    """What every phase shares, written once: the trained network's EMA, AdamW and schedule (restored on resume), its
+    wrapper (torch.compile, DDP), the optimisation step and the checkpointed state. A phase (below) builds its network,
+    calls setup, sets `clipped` (the tensors whose gradient norm is clipped) and says its loss."""
 
-    def wrap(self, net, device):
+    def setup(self, net, resume, device):
+        """EMA copy, FSDP units (--fsdp), AdamW over the trainable tensors, restored on resume; returns those tensors."""
+        self.trained, self.ema = net, copy.deepcopy(net).eval().requires_grad_(False)
+        if resume is not None:  # whole state dicts, loaded before any sharding
+            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
+        if self.args.fsdp:
+            shard(net)
+            shard(self.ema)  # sharded alike, so the EMA update stays local
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.opt, self.sched = make_optimizer(params, self.args, self.plan, device)
+        if resume is not None:
+            if self.args.fsdp:  # saved whole, keyed by parameter name (world size free)
+                set_optimizer_state_dict(net, self.opt, resume["optimizer"], options=WHOLE)
+            else:
+                self.opt.load_state_dict(resume["optimizer"])
+            self.sched.load_state_dict(resume["scheduler"])
+        self.net = self.wrap(net, device, self.args.compile)
+        return params
+
+    def wrap(self, net, device, compile=False):
         """--compile, then DDP over the processes (FSDP shards in place instead)."""
-        net = torch.compile(net) if self.args.compile else net
-        if self.world == 1 or self.args.fsdp:
+        net = torch.compile(net) if compile else net
+        if self.world == 1 or self.args.fsdp or net is None:
             return net
         return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -557,6 +597,18 @@ class Trainer:
         update_ema(self.ema, self.trained, self.args.ema)
         return dict(logs, lr=self.sched.get_last_lr()[0])
 
+    def whole(self, net):
+        return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
+
+    def state(self):
+        """What a resume needs. Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
+        opt = get_optimizer_state_dict(self.trained, self.opt, options=WHOLE) if self.args.fsdp else self.opt.state_dict()
+        return dict(self.export(), model=self.whole(self.trained), optimizer=opt, scheduler=self.sched.state_dict())
+
+    def export(self):
+        """The final EMA network and its config."""
+        return dict(config=self.trained.config, ema=self.whole(self.ema))
+
 
 class TokenizerTrainer(Trainer):
     """One tokenizer phase: the tokenizer (+ EMA), its optimiser, LPIPS, the discriminator (+ optimiser).
@@ -565,27 +617,27 @@ class TokenizerTrainer(Trainer):
     kind = "tokenizer"
 
     def __init__(self, args, plan, device, world, resume):
-        self.args, self.world = args, world
+        self.args, self.plan, self.world = args, plan, world
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         try:
             self.tok = build_tokenizer(args, resume).to(device)
         except ValueError as e:  # an impossible setting: one line naming the keyword
             raise SystemExit(f"--tok: {e}") from None
-        self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
+        self.setup(self.tok, resume, device)
+        self.clipped = [p for g in self.opt.param_groups for p in g["params"]]  # in AdamW's group order
         self.lpips = None if not args.lpips_weight else losses.LPIPS(
             weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
-        self.opt, self.sched = make_optimizer([p for p in self.tok.parameters() if p.requires_grad], args, plan, device)
-        self.disc = d_state = None
+        self.disc = self.lecam = None
+        self.d_state = {}  # disc, disc_optimizer, disc_scheduler
         if args.gan_weight > 0:  # no discriminator (nor its download) without a GAN term
             dino = weights(args.disc_weights, losses.DINO_S8_URL)
             self.disc = losses.Discriminator(dino, **DISCRIMINATORS[args.disc]).to(device)
             d_params = [p for p in self.disc.parameters() if p.requires_grad]
             self.d_opt, self.d_sched = make_optimizer(d_params, args, plan, device)
-            d_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
-        self.lecam = losses.LeCAM() if args.gan_weight > 0 and args.lecam else None
+            self.d_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
+            self.lecam = losses.LeCAM() if args.lecam else None
         if resume is not None:
-            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-            for key, obj in dict(optimizer=self.opt, scheduler=self.sched, **(d_state or {})).items():
+            for key, obj in self.d_state.items():
                 if resume[key] is None:
                     raise SystemExit(f"{resume['path']} has no discriminator state: resume with --loss gan_weight=0")
                 obj.load_state_dict(resume[key])
@@ -594,10 +646,7 @@ class TokenizerTrainer(Trainer):
         by_epoch = lambda s, e: s if s is not None else e * plan.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
-        self.trained, self.clipped = self.tok, [p for g in self.opt.param_groups for p in g["params"]]
-        self.net = self.wrap(self.tok, device)
-        self.d_net = DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None) if (
-            world > 1 and self.disc) else self.disc
+        self.d_net = self.wrap(self.disc, device)
         self.last_layer = self.tok.last_layer()
         if args.gan_weight > 0 and args.adaptive_gan and not self.last_layer.requires_grad:
             raise SystemExit(f"--method {args.method} --phase {args.phase}: the layer of the adaptive GAN weight "
@@ -628,37 +677,19 @@ class TokenizerTrainer(Trainer):
         return logs
 
     def state(self):
-        d = self.disc is not None
-        return dict(config=self.tok.config, model=self.tok.state_dict(), ema=self.ema.state_dict(),
-                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                    disc=self.disc.state_dict() if d else None, disc_optimizer=self.d_opt.state_dict() if d else None,
-                    disc_scheduler=self.d_sched.state_dict() if d else None,
-                    lecam=self.lecam.ema.tolist() if self.lecam is not None else None)
+        disc = {k: v.state_dict() for k, v in self.d_state.items()} or dict.fromkeys(("disc", "disc_optimizer",
+                                                                                         "disc_scheduler"))
+        return dict(super().state(), **disc, lecam=self.lecam.ema.tolist() if self.lecam is not None else None)
 
     @torch.no_grad()
     def grid(self, x, path):
         """Originals (top) and EMA reconstructions (bottom)."""
         data.save_image_grid(torch.cat([x, self.ema(x)[0]]), path, nrow=len(x))
 
-    def export(self):
-        """The final EMA tokenizer: rebuild with model.build_tokenizer(ck["config"]) + ck["ema"]."""
-        return dict(config=self.tok.config, ema=self.ema.state_dict())
-
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer
 # ----------------------------------------------------------------------------------------------------
-
-
-WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
-
-
-def shard(net):
-    """FSDP2 (--fsdp): each block of every block list (DiT-DH body and head, GPT) its own unit, then the rest."""
-    for blocks in [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]:
-        for block in blocks:
-            fully_shard(block)
-    fully_shard(net)
 
 
 class GeneratorTrainer(Trainer):
@@ -671,7 +702,7 @@ class GeneratorTrainer(Trainer):
     kind = "generator"
 
     def __init__(self, args, plan, device, world, resume, tck):
-        self.args, self.world, self.device = args, world, device
+        self.args, self.plan, self.world, self.device = args, plan, world, device
         self.tok = checkpoint.load_tokenizer(tck, device)
         self.tokenizer = dict(path=str(Path(tck["path"]).resolve()), config=tck["config"],
                               identity=checkpoint.identity(tck["ema"], tck["config"]))  # hashed once, here
@@ -714,21 +745,9 @@ class GeneratorTrainer(Trainer):
                                     num_extra=self.tok.num_extra,
                                     **({"extra_out": args.query_out} if self.tok.num_extra else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
-        self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
         if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
-            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-        if args.fsdp:
-            shard(self.gen)
-            shard(self.ema)  # sharded alike, so the EMA update stays local
-        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, plan, device)
-        if resume is not None:
-            if args.fsdp:  # saved whole, keyed by parameter name (world size free)
-                set_optimizer_state_dict(self.gen, self.opt, resume["optimizer"], options=WHOLE)
-            else:
-                self.opt.load_state_dict(resume["optimizer"])
-            self.sched.load_state_dict(resume["scheduler"])
-        self.trained, self.clipped, self.net = self.gen, list(self.gen.parameters()), self.wrap(self.gen, device)
+        self.clipped = self.setup(self.gen, resume, device)  # in the generator's order
 
     @torch.no_grad()
     def encode(self, x01):
@@ -752,14 +771,6 @@ class GeneratorTrainer(Trainer):
         self.gen.train()
         return self.optimize(accumulate(self.net, batches, self.loss), step, out)
 
-    def state(self):
-        """Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
-        opt = (get_optimizer_state_dict(self.gen, self.opt, options=WHOLE) if self.args.fsdp else self.opt.state_dict())
-        return dict(self.export(), model=self.whole(self.gen), optimizer=opt, scheduler=self.sched.state_dict())
-
-    def whole(self, net):
-        return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
-
     @torch.no_grad()
     def grid(self, x, path):
         """EMA samples for classes 0..7 (fixed noise): Euler 25 steps (DiT-DH) or temperature-1 sampling (GPT)."""
@@ -775,7 +786,7 @@ class GeneratorTrainer(Trainer):
 
     def export(self):
         """The EMA generator with what sample.py needs: its config, the tokenizer (path, config), the stats."""
-        return dict(config=self.gen.config, ema=self.whole(self.ema), tokenizer=self.tokenizer, stats=self.stats)
+        return dict(super().export(), tokenizer=self.tokenizer, stats=self.stats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -783,9 +794,10 @@ class GeneratorTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------
 
 
-def train(args, rank, world, device, stop):
-    out = Path(args.out_dir)
-    kind = "generator" if args.phase == "gen" else "tokenizer"
+def open_run(args):
+    """(the checkpoint to resume or None, the training set, a generator's frozen tokenizer checkpoint or None); a run
+    directory that holds a checkpoint is continued with --resume, never started over."""
+    out, kind = Path(args.out_dir), "generator" if args.phase == "gen" else "tokenizer"
     resume = checkpoint.load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
     if resume is not None and "model" not in resume:
         raise SystemExit(f"--resume {resume['path']}: a finished run's export (weights only), not a resumable "
@@ -793,65 +805,90 @@ def train(args, rank, world, device, stop):
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops
-        dataset = data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip,
-                                   **({"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}))
-    else:  # ADM centre crops with flips at the frozen tokenizer's size
-        tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
-        if not tok_path:
-            raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
-                             "checkpoint")
-        tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)
-        dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
-        if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
-            raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "
-                             "folders")
-        dataset = data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset
+        crops = {"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}
+        return resume, data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip, **crops), None
+    tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
+    if not tok_path:
+        raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
+                         "checkpoint")
+    tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)  # ADM centre crops with flips at its size
+    dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
+    if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
+        raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "
+                         "folders")
+    return resume, data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset, tck
+
+
+def global_batches(loader, plan, start, end, device):
+    """Each step's micro-batches, from step `start` to `end`: the data order is a function of (seed, epoch,
+    position), so a run resumed mid-epoch skips the micro-batches already consumed."""
+    for step in range(start, end):
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        if step == start or k == 0:
+            loader.set_epoch(epoch, skip_batches=k * plan.accum)
+            it = iter(loader)
+        with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG
+            batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(plan.accum)]
+        yield batches
+
+
+def due(step, every):
+    """Whether `step` is a multiple of the cadence `every` (0: never)."""
+    return bool(every) and step % every == 0
+
+
+def checkpoints_due(args, step, end, steps_per_epoch, signalled):
+    """The checkpoint files to write after `step`: ckpt-last.pt (every --ckpt-every, at the end, on a signal), and
+    those kept every --keep-every steps and every --keep-every-epochs epochs."""
+    names = ["ckpt-last.pt"] if signalled or step == end or due(step, args.ckpt_every) else []
+    if due(step, args.keep_every):
+        names.append(f"ckpt-{step:07d}.pt")
+    if args.keep_every_epochs and due(step, max(1, round(args.keep_every_epochs * steps_per_epoch))):
+        names.append(f"ckpt-epoch{step / steps_per_epoch:g}.pt")
+    return names
+
+
+def save(path, trainer, args, step, rank, world, final=False):
+    """A checkpoint: the trainer's state and every rank's RNG state, or (`final`) its export. Every rank calls it (under
+    FSDP the whole tensors are gathered), rank 0 writes."""
+    if final:
+        state = trainer.export()
+    else:
+        rngs = [rng_state()] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rngs[0])
+        state = dict(trainer.state(), epoch=step // trainer.plan.steps_per_epoch, rng=rngs)
+    if rank == 0:
+        checkpoint.save_checkpoint(path, kind=trainer.kind, method=args.method, phase=args.phase, step=step,
+                                   args=settings(args), **state)
+
+
+def train(args, rank, world, device, stop):
+    out, (resume, dataset, tck) = Path(args.out_dir), open_run(args)
     schedule = plan(args, dataset, world)
-    accum, steps_per_epoch, total_steps = schedule.accum, schedule.steps_per_epoch, schedule.total_steps
-    trainer = (TokenizerTrainer(args, schedule, device, world, resume) if kind == "tokenizer" else
+    trainer = (TokenizerTrainer(args, schedule, device, world, resume) if tck is None else
                GeneratorTrainer(args, schedule, device, world, resume, tck))
     step = resume["step"] if resume is not None else 0
-    if resume is not None and len(resume["rng"]) == world:
-        set_rng_state(resume["rng"][rank])
-    else:  # per-rank randomness (noise augmentation, dropout, DiffAugment, flow-matching noise)
-        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-            seed_fn(args.seed * world + rank)
+    seed_ranks(args, resume, rank, world)
     loader = data.make_loader(dataset, args.micro_batch, seed=args.seed, num_workers=args.workers)
-
-    def save(path):
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs[0] = rng_state()
-        state = trainer.state()  # on every rank: FSDP gathers
-        if rank == 0:
-            checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **state,
-                                       step=step, epoch=step // steps_per_epoch, args=settings(args), rng=rngs)
-
+    steps_per_epoch, total_steps = schedule.steps_per_epoch, schedule.total_steps
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(settings(args), indent=1))
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
-        trained = sum(p.numel() for g in trainer.opt.param_groups for p in g["params"])
-        print(f"{args.method} phase {args.phase}: {trained:,} trained parameters; {len(dataset)} images, "
-              f"{steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} process(es) × {accum} micro-batches "
-              f"of {args.micro_batch}")
+        print(f"{args.method} phase {args.phase}: {sum(p.numel() for p in trainer.clipped):,} trained parameters; "
+              f"{len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} process(es) × "
+              f"{schedule.accum} micro-batches of {args.micro_batch}")
     end = min(total_steps, args.max_steps or total_steps,
               round(args.stop_epoch * steps_per_epoch) if args.stop_epoch else total_steps)
     with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
-        it, t0, seen = None, time.time(), 0
-        while step < end:
-            epoch, k = divmod(step, steps_per_epoch)
-            if it is None or k == 0:  # mid-epoch resume skips the micro-batches already consumed
-                loader.set_epoch(epoch, skip_batches=k * accum)
-                it = iter(loader)
-            with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG
-                batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(accum)]
+        t0, seen = time.time(), 0
+        for batches in global_batches(loader, schedule, step, end, device):
+            epoch = step // steps_per_epoch
             logs = trainer.step(batches, step, out)
             step, seen = step + 1, seen + args.global_batch
             bar.update(1)
-            if step % args.log_every == 0 or step == end:
+            if due(step, args.log_every) or step == end:
                 logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # skipped: total over ranks
                 if rank == 0:
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -859,25 +896,20 @@ def train(args, rank, world, device, stop):
                         rate = seen / (time.time() - t0)
                         f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=rate)) + "\n")
                 t0, seen = time.time(), 0
-            if rank == 0 and args.grid_every and step % args.grid_every == 0 and not args.fsdp:
+            if rank == 0 and due(step, args.grid_every) and not args.fsdp:
                 trainer.grid(grid_x, out / f"grid-{step:07d}.png")
             signalled = any_rank("signal" in stop, world, device)
-            if signalled or step == end or step % args.ckpt_every == 0:
-                save(out / "ckpt-last.pt")
-            if args.keep_every and step % args.keep_every == 0:
-                save(out / f"ckpt-{step:07d}.pt")
-            if args.keep_every_epochs and step % max(1, round(args.keep_every_epochs * steps_per_epoch)) == 0:
-                save(out / f"ckpt-epoch{step / steps_per_epoch:g}.pt")
+            for name in checkpoints_due(args, step, end, steps_per_epoch, signalled):
+                save(out / name, trainer, args, step, rank, world)
             if signalled:
                 break
-    final = trainer.export() if step == total_steps else None  # on every rank: FSDP gathers
-    if rank == 0 and final is not None:
-        path = out / f"{kind}.pt"
-        checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **final,
-                                   step=step, args=settings(args))
-        print(f"done: {path}")
-    elif rank == 0:
-        print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
+    if step != total_steps:
+        if rank == 0:
+            print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
+        return
+    save(out / f"{trainer.kind}.pt", trainer, args, step, rank, world, final=True)
+    if rank == 0:
+        print(f"done: {out / trainer.kind}.pt")
 
 
 DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",
