@@ -29,8 +29,7 @@ TINY = {**dict.fromkeys(TOKENIZERS, model.TOKENIZER_PRESETS["tiny"]),
 
 
 def tokenizer_knobs(method):
-    """A tokenizer's knobs: its constructor's keywords with their defaults (the paper's), through the **rae keywords it
-    passes on to its base class; train.py sets them with --tok key=value."""
+    """A tokenizer's knobs (train.py --tok): its constructor's keywords and defaults, through the **rae to its bases."""
     knobs = {}
     for cls in TOKENIZERS[method].__mro__:
         params = inspect.signature(cls.__init__).parameters.values()
@@ -41,9 +40,8 @@ def tokenizer_knobs(method):
 
 
 def build_tokenizer(config, **overrides):
-    """A new tokenizer from a `config` dict (or a model.TOKENIZER_PRESETS name) with overrides, e.g.
-    decoder_weights=None when a checkpoint's state dict will be loaded next. Every tokenizer class takes its config
-    minus "method" as keyword arguments and keeps the whole dict as `tok.config`."""
+    """A new tokenizer from a `config` dict (or a model.TOKENIZER_PRESETS name) with overrides (decoder_weights=None
+    when a state dict is loaded next): its class takes the config minus "method" and keeps it as `tok.config`."""
     config = {**(model.TOKENIZER_PRESETS[config] if isinstance(config, str) else config), **overrides}
     method = config.pop("method", None)
     if method not in TOKENIZERS:
@@ -127,8 +125,7 @@ def identity(tensors, config=None):
 
 
 def load_tokenizer(src, device="cpu", method=None):
-    """The EMA tokenizer of a checkpoint (path, run directory or a dict from load_checkpoint), frozen, in eval
-    mode on `device`; its encoder and decoder weights come from the checkpoint, nothing is downloaded."""
+    """The frozen EMA tokenizer of a checkpoint (path, run directory or load_checkpoint's dict); nothing downloaded."""
     ck = src if isinstance(src, dict) else load_checkpoint(src, "tokenizer", method)
     tok = build_tokenizer(ck["config"], encoder_weights=None, decoder_weights=None)
     model.load_strict(tok, ck["ema"], f"{ck['path']} ema")
@@ -136,16 +133,13 @@ def load_tokenizer(src, device="cpu", method=None):
 
 
 def build_generator(config, tok):
-    """The generator of a tokenizer's latents from its config: the AR GPT over codes when the tokenizer is discrete
-    (`tok.num_codes`), else DiT-DH over latent tokens."""
+    """The generator of a config: the AR GPT over a discrete tokenizer's codes (`tok.num_codes`), else DiT-DH."""
     return (ar.GPT if tok.num_codes else dit.DiTDH)(**config)
 
 
 def load_generator(path, device="cpu", tok=None, tokenizer=None):
-    """(EMA generator, frozen and in eval mode; its frozen tokenizer with the generator's latent statistics; the
-    checkpoint). `tok`: the tokenizer already loaded for another generator on the same latents (a guide);
-    `tokenizer`: where the tokenizer is now, if it moved. A tokenizer other than the one the generator was trained
-    with (another identity) is refused in one line."""
+    """(frozen EMA generator, its frozen tokenizer with the latent statistics, the checkpoint). `tok`: one already
+    loaded (a guide's); `tokenizer`: where it is now if it moved. Another tokenizer (identity) is refused."""
     ck = load_checkpoint(path, "generator")
     if tok is None:
         where = tokenizer or ck["tokenizer"]["path"]

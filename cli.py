@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 
 def setup_distributed(device=None):
-    """(rank, world size, device). Under torchrun: one process per device, the process group made once (NCCL on
-    CUDA, gloo on CPU); otherwise a single process (or the group the caller already made)."""
+    """(rank, world size, device): under torchrun one process per device (NCCL on CUDA, gloo on CPU), else one process
+    or the group the caller already made."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ and not dist.is_initialized():
         return 0, 1, device
@@ -42,9 +42,8 @@ def writable(flag, folder):
 
 @contextlib.contextmanager
 def user_errors(script, downloads):
-    """A user's bad file found deep inside (model.read_state_dict's missing or unreadable weights, a config a model
-    refuses: FileNotFoundError / ValueError) or a failed offline download (RuntimeError "could not download {what}")
-    becomes one line; a download names the flag that takes a local file (`downloads`: what → flag)."""
+    """A bad file or config found deep inside (FileNotFoundError, ValueError) or a failed download (RuntimeError "could
+    not download {what}") as one line; a download names the flag that takes a local file (`downloads`: what → flag)."""
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
@@ -57,8 +56,7 @@ def user_errors(script, downloads):
 
 
 def number(kind=int, low=None, high=None, above=False):
-    """An argparse type: a `kind` ≥ low (> low with `above`) and ≤ high; anything else is the parser's one-line error
-    naming the flag."""
+    """An argparse type: a `kind` ≥ low (> low with `above`) and ≤ high, else the parser's one-line error."""
     def parse(text):
         try:
             value = kind(text)

@@ -1,15 +1,10 @@
 """Training for depthrae: every tokenizer phase and the generator phase, one file, no framework.
 
-Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1) share one step: loss = rec (L1 | L2) + LPIPS
-+ GAN (frozen-DINO discriminator, hinge, adaptive weight) + the tokenizer's own aux losses; AdamW, warm-up + cosine,
-EMA, discriminator from an epoch.
-  rae/1 RAE decoder · drorae/1 = rae/1 · drorae/2 fusion only (--init-from phase 1 or a released RAE decoder) ·
-  drorae/3 decoder fine-tune (--init-from phase 2) · drorae/joint fusion + decoder (the §3.3 ablation) · decq/1
-  queries + condensers + decoder · ideal/1 VQ tokenizer (Ideal recipe) · DecQ's Table 3 baselines: unfreeze/1 encoder +
-  decoder (--distill W: + W·L2 to the frozen starting encoder), concat/1 feature concat.
-Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by flow matching on continuous latents (rae, drorae,
-decq, unfreeze, concat) or the AR GPT on codes (ideal), on a frozen --tokenizer checkpoint. Every phase runs in the
-same loop (section 6).
+Tokenizer phases (RAE stage 1, DRoRAE §3.3, DecQ §3.2, Ideal App. A.1; the rows of RECIPES) share one step: loss =
+rec (L1 | L2) + LPIPS + GAN (frozen-DINO discriminator, hinge, adaptive weight) + the tokenizer's own aux losses; AdamW,
+warm-up + cosine, EMA, discriminator from an epoch. Generator phase (--phase gen; RAE stage 2, Ideal §3.4): DiT-DH by
+flow matching on continuous latents, or the AR GPT on codes (ideal), on a frozen --tokenizer checkpoint. Every phase
+runs in one loop, train() (section 5).
 
     python train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
     torchrun --nproc_per_node=8 train.py --method rae --phase 1 --data-path imagenet/train --out-dir runs/rae
@@ -82,14 +77,10 @@ GPT = dict(  # Ideal Table 9: the LlamaGen-style GPT on codes (bf16 autocast, of
     DIT_DH, epochs=300, global_batch=256, lr=1e-4, weight_decay=0.05, schedule="constant", ema=0.9999,
     precision="bf16", gen=dict(gpt="B", p_uncond=0.1))
 RECIPES = {
-    ("rae", "1"): RAE_DECODER,
-    ("drorae", "1"): RAE_DECODER,
+    **{(m, "1"): RAE_DECODER for m in ("rae", "drorae", "decq", "unfreeze", "concat")},  # the last two: DecQ Table 3
     ("drorae", "2"): dict(RAE_DECODER, init=(("rae", "drorae"), "1")),  # fusion only
     ("drorae", "3"): dict(RAE_DECODER, init=(("drorae",), "2")),  # decoder fine-tune
     ("drorae", "joint"): dict(RAE_DECODER, init=(("rae", "drorae"), "1")),  # the §3.3 ablation: fusion + decoder
-    ("decq", "1"): RAE_DECODER,
-    ("unfreeze", "1"): RAE_DECODER,  # DecQ Table 3 baselines
-    ("concat", "1"): RAE_DECODER,
     ("ideal", "1"): IDEAL_TOKENIZER,
     **{(m, "gen"): DIT_DH for m in ("rae", "drorae", "decq", "unfreeze", "concat")},
     ("ideal", "gen"): GPT,
@@ -102,8 +93,9 @@ TINY = dict(  # --recipe tiny, over any row: CPU smoke runs and tests, no downlo
     gen=dict(dit="tiny", gpt="tiny"))
 DISCRIMINATORS = {"S8": {},  # DINO ViT-S/8 at 224 (losses.Discriminator defaults); tiny: random, for tests
                   "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
-CHOICES = dict(rec_loss=("l1", "l2"), disc=tuple(DISCRIMINATORS), dit=tuple(dit.PRESETS), gpt=tuple(ar.GPT_PRESETS),
-               t_dist=("logit-normal", "uniform"), query_out=("shared", "separate"))
+REC_LOSSES = {"l1": F.l1_loss, "l2": lambda recon, x: F.mse_loss(recon * 2 - 1, x * 2 - 1)}  # L2: on [−1, 1]
+CHOICES = dict(rec_loss=tuple(REC_LOSSES), disc=tuple(DISCRIMINATORS), dit=tuple(dit.PRESETS),
+               gpt=tuple(ar.GPT_PRESETS), t_dist=("logit-normal", "uniform"), query_out=("shared", "separate"))
 PROBABILITIES = ("diffaug_prob", "p_uncond")
 PER_INVOCATION = ("resume", "out_dir", "max_steps", "stop_epoch", "device", "workers", "log_every", "ckpt_every",
                   "keep_every", "keep_every_epochs", "grid_every", "compile", "tokenizer", "precision",
@@ -114,19 +106,15 @@ def recipe(method, phase, name="published"):
     """The complete row of (method, phase), with --recipe tiny's values over it (and the tiny tokenizer)."""
     row = copy.deepcopy(RECIPES[(method, phase)])
     if name == "tiny":
-        for k, v in TINY.items():
-            if isinstance(v, dict) and k in row:
-                row[k].update(v)
-            elif k in row:
-                row[k] = v
+        row.update({k: {**row[k], **v} if isinstance(v, dict) else v for k, v in TINY.items() if k in row})
         row["tok"] = {k: v for k, v in checkpoint.TINY[method].items() if k != "method"}
     return row
 
 
 def literal(key, text, default):
-    """A key=value's value, typed like the knob's default (a number, a bool, a string) or, where the default is None, a
-    JSON / Python literal (numbers, lists, dicts, None; a path for *_weights). Numbers must be finite and ≥ 0: every
-    knob here is a size, count, block index, weight, rate, probability or epoch."""
+    """A key=value's value, typed like the knob's default, or where that is None a JSON / Python literal (a path for
+    *_weights). Numbers must be finite and ≥ 0: every knob is a size, count, block index, weight, rate, probability or
+    epoch."""
     try:
         if isinstance(default, bool):
             value = {"true": True, "false": False}[text.lower()]
@@ -141,7 +129,8 @@ def literal(key, text, default):
                 value = ast.literal_eval(text)
     except (KeyError, ValueError, SyntaxError):
         if default is not None or not key.endswith("weights"):  # a None default: a number, a list, or a weights path
-            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a number or a list")
+            kinds = {bool: "true or false", int: "an integer", float: "a number"}
+            kind = kinds.get(type(default), "a number or a list")
             raise ValueError(f"{key} takes {kind}, got {text}") from None
         value = text
     numbers = [v for v in (value if isinstance(value, (list, tuple)) else [value])
@@ -151,23 +140,9 @@ def literal(key, text, default):
     return value
 
 
-def knob_values(flag, pairs, defaults, what):
-    """`--tok|--loss|--gen key=value …` → {key: typed value}; an unknown key or a bad value is one line."""
-    values = {}
-    for pair in pairs or ():
-        key, eq, text = pair.partition("=")
-        if not eq or key not in defaults:
-            raise SystemExit(f"{flag} {pair}: {what} has no knob '{key}' (knobs: {', '.join(defaults)})")
-        try:
-            values[key] = literal(key, text, defaults[key])
-        except ValueError as e:
-            raise SystemExit(f"{flag} {pair}: {e}") from None
-    return values
-
-
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
-    a = p.add_argument
+    a, knobs = p.add_argument, dict(nargs="+", action="extend", metavar="KEY=VALUE")
     a("--method", choices=tuple(checkpoint.TOKENIZERS), required=True)
     a("--phase", choices=("1", "2", "3", "joint", "gen"), required=True)
     a("--recipe", choices=("published", "tiny"), help="tiny: CPU smoke runs, random tiny models")
@@ -189,10 +164,10 @@ def parse_args(argv=None):
     a("--fsdp", action="store_true", default=None, help="generator phase: shard parameters, gradients, AdamW state "
       "and EMA over the processes (torch FSDP2, a unit per block; no grids) — for GPT-3B")
     a("--compile", action="store_true", default=None)
-    a("--tok", nargs="+", action="extend", metavar="KEY=VALUE", help="tokenizer constructor keywords (model.RAE, fusion.DRoRAE, "
-      "queries.DecQ, vq.Ideal …), e.g. --tok beta=0.5 fusion_layers=[3,7,11]")
-    a("--loss", nargs="+", action="extend", metavar="KEY=VALUE", help="tokenizer objective (the row's `loss`), e.g. gan_weight=0")
-    a("--gen", nargs="+", action="extend", metavar="KEY=VALUE", help="generator (the row's `gen`), e.g. dit=S p_uncond=0.1")
+    a("--tok", **knobs, help="tokenizer constructor keywords (model.RAE, fusion.DRoRAE, queries.DecQ, vq.Ideal …), "
+      "e.g. --tok beta=0.5 fusion_layers=[3,7,11]")
+    a("--loss", **knobs, help="tokenizer objective (the row's `loss`), e.g. gan_weight=0")
+    a("--gen", **knobs, help="generator (the row's `gen`), e.g. dit=S p_uncond=0.1")
     # the recipe's flat values (default: the row's)
     n, r = cli.number, dict(type=cli.number(float, 0))
     a("--epochs", type=n(int, 1))
@@ -227,15 +202,10 @@ FREE = ("method", "phase", "recipe", "print_config", "data_path", "out_dir", "re
         "stats", "latent_cache", "max_steps", "stop_epoch", "device", "seed", "fsdp", "compile")  # not recipe values
 
 
-def cuda(device):
-    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-
-
 def resolve(given):
     """The run's settings: its recipe row, the flags given over it, or with --resume the run's saved settings (a flag
-    given now may change only PER_INVOCATION ones). Keys are "lr", "loss.gan_weight", "gen.dit", "tok.beta"; the
-    returned Namespace has the recipe's values flat (args.lr, args.gan_weight, args.dit), the tokenizer's keywords as
-    args.tok, --init-from's requirement as args.init and each value's source in args.sources."""
+    given now may change only PER_INVOCATION ones), keyed "lr", "loss.gan_weight", "gen.dit", "tok.beta"; returned
+    flat (args.lr, args.gan_weight, args.dit), with args.tok, args.init (what --init-from must be) and args.sources."""
     method, phase = given.method, given.phase
     if (method, phase) not in RECIPES:
         raise SystemExit(f"--method {method} has no phase {phase} (valid: "
@@ -257,7 +227,14 @@ def resolve(given):
         knobs = {k[len(g) + 1:]: v for k, v in values.items() if k.startswith(g + ".")}
         if getattr(given, g) and not knobs:
             raise SystemExit(f"--{g}: --method {method} --phase {phase} has no {g} knobs")
-        flags.update({f"{g}.{k}": v for k, v in knob_values(f"--{g}", getattr(given, g), knobs, what).items()})
+        for pair in getattr(given, g) or ():  # key=value, typed like the knob's default; a bad one is one line
+            key, eq, text = pair.partition("=")
+            if not eq or key not in knobs:
+                raise SystemExit(f"--{g} {pair}: {what} has no knob '{key}' (knobs: {', '.join(knobs)})")
+            try:
+                flags[f"{g}.{key}"] = literal(key, text, knobs[key])
+            except ValueError as e:
+                raise SystemExit(f"--{g} {pair}: {e}") from None
     for k in flags:
         if k not in values and k not in FREE:
             raise SystemExit(f"--{k.replace('_', '-')}: not used by --method {method} --phase {phase}")
@@ -265,19 +242,20 @@ def resolve(given):
     if saved:  # old runs saved flat names (lr, gan_weight, dit) and their tokenizer's keywords in its config
         old = {next((f"{g}{k}" for g in ("", "loss.", "gen.") if f"{g}{k}" in values), k): v for k, v in saved.items()}
         old.update({f"tok.{k}": v for k, v in ck["config"].items() if ck["kind"] == "tokenizer"})
-        changed = [k for k, v in flags.items() if k in old and k not in PER_INVOCATION + ("method", "phase")
-                   and (list(v) if isinstance(v, tuple) else v) != old[k]]
+        fixed = [k for k in old if k not in PER_INVOCATION + ("method", "phase")]
+        changed = [k for k, v in flags.items() if k in fixed and (list(v) if isinstance(v, tuple) else v) != old[k]]
         if changed:
             raise SystemExit(f"--resume {given.resume}: the run was started "
                              f"{', '.join(spell(k, old[k]) for k in changed)}; leave those flags out to continue it")
-        kept = [k for k in old if k in values and k not in flags and k not in PER_INVOCATION + ("method", "phase")]
+        kept = [k for k in fixed if k in values and k not in flags]
         values.update({k: old[k] for k in kept})
         sources.update(dict.fromkeys(kept, "resumed run"))
     values.update(flags)
     sources.update(dict.fromkeys(flags, "flag"))
     values["seed"], values["recipe"] = values["seed"] or 0, name
     values.update({k: bool(values[k]) for k in ("fsdp", "compile", "print_config")})
-    if values["precision"] == "bf16" and sources["precision"] != "flag" and not cuda(values["device"]):
+    on_cuda = (values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if values["precision"] == "bf16" and sources["precision"] != "flag" and not on_cuda:
         values["precision"], sources["precision"] = "fp32", "recipe (bf16 on CUDA only)"
     args = argparse.Namespace(**{k.split(".")[-1]: v for k, v in values.items() if not k.startswith("tok.")})
     args.tok, args.init, args.sources = {k[4:]: v for k, v in values.items() if k.startswith("tok.")}, init, sources
@@ -295,7 +273,7 @@ def spell(key, value):
 
 def check(args):
     """What no single value's type can say: choices, probabilities, and combinations a run cannot have."""
-    given = {k.split(".")[-1]: k.replace(".", " ", 1) for k in args.sources if "." in k}  # gan_weight: "loss gan_weight"
+    given = {k.split(".")[-1]: k.replace(".", " ", 1) for k in args.sources if "." in k}  # "loss gan_weight"
     for k, choices in CHOICES.items():
         if k in given and getattr(args, k) not in choices:
             raise SystemExit(f"--{given[k]}={getattr(args, k)}: expected one of {', '.join(choices)}")
@@ -326,7 +304,7 @@ def print_config(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. RNG states (checkpoints themselves: checkpoint.py)
+# 2. What every phase shares: RNG states, the batch plan, AdamW, accumulation, reductions over ranks, Trainer
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -337,7 +315,14 @@ def rng_state():
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
-def set_rng_state(s):
+def seed_ranks(args, resume, rank, world):
+    """Each rank's randomness (noise augmentation, dropout, DiffAugment, flow-matching noise): its rng_state() saved
+    when the run is resumed on as many processes, else seeded per rank."""
+    if resume is None or len(resume["rng"]) != world:
+        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+            seed_fn(args.seed * world + rank)
+        return
+    s = resume["rng"][rank]
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in s["python"]))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(s["torch"])
@@ -345,17 +330,11 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Distributed training helpers (shared by every phase)
-# ----------------------------------------------------------------------------------------------------
-
-
 Plan = collections.namedtuple("Plan", "accum steps_per_epoch total_steps warmup_steps")
 
 
 def plan(args, dataset, world):
-    """The Plan of a run: micro-batches per process per global batch (accum), optimizer steps per epoch
-    (drop_last), total and warm-up steps. Clear errors for impossible batch sizes."""
+    """Micro-batches per process per global batch (accum), optimizer steps per epoch (drop_last), total, warm-up."""
     accum, rem = divmod(args.global_batch, world * args.micro_batch)
     if rem or not accum:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of processes ({world}) × "
@@ -391,21 +370,9 @@ def make_optimizer(params, args, plan, device):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@torch.no_grad()
-def update_ema(ema, net, decay):
-    """EMA of the trained tensors: e ← decay·e + (1 − decay)·p; buffers are copied. Used by every phase."""
-    for e, p in zip(ema.parameters(), net.parameters()):
-        if p.requires_grad:
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-    for e, b in zip(ema.buffers(), net.buffers()):
-        e.copy_(b)
-
-
 def accumulate(net, micro_batches, loss_fn):
-    """Backward of the mean loss over this rank's micro-batches of one global batch. Gradients add up across
-    micro-batches (never zeroed in between); under DDP only the last backward all-reduces (no_sync before), so
-    the result equals one big batch on one process (FSDP: only the last reduce-scatters). Returns the mean of every
-    logged term."""
+    """Backward of the mean loss over this rank's micro-batches, gradients adding up; only the last backward syncs
+    (DDP all-reduce, FSDP reduce-scatter), so it equals one big batch on one process. Returns each term's mean."""
     logs, n = {}, len(micro_batches)
     for i, mb in enumerate(micro_batches):
         sync = contextlib.nullcontext() if i == n - 1 or not isinstance(net, DDP) else net.no_sync()
@@ -435,8 +402,87 @@ def any_rank(flag, world, device):
     return bool(t)
 
 
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
+
+
+class Trainer:
+    """What every phase shares, written once: the trained network's EMA, AdamW and schedule (restored on resume), its
+    wrapper (torch.compile, DDP), the optimisation step and the checkpointed state. A phase (below) builds its network,
+    calls setup, sets `clipped` (the tensors whose gradient norm is clipped) and says its loss."""
+
+    def setup(self, net, resume, device):
+        """EMA copy, FSDP units (--fsdp), AdamW over the trainable tensors (returned), restored on resume."""
+        self.trained, self.ema = net, copy.deepcopy(net).eval().requires_grad_(False)
+        if resume is not None:  # whole state dicts, loaded before any sharding
+            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
+        for unit in [net, self.ema] if self.args.fsdp else []:  # the EMA sharded alike: its update stays local
+            for blocks in [m for m in unit.modules() if isinstance(m, torch.nn.ModuleList)]:
+                for block in blocks:  # FSDP2: each block (DiT-DH body and head, GPT) its own unit, then the rest
+                    fully_shard(block)
+            fully_shard(unit)
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.opt, self.sched = make_optimizer(params, self.args, self.plan, device)
+        if resume is not None:
+            if self.args.fsdp:  # saved whole, keyed by parameter name (world size free)
+                set_optimizer_state_dict(net, self.opt, resume["optimizer"], options=WHOLE)
+            else:
+                self.opt.load_state_dict(resume["optimizer"])
+            self.sched.load_state_dict(resume["scheduler"])
+        self.net = self.wrap(net, device, self.args.compile)
+        return params
+
+    def wrap(self, net, device, compile=False):
+        """--compile, then DDP over the processes (FSDP shards in place instead)."""
+        net = torch.compile(net) if compile else net
+        if self.world == 1 or self.args.fsdp or net is None:
+            return net
+        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def step(self, batches, step, out):
+        """One global batch: the backward of `loss` over this rank's micro-batches, then the optimisation step."""
+        self.trained.train()
+        logs = accumulate(self.net, batches, self.loss)
+        return self.optimize(dict(logs, **getattr(self.trained, "last_stats", {})), step, out)  # Ideal's codebook use
+
+    def optimize(self, logs, step, out):
+        """After the backward of one global batch: stop every rank on a non-finite loss (before any weight changes, the
+        last checkpoint kept), clip the gradient norm, AdamW step, schedule, zero the gradients, EMA."""
+        a, loss = self.args, logs["loss"]
+        if any_rank(not math.isfinite(loss), self.world, loss.device):
+            kept = (f"last good checkpoint kept in {out}" if (Path(out) / "ckpt-last.pt").exists() else
+                    f"no checkpoint was written yet ({out})")
+            hint = "; it ran under --precision bf16: try --precision fp32" if a.precision == "bf16" else ""
+            raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}{hint}")
+        if a.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.clipped, a.clip_grad)
+            logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # EMA of the trained tensors: e ← ema·e + (1 − ema)·p; buffers are copied
+            for e, p in zip(self.ema.parameters(), self.trained.parameters()):
+                if p.requires_grad:
+                    e.mul_(a.ema).add_(p.detach(), alpha=1 - a.ema)
+            for e, b in zip(self.ema.buffers(), self.trained.buffers()):
+                e.copy_(b)
+        return dict(logs, lr=self.sched.get_last_lr()[0])
+
+    def whole(self, net):
+        return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
+
+    def state(self):
+        """What a resume needs. Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
+        opt = (get_optimizer_state_dict(self.trained, self.opt, options=WHOLE) if self.args.fsdp else
+               self.opt.state_dict())
+        return dict(self.export(), model=self.whole(self.trained), optimizer=opt, scheduler=self.sched.state_dict())
+
+    def export(self):
+        """The final EMA network and its config."""
+        return dict(config=self.trained.config, ema=self.whole(self.ema))
+
+
 # ----------------------------------------------------------------------------------------------------
-# 4. Tokenizer phases
+# 3. Tokenizer phases
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -451,11 +497,9 @@ def tokenizer_config(args):
 
 
 def build_tokenizer(args, resume):
-    """The tokenizer of this phase: from the resume checkpoint, from the previous phase (--init-from, refused
-    unless it holds the required method/phase), or new. Later phases start from the previous phase's EMA weights.
-    From a phase-1 checkpoint (an RAE decoder, whatever the method) only the encoder and decoder and their config
-    are taken: the method's own modules are new, configured by this command's flags; where phase 1 is wanted,
-    --init-from may also be a released RAE decoder file (model.pt), the encoder named by --tok encoder=…."""
+    """The tokenizer of this phase: resumed, new, or from the previous phase's EMA weights (--init-from, of the
+    required method/phase). From phase 1 (an RAE decoder, whatever the method, or a released RAE decoder file) only
+    the encoder and decoder are taken; the method's own modules are new, configured by this command's flags."""
     need = args.init
     if args.method == "drorae" and args.tok["router"] == "mean" and args.phase == "3":
         need = RECIPES[("drorae", "2")]["init"]  # no parameters: phase 3 comes straight after phase 1
@@ -471,8 +515,9 @@ def build_tokenizer(args, resume):
         try:  # a released RAE decoder (or any decoder state dict model.rae_decoder_state_dict reads)
             tok = checkpoint.build_tokenizer(dict(tokenizer_config(args), decoder_weights=args.init_from))
         except Exception as e:  # noqa: BLE001 — unreadable, or not a decoder of this shape: one line
-            raise SystemExit(f"--init-from {args.init_from}: neither a depthrae checkpoint nor a decoder for "
-                             f"--tok encoder={args.tok['encoder']} decoder={args.tok['decoder']} ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            raise SystemExit(f"--init-from {args.init_from}: neither a depthrae checkpoint nor a decoder for --tok "
+                             f"encoder={args.tok['encoder']} decoder={args.tok['decoder']} ({why})") from None
     else:
         prev = checkpoint.load_checkpoint(args.init_from, "tokenizer", need[0], need[1])
         config, state = dict(prev["config"]), prev["ema"]
@@ -492,7 +537,7 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         recon, aux = net(x)
         recon = recon.float()
-        rec = F.l1_loss(recon, x) if args.rec_loss == "l1" else F.mse_loss(recon * 2 - 1, x * 2 - 1)  # L2: on [−1, 1]
+        rec = REC_LOSSES[args.rec_loss](recon, x)
         p = lpips(recon, x).mean() if lpips is not None else torch.zeros((), device=x.device)
         nll = rec + args.lpips_weight * p
         g = (losses.generator_loss(disc(losses.diff_augment(recon * 2 - 1, args.diffaug, prob=args.diffaug_prob)))
@@ -506,9 +551,8 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
 
 
 def discriminator_loss(d_net, real, fake, args, lecam=None):
-    """Hinge loss of the discriminator on DiffAugmented fakes (8 bit, [−1, 1], no grad) and reals; fakes are
-    augmented and classified first, as in RAE. Ideal's recipe adds LeCAM (`lecam`, weight --lecam) and consistency
-    regularisation: --disc-cr · MSE between the logits under the normal and a strong augmentation."""
+    """Hinge loss on DiffAugmented fakes (8 bit, [−1, 1]) and reals, fakes first as in RAE; Ideal's recipe adds LeCAM
+    and consistency regularisation (--disc-cr · MSE between the logits under the normal and a strong augmentation)."""
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         real = real * 2 - 1
         logits_fake = d_net(losses.diff_augment(fake, args.diffaug, prob=args.diffaug_prob))
@@ -523,97 +567,58 @@ def discriminator_loss(d_net, real, fake, args, lecam=None):
     return d + terms.get("lecam", 0) + terms.get("cr", 0), terms
 
 
-def check_finite(loss, step, world, out, precision):
-    """Stop every rank, before the optimizer step, when the loss is not finite (the last checkpoint stays)."""
-    if any_rank(not math.isfinite(loss), world, loss.device):
-        kept = (f"last good checkpoint kept in {out}" if (Path(out) / "ckpt-last.pt").exists() else
-                f"no checkpoint was written yet ({out})")
-        hint = "; it ran under --precision bf16: try --precision fp32" if precision == "bf16" else ""
-        raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}{hint}")
-
-
-class Trainer:
-    """What every phase shares, written once: the wrapper of the trained network (torch.compile, DDP) and the
-    optimisation step. A phase (below) builds its network, EMA and AdamW (`trained`, `ema`, `opt`, `sched`, `clipped`:
-    the tensors whose gradient norm is clipped) and says its loss."""
-
-    def wrap(self, net, device):
-        """--compile, then DDP over the processes (FSDP shards in place instead)."""
-        net = torch.compile(net) if self.args.compile else net
-        if self.world == 1 or self.args.fsdp:
-            return net
-        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def optimize(self, logs, step, out):
-        """After the backward of one global batch: stop on a non-finite loss (before any weight changes), clip the
-        gradient norm, AdamW step, schedule, zero the gradients, EMA."""
-        check_finite(logs["loss"], step, self.world, out, self.args.precision)
-        if self.args.clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.args.clip_grad)
-            logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.trained, self.args.ema)
-        return dict(logs, lr=self.sched.get_last_lr()[0])
-
-
 class TokenizerTrainer(Trainer):
-    """One tokenizer phase: the tokenizer (+ EMA), its optimiser, LPIPS, the discriminator (+ optimiser).
-    step() = one global batch: generator update, EMA, then (from d_start) one discriminator update."""
+    """A tokenizer phase: the tokenizer, LPIPS and the discriminator; step() = one global batch: the tokenizer's
+    update and EMA, then (from d_start) one discriminator update."""
 
     kind = "tokenizer"
 
     def __init__(self, args, plan, device, world, resume):
-        self.args, self.world = args, world
+        self.args, self.plan, self.world = args, plan, world
         torch.manual_seed(args.seed)  # identical initialisation on every rank
         try:
             self.tok = build_tokenizer(args, resume).to(device)
         except ValueError as e:  # an impossible setting: one line naming the keyword
             raise SystemExit(f"--tok: {e}") from None
-        self.ema = copy.deepcopy(self.tok).eval().requires_grad_(False)
+        self.setup(self.tok, resume, device)
+        self.clipped = [p for g in self.opt.param_groups for p in g["params"]]  # in AdamW's group order
         self.lpips = None if not args.lpips_weight else losses.LPIPS(
             weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
-        self.opt, self.sched = make_optimizer([p for p in self.tok.parameters() if p.requires_grad], args, plan, device)
-        self.disc = d_state = None
+        self.disc = self.d_opt = self.d_sched = self.lecam = None
         if args.gan_weight > 0:  # no discriminator (nor its download) without a GAN term
             dino = weights(args.disc_weights, losses.DINO_S8_URL)
             self.disc = losses.Discriminator(dino, **DISCRIMINATORS[args.disc]).to(device)
             d_params = [p for p in self.disc.parameters() if p.requires_grad]
             self.d_opt, self.d_sched = make_optimizer(d_params, args, plan, device)
-            d_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
-        self.lecam = losses.LeCAM() if args.gan_weight > 0 and args.lecam else None
-        if resume is not None:
-            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-            for key, obj in dict(optimizer=self.opt, scheduler=self.sched, **(d_state or {})).items():
-                if resume[key] is None:
-                    raise SystemExit(f"{resume['path']} has no discriminator state: resume with --loss gan_weight=0")
+            self.lecam = losses.LeCAM() if args.lecam else None
+        self.gan_state = dict(disc=self.disc, disc_optimizer=self.d_opt, disc_scheduler=self.d_sched)
+        if resume is not None and self.disc is not None:
+            if resume["disc"] is None:
+                raise SystemExit(f"{resume['path']} has no discriminator state: resume with --loss gan_weight=0")
+            for key, obj in self.gan_state.items():
                 obj.load_state_dict(resume[key])
             if self.lecam is not None and resume.get("lecam") is not None:
                 self.lecam.ema = torch.tensor(resume["lecam"], dtype=torch.float64)
         by_epoch = lambda s, e: s if s is not None else e * plan.steps_per_epoch  # noqa: E731
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
-        self.trained, self.clipped = self.tok, [p for g in self.opt.param_groups for p in g["params"]]
-        self.net = self.wrap(self.tok, device)
-        self.d_net = DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None) if (
-            world > 1 and self.disc) else self.disc
+        self.d_net = self.wrap(self.disc, device)
         self.last_layer = self.tok.last_layer()
         if args.gan_weight > 0 and args.adaptive_gan and not self.last_layer.requires_grad:
             raise SystemExit(f"--method {args.method} --phase {args.phase}: the layer of the adaptive GAN weight "
                              "(tokenizer.last_layer()) is frozen in this phase; pass --loss adaptive_gan=false or "
                              "gan_weight=0")
 
+    def loss(self, batch):
+        return tokenizer_loss(self.net, batch[0], self.args, self.lpips, self.disc if self.gan else None,
+                              self.last_layer)
+
     def step(self, batches, step, out):
-        a, tok, disc = self.args, self.tok, self.disc
-        xs = [x for x, _ in batches]
-        gan = step >= self.g_start and a.gan_weight > 0
-        tok.train()
-        if gan:
-            disc.eval()  # D is fixed during the generator update
-        logs = accumulate(self.net, xs, lambda x: tokenizer_loss(self.net, x, a, self.lpips, disc if gan else None,
-                                                                 self.last_layer))
-        logs = self.optimize(dict(logs, **getattr(tok, "last_stats", {})), step, out)  # stats: Ideal's codebook use
+        a, tok, disc, xs = self.args, self.tok, self.disc, [x for x, _ in batches]
+        self.gan = step >= self.g_start and a.gan_weight > 0
+        if self.gan:
+            disc.eval()  # D is fixed during the tokenizer's update
+        logs = super().step(batches, step, out)
         if step >= self.d_start and a.gan_weight > 0:  # fakes from the updated decoder, eval mode, 8 bit
             tok.eval()
             with torch.no_grad(), torch.autocast(xs[0].device.type, torch.bfloat16, enabled=a.precision == "bf16"):
@@ -628,50 +633,29 @@ class TokenizerTrainer(Trainer):
         return logs
 
     def state(self):
-        d = self.disc is not None
-        return dict(config=self.tok.config, model=self.tok.state_dict(), ema=self.ema.state_dict(),
-                    optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                    disc=self.disc.state_dict() if d else None, disc_optimizer=self.d_opt.state_dict() if d else None,
-                    disc_scheduler=self.d_sched.state_dict() if d else None,
-                    lecam=self.lecam.ema.tolist() if self.lecam is not None else None)
+        gan = {k: None if v is None else v.state_dict() for k, v in self.gan_state.items()}
+        return dict(super().state(), **gan, lecam=None if self.lecam is None else self.lecam.ema.tolist())
 
     @torch.no_grad()
     def grid(self, x, path):
         """Originals (top) and EMA reconstructions (bottom)."""
         data.save_image_grid(torch.cat([x, self.ema(x)[0]]), path, nrow=len(x))
 
-    def export(self):
-        """The final EMA tokenizer: rebuild with model.build_tokenizer(ck["config"]) + ck["ema"]."""
-        return dict(config=self.tok.config, ema=self.ema.state_dict())
-
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer
+# 4. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer
 # ----------------------------------------------------------------------------------------------------
-
-
-WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
-
-
-def shard(net):
-    """FSDP2 (--fsdp): each block of every block list (DiT-DH body and head, GPT) its own unit, then the rest."""
-    for blocks in [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]:
-        for block in blocks:
-            fully_shard(block)
-    fully_shard(net)
 
 
 class GeneratorTrainer(Trainer):
-    """--phase gen: the generator (+ EMA) and its optimiser on the latents of the frozen tokenizer checkpoint `tck`,
-    encoded on the fly from ADM centre crops with random flips, or read from --latent-cache. DiT-DH by flow matching
-    on continuous latent tokens; the AR GPT on code indices when the tokenizer is discrete (`tok.num_codes`).
-    Latent statistics: --stats FILE, or computed over the training set (centre crops, --stats-batches micro-batches
-    per process), saved in the checkpoint."""
+    """--phase gen: DiT-DH by flow matching on continuous latent tokens, or the AR GPT on codes (`tok.num_codes`), of
+    the frozen tokenizer checkpoint `tck`, encoded on the fly or read from --latent-cache. Latent statistics: --stats
+    FILE, or computed over the training set's centre crops, saved in the checkpoint."""
 
     kind = "generator"
 
     def __init__(self, args, plan, device, world, resume, tck):
-        self.args, self.world, self.device = args, world, device
+        self.args, self.plan, self.world, self.device = args, plan, world, device
         self.tok = checkpoint.load_tokenizer(tck, device)
         self.tokenizer = dict(path=str(Path(tck["path"]).resolve()), config=tck["config"],
                               identity=checkpoint.identity(tck["ema"], tck["config"]))  # hashed once, here
@@ -714,21 +698,9 @@ class GeneratorTrainer(Trainer):
                                     num_extra=self.tok.num_extra,
                                     **({"extra_out": args.query_out} if self.tok.num_extra else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
-        self.ema = copy.deepcopy(self.gen).eval().requires_grad_(False)
         if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
-            model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-        if args.fsdp:
-            shard(self.gen)
-            shard(self.ema)  # sharded alike, so the EMA update stays local
-        self.opt, self.sched = make_optimizer(self.gen.parameters(), args, plan, device)
-        if resume is not None:
-            if args.fsdp:  # saved whole, keyed by parameter name (world size free)
-                set_optimizer_state_dict(self.gen, self.opt, resume["optimizer"], options=WHOLE)
-            else:
-                self.opt.load_state_dict(resume["optimizer"])
-            self.sched.load_state_dict(resume["scheduler"])
-        self.trained, self.clipped, self.net = self.gen, list(self.gen.parameters()), self.wrap(self.gen, device)
+        self.clipped = self.setup(self.gen, resume, device)  # in the generator's order
 
     @torch.no_grad()
     def encode(self, x01):
@@ -748,18 +720,6 @@ class GeneratorTrainer(Trainer):
                                               p_uncond=a.p_uncond)
         return loss, dict(loss=loss)
 
-    def step(self, batches, step, out):
-        self.gen.train()
-        return self.optimize(accumulate(self.net, batches, self.loss), step, out)
-
-    def state(self):
-        """Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
-        opt = (get_optimizer_state_dict(self.gen, self.opt, options=WHOLE) if self.args.fsdp else self.opt.state_dict())
-        return dict(self.export(), model=self.whole(self.gen), optimizer=opt, scheduler=self.sched.state_dict())
-
-    def whole(self, net):
-        return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
-
     @torch.no_grad()
     def grid(self, x, path):
         """EMA samples for classes 0..7 (fixed noise): Euler 25 steps (DiT-DH) or temperature-1 sampling (GPT)."""
@@ -775,17 +735,18 @@ class GeneratorTrainer(Trainer):
 
     def export(self):
         """The EMA generator with what sample.py needs: its config, the tokenizer (path, config), the stats."""
-        return dict(config=self.gen.config, ema=self.whole(self.ema), tokenizer=self.tokenizer, stats=self.stats)
+        return dict(super().export(), tokenizer=self.tokenizer, stats=self.stats)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. The loop shared by every phase: data order, logging, grids, checkpoints, signals
+# 5. The loop shared by every phase: data order, logging, grids, checkpoints, signals
 # ----------------------------------------------------------------------------------------------------
 
 
-def train(args, rank, world, device, stop):
-    out = Path(args.out_dir)
-    kind = "generator" if args.phase == "gen" else "tokenizer"
+def open_run(args):
+    """(the checkpoint to resume or None, the training set, a generator's frozen tokenizer checkpoint or None); a run
+    directory that holds a checkpoint is continued with --resume, never started over."""
+    out, kind = Path(args.out_dir), "generator" if args.phase == "gen" else "tokenizer"
     resume = checkpoint.load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
     if resume is not None and "model" not in resume:
         raise SystemExit(f"--resume {resume['path']}: a finished run's export (weights only), not a resumable "
@@ -793,65 +754,90 @@ def train(args, rank, world, device, stop):
     if resume is None and (out / "ckpt-last.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops
-        dataset = data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip,
-                                   **({"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}))
-    else:  # ADM centre crops with flips at the frozen tokenizer's size
-        tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
-        if not tok_path:
-            raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
-                             "checkpoint")
-        tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)
-        dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
-        if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
-            raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "
-                             "folders")
-        dataset = data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset
+        crops = {"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}
+        return resume, data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip, **crops), None
+    tok_path = args.tokenizer or resume and resume["tokenizer"]["path"]
+    if not tok_path:
+        raise SystemExit(f"--method {args.method} --phase gen needs --tokenizer: a {args.method} tokenizer "
+                         "checkpoint")
+    tck = checkpoint.load_checkpoint(tok_path, "tokenizer", args.method)  # ADM centre crops with flips at its size
+    dataset = data.ImageFolder(args.data_path, size=tck["config"]["image_size"], flip=True)
+    if len(dataset.classes) > args.num_classes:  # label num_classes is the guidance null label
+        raise SystemExit(f"--num-classes {args.num_classes}: {args.data_path} has {len(dataset.classes)} class "
+                         "folders")
+    return resume, data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset, tck
+
+
+def global_batches(loader, plan, start, end, device):
+    """Each step's micro-batches, from step `start` to `end`: the data order is a function of (seed, epoch,
+    position), so a run resumed mid-epoch skips the micro-batches already consumed."""
+    for step in range(start, end):
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        if step == start or k == 0:
+            loader.set_epoch(epoch, skip_batches=k * plan.accum)
+            it = iter(loader)
+        with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG
+            batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(plan.accum)]
+        yield batches
+
+
+def due(step, every):
+    """Whether `step` is a multiple of the cadence `every` (0: never)."""
+    return bool(every) and step % every == 0
+
+
+def checkpoints_due(args, step, end, steps_per_epoch, signalled):
+    """The checkpoint files to write after `step`: ckpt-last.pt (every --ckpt-every, at the end, on a signal), and
+    those kept every --keep-every steps and every --keep-every-epochs epochs."""
+    names = ["ckpt-last.pt"] if signalled or step == end or due(step, args.ckpt_every) else []
+    if due(step, args.keep_every):
+        names.append(f"ckpt-{step:07d}.pt")
+    if args.keep_every_epochs and due(step, max(1, round(args.keep_every_epochs * steps_per_epoch))):
+        names.append(f"ckpt-epoch{step / steps_per_epoch:g}.pt")
+    return names
+
+
+def save(path, trainer, args, step, rank, world, final=False):
+    """A checkpoint: the trainer's state and every rank's RNG state, or (`final`) its export. Every rank calls it (under
+    FSDP the whole tensors are gathered), rank 0 writes."""
+    if final:
+        state = trainer.export()
+    else:
+        rngs = [rng_state()] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rngs[0])
+        state = dict(trainer.state(), epoch=step // trainer.plan.steps_per_epoch, rng=rngs)
+    if rank == 0:
+        checkpoint.save_checkpoint(path, kind=trainer.kind, method=args.method, phase=args.phase, step=step,
+                                   args=settings(args), **state)
+
+
+def train(args, rank, world, device, stop):
+    out, (resume, dataset, tck) = Path(args.out_dir), open_run(args)
     schedule = plan(args, dataset, world)
-    accum, steps_per_epoch, total_steps = schedule.accum, schedule.steps_per_epoch, schedule.total_steps
-    trainer = (TokenizerTrainer(args, schedule, device, world, resume) if kind == "tokenizer" else
+    trainer = (TokenizerTrainer(args, schedule, device, world, resume) if tck is None else
                GeneratorTrainer(args, schedule, device, world, resume, tck))
     step = resume["step"] if resume is not None else 0
-    if resume is not None and len(resume["rng"]) == world:
-        set_rng_state(resume["rng"][rank])
-    else:  # per-rank randomness (noise augmentation, dropout, DiffAugment, flow-matching noise)
-        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-            seed_fn(args.seed * world + rank)
+    seed_ranks(args, resume, rank, world)
     loader = data.make_loader(dataset, args.micro_batch, seed=args.seed, num_workers=args.workers)
-
-    def save(path):
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs[0] = rng_state()
-        state = trainer.state()  # on every rank: FSDP gathers
-        if rank == 0:
-            checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **state,
-                                       step=step, epoch=step // steps_per_epoch, args=settings(args), rng=rngs)
-
+    steps_per_epoch, total_steps = schedule.steps_per_epoch, schedule.total_steps
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(settings(args), indent=1))
         grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
-        trained = sum(p.numel() for g in trainer.opt.param_groups for p in g["params"])
-        print(f"{args.method} phase {args.phase}: {trained:,} trained parameters; {len(dataset)} images, "
-              f"{steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} process(es) × {accum} micro-batches "
-              f"of {args.micro_batch}")
+        print(f"{args.method} phase {args.phase}: {sum(p.numel() for p in trainer.clipped):,} trained parameters; "
+              f"{len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} process(es) × "
+              f"{schedule.accum} micro-batches of {args.micro_batch}")
     end = min(total_steps, args.max_steps or total_steps,
               round(args.stop_epoch * steps_per_epoch) if args.stop_epoch else total_steps)
     with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
-        it, t0, seen = None, time.time(), 0
-        while step < end:
-            epoch, k = divmod(step, steps_per_epoch)
-            if it is None or k == 0:  # mid-epoch resume skips the micro-batches already consumed
-                loader.set_epoch(epoch, skip_batches=k * accum)
-                it = iter(loader)
-            with torch.random.fork_rng(devices=[]):  # DataLoader draws its base seed from the global RNG
-                batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(accum)]
+        t0, seen = time.time(), 0
+        for batches in global_batches(loader, schedule, step, end, device):
+            epoch = step // steps_per_epoch
             logs = trainer.step(batches, step, out)
             step, seen = step + 1, seen + args.global_batch
             bar.update(1)
-            if step % args.log_every == 0 or step == end:
+            if due(step, args.log_every) or step == end:
                 logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # skipped: total over ranks
                 if rank == 0:
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -859,29 +845,24 @@ def train(args, rank, world, device, stop):
                         rate = seen / (time.time() - t0)
                         f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=rate)) + "\n")
                 t0, seen = time.time(), 0
-            if rank == 0 and args.grid_every and step % args.grid_every == 0 and not args.fsdp:
+            if rank == 0 and due(step, args.grid_every) and not args.fsdp:
                 trainer.grid(grid_x, out / f"grid-{step:07d}.png")
             signalled = any_rank("signal" in stop, world, device)
-            if signalled or step == end or step % args.ckpt_every == 0:
-                save(out / "ckpt-last.pt")
-            if args.keep_every and step % args.keep_every == 0:
-                save(out / f"ckpt-{step:07d}.pt")
-            if args.keep_every_epochs and step % max(1, round(args.keep_every_epochs * steps_per_epoch)) == 0:
-                save(out / f"ckpt-epoch{step / steps_per_epoch:g}.pt")
+            for name in checkpoints_due(args, step, end, steps_per_epoch, signalled):
+                save(out / name, trainer, args, step, rank, world)
             if signalled:
                 break
-    final = trainer.export() if step == total_steps else None  # on every rank: FSDP gathers
-    if rank == 0 and final is not None:
-        path = out / f"{kind}.pt"
-        checkpoint.save_checkpoint(path, kind=kind, method=args.method, phase=args.phase, **final,
-                                   step=step, args=settings(args))
-        print(f"done: {path}")
-    elif rank == 0:
-        print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
+    if step != total_steps:
+        if rank == 0:
+            print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
+        return
+    save(out / f"{trainer.kind}.pt", trainer, args, step, rank, world, final=True)
+    if rank == 0:
+        print(f"done: {out / trainer.kind}.pt")
 
 
-DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",
-             "LPIPS lin": "--loss lpips_weights=", "DINO weights": "--loss disc_weights="}  # the weights train.py may download → the flag that takes a local file
+DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",  # a download → the flag
+             "LPIPS lin": "--loss lpips_weights=", "DINO weights": "--loss disc_weights="}  # that takes a local file
 
 
 def main(argv=None):
