@@ -534,11 +534,15 @@ def code_scores(tok, x, y):
                 probe=((f[half:] @ w).argmax(1) == y[half:]).double().mean().item())
 
 
+class DryRun(Exception):
+    """--dry-run: the commands are printed, there is nothing to score (main returns None)."""
+
+
 def run_seeds(name, argv, plan, folder=None):
     """Run plan(w), a study's runs under each seed's world recipe w (a seed's runs named s<seed>-<name>; full scale:
     each under torchrun with --gpus processes), in <out-dir>/<folder>, by default the paper's (e.g. <out-dir>/drorae),
     which its other studies share, so a run two of them need is trained once; finished runs are reused, interrupted
-    ones continued: (args, folder, {seed: w}). --dry-run: print the commands, return None."""
+    ones continued: (args, folder, {seed: w}). --dry-run: print the commands and stop the study (DryRun)."""
     args, toy_flags = study_args(name, argv)
     root, gpus = Path(args.out_dir) / (folder or name.split("-")[0]), args.gpus if args.world == "imagenet" else 0
     worlds = {s: WORLDS[args.world](s, root, args, toy_flags) for s in args.seeds}
@@ -546,16 +550,16 @@ def run_seeds(name, argv, plan, folder=None):
             for s, w in worlds.items() for r in plan(w)]
     if args.dry_run:
         print("\n".join(runs.command(run, gpus) for run in jobs))
-        return None
+        raise DryRun
     runs.run_jobs(jobs, root, args.lanes, threads=None if gpus else 1, reuse=True, gpus=gpus)
     return args, root, worlds
 
 
 def ablation_study(name, argv, tokenizers, samplings, folder=None):
     """The seed_runs of `tokenizers` and `samplings` over the seeds (run_seeds), every seed scored by its world:
-    (args, folder, {seed: metrics}); None on --dry-run."""
-    done = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
-    return done and (*done[:2], {s: w["scores"](w, tokenizers, samplings) for s, w in done[2].items()})
+    (args, folder, {seed: metrics})."""
+    args, root, worlds = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
+    return args, root, {s: w["scores"](w, tokenizers, samplings) for s, w in worlds.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -574,10 +578,7 @@ def main_runs(w):
 
 def main_study(argv):
     """toy.py's main table (every method's reconstruction, every generator's samples) over seeds (main_runs)."""
-    done = run_seeds("main", argv, main_runs)
-    if done is None:
-        return None
-    args, root, worlds = done  # scores: toy.py's scoring stage's; full scale: evaluate.py's
+    args, root, worlds = run_seeds("main", argv, main_runs)  # scores: toy.py's scoring stage; full scale: evaluate.py
     per_seed = {s: json.loads((w["out"] / "results.json").read_text()) if args.world == "toy" else {
         k: {**evaluated(w["out"] / k / "eval.json"), **(evaluated(w["out"] / f"{k}_gen" / "eval.json", "")
                                                         if k in toy.GENERATORS else {})} for k in MAIN_ROWS}
@@ -596,10 +597,8 @@ def drorae_scaling(argv):
         return scaling_from(argv)
     dim, widths, counts = SCALING[study_args("drorae-scaling", argv)[0].world]
     points = [(h, n, f"h{h}-l{n}") for h in widths for n in counts]
-    done = ablation_study("drorae-scaling", argv, [name for *_, name in points], [], folder="drorae-scaling")
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("drorae-scaling", argv, [name for *_, name in points], [],
+                                          folder="drorae-scaling")
     metrics = [m for m in ("psnr", "rFID") if m in per_seed[args.seeds[0]]["rae"]]
     grid = lambda value: [dict(hidden=h, layers=n, params=fusion_params(dim, h, n),  # noqa: E731
                                **{m: value(name, m) for m in metrics}) for h, n, name in points]
@@ -624,10 +623,8 @@ def drorae_phases(argv):
     decoder at once, the ablation the paper reports failing), each tokenizer's reconstruction and a generator on its
     latent sampled without guidance and with AutoGuidance 1.5 (a weaker generator as guide, trained too)."""
     rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
-    done = ablation_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in (UNGUIDED, AG)])
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("drorae-phases", argv, rows[1:],
+                                          [(k, m) for k in rows for m in (UNGUIDED, AG)])
     metrics = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag", "sample_accuracy_none",
                "sample_accuracy_ag"]
     return finish("drorae-phases", root / "drorae-phases", per_seed, rows, args, "drorae_p3",
@@ -643,10 +640,8 @@ def drorae_routing(argv):
     0.5, 1; reconstruction (also after phase 2 where there is one) and a generator on each latent (the main table's
     sampling)."""
     p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
-    done = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, CFG) for k in ROUTING_ROWS])
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()),
+                                          [(k, CFG) for k in ROUTING_ROWS])
     for seed in args.seeds:
         for k, k2 in p2.items():
             per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
@@ -673,12 +668,10 @@ def drorae_routing_maps(argv):
         raise SystemExit("drorae-routing-maps runs in the toy world; at full scale: fusion.save_routing_maps(tok, x, "
                          "path) on a phase-2 tokenizer (checkpoint.load_tokenizer)")
     keys = ("drorae_p2", "softmax_p2")
-    done = run_seeds("drorae-routing-maps", argv, lambda w: seed_runs(w, keys, []))
-    if done is None:
-        return None
-    root, res = done[1] / "drorae-routing-maps", {}
+    _, root, worlds = run_seeds("drorae-routing-maps", argv, lambda w: seed_runs(w, keys, []))
+    root, res = root / "drorae-routing-maps", {}
     root.mkdir(parents=True, exist_ok=True)
-    for seed, w in done[2].items():
+    for seed, w in worlds.items():
         x, _, masks = toy.make_world(w["args"].test_images, seed + 1000)
         x = data.to_uint8(x).permute(0, 3, 1, 2).float() / 255  # as the held-out PNGs hold them
         for key in keys:
@@ -709,10 +702,7 @@ def decq_decoder(argv):
     query loss), which separates what the query loss costs the patch tokens from what the queries add."""
     rows = {"rae": ("rae", CFG), "decq (RAE decoder)": ("decq", RAE_DECODER), "decq": ("decq", CFG),
             "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
-    done = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
     return finish("decq-decoder", root / "decq-decoder", sampling_rows(per_seed, rows), tuple(rows), args, "rae",
                   tuple(rows)[1:])
 
@@ -725,10 +715,8 @@ def tokenizer_study(name, argv, rows, base, metrics, generate=True):
     """A study over tokenizer variants `rows` (ABLATION_RUNS keys; RAE is always trained): each one's reconstruction
     (discrete ones also codebook usage, perplexity and the code probe) and, with `generate`, a generator on its latent
     sampled as in `main`; every metric compared against `base`."""
-    done = ablation_study(name, argv, [r for r in rows if r != "rae"], [(k, CFG) for k in rows] if generate else [])
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study(name, argv, [r for r in rows if r != "rae"],
+                                          [(k, CFG) for k in rows] if generate else [])
     return finish(name, root / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
 
@@ -776,10 +764,7 @@ def decq_convergence(argv):
     speed-up is RAE's last epoch over the epoch from which DecQ stays at least as good as RAE there."""
     epochs = list(CURVE_EPOCHS[study_args("decq-convergence", argv)[0].world])
     rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"none@{e}", 1.0, epoch=e)) for k in ("rae", "decq") for e in epochs}
-    done = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
     metric = "gFID" if args.world == "imagenet" else "fd"
     res = finish("decq-convergence", root / "decq-convergence", sampling_rows(per_seed, rows), tuple(rows), args,
                  metrics=[metric, "sample_accuracy", "IS", "precision", "recall"], draw=curve_chart)
@@ -825,10 +810,7 @@ def ideal_generation(argv):
     scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": CFG,
               "CFG 5": Sampling("cfg5", 5.0)}
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
-    done = ablation_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), list(rows.values()))
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), list(rows.values()))
     base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
     return finish("ideal-generation", root / "ideal-generation", sampling_rows(per_seed, rows), tuple(rows), args, base,
                   tuple(base))
@@ -877,7 +859,10 @@ def main(argv=None):
         return None
     if argv[0] not in STUDIES:
         raise SystemExit(f"experiments.py: unknown study '{argv[0]}' (python experiments.py --list names them)")
-    return STUDIES[argv[0]][0](argv[1:])
+    try:
+        return STUDIES[argv[0]][0](argv[1:])
+    except DryRun:
+        return None
 
 
 if __name__ == "__main__":
