@@ -721,26 +721,6 @@ def tokenizer_study(name, argv, rows, base, metrics, generate=True):
                   compare=metrics)
 
 
-def decq_tradeoff(argv):
-    """DecQ Table 3: the encoder frozen (RAE), unfrozen, unfrozen + distillation to a frozen copy, feature concat, and
-    DecQ, each on DecQ's training budget: reconstruction and generation, compared against RAE (paper: unfreezing buys
-    reconstruction and costs generation, distillation softens both, concat costs generation; DecQ improves both)."""
-    return tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill", "concat", "decq"), "rae",
-                           DECQ_METRICS)
-
-
-def decq_queries(argv):
-    """DecQ Table 5: the number of queries (1, 2, 4, 8 = the default, 16)."""
-    return tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq", "decq_q16"),
-                           "decq", DECQ_METRICS)
-
-
-def decq_layers(argv):
-    """DecQ §4.3: condensers on shallow blocks only, deep blocks only, or both (the default; paper: shallow helps
-    reconstruction, deep helps generation, both is best). Toy: blocks 0-2, 3-5, all six."""
-    return tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"), "decq", DECQ_METRICS)
-
-
 def speed_up(table, epochs, metric, seeds):
     """How much sooner DecQ reaches RAE's score at the last epoch: last epoch / the epoch from which DecQ stays at
     least as good to the end (a lucky early checkpoint does not count; None: only at no epoch), on the means and per
@@ -776,34 +756,6 @@ def decq_convergence(argv):
     return res
 
 
-def ideal_fusion(argv):
-    """Ideal Table 7a: AttnFuse, one linear layer on [f_s; f_d], or no fusion (deep feature only)."""
-    return tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"), "ideal", IDEAL_RECON,
-                           generate=False)
-
-
-def ideal_shallow(argv):
-    """Ideal Table 7b and the choice of the shallow block: without the shallow alignment loss L_shallow, and AttnFuse
-    reading block 0, 1 (the default: a quarter of the depth), 2 or 3 of the toy VFM's 6."""
-    return tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2", "ideal_s3"),
-                           "ideal", IDEAL_RECON, generate=False)
-
-
-def ideal_layers(argv):
-    """Ideal Table 1: one block's feature quantised alone (no fusion) at depths 0, 1, 3 and the last (5): shallow
-    blocks should reconstruct better, deep blocks carry more class information (the code probe)."""
-    return tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3", "ideal_deep_only"),
-                           "ideal_deep_only", IDEAL_RECON, generate=False)
-
-
-def ideal_codebook(argv):
-    """Ideal's codebook usage (paper: 100% of 16,384 codes) against the recipe's knobs: an 8-dim code lookup (the
-    published one, 768 → 64, is 12× narrower than the width; the toy's 64 is its width), 256 codes (4× the tokens per
-    code), no entropy term or 10× its weight, entropy temperature 1 (recipe: 0.01). No dead-code restart anywhere."""
-    return tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256", "ideal_h0", "ideal_h0.1",
-                                                    "ideal_t1"), "ideal", IDEAL_RECON, generate=False)
-
-
 def ideal_generation(argv):
     """Ideal's generation claim in the toy: the GPT on Ideal's codes against the GPT on deep-only codes, sampled
     without guidance and with CFG 1.5, 2, 3 (the main table's) and 5."""
@@ -820,7 +772,7 @@ def ideal_generation(argv):
 # 6. Command line
 # ----------------------------------------------------------------------------------------------------
 
-STUDIES = {
+STUDIES = {  # name → (the study, a function of its flags; what it mirrors, for --list)
     "drorae-phases": (drorae_phases, "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation "
                                      "without guidance and with AutoGuidance"),
     "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
@@ -828,18 +780,39 @@ STUDIES = {
                                                  "mean weight on background / edges / interiors"),
     "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patch tokens through the RAE decoder; the same "
                                    "with λ = 0"),
-    "decq-tradeoff": (decq_tradeoff, "DecQ Table 3: frozen (RAE), unfreeze, unfreeze + distill, feature concat, DecQ"),
-    "decq-queries": (decq_queries, "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
-    "decq-layers": (decq_layers, "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
+    # on DecQ's training budget (paper: unfreezing buys reconstruction and costs generation, distillation softens
+    # both, concat costs generation; DecQ improves both)
+    "decq-tradeoff": (lambda argv: tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill",
+                                                                            "concat", "decq"), "rae", DECQ_METRICS),
+                      "DecQ Table 3: frozen (RAE), unfreeze, unfreeze + distill, feature concat, DecQ"),
+    "decq-queries": (lambda argv: tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq",
+                                                                          "decq_q16"), "decq", DECQ_METRICS),
+                     "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
+    # paper: shallow helps reconstruction, deep helps generation, both (the default) is best
+    "decq-layers": (lambda argv: tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"),
+                                                 "decq", DECQ_METRICS),
+                    "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
     "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
                                            "RAE and DecQ, unguided; a line chart"),
-    "ideal-fusion": (ideal_fusion, "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, "
-                                   "codebook usage, code probe"),
-    "ideal-shallow": (ideal_shallow, "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
-    "ideal-layers": (ideal_layers, "Ideal Table 1: one block's feature quantised at several depths; reconstruction "
-                                   "and a class probe of the codes"),
-    "ideal-codebook": (ideal_codebook, "Ideal's codebook usage: code dimension, codebook size, entropy weight and "
-                                       "temperature"),
+    "ideal-fusion": (lambda argv: tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"),
+                                                  "ideal", IDEAL_RECON, generate=False),
+                     "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, codebook usage, "
+                     "code probe"),
+    "ideal-shallow": (lambda argv: tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0",
+                                                                            "ideal_s2", "ideal_s3"), "ideal",
+                                                   IDEAL_RECON, generate=False),
+                      "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
+    # paper: shallow blocks reconstruct better, deep blocks carry more class information (the code probe)
+    "ideal-layers": (lambda argv: tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3",
+                                                                          "ideal_deep_only"), "ideal_deep_only",
+                                                  IDEAL_RECON, generate=False),
+                     "Ideal Table 1: one block's feature quantised at several depths; reconstruction and a class "
+                     "probe of the codes"),
+    # paper: 100% of 16,384 codes; the published 768 → 64 code lookup is 12× narrower than the width (toy: d8)
+    "ideal-codebook": (lambda argv: tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256",
+                                                                              "ideal_h0", "ideal_h0.1", "ideal_t1"),
+                                                    "ideal", IDEAL_RECON, generate=False),
+                       "Ideal's codebook usage: code dimension, codebook size, entropy weight and temperature"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
