@@ -11,17 +11,11 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
         --ref VIRTUAL_imagenet256_labeled.npz                        # the full-scale commands
     python experiments.py drorae-scaling --init-from runs/rae/tokenizer.pt --data-path imagenet/train \\
         --eval-path imagenet/val --out-dir runs/drorae-scaling          # DRoRAE §4.4 at full scale
-    python experiments.py drorae-phases --seeds 0 1 2                  # DRoRAE's ablations (they share their runs)
-    python experiments.py drorae-routing --seeds 0 1 2
-    python experiments.py drorae-routing-maps --seeds 0 1 2
-    python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's (they share <out-dir>/decq)
-    python experiments.py ideal-layers --seeds 0 1 2                   # Ideal's (they share <out-dir>/ideal)
+    python experiments.py drorae-routing --seeds 0 1 2                 # DRoRAE's ablations share <out-dir>/drorae
+    python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's <out-dir>/decq, Ideal's <out-dir>/ideal
 
-Read top to bottom: (1) DRoRAE capacity scaling: fits, table, the study from a given phase-1 checkpoint, (2) studies
-over seeds: aggregation, table, chart, (3) the worlds: a study's runs declared once (seed_runs) under a world's recipe,
-toy or full scale, and scored, (4) the main table and the scaling study, (5) the ablations: DRoRAE's phases, routing
-and routing maps; DecQ's decoder, baselines, queries, condensers and convergence; Ideal's fusion, shallow branch, single
-blocks, codebook and generation, (6) the command line.
+Read top to bottom: (1) DRoRAE capacity scaling from a given phase-1 checkpoint, (2) tables and charts over seeds,
+(3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) STUDIES.
 """
 import argparse
 import json
@@ -83,7 +77,8 @@ def scaling_table(rows, metrics):
             if len({r["params"] for r in rs}) > 1 and all(r[m] is not None for r in rs):
                 a, b, r2 = fit_log_linear([r["params"] for r in rs], [r[m] for r in rs])
                 fits[f"{m}/{axis}"] = dict(a=a, b=b, r2=r2, n=len(rs))
-                print(f"{m:>6} vs log(params), {axis:>6} ({len(rs)} runs): {m} = {a:.4g} + {b:.4g}·log(params), R² = {r2:.3f}")
+                print(f"{m:>6} vs log(params), {axis:>6} ({len(rs)} runs): {m} = {a:.4g} + {b:.4g}·log(params), "
+                      f"R² = {r2:.3f}")
     return fits
 
 
@@ -157,8 +152,7 @@ def scaling_from(argv):
     rows = [dict(hidden=hidden, layers=count, params=fusion_params(dim, hidden, count),
                  **reconstruction_metrics(run, args)) for hidden, count, run in grid]
     fits = scaling_table(rows, ["psnr", "rfid"])
-    with open(os.path.join(args.out_dir, "scaling.json"), "w") as f:
-        json.dump(dict(rows=rows, fits=fits), f, indent=1)
+    Path(args.out_dir, "scaling.json").write_text(json.dumps(dict(rows=rows, fits=fits), indent=1))
     return rows, fits
 
 
@@ -230,22 +224,19 @@ def aggregate(per_seed, rows):
 
 
 def comparisons(table, base, others, metrics=GENERATION):
-    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base` (a row,
-    or {row: its own base row}); whether
-    it exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired)
-    differences, which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM
-    and FD space)."""
+    """For every metric: each row's difference of means from `base` (a row, or {row: its own base row}); whether it
+    exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired) differences,
+    which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM and FD space)."""
     out = []
     for metric in metrics:
         for row in others:
             ref = base[row] if isinstance(base, dict) else base
             if metric in table.get(ref, {}) and metric in table.get(row, {}):
                 a, b = table[ref][metric], table[row][metric]
-                paired = [y - x for x, y in zip(a["values"], b["values"])]
-                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=b["mean"] - a["mean"],
-                                spread_base=a["spread"],
-                                spread=b["spread"], resolved=abs(b["mean"] - a["mean"]) > max(a["spread"], b["spread"]),
-                                better=(b["mean"] - a["mean"]) * METRICS[metric][1] > 0, per_seed=paired,
+                diff, paired = b["mean"] - a["mean"], [y - x for x, y in zip(a["values"], b["values"])]
+                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=diff, spread_base=a["spread"],
+                                spread=b["spread"], resolved=abs(diff) > max(a["spread"], b["spread"]),
+                                better=diff * METRICS[metric][1] > 0, per_seed=paired,
                                 same_sign=all(d > 0 for d in paired) or all(d < 0 for d in paired)))
     return out
 
@@ -265,9 +256,9 @@ def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=
         verdict = "exceeds" if c["resolved"] else "is inside"
         better = "better" if c["better"] else "worse" if c["diff"] else "equal"
         paired = "/".join(f"{d:+.3f}" for d in c["per_seed"])
-        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.3f} ({better}); {verdict} "
-              f"the spreads ({c['base']} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); per seed {paired}"
-              f"{', one sign' if c['same_sign'] else ''}")
+        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.3f} ({better}); "
+              f"{verdict} the spreads ({c['base']} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); "
+              f"per seed {paired}{', one sign' if c['same_sign'] else ''}")
     return cmp
 
 
