@@ -191,10 +191,10 @@ for _s, _label in ((UNGUIDED, " unguided"), (AG, " AG"), (RAE_DECODER, " RAE dec
     METRICS.update({k + _s.suffix: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
 
 
-def study_args(name, argv, seeds=(0, 1, 2)):
+def study_args(name, argv):
     """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
     p = cli.ArgumentParser(prog=f"experiments.py {name}")
-    p.add_argument("--seeds", type=cli.number(int, 0), nargs="+", default=list(seeds))
+    p.add_argument("--seeds", type=cli.number(int, 0), nargs="+", default=[0, 1, 2])
     p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
     p.add_argument("--lanes", type=cli.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -343,8 +343,7 @@ def curve_chart(table, rows, path, title, metrics=None):
 
 def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION,
            draw=chart):
-    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png (`draw`:
-    bars, or curve_chart for rows over epochs)."""
+    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png."""
     table = aggregate(per_seed, rows)
     cmp = print_table(table, rows, args.seeds, base, others, metrics, compare)
     root.mkdir(parents=True, exist_ok=True)
@@ -373,20 +372,18 @@ def toy_world(seed, root, args, toy_flags):
 
 
 def imagenet_world(seed, root, args, toy_flags=()):
-    """One seed at full scale: train.py's defaults are the published recipes (DINOv2-B/14-reg, ViT-XL decoder,
-    DiT-DH-XL, LlamaGen-B); an evaluate.py run scores every tokenizer (on --eval-path) and sample set (against --ref,
-    default the --eval-path images); 50 samples per class. Ablations: DiT-DH-XL 80 epochs of the 800-epoch schedule
-    (as the papers report; Ideal's GPT-B its 300), its last checkpoint sampled; AutoGuidance's guide DiT-DH-S at 14
-    epochs (RAE's released guide); decq-convergence keeps every 10th epoch."""
+    """One seed at full scale: train.py's defaults (the published recipes), an evaluate.py run per tokenizer and sample
+    set, 50 samples per class. Ablations: DiT-DH-XL 80 epochs of the 800-epoch schedule (as the papers report; Ideal's
+    GPT-B its 300); AutoGuidance's guide DiT-DH-S at 14 epochs (RAE's released guide)."""
     out, common = root / f"seed{seed}", dict(data_path=args.data_path, seed=seed)
 
     def evaluation(name, dep, path, tokenizer=None, samples=None):
         what = (dict(tokenizer=tokenizer, data_path=args.eval_path) if tokenizer else
                 dict(samples=samples, ref=args.ref or args.eval_path))
         return [runs.Run(name, "evaluate.py", dict(what, out=path), (dep,))]
-    return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common, codes=common,
+    return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common,
+                codes=common, evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
                 sample=lambda ckpt, where: dict(ckpt=ckpt, per_class=50, out_dir=where, name="samples", seed=seed),
-                evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
                 budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
                 curve=dict(keep_every_epochs=10))
 
@@ -395,8 +392,7 @@ WORLDS = {"toy": toy_world, "imagenet": imagenet_world}
 
 
 def decq_layer_halves(depth):
-    """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12; all six of the toy VFM's 6)
-    split into the shallow and the deep half."""
+    """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12) split into shallow and deep."""
     layers = list(range(0, depth, depth // 4))
     return layers[:len(layers) // 2], layers[len(layers) // 2:]
 
@@ -436,9 +432,8 @@ GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the wo
 
 
 def seed_runs(w, tokenizers, samplings):
-    """One seed's runs under the world recipe w, built as the main table's (toy.tokenizer_run, toy.generator_run): its
-    start (toy: the world), RAE and the ABLATION_RUNS `tokenizers` with what they start from, for each (key, Sampling)
-    a generator on tokenizer `key`'s latent (or the GENERATOR_RUNS variant `key`) and its samples; each evaluated."""
+    """One seed's runs under the world recipe w: its start, RAE and the ABLATION_RUNS `tokenizers` with what they start
+    from, and for each (key, Sampling) a generator on `key`'s latent (or GENERATOR_RUNS' `key`) and its samples."""
     out, start = w["out"], tuple(r.name for r in w["start"])
     jobs = {r.name: r for r in w["start"]}
     add = lambda *new: jobs.update({r.name: r for r in new})  # noqa: E731
@@ -474,9 +469,8 @@ def seed_runs(w, tokenizers, samplings):
 
 
 def toy_scores(w, tokenizers, samplings):
-    """One toy seed's metrics {key: {metric: value}}: every tokenizer's reconstruction (PSNR, SSIM, the toy VFM's
-    accuracy, rFD in its feature space; discrete ones also codebook usage, perplexity and the code probe) and every
-    sample set's sample accuracy, FD, precision and recall, keyed with its sampling's suffix."""
+    """One toy seed's metrics {key: {metric: value}}: toy.py's scores of every tokenizer (discrete ones: code_scores
+    too) and of every sample set (keys + its sampling's suffix)."""
     threads, res = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # as toy.py's scoring: the same digits
     vfm, heads = toy.load_vfm(w["out"])
@@ -495,8 +489,7 @@ def toy_scores(w, tokenizers, samplings):
 
 
 def evaluated(path, suffix=None):
-    """A full-scale evaluate.py result as metrics: a tokenizer's rFID, PSNR, SSIM; given a suffix, a sample set's
-    gFID, IS, precision, recall (keys + suffix)."""
+    """A tokenizer's evaluate.py result as metrics; given a suffix, a sample set's (keys + suffix)."""
     r = json.loads(Path(path).read_text())
     if suffix is None:
         return dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
@@ -530,10 +523,9 @@ class DryRun(Exception):
 
 
 def run_seeds(name, argv, plan, folder=None):
-    """Run plan(w), a study's runs under each seed's world recipe w (a seed's runs named s<seed>-<name>; full scale:
-    each under torchrun with --gpus processes), in <out-dir>/<folder>, by default the paper's (e.g. <out-dir>/drorae),
-    which its other studies share, so a run two of them need is trained once; finished runs are reused, interrupted
-    ones continued: (args, folder, {seed: w}). --dry-run: print the commands and stop the study (DryRun)."""
+    """Run plan(w), a study's runs under each seed's world recipe w, in <out-dir>/<folder>, by default the paper's (e.g.
+    <out-dir>/drorae), which its other studies share, so a run two of them need is trained once: (args, folder,
+    {seed: w}). --dry-run: print the commands and stop the study (DryRun)."""
     args, toy_flags = study_args(name, argv)
     root, gpus = Path(args.out_dir) / (folder or name.split("-")[0]), args.gpus if args.world == "imagenet" else 0
     worlds = {s: WORLDS[args.world](s, root, args, toy_flags) for s in args.seeds}
@@ -547,8 +539,7 @@ def run_seeds(name, argv, plan, folder=None):
 
 
 def ablation_study(name, argv, tokenizers, samplings, folder=None):
-    """The seed_runs of `tokenizers` and `samplings` over the seeds (run_seeds), every seed scored by its world:
-    (args, folder, {seed: metrics})."""
+    """run_seeds of the seed_runs of `tokenizers` and `samplings`, each seed scored: (args, folder, {seed: metrics})."""
     args, root, worlds = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
     return args, root, {s: w["scores"](w, tokenizers, samplings) for s, w in worlds.items()}
 
