@@ -474,7 +474,7 @@ def toy_scores(w, tokenizers, samplings):
     threads, res = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # as toy.py's scoring: the same digits
     vfm, heads = toy.load_vfm(w["out"])
-    x_test, y_test = toy.test_set(w["args"])
+    x_test, y_test, _ = toy.test_set(w["args"])
     f_test = toy.vfm_features(vfm, x_test)
     for key in ("rae", *tokenizers):
         tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
@@ -571,10 +571,9 @@ def main_study(argv):
 
 
 def drorae_scaling(argv):
-    """DRoRAE §4.4 (capacity scaling): phase 2 (fusion only) for every (expert width × fused blocks) of the world's
-    grid (SCALING), each from the same RAE phase 1 at the main table's budget (toy: (128, 6) is the main table's
-    DRoRAE phase 2), in <out-dir>/drorae-scaling; reconstruction on the held-out images; the log-linear fit of each
-    metric over the grid, per seed and of the means. --init-from: from a given phase-1 checkpoint (scaling_from)."""
+    """DRoRAE §4.4 (capacity scaling): phase 2 for every (expert width × fused blocks) of the world's SCALING grid
+    from one RAE phase 1 at the main table's budget; the log-linear fit of each reconstruction metric, per seed and of
+    the means. --init-from: from a given phase-1 checkpoint (scaling_from)."""
     if "--init-from" in argv:
         return scaling_from(argv)
     dim, widths, counts = SCALING[study_args("drorae-scaling", argv)[0].world]
@@ -601,9 +600,8 @@ def drorae_scaling(argv):
 # ----------------------------------------------------------------------------------------------------
 
 def drorae_phases(argv):
-    """DRoRAE §3.3 / §4.3: RAE, phase 2 (fusion only), phase 3 (decoder fine-tuned) and joint training (fusion and
-    decoder at once, the ablation the paper reports failing), each tokenizer's reconstruction and a generator on its
-    latent sampled without guidance and with AutoGuidance 1.5 (a weaker generator as guide, trained too)."""
+    """DRoRAE §3.3 / §4.3: RAE, phase 2, phase 3 and joint training (the ablation the paper reports failing), each
+    tokenizer's reconstruction and a generator on its latent sampled without guidance and with AutoGuidance 1.5."""
     rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
     args, root, per_seed = ablation_study("drorae-phases", argv, rows[1:],
                                           [(k, m) for k in rows for m in (UNGUIDED, AG)])
@@ -617,10 +615,8 @@ ROUTING_ROWS = ("drorae_p3", "softmax_p3", "mean_p3", "beta0.1_p3", "beta0.5_p3"
 
 
 def drorae_routing(argv):
-    """DRoRAE §3.2's routing against simple alternatives after phase 3: the energy router (β = 0.2), softmax over the
-    same logits, the parameter-free mean of the LN₀ block outputs (phase 1 → 3), and the energy router at β = 0.1,
-    0.5, 1; reconstruction (also after phase 2 where there is one) and a generator on each latent (the main table's
-    sampling)."""
+    """DRoRAE §3.2's energy router (β = 0.2) after phase 3 against softmax over the same logits, the parameter-free
+    mean (phase 1 → 3) and β = 0.1, 0.5, 1: reconstruction (also after phase 2) and a generator on each latent."""
     p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
     args, root, per_seed = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()),
                                           [(k, CFG) for k in ROUTING_ROWS])
@@ -654,8 +650,7 @@ def drorae_routing_maps(argv):
     root, res = root / "drorae-routing-maps", {}
     root.mkdir(parents=True, exist_ok=True)
     for seed, w in worlds.items():
-        x, _, masks = toy.make_world(w["args"].test_images, seed + 1000)
-        x = data.to_uint8(x).permute(0, 3, 1, 2).float() / 255  # as the held-out PNGs hold them
+        x, _, masks = toy.test_set(w["args"])
         for key in keys:
             tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
             fusion.save_routing_maps(tok, x[:8], root / f"seed{seed}-{key}.png")
@@ -679,9 +674,8 @@ def sampling_rows(per_seed, rows):
 
 
 def decq_decoder(argv):
-    """DecQ Table 4: generation of RAE, DecQ with its own decoder, and DecQ's generated patch tokens decoded by the
-    plain RAE decoder (the generated queries dropped); and the same for a DecQ generator trained with λ = 0 (no
-    query loss), which separates what the query loss costs the patch tokens from what the queries add."""
+    """DecQ Table 4: generation of RAE, DecQ, and DecQ's generated patch tokens through the RAE decoder; the same for a
+    generator trained with λ = 0, which separates what the query loss costs the patch tokens from what queries add."""
     rows = {"rae": ("rae", CFG), "decq (RAE decoder)": ("decq", RAE_DECODER), "decq": ("decq", CFG),
             "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
     args, root, per_seed = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
@@ -694,9 +688,8 @@ IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "p
 
 
 def tokenizer_study(name, argv, rows, base, metrics, generate=True):
-    """A study over tokenizer variants `rows` (ABLATION_RUNS keys; RAE is always trained): each one's reconstruction
-    (discrete ones also codebook usage, perplexity and the code probe) and, with `generate`, a generator on its latent
-    sampled as in `main`; every metric compared against `base`."""
+    """A study over the ABLATION_RUNS `rows` (RAE is always trained): each one's reconstruction and, with `generate`,
+    a generator on its latent sampled as in `main`; every metric compared against `base`."""
     args, root, per_seed = ablation_study(name, argv, [r for r in rows if r != "rae"],
                                           [(k, CFG) for k in rows] if generate else [])
     return finish(name, root / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
@@ -704,9 +697,8 @@ def tokenizer_study(name, argv, rows, base, metrics, generate=True):
 
 
 def speed_up(table, epochs, metric, seeds):
-    """How much sooner DecQ reaches RAE's score at the last epoch: last epoch / the epoch from which DecQ stays at
-    least as good to the end (a lucky early checkpoint does not count; None: only at no epoch), on the means and per
-    seed."""
+    """How much sooner DecQ reaches RAE's last-epoch score, on the means and per seed: last epoch / the epoch from which
+    DecQ stays at least as good to the end (a lucky early checkpoint does not count; None: at no epoch)."""
     better = lambda a, b: (a - b) * METRICS[metric][1] >= 0  # noqa: E731
     cell = lambda k, e: table[f"{k} @{e}"][metric]  # noqa: E731
     out = {}

@@ -350,7 +350,7 @@ def world(args, out):
     torch.save(vfm.state_dict(), out / "vfm.pth")
     torch.save(heads.state_dict(), out / "vfm_heads.pth")
     vfm, heads = load_vfm(out)  # from here on the VFM is the one loaded from the file, as the runs see it
-    x_test, y_test = test_set(args)
+    x_test, y_test, _ = test_set(args)
     acc = (vfm_classify(vfm, heads, x_test) == y_test).float().mean().item()
     r2 = colour_probe(vfm, args.probe_images)
     shallow = VFM_CONFIG["depth"] // 4
@@ -370,9 +370,9 @@ def load_vfm(out):
 
 
 def test_set(args):
-    """The held-out images of a seed, exactly as a PNG file holds them, and their labels."""
-    x, y, _ = make_world(args.test_images, args.seed + 1000)
-    return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y
+    """The held-out images of a seed, exactly as a PNG file holds them, their labels and foreground masks."""
+    x, y, masks = make_world(args.test_images, args.seed + 1000)
+    return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y, masks
 
 
 def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
@@ -398,7 +398,7 @@ def score(args, out, seconds=None):
     class-conditional samples the toy VFM's accuracy, FD, precision and recall in its feature space (against the
     held-out images). Writes results.json and the grids, prints the table, returns the results."""
     vfm, heads = load_vfm(out)
-    x_test, y_test = test_set(args)
+    x_test, y_test, _ = test_set(args)
     ckpt = {key: out / key / "tokenizer.pt" for key in TOKENIZERS}
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     samples, results = {}, {}
