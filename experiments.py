@@ -712,10 +712,8 @@ def speed_up(table, epochs, metric, seeds):
 
 
 def decq_convergence(argv):
-    """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent, trained for twice
-    the main budget in the toy (10 epochs; full scale: the 80 epochs of the other studies), a checkpoint kept every
-    epoch (full scale: every 10), each sampled without guidance. The chart draws the scores against epochs; the
-    speed-up is RAE's last epoch over the epoch from which DecQ stays at least as good as RAE there."""
+    """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent (toy: twice the
+    main budget), each kept checkpoint (CURVE_EPOCHS) sampled without guidance; a line chart and the speed-up."""
     epochs = list(CURVE_EPOCHS[study_args("decq-convergence", argv)[0].world])
     rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"none@{e}", 1.0, epoch=e)) for k in ("rae", "decq") for e in epochs}
     args, root, per_seed = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
@@ -731,8 +729,7 @@ def decq_convergence(argv):
 
 
 def ideal_generation(argv):
-    """Ideal's generation claim in the toy: the GPT on Ideal's codes against the GPT on deep-only codes, sampled
-    without guidance and with CFG 1.5, 2, 3 (the main table's) and 5."""
+    """Ideal's generation claim: the GPT on Ideal's codes against the GPT on deep-only codes, CFG 1 to 5."""
     scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": CFG,
               "CFG 5": Sampling("cfg5", 5.0)}
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
