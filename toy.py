@@ -35,34 +35,20 @@ import evaluate
 import model
 import runs
 
-SHAPES = ("disk", "square", "triangle", "cross", "ring", "ell", "bar", "star")
-
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: scenes = (shape, pose) + appearance = (colours, texture), rendered with 4× supersampling
 # ----------------------------------------------------------------------------------------------------
 
-
-def shape_mask(kind, u, v):
-    """Inside-test of a unit-size shape on canonical coordinates u, v ∈ [−1, 1] (arrays)."""
-    r = np.sqrt(u**2 + v**2)
-    if kind == "disk":
-        return r < 0.8
-    if kind == "square":
-        return np.maximum(abs(u), abs(v)) < 0.65
-    if kind == "triangle":
-        return (v < 0.6) & (v > 1.9 * abs(u) - 0.9)
-    if kind == "cross":
-        return ((abs(u) < 0.25) | (abs(v) < 0.25)) & (np.maximum(abs(u), abs(v)) < 0.85)
-    if kind == "ring":
-        return (r < 0.85) & (r > 0.5)
-    if kind == "ell":
-        return (np.maximum(abs(u), abs(v)) < 0.75) & ((u < 0) | (v < 0))
-    if kind == "bar":
-        return (abs(u) < 0.85) & (abs(v) < 0.28)
-    if kind == "star":
-        a = np.arctan2(v, u)
-        return r < 0.45 + 0.4 * np.cos(5 * a) ** 2
-    raise ValueError(kind)
+INSIDE = {  # each shape's inside-test on canonical coordinates u, v ∈ [−1, 1] (arrays; r = √(u² + v²))
+    "disk": lambda u, v, r: r < 0.8,
+    "square": lambda u, v, r: np.maximum(abs(u), abs(v)) < 0.65,
+    "triangle": lambda u, v, r: (v < 0.6) & (v > 1.9 * abs(u) - 0.9),
+    "cross": lambda u, v, r: ((abs(u) < 0.25) | (abs(v) < 0.25)) & (np.maximum(abs(u), abs(v)) < 0.85),
+    "ring": lambda u, v, r: (r < 0.85) & (r > 0.5),
+    "ell": lambda u, v, r: (np.maximum(abs(u), abs(v)) < 0.75) & ((u < 0) | (v < 0)),
+    "bar": lambda u, v, r: (abs(u) < 0.85) & (abs(v) < 0.28),
+    "star": lambda u, v, r: r < 0.45 + 0.4 * np.cos(5 * np.arctan2(v, u)) ** 2}
+SHAPES = tuple(INSIDE)
 
 
 def sample_scenes(n, rng):
@@ -92,7 +78,7 @@ def render(scenes, looks, size=32, ss=4):
         c, s = math.cos(scenes["angle"][i]), math.sin(scenes["angle"][i])
         x, y = X - scenes["cx"][i], Y - scenes["cy"][i]
         u, v = (c * x + s * y) / scenes["scale"][i], (-s * x + c * y) / scenes["scale"][i]
-        inside = shape_mask(SHAPES[scenes["label"][i]], u, v).astype(np.float32)
+        inside = INSIDE[SHAPES[scenes["label"][i]]](u, v, np.sqrt(u**2 + v**2)).astype(np.float32)
         ca, sa = math.cos(looks["stripe_angle"][i]), math.sin(looks["stripe_angle"][i])
         t = 0.5 + 0.5 * np.sin(math.pi * looks["freq"][i] * (ca * X + sa * Y) * 2) if looks["stripes"][i] else 0.0
         fg = looks["fg1"][i][:, None, None] * (1 - t) + looks["fg2"][i][:, None, None] * t
