@@ -119,13 +119,10 @@ def vfm_input(x01):
     return (x01 - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
 
 
-class VFMHeads(nn.Module):
+def vfm_heads():
     """Pretraining heads: class from the normed cls token; per-patch segmentation (background or shape class)."""
-
-    def __init__(self, dim, num_classes):
-        super().__init__()
-        self.cls = nn.Linear(dim, num_classes)
-        self.seg = nn.Linear(dim, num_classes + 1)
+    return nn.ModuleDict(dict(cls=nn.Linear(VFM_CONFIG["embed_dim"], len(SHAPES)),
+                              seg=nn.Linear(VFM_CONFIG["embed_dim"], len(SHAPES) + 1)))
 
 
 def patch_targets(masks, labels, patch):
@@ -135,19 +132,16 @@ def patch_targets(masks, labels, patch):
 
 
 def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=None):
-    """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's
-    (LN₀) patch tokens of the same scene under two random appearances (DINO-style colour augmentation).
-    Batches of `batch` scenes × 2 appearances are drawn from a pool of scenes rendered once."""
+    """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's (LN₀) patch
+    tokens of one scene under two random appearances (DINO-style colour augmentation), from a pool rendered once."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(pool, rng)
-    x1, masks = render(scenes, sample_appearance(pool, rng))
-    x2, _ = render(scenes, sample_appearance(pool, rng))
-    x1, x2, masks = torch.from_numpy(x1), torch.from_numpy(x2), torch.from_numpy(masks)
-    labels = torch.from_numpy(scenes["label"])
+    (x1, masks), (x2, _) = (render(scenes, sample_appearance(pool, rng)) for _ in range(2))
+    x1, x2, masks, labels = map(torch.from_numpy, (x1, x2, masks, scenes["label"]))
     targets = patch_targets(masks, labels, VFM_CONFIG["patch_size"])
     vfm = model.DINOv2(**VFM_CONFIG)
-    heads = VFMHeads(VFM_CONFIG["embed_dim"], len(SHAPES))
+    heads = vfm_heads()
     params = list(vfm.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -288,7 +282,8 @@ def read_samples(out):
 def fd(f1, f2):
     with warnings.catch_warnings():  # the toy FD uses < 2048 images on purpose (64-d features)
         warnings.simplefilter("ignore")
-        return evaluate.frechet_distance(*evaluate.gaussian(f1.double().numpy()), *evaluate.gaussian(f2.double().numpy()))
+        (m1, s1), (m2, s2) = (evaluate.gaussian(f.double().numpy()) for f in (f1, f2))
+        return evaluate.frechet_distance(m1, s1, m2, s2)
 
 
 def parse_args(argv=None):
@@ -350,7 +345,7 @@ def world(args, out):
 
 def load_vfm(out):
     vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()
-    heads = VFMHeads(VFM_CONFIG["embed_dim"], len(SHAPES))
+    heads = vfm_heads()
     heads.load_state_dict(torch.load(out / "vfm_heads.pth", weights_only=True))
     return vfm, heads.eval()
 
