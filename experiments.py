@@ -595,21 +595,9 @@ def drorae_scaling(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's Tables 3-5, condensers and
-#    convergence; Ideal's Tables 1 and 7, its codebook and its generator
+# 5. Ablations: DRoRAE's routing (§3.2) and routing maps, DecQ's Table 4 and convergence, Ideal's generator; the
+#    studies over tokenizer variants (tokenizer_study: DRoRAE's phases, DecQ's Tables 3 and 5, Ideal's Tables 1 and 7)
 # ----------------------------------------------------------------------------------------------------
-
-def drorae_phases(argv):
-    """DRoRAE §3.3 / §4.3: RAE, phase 2, phase 3 and joint training (the ablation the paper reports failing), each
-    tokenizer's reconstruction and a generator on its latent sampled without guidance and with AutoGuidance 1.5."""
-    rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
-    args, root, per_seed = ablation_study("drorae-phases", argv, rows[1:],
-                                          [(k, m) for k in rows for m in (UNGUIDED, AG)])
-    metrics = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag", "sample_accuracy_none",
-               "sample_accuracy_ag"]
-    return finish("drorae-phases", root / "drorae-phases", per_seed, rows, args, "drorae_p3",
-                  ("rae", "drorae_p2", "drorae_joint"), metrics=metrics, compare=metrics)
-
 
 ROUTING_ROWS = ("drorae_p3", "softmax_p3", "mean_p3", "beta0.1_p3", "beta0.5_p3", "beta1_p3")
 
@@ -685,13 +673,15 @@ def decq_decoder(argv):
 
 DECQ_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
 IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
+PHASES_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag",
+                  "sample_accuracy_none", "sample_accuracy_ag"]  # drorae-phases: unguided and AutoGuidance 1.5
 
 
-def tokenizer_study(name, argv, rows, base, metrics, generate=True):
-    """A study over the ABLATION_RUNS `rows` (RAE is always trained): each one's reconstruction and, with `generate`,
-    a generator on its latent sampled as in `main`; every metric compared against `base`."""
+def tokenizer_study(name, argv, rows, base, metrics, samplings=(CFG,)):
+    """A study over the ABLATION_RUNS `rows` (RAE is always trained): each one's reconstruction and a generator on its
+    latent sampled each of the `samplings` ways (default: as in `main`); every metric compared against `base`."""
     args, root, per_seed = ablation_study(name, argv, [r for r in rows if r != "rae"],
-                                          [(k, CFG) for k in rows] if generate else [])
+                                          [(k, s) for k in rows for s in samplings])
     return finish(name, root / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
 
@@ -744,8 +734,12 @@ def ideal_generation(argv):
 # ----------------------------------------------------------------------------------------------------
 
 STUDIES = {  # name → (the study, a function of its flags; what it mirrors, for --list)
-    "drorae-phases": (drorae_phases, "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation "
-                                     "without guidance and with AutoGuidance"),
+    # joint training (fusion and decoder at once) is the ablation the paper reports failing
+    "drorae-phases": (lambda argv: tokenizer_study("drorae-phases", argv, ("rae", "drorae_p2", "drorae_p3",
+                                                                            "drorae_joint"), "drorae_p3",
+                                                   PHASES_METRICS, (UNGUIDED, AG)),
+                      "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation without guidance "
+                      "and with AutoGuidance"),
     "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
     "drorae-routing-maps": (drorae_routing_maps, "PNG of the per-block routing weights on held-out toy images, "
                                                  "mean weight on background / edges / interiors"),
@@ -766,23 +760,23 @@ STUDIES = {  # name → (the study, a function of its flags; what it mirrors, fo
     "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
                                            "RAE and DecQ, unguided; a line chart"),
     "ideal-fusion": (lambda argv: tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"),
-                                                  "ideal", IDEAL_RECON, generate=False),
+                                                  "ideal", IDEAL_RECON, samplings=()),
                      "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, codebook usage, "
                      "code probe"),
     "ideal-shallow": (lambda argv: tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0",
                                                                             "ideal_s2", "ideal_s3"), "ideal",
-                                                   IDEAL_RECON, generate=False),
+                                                   IDEAL_RECON, samplings=()),
                       "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
     # paper: shallow blocks reconstruct better, deep blocks carry more class information (the code probe)
     "ideal-layers": (lambda argv: tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3",
                                                                           "ideal_deep_only"), "ideal_deep_only",
-                                                  IDEAL_RECON, generate=False),
+                                                  IDEAL_RECON, samplings=()),
                      "Ideal Table 1: one block's feature quantised at several depths; reconstruction and a class "
                      "probe of the codes"),
     # paper: 100% of 16,384 codes; the published 768 → 64 code lookup is 12× narrower than the width (toy: d8)
     "ideal-codebook": (lambda argv: tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256",
                                                                               "ideal_h0", "ideal_h0.1", "ideal_t1"),
-                                                    "ideal", IDEAL_RECON, generate=False),
+                                                    "ideal", IDEAL_RECON, samplings=()),
                        "Ideal's codebook usage: code dimension, codebook size, entropy weight and temperature"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "

@@ -268,11 +268,6 @@ def plan_runs(recipe, out):
     return plan
 
 
-@torch.no_grad()
-def reconstruct(tok, x01, batch=256):
-    return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
-
-
 def read_samples(out):
     """sample.py's .npz (uint8 NHWC images, labels) → (images in [0, 1], labels)."""
     arr = np.load(next(Path(out).glob("*.npz")))
@@ -287,38 +282,33 @@ def fd(f1, f2):
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(prog="toy.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="toy.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, rate = cli.number(int, 1), cli.number(float, 0, above=True)
     p.add_argument("--out-dir", default="runs/toy")
     p.add_argument("--seed", type=cli.number(int, 0), default=0)
     p.add_argument("--stage", choices=("all", "world", "score"), default="all",
                    help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
-    p.add_argument("--vfm-steps", type=cli.number(int, 1), default=1500)
-    p.add_argument("--vfm-pool", type=cli.number(int, 1), default=4096, help="scenes rendered for VFM pretraining")
-    p.add_argument("--probe-images", type=cli.number(int, 1), default=2000,
-                   help="images of the colour probe (half fit, half test)")
-    p.add_argument("--train-images", type=cli.number(int, 1), default=4096)
-    p.add_argument("--test-images", type=cli.number(int, 1), default=1000, help="held-out images for PSNR / SSIM / FD")
-    p.add_argument("--tok-epochs", type=cli.number(int, 1), default=12, help="epochs of every tokenizer run")
-    p.add_argument("--gen-epochs", type=cli.number(int, 1), default=5,
+    p.add_argument("--vfm-steps", type=count, default=1500)
+    p.add_argument("--vfm-pool", type=count, default=4096, help="scenes rendered for VFM pretraining")
+    p.add_argument("--probe-images", type=count, default=2000, help="images of the colour probe (half fit, half test)")
+    p.add_argument("--train-images", type=count, default=4096)
+    p.add_argument("--test-images", type=count, default=1000, help="held-out images for PSNR / SSIM / FD")
+    p.add_argument("--tok-epochs", type=count, default=12, help="epochs of every tokenizer run")
+    p.add_argument("--gen-epochs", type=count, default=5,
                    help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
-    p.add_argument("--batch", type=cli.number(int, 1), default=64)
-    p.add_argument("--lr", type=cli.number(float, 0, above=True), default=2e-3,
-                   help="peak learning rate of the tokenizers")
-    p.add_argument("--gen-lr", type=cli.number(float, 0, above=True), default=4e-3,
-                   help="peak learning rate of the generators")
-    p.add_argument("--samples-per-class", type=cli.number(int, 1), default=64)
+    p.add_argument("--batch", type=count, default=64)
+    p.add_argument("--lr", type=rate, default=2e-3, help="peak learning rate of the tokenizers")
+    p.add_argument("--gen-lr", type=rate, default=4e-3, help="peak learning rate of the generators")
+    p.add_argument("--samples-per-class", type=count, default=64)
     p.add_argument("--scale", type=cli.number(float, 0), default=3.0,
                    help="classifier-free guidance scale of the samples")
-    p.add_argument("--lanes", type=cli.number(int, 1), default=2,
-                   help="train.py / sample.py runs at a time (one per core)")
+    p.add_argument("--lanes", type=count, default=2, help="train.py / sample.py runs at a time (one per core)")
     return p.parse_args(argv)
 
 
 def world(args, out):
-    """The world of one seed: pretrain the toy VFM (one thread, whatever the caller's setting), save it in DINOv2's
-    checkpoint layout (vfm.pth, + vfm_heads.pth), probe it, write the training and held-out images (data/train,
-    data/test); world.json holds the probes."""
+    """The world of one seed: pretrain the toy VFM, save it in DINOv2's layout (vfm.pth, + vfm_heads.pth), probe it
+    (world.json), write the training and held-out images (data/train, data/test)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
@@ -356,10 +346,10 @@ def test_set(args):
     return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y, masks
 
 
+@torch.no_grad()
 def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
-    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD to the
-    held-out images in its feature space."""
-    r = reconstruct(tok, x_test)
+    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD."""
+    r = torch.cat([tok.decode(tok.encode(x_test[i:i + 256])) for i in range(0, len(x_test), 256)])
     a, b = data.to_uint8(x_test), data.to_uint8(r)
     return r, dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
                    recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
@@ -375,12 +365,9 @@ def sample_scores(s, labels, vfm, heads, f_test):
 
 
 def score(args, out, seconds=None):
-    """Score the finished runs of one seed: PSNR / SSIM / the toy VFM's accuracy on held-out reconstructions; on
-    class-conditional samples the toy VFM's accuracy, FD, precision and recall in its feature space (against the
-    held-out images). Writes results.json and the grids, prints the table, returns the results."""
+    """Score the finished runs of one seed (recon_scores, sample_scores): results.json, the grids, the table."""
     vfm, heads = load_vfm(out)
     x_test, y_test, _ = test_set(args)
-    ckpt = {key: out / key / "tokenizer.pt" for key in TOKENIZERS}
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     samples, results = {}, {}
     for key in GENERATORS:
@@ -388,13 +375,12 @@ def score(args, out, seconds=None):
         assert torch.equal(sample_labels, labels)
     f_test = vfm_features(vfm, x_test)
     recons = [x_test[:16]]
-    for key in ckpt:
-        r, res = recon_scores(checkpoint.load_tokenizer(ckpt[key]), x_test, y_test, vfm, heads, f_test)
+    for key in TOKENIZERS:
+        tok = checkpoint.load_tokenizer(out / key / "tokenizer.pt")
+        r, results[key] = recon_scores(tok, x_test, y_test, vfm, heads, f_test)
         recons.append(r[:16])
-        res.update(sample_accuracy=None, fd=None, precision=None, recall=None)
-        if key in samples:
-            res.update(sample_scores(samples[key], labels, vfm, heads, f_test))
-        results[key] = res
+        results[key].update(sample_scores(samples[key], labels, vfm, heads, f_test) if key in samples else
+                            dict.fromkeys(("sample_accuracy", "fd", "precision", "recall")))
     data.save_image_grid(torch.cat(recons), out / "reconstructions.png", nrow=16)
     data.save_image_grid(torch.cat([s[:16] for s in samples.values()]), out / "samples.png", nrow=16)
     x_train = make_world(args.train_images, args.seed)[0]
@@ -403,13 +389,13 @@ def score(args, out, seconds=None):
     results.update(vfm=vfm_res, fd_real_train_vs_test=fd_real, seconds=seconds, args=vars(args))
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'recon acc':>11}{'sample acc':>12}{'FD (VFM)':>10}{'P':>7}{'R':>7}")
-    f = lambda v, spec: format(v, spec) if v is not None else "—"  # noqa: E731
-    for key in ckpt:
-        r = results[key]
-        print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['recon_accuracy']:>11.3f}"
-              f"{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}{f(r['precision'], '.3f'):>7}"
-              f"{f(r['recall'], '.3f'):>7}")
+    columns = dict(psnr=("PSNR", 8, ".2f"), ssim=("SSIM", 8, ".3f"), recon_accuracy=("recon acc", 11, ".3f"),
+                   sample_accuracy=("sample acc", 12, ".3f"), fd=("FD (VFM)", 10, ".3f"), precision=("P", 7, ".3f"),
+                   recall=("R", 7, ".3f"))  # result key → (heading, width, format)
+    print(f"\n{'method':<16}" + "".join(f"{head:>{width}}" for head, width, _ in columns.values()))
+    for key in TOKENIZERS:
+        print(f"{key:<16}" + "".join(f"{'—' if results[key][k] is None else format(results[key][k], spec):>{width}}"
+                                     for k, (_, width, spec) in columns.items()))
     print(f"(— = no generator trained for this tokenizer; samples at CFG scale {args.scale:g}; chance accuracy "
           f"{1 / len(SHAPES):.3f}; FD of {len(labels)} real training vs held-out images {fd_real:.3f})")
     print(f"toy VFM accuracy {vfm_res['accuracy']:.3f}; colour R² shallow block {vfm_res['shallow_block']} "
