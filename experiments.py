@@ -343,13 +343,15 @@ def curve_chart(table, rows, path, title, metrics=None):
 
 def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION,
            draw=chart):
-    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png."""
+    """Aggregate the seeds' results, print the table and comparisons, write results.json (with `extra`, more results
+    or a function of the table giving them) and chart.png."""
     table = aggregate(per_seed, rows)
     cmp = print_table(table, rows, args.seeds, base, others, metrics, compare)
     root.mkdir(parents=True, exist_ok=True)
     draw(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max",
          metrics)
-    res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp, **(extra or {}))
+    res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp,
+               **(extra(table) if callable(extra) else extra or {}))
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {root}/results.json, chart.png")
     return res
@@ -655,10 +657,12 @@ def drorae_routing_maps(argv):
     return res
 
 
-def sampling_rows(per_seed, rows):
-    """Table rows from (key, Sampling) samplings: {seed: {row: the generation metrics of `key` sampled so}}."""
-    return {s: {row: {m: r[key][m + how.suffix] for m in GENERATION if m + how.suffix in r[key]}
-                for row, (key, how) in rows.items()} for s, r in per_seed.items()}
+def sampling_study(name, argv, tokenizers, rows, base=None, others=(), **options):
+    """A study whose rows {row: (key, Sampling)} are generators, each sampled one way: their generation metrics."""
+    args, root, per_seed = ablation_study(name, argv, tokenizers, list(rows.values()))
+    per_row = {s: {row: {m: r[key][m + how.suffix] for m in GENERATION if m + how.suffix in r[key]}
+                   for row, (key, how) in rows.items()} for s, r in per_seed.items()}
+    return finish(name, root / name, per_row, tuple(rows), args, base, others, **options)
 
 
 def decq_decoder(argv):
@@ -666,9 +670,7 @@ def decq_decoder(argv):
     generator trained with λ = 0, which separates what the query loss costs the patch tokens from what queries add."""
     rows = {"rae": ("rae", CFG), "decq (RAE decoder)": ("decq", RAE_DECODER), "decq": ("decq", CFG),
             "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
-    args, root, per_seed = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
-    return finish("decq-decoder", root / "decq-decoder", sampling_rows(per_seed, rows), tuple(rows), args, "rae",
-                  tuple(rows)[1:])
+    return sampling_study("decq-decoder", argv, ("decq",), rows, "rae", tuple(rows)[1:])
 
 
 DECQ_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
@@ -704,17 +706,16 @@ def speed_up(table, epochs, metric, seeds):
 def decq_convergence(argv):
     """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent (toy: twice the
     main budget), each kept checkpoint (CURVE_EPOCHS) sampled without guidance; a line chart and the speed-up."""
-    epochs = list(CURVE_EPOCHS[study_args("decq-convergence", argv)[0].world])
+    args = study_args("decq-convergence", argv)[0]
+    epochs, metric = list(CURVE_EPOCHS[args.world]), "gFID" if args.world == "imagenet" else "fd"
     rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"none@{e}", 1.0, epoch=e)) for k in ("rae", "decq") for e in epochs}
-    args, root, per_seed = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
-    metric = "gFID" if args.world == "imagenet" else "fd"
-    res = finish("decq-convergence", root / "decq-convergence", sampling_rows(per_seed, rows), tuple(rows), args,
-                 metrics=[metric, "sample_accuracy", "IS", "precision", "recall"], draw=curve_chart)
-    res["speed_up"] = {m: speed_up(res["table"], epochs, m, args.seeds) for m in (metric, "sample_accuracy")}
+    speed_ups = lambda table: dict(speed_up={m: speed_up(table, epochs, m, args.seeds)  # noqa: E731
+                                             for m in (metric, "sample_accuracy")})
+    res = sampling_study("decq-convergence", argv, ("decq",), rows, extra=speed_ups, draw=curve_chart,
+                         metrics=[metric, "sample_accuracy", "IS", "precision", "recall"])
     for m, s in res["speed_up"].items():
         print(f"{METRICS[m][0]}: RAE's epoch-{epochs[-1]} score reached by DecQ " + ", ".join(
             f"{k} {f'{v:.2f}× sooner' if v else 'not for good within the epochs'}" for k, v in s.items()))
-    (root / "decq-convergence" / "results.json").write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -723,10 +724,8 @@ def ideal_generation(argv):
     scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": CFG,
               "CFG 5": Sampling("cfg5", 5.0)}
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
-    args, root, per_seed = ablation_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), list(rows.values()))
     base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
-    return finish("ideal-generation", root / "ideal-generation", sampling_rows(per_seed, rows), tuple(rows), args, base,
-                  tuple(base))
+    return sampling_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), rows, base, tuple(base))
 
 
 # ----------------------------------------------------------------------------------------------------
