@@ -11,17 +11,11 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
         --ref VIRTUAL_imagenet256_labeled.npz                        # the full-scale commands
     python experiments.py drorae-scaling --init-from runs/rae/tokenizer.pt --data-path imagenet/train \\
         --eval-path imagenet/val --out-dir runs/drorae-scaling          # DRoRAE §4.4 at full scale
-    python experiments.py drorae-phases --seeds 0 1 2                  # DRoRAE's ablations (they share their runs)
-    python experiments.py drorae-routing --seeds 0 1 2
-    python experiments.py drorae-routing-maps --seeds 0 1 2
-    python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's (they share <out-dir>/decq)
-    python experiments.py ideal-layers --seeds 0 1 2                   # Ideal's (they share <out-dir>/ideal)
+    python experiments.py drorae-routing --seeds 0 1 2                 # DRoRAE's ablations share <out-dir>/drorae
+    python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's <out-dir>/decq, Ideal's <out-dir>/ideal
 
-Read top to bottom: (1) DRoRAE capacity scaling: fits, table, the study from a given phase-1 checkpoint, (2) studies
-over seeds: aggregation, table, chart, (3) the worlds: a study's runs declared once (seed_runs) under a world's recipe,
-toy or full scale, and scored, (4) the main table and the scaling study, (5) the ablations: DRoRAE's phases, routing
-and routing maps; DecQ's decoder, baselines, queries, condensers and convergence; Ideal's fusion, shallow branch, single
-blocks, codebook and generation, (6) the command line.
+Read top to bottom: (1) DRoRAE capacity scaling from a given phase-1 checkpoint, (2) tables and charts over seeds,
+(3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) STUDIES.
 """
 import argparse
 import json
@@ -83,7 +77,8 @@ def scaling_table(rows, metrics):
             if len({r["params"] for r in rs}) > 1 and all(r[m] is not None for r in rs):
                 a, b, r2 = fit_log_linear([r["params"] for r in rs], [r[m] for r in rs])
                 fits[f"{m}/{axis}"] = dict(a=a, b=b, r2=r2, n=len(rs))
-                print(f"{m:>6} vs log(params), {axis:>6} ({len(rs)} runs): {m} = {a:.4g} + {b:.4g}·log(params), R² = {r2:.3f}")
+                print(f"{m:>6} vs log(params), {axis:>6} ({len(rs)} runs): {m} = {a:.4g} + {b:.4g}·log(params), "
+                      f"R² = {r2:.3f}")
     return fits
 
 
@@ -157,8 +152,7 @@ def scaling_from(argv):
     rows = [dict(hidden=hidden, layers=count, params=fusion_params(dim, hidden, count),
                  **reconstruction_metrics(run, args)) for hidden, count, run in grid]
     fits = scaling_table(rows, ["psnr", "rfid"])
-    with open(os.path.join(args.out_dir, "scaling.json"), "w") as f:
-        json.dump(dict(rows=rows, fits=fits), f, indent=1)
+    Path(args.out_dir, "scaling.json").write_text(json.dumps(dict(rows=rows, fits=fits), indent=1))
     return rows, fits
 
 
@@ -197,10 +191,10 @@ for _s, _label in ((UNGUIDED, " unguided"), (AG, " AG"), (RAE_DECODER, " RAE dec
     METRICS.update({k + _s.suffix: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
 
 
-def study_args(name, argv, seeds=(0, 1, 2)):
+def study_args(name, argv):
     """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
     p = cli.ArgumentParser(prog=f"experiments.py {name}")
-    p.add_argument("--seeds", type=cli.number(int, 0), nargs="+", default=list(seeds))
+    p.add_argument("--seeds", type=cli.number(int, 0), nargs="+", default=[0, 1, 2])
     p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
     p.add_argument("--lanes", type=cli.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -230,22 +224,19 @@ def aggregate(per_seed, rows):
 
 
 def comparisons(table, base, others, metrics=GENERATION):
-    """For every metric (default: the generation metrics): each tokenizer's difference of means from `base` (a row,
-    or {row: its own base row}); whether
-    it exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired)
-    differences, which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM
-    and FD space)."""
+    """For every metric: each row's difference of means from `base` (a row, or {row: its own base row}); whether it
+    exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired) differences,
+    which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM and FD space)."""
     out = []
     for metric in metrics:
         for row in others:
             ref = base[row] if isinstance(base, dict) else base
             if metric in table.get(ref, {}) and metric in table.get(row, {}):
                 a, b = table[ref][metric], table[row][metric]
-                paired = [y - x for x, y in zip(a["values"], b["values"])]
-                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=b["mean"] - a["mean"],
-                                spread_base=a["spread"],
-                                spread=b["spread"], resolved=abs(b["mean"] - a["mean"]) > max(a["spread"], b["spread"]),
-                                better=(b["mean"] - a["mean"]) * METRICS[metric][1] > 0, per_seed=paired,
+                diff, paired = b["mean"] - a["mean"], [y - x for x, y in zip(a["values"], b["values"])]
+                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=diff, spread_base=a["spread"],
+                                spread=b["spread"], resolved=abs(diff) > max(a["spread"], b["spread"]),
+                                better=diff * METRICS[metric][1] > 0, per_seed=paired,
                                 same_sign=all(d > 0 for d in paired) or all(d < 0 for d in paired)))
     return out
 
@@ -265,9 +256,9 @@ def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=
         verdict = "exceeds" if c["resolved"] else "is inside"
         better = "better" if c["better"] else "worse" if c["diff"] else "equal"
         paired = "/".join(f"{d:+.3f}" for d in c["per_seed"])
-        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.3f} ({better}); {verdict} "
-              f"the spreads ({c['base']} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); per seed {paired}"
-              f"{', one sign' if c['same_sign'] else ''}")
+        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.3f} ({better}); "
+              f"{verdict} the spreads ({c['base']} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); "
+              f"per seed {paired}{', one sign' if c['same_sign'] else ''}")
     return cmp
 
 
@@ -352,14 +343,15 @@ def curve_chart(table, rows, path, title, metrics=None):
 
 def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION,
            draw=chart):
-    """Aggregate the seeds' results, print the table and comparisons, write results.json and chart.png (`draw`:
-    bars, or curve_chart for rows over epochs)."""
+    """Aggregate the seeds' results, print the table and comparisons, write results.json (with `extra`, more results
+    or a function of the table giving them) and chart.png."""
     table = aggregate(per_seed, rows)
     cmp = print_table(table, rows, args.seeds, base, others, metrics, compare)
     root.mkdir(parents=True, exist_ok=True)
     draw(table, rows, root / "chart.png", f"experiments.py {name}: mean over seeds {args.seeds}, whiskers min-max",
          metrics)
-    res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp, **(extra or {}))
+    res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp,
+               **(extra(table) if callable(extra) else extra or {}))
     (root / "results.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {root}/results.json, chart.png")
     return res
@@ -382,20 +374,18 @@ def toy_world(seed, root, args, toy_flags):
 
 
 def imagenet_world(seed, root, args, toy_flags=()):
-    """One seed at full scale: train.py's defaults are the published recipes (DINOv2-B/14-reg, ViT-XL decoder,
-    DiT-DH-XL, LlamaGen-B); an evaluate.py run scores every tokenizer (on --eval-path) and sample set (against --ref,
-    default the --eval-path images); 50 samples per class. Ablations: DiT-DH-XL 80 epochs of the 800-epoch schedule
-    (as the papers report; Ideal's GPT-B its 300), its last checkpoint sampled; AutoGuidance's guide DiT-DH-S at 14
-    epochs (RAE's released guide); decq-convergence keeps every 10th epoch."""
+    """One seed at full scale: train.py's defaults (the published recipes), an evaluate.py run per tokenizer and sample
+    set, 50 samples per class. Ablations: DiT-DH-XL 80 epochs of the 800-epoch schedule (as the papers report; Ideal's
+    GPT-B its 300); AutoGuidance's guide DiT-DH-S at 14 epochs (RAE's released guide)."""
     out, common = root / f"seed{seed}", dict(data_path=args.data_path, seed=seed)
 
     def evaluation(name, dep, path, tokenizer=None, samples=None):
         what = (dict(tokenizer=tokenizer, data_path=args.eval_path) if tokenizer else
                 dict(samples=samples, ref=args.ref or args.eval_path))
         return [runs.Run(name, "evaluate.py", dict(what, out=path), (dep,))]
-    return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common, codes=common,
+    return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common,
+                codes=common, evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
                 sample=lambda ckpt, where: dict(ckpt=ckpt, per_class=50, out_dir=where, name="samples", seed=seed),
-                evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
                 budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
                 curve=dict(keep_every_epochs=10))
 
@@ -404,8 +394,7 @@ WORLDS = {"toy": toy_world, "imagenet": imagenet_world}
 
 
 def decq_layer_halves(depth):
-    """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12; all six of the toy VFM's 6)
-    split into the shallow and the deep half."""
+    """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12) split into shallow and deep."""
     layers = list(range(0, depth, depth // 4))
     return layers[:len(layers) // 2], layers[len(layers) // 2:]
 
@@ -445,9 +434,8 @@ GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the wo
 
 
 def seed_runs(w, tokenizers, samplings):
-    """One seed's runs under the world recipe w, built as the main table's (toy.tokenizer_run, toy.generator_run): its
-    start (toy: the world), RAE and the ABLATION_RUNS `tokenizers` with what they start from, for each (key, Sampling)
-    a generator on tokenizer `key`'s latent (or the GENERATOR_RUNS variant `key`) and its samples; each evaluated."""
+    """One seed's runs under the world recipe w: its start, RAE and the ABLATION_RUNS `tokenizers` with what they start
+    from, and for each (key, Sampling) a generator on `key`'s latent (or GENERATOR_RUNS' `key`) and its samples."""
     out, start = w["out"], tuple(r.name for r in w["start"])
     jobs = {r.name: r for r in w["start"]}
     add = lambda *new: jobs.update({r.name: r for r in new})  # noqa: E731
@@ -483,13 +471,12 @@ def seed_runs(w, tokenizers, samplings):
 
 
 def toy_scores(w, tokenizers, samplings):
-    """One toy seed's metrics {key: {metric: value}}: every tokenizer's reconstruction (PSNR, SSIM, the toy VFM's
-    accuracy, rFD in its feature space; discrete ones also codebook usage, perplexity and the code probe) and every
-    sample set's sample accuracy, FD, precision and recall, keyed with its sampling's suffix."""
+    """One toy seed's metrics {key: {metric: value}}: toy.py's scores of every tokenizer (discrete ones: code_scores
+    too) and of every sample set (keys + its sampling's suffix)."""
     threads, res = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # as toy.py's scoring: the same digits
     vfm, heads = toy.load_vfm(w["out"])
-    x_test, y_test = toy.test_set(w["args"])
+    x_test, y_test, _ = toy.test_set(w["args"])
     f_test = toy.vfm_features(vfm, x_test)
     for key in ("rae", *tokenizers):
         tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
@@ -504,8 +491,7 @@ def toy_scores(w, tokenizers, samplings):
 
 
 def evaluated(path, suffix=None):
-    """A full-scale evaluate.py result as metrics: a tokenizer's rFID, PSNR, SSIM; given a suffix, a sample set's
-    gFID, IS, precision, recall (keys + suffix)."""
+    """A tokenizer's evaluate.py result as metrics; given a suffix, a sample set's (keys + suffix)."""
     r = json.loads(Path(path).read_text())
     if suffix is None:
         return dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
@@ -534,11 +520,14 @@ def code_scores(tok, x, y):
                 probe=((f[half:] @ w).argmax(1) == y[half:]).double().mean().item())
 
 
+class DryRun(Exception):
+    """--dry-run: the commands are printed, there is nothing to score (main returns None)."""
+
+
 def run_seeds(name, argv, plan, folder=None):
-    """Run plan(w), a study's runs under each seed's world recipe w (a seed's runs named s<seed>-<name>; full scale:
-    each under torchrun with --gpus processes), in <out-dir>/<folder>, by default the paper's (e.g. <out-dir>/drorae),
-    which its other studies share, so a run two of them need is trained once; finished runs are reused, interrupted
-    ones continued: (args, folder, {seed: w}). --dry-run: print the commands, return None."""
+    """Run plan(w), a study's runs under each seed's world recipe w, in <out-dir>/<folder>, by default the paper's (e.g.
+    <out-dir>/drorae), which its other studies share, so a run two of them need is trained once: (args, folder,
+    {seed: w}). --dry-run: print the commands and stop the study (DryRun)."""
     args, toy_flags = study_args(name, argv)
     root, gpus = Path(args.out_dir) / (folder or name.split("-")[0]), args.gpus if args.world == "imagenet" else 0
     worlds = {s: WORLDS[args.world](s, root, args, toy_flags) for s in args.seeds}
@@ -546,16 +535,15 @@ def run_seeds(name, argv, plan, folder=None):
             for s, w in worlds.items() for r in plan(w)]
     if args.dry_run:
         print("\n".join(runs.command(run, gpus) for run in jobs))
-        return None
+        raise DryRun
     runs.run_jobs(jobs, root, args.lanes, threads=None if gpus else 1, reuse=True, gpus=gpus)
     return args, root, worlds
 
 
 def ablation_study(name, argv, tokenizers, samplings, folder=None):
-    """The seed_runs of `tokenizers` and `samplings` over the seeds (run_seeds), every seed scored by its world:
-    (args, folder, {seed: metrics}); None on --dry-run."""
-    done = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
-    return done and (*done[:2], {s: w["scores"](w, tokenizers, samplings) for s, w in done[2].items()})
+    """run_seeds of the seed_runs of `tokenizers` and `samplings`, each seed scored: (args, folder, {seed: metrics})."""
+    args, root, worlds = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
+    return args, root, {s: w["scores"](w, tokenizers, samplings) for s, w in worlds.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -574,10 +562,7 @@ def main_runs(w):
 
 def main_study(argv):
     """toy.py's main table (every method's reconstruction, every generator's samples) over seeds (main_runs)."""
-    done = run_seeds("main", argv, main_runs)
-    if done is None:
-        return None
-    args, root, worlds = done  # scores: toy.py's scoring stage's; full scale: evaluate.py's
+    args, root, worlds = run_seeds("main", argv, main_runs)  # scores: toy.py's scoring stage; full scale: evaluate.py
     per_seed = {s: json.loads((w["out"] / "results.json").read_text()) if args.world == "toy" else {
         k: {**evaluated(w["out"] / k / "eval.json"), **(evaluated(w["out"] / f"{k}_gen" / "eval.json", "")
                                                         if k in toy.GENERATORS else {})} for k in MAIN_ROWS}
@@ -588,18 +573,15 @@ def main_study(argv):
 
 
 def drorae_scaling(argv):
-    """DRoRAE §4.4 (capacity scaling): phase 2 (fusion only) for every (expert width × fused blocks) of the world's
-    grid (SCALING), each from the same RAE phase 1 at the main table's budget (toy: (128, 6) is the main table's
-    DRoRAE phase 2), in <out-dir>/drorae-scaling; reconstruction on the held-out images; the log-linear fit of each
-    metric over the grid, per seed and of the means. --init-from: from a given phase-1 checkpoint (scaling_from)."""
+    """DRoRAE §4.4 (capacity scaling): phase 2 for every (expert width × fused blocks) of the world's SCALING grid
+    from one RAE phase 1 at the main table's budget; the log-linear fit of each reconstruction metric, per seed and of
+    the means. --init-from: from a given phase-1 checkpoint (scaling_from)."""
     if "--init-from" in argv:
         return scaling_from(argv)
     dim, widths, counts = SCALING[study_args("drorae-scaling", argv)[0].world]
     points = [(h, n, f"h{h}-l{n}") for h in widths for n in counts]
-    done = ablation_study("drorae-scaling", argv, [name for *_, name in points], [], folder="drorae-scaling")
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("drorae-scaling", argv, [name for *_, name in points], [],
+                                          folder="drorae-scaling")
     metrics = [m for m in ("psnr", "rFID") if m in per_seed[args.seeds[0]]["rae"]]
     grid = lambda value: [dict(hidden=h, layers=n, params=fusion_params(dim, h, n),  # noqa: E731
                                **{m: value(name, m) for m in metrics}) for h, n, name in points]
@@ -615,38 +597,19 @@ def drorae_scaling(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Ablations: DRoRAE's phases (§3.3, §4.3), routing (§3.2) and routing maps; DecQ's Tables 3-5, condensers and
-#    convergence; Ideal's Tables 1 and 7, its codebook and its generator
+# 5. Ablations: DRoRAE's routing (§3.2) and routing maps, DecQ's Table 4 and convergence, Ideal's generator; the
+#    studies over tokenizer variants (tokenizer_study: DRoRAE's phases, DecQ's Tables 3 and 5, Ideal's Tables 1 and 7)
 # ----------------------------------------------------------------------------------------------------
-
-def drorae_phases(argv):
-    """DRoRAE §3.3 / §4.3: RAE, phase 2 (fusion only), phase 3 (decoder fine-tuned) and joint training (fusion and
-    decoder at once, the ablation the paper reports failing), each tokenizer's reconstruction and a generator on its
-    latent sampled without guidance and with AutoGuidance 1.5 (a weaker generator as guide, trained too)."""
-    rows = ("rae", "drorae_p2", "drorae_p3", "drorae_joint")
-    done = ablation_study("drorae-phases", argv, rows[1:], [(k, m) for k in rows for m in (UNGUIDED, AG)])
-    if done is None:
-        return None
-    args, root, per_seed = done
-    metrics = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag", "sample_accuracy_none",
-               "sample_accuracy_ag"]
-    return finish("drorae-phases", root / "drorae-phases", per_seed, rows, args, "drorae_p3",
-                  ("rae", "drorae_p2", "drorae_joint"), metrics=metrics, compare=metrics)
-
 
 ROUTING_ROWS = ("drorae_p3", "softmax_p3", "mean_p3", "beta0.1_p3", "beta0.5_p3", "beta1_p3")
 
 
 def drorae_routing(argv):
-    """DRoRAE §3.2's routing against simple alternatives after phase 3: the energy router (β = 0.2), softmax over the
-    same logits, the parameter-free mean of the LN₀ block outputs (phase 1 → 3), and the energy router at β = 0.1,
-    0.5, 1; reconstruction (also after phase 2 where there is one) and a generator on each latent (the main table's
-    sampling)."""
+    """DRoRAE §3.2's energy router (β = 0.2) after phase 3 against softmax over the same logits, the parameter-free
+    mean (phase 1 → 3) and β = 0.1, 0.5, 1: reconstruction (also after phase 2) and a generator on each latent."""
     p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
-    done = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()), [(k, CFG) for k in ROUTING_ROWS])
-    if done is None:
-        return None
-    args, root, per_seed = done
+    args, root, per_seed = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()),
+                                          [(k, CFG) for k in ROUTING_ROWS])
     for seed in args.seeds:
         for k, k2 in p2.items():
             per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
@@ -673,14 +636,11 @@ def drorae_routing_maps(argv):
         raise SystemExit("drorae-routing-maps runs in the toy world; at full scale: fusion.save_routing_maps(tok, x, "
                          "path) on a phase-2 tokenizer (checkpoint.load_tokenizer)")
     keys = ("drorae_p2", "softmax_p2")
-    done = run_seeds("drorae-routing-maps", argv, lambda w: seed_runs(w, keys, []))
-    if done is None:
-        return None
-    root, res = done[1] / "drorae-routing-maps", {}
+    _, root, worlds = run_seeds("drorae-routing-maps", argv, lambda w: seed_runs(w, keys, []))
+    root, res = root / "drorae-routing-maps", {}
     root.mkdir(parents=True, exist_ok=True)
-    for seed, w in done[2].items():
-        x, _, masks = toy.make_world(w["args"].test_images, seed + 1000)
-        x = data.to_uint8(x).permute(0, 3, 1, 2).float() / 255  # as the held-out PNGs hold them
+    for seed, w in worlds.items():
+        x, _, masks = toy.test_set(w["args"])
         for key in keys:
             tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
             fusion.save_routing_maps(tok, x[:8], root / f"seed{seed}-{key}.png")
@@ -697,66 +657,40 @@ def drorae_routing_maps(argv):
     return res
 
 
-def sampling_rows(per_seed, rows):
-    """Table rows from (key, Sampling) samplings: {seed: {row: the generation metrics of `key` sampled so}}."""
-    return {s: {row: {m: r[key][m + how.suffix] for m in GENERATION if m + how.suffix in r[key]}
-                for row, (key, how) in rows.items()} for s, r in per_seed.items()}
+def sampling_study(name, argv, tokenizers, rows, base=None, others=(), **options):
+    """A study whose rows {row: (key, Sampling)} are generators, each sampled one way: their generation metrics."""
+    args, root, per_seed = ablation_study(name, argv, tokenizers, list(rows.values()))
+    per_row = {s: {row: {m: r[key][m + how.suffix] for m in GENERATION if m + how.suffix in r[key]}
+                   for row, (key, how) in rows.items()} for s, r in per_seed.items()}
+    return finish(name, root / name, per_row, tuple(rows), args, base, others, **options)
 
 
 def decq_decoder(argv):
-    """DecQ Table 4: generation of RAE, DecQ with its own decoder, and DecQ's generated patch tokens decoded by the
-    plain RAE decoder (the generated queries dropped); and the same for a DecQ generator trained with λ = 0 (no
-    query loss), which separates what the query loss costs the patch tokens from what the queries add."""
+    """DecQ Table 4: generation of RAE, DecQ, and DecQ's generated patch tokens through the RAE decoder; the same for a
+    generator trained with λ = 0, which separates what the query loss costs the patch tokens from what queries add."""
     rows = {"rae": ("rae", CFG), "decq (RAE decoder)": ("decq", RAE_DECODER), "decq": ("decq", CFG),
             "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
-    done = ablation_study("decq-decoder", argv, ("decq",), list(rows.values()))
-    if done is None:
-        return None
-    args, root, per_seed = done
-    return finish("decq-decoder", root / "decq-decoder", sampling_rows(per_seed, rows), tuple(rows), args, "rae",
-                  tuple(rows)[1:])
+    return sampling_study("decq-decoder", argv, ("decq",), rows, "rae", tuple(rows)[1:])
 
 
 DECQ_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
 IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
+PHASES_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag",
+                  "sample_accuracy_none", "sample_accuracy_ag"]  # drorae-phases: unguided and AutoGuidance 1.5
 
 
-def tokenizer_study(name, argv, rows, base, metrics, generate=True):
-    """A study over tokenizer variants `rows` (ABLATION_RUNS keys; RAE is always trained): each one's reconstruction
-    (discrete ones also codebook usage, perplexity and the code probe) and, with `generate`, a generator on its latent
-    sampled as in `main`; every metric compared against `base`."""
-    done = ablation_study(name, argv, [r for r in rows if r != "rae"], [(k, CFG) for k in rows] if generate else [])
-    if done is None:
-        return None
-    args, root, per_seed = done
+def tokenizer_study(name, argv, rows, base, metrics, samplings=(CFG,)):
+    """A study over the ABLATION_RUNS `rows` (RAE is always trained): each one's reconstruction and a generator on its
+    latent sampled each of the `samplings` ways (default: as in `main`); every metric compared against `base`."""
+    args, root, per_seed = ablation_study(name, argv, [r for r in rows if r != "rae"],
+                                          [(k, s) for k in rows for s in samplings])
     return finish(name, root / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
 
 
-def decq_tradeoff(argv):
-    """DecQ Table 3: the encoder frozen (RAE), unfrozen, unfrozen + distillation to a frozen copy, feature concat, and
-    DecQ, each on DecQ's training budget: reconstruction and generation, compared against RAE (paper: unfreezing buys
-    reconstruction and costs generation, distillation softens both, concat costs generation; DecQ improves both)."""
-    return tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill", "concat", "decq"), "rae",
-                           DECQ_METRICS)
-
-
-def decq_queries(argv):
-    """DecQ Table 5: the number of queries (1, 2, 4, 8 = the default, 16)."""
-    return tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq", "decq_q16"),
-                           "decq", DECQ_METRICS)
-
-
-def decq_layers(argv):
-    """DecQ §4.3: condensers on shallow blocks only, deep blocks only, or both (the default; paper: shallow helps
-    reconstruction, deep helps generation, both is best). Toy: blocks 0-2, 3-5, all six."""
-    return tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"), "decq", DECQ_METRICS)
-
-
 def speed_up(table, epochs, metric, seeds):
-    """How much sooner DecQ reaches RAE's score at the last epoch: last epoch / the epoch from which DecQ stays at
-    least as good to the end (a lucky early checkpoint does not count; None: only at no epoch), on the means and per
-    seed."""
+    """How much sooner DecQ reaches RAE's last-epoch score, on the means and per seed: last epoch / the epoch from which
+    DecQ stays at least as good to the end (a lucky early checkpoint does not count; None: at no epoch)."""
     better = lambda a, b: (a - b) * METRICS[metric][1] >= 0  # noqa: E731
     cell = lambda k, e: table[f"{k} @{e}"][metric]  # noqa: E731
     out = {}
@@ -770,94 +704,79 @@ def speed_up(table, epochs, metric, seeds):
 
 
 def decq_convergence(argv):
-    """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent, trained for twice
-    the main budget in the toy (10 epochs; full scale: the 80 epochs of the other studies), a checkpoint kept every
-    epoch (full scale: every 10), each sampled without guidance. The chart draws the scores against epochs; the
-    speed-up is RAE's last epoch over the epoch from which DecQ stays at least as good as RAE there."""
-    epochs = list(CURVE_EPOCHS[study_args("decq-convergence", argv)[0].world])
+    """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent (toy: twice the
+    main budget), each kept checkpoint (CURVE_EPOCHS) sampled without guidance; a line chart and the speed-up."""
+    args = study_args("decq-convergence", argv)[0]
+    epochs, metric = list(CURVE_EPOCHS[args.world]), "gFID" if args.world == "imagenet" else "fd"
     rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"none@{e}", 1.0, epoch=e)) for k in ("rae", "decq") for e in epochs}
-    done = ablation_study("decq-convergence", argv, ("decq",), list(rows.values()))
-    if done is None:
-        return None
-    args, root, per_seed = done
-    metric = "gFID" if args.world == "imagenet" else "fd"
-    res = finish("decq-convergence", root / "decq-convergence", sampling_rows(per_seed, rows), tuple(rows), args,
-                 metrics=[metric, "sample_accuracy", "IS", "precision", "recall"], draw=curve_chart)
-    res["speed_up"] = {m: speed_up(res["table"], epochs, m, args.seeds) for m in (metric, "sample_accuracy")}
+    speed_ups = lambda table: dict(speed_up={m: speed_up(table, epochs, m, args.seeds)  # noqa: E731
+                                             for m in (metric, "sample_accuracy")})
+    res = sampling_study("decq-convergence", argv, ("decq",), rows, extra=speed_ups, draw=curve_chart,
+                         metrics=[metric, "sample_accuracy", "IS", "precision", "recall"])
     for m, s in res["speed_up"].items():
         print(f"{METRICS[m][0]}: RAE's epoch-{epochs[-1]} score reached by DecQ " + ", ".join(
             f"{k} {f'{v:.2f}× sooner' if v else 'not for good within the epochs'}" for k, v in s.items()))
-    (root / "decq-convergence" / "results.json").write_text(json.dumps(res, indent=1))
     return res
 
 
-def ideal_fusion(argv):
-    """Ideal Table 7a: AttnFuse, one linear layer on [f_s; f_d], or no fusion (deep feature only)."""
-    return tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"), "ideal", IDEAL_RECON,
-                           generate=False)
-
-
-def ideal_shallow(argv):
-    """Ideal Table 7b and the choice of the shallow block: without the shallow alignment loss L_shallow, and AttnFuse
-    reading block 0, 1 (the default: a quarter of the depth), 2 or 3 of the toy VFM's 6."""
-    return tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2", "ideal_s3"),
-                           "ideal", IDEAL_RECON, generate=False)
-
-
-def ideal_layers(argv):
-    """Ideal Table 1: one block's feature quantised alone (no fusion) at depths 0, 1, 3 and the last (5): shallow
-    blocks should reconstruct better, deep blocks carry more class information (the code probe)."""
-    return tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3", "ideal_deep_only"),
-                           "ideal_deep_only", IDEAL_RECON, generate=False)
-
-
-def ideal_codebook(argv):
-    """Ideal's codebook usage (paper: 100% of 16,384 codes) against the recipe's knobs: an 8-dim code lookup (the
-    published one, 768 → 64, is 12× narrower than the width; the toy's 64 is its width), 256 codes (4× the tokens per
-    code), no entropy term or 10× its weight, entropy temperature 1 (recipe: 0.01). No dead-code restart anywhere."""
-    return tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256", "ideal_h0", "ideal_h0.1",
-                                                    "ideal_t1"), "ideal", IDEAL_RECON, generate=False)
-
-
 def ideal_generation(argv):
-    """Ideal's generation claim in the toy: the GPT on Ideal's codes against the GPT on deep-only codes, sampled
-    without guidance and with CFG 1.5, 2, 3 (the main table's) and 5."""
+    """Ideal's generation claim: the GPT on Ideal's codes against the GPT on deep-only codes, CFG 1 to 5."""
     scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": CFG,
               "CFG 5": Sampling("cfg5", 5.0)}
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
-    done = ablation_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), list(rows.values()))
-    if done is None:
-        return None
-    args, root, per_seed = done
     base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
-    return finish("ideal-generation", root / "ideal-generation", sampling_rows(per_seed, rows), tuple(rows), args, base,
-                  tuple(base))
+    return sampling_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), rows, base, tuple(base))
 
 
 # ----------------------------------------------------------------------------------------------------
 # 6. Command line
 # ----------------------------------------------------------------------------------------------------
 
-STUDIES = {
-    "drorae-phases": (drorae_phases, "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation "
-                                     "without guidance and with AutoGuidance"),
+STUDIES = {  # name → (the study, a function of its flags; what it mirrors, for --list)
+    # joint training (fusion and decoder at once) is the ablation the paper reports failing
+    "drorae-phases": (lambda argv: tokenizer_study("drorae-phases", argv, ("rae", "drorae_p2", "drorae_p3",
+                                                                            "drorae_joint"), "drorae_p3",
+                                                   PHASES_METRICS, (UNGUIDED, AG)),
+                      "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation without guidance "
+                      "and with AutoGuidance"),
     "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
     "drorae-routing-maps": (drorae_routing_maps, "PNG of the per-block routing weights on held-out toy images, "
                                                  "mean weight on background / edges / interiors"),
     "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patch tokens through the RAE decoder; the same "
                                    "with λ = 0"),
-    "decq-tradeoff": (decq_tradeoff, "DecQ Table 3: frozen (RAE), unfreeze, unfreeze + distill, feature concat, DecQ"),
-    "decq-queries": (decq_queries, "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
-    "decq-layers": (decq_layers, "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
+    # on DecQ's training budget (paper: unfreezing buys reconstruction and costs generation, distillation softens
+    # both, concat costs generation; DecQ improves both)
+    "decq-tradeoff": (lambda argv: tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill",
+                                                                            "concat", "decq"), "rae", DECQ_METRICS),
+                      "DecQ Table 3: frozen (RAE), unfreeze, unfreeze + distill, feature concat, DecQ"),
+    "decq-queries": (lambda argv: tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq",
+                                                                          "decq_q16"), "decq", DECQ_METRICS),
+                     "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
+    # paper: shallow helps reconstruction, deep helps generation, both (the default) is best
+    "decq-layers": (lambda argv: tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"),
+                                                 "decq", DECQ_METRICS),
+                    "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
     "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
                                            "RAE and DecQ, unguided; a line chart"),
-    "ideal-fusion": (ideal_fusion, "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, "
-                                   "codebook usage, code probe"),
-    "ideal-shallow": (ideal_shallow, "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
-    "ideal-layers": (ideal_layers, "Ideal Table 1: one block's feature quantised at several depths; reconstruction "
-                                   "and a class probe of the codes"),
-    "ideal-codebook": (ideal_codebook, "Ideal's codebook usage: code dimension, codebook size, entropy weight and "
-                                       "temperature"),
+    "ideal-fusion": (lambda argv: tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"),
+                                                  "ideal", IDEAL_RECON, samplings=()),
+                     "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, codebook usage, "
+                     "code probe"),
+    "ideal-shallow": (lambda argv: tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0",
+                                                                            "ideal_s2", "ideal_s3"), "ideal",
+                                                   IDEAL_RECON, samplings=()),
+                      "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
+    # paper: shallow blocks reconstruct better, deep blocks carry more class information (the code probe)
+    "ideal-layers": (lambda argv: tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3",
+                                                                          "ideal_deep_only"), "ideal_deep_only",
+                                                  IDEAL_RECON, samplings=()),
+                     "Ideal Table 1: one block's feature quantised at several depths; reconstruction and a class "
+                     "probe of the codes"),
+    # paper: 100% of 16,384 codes; the published 768 → 64 code lookup is 12× narrower than the width (toy: d8)
+    "ideal-codebook": (lambda argv: tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256",
+                                                                              "ideal_h0", "ideal_h0.1", "ideal_t1"),
+                                                    "ideal", IDEAL_RECON, samplings=()),
+                       "Ideal's codebook usage: code dimension, codebook size, entropy weight and temperature"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
@@ -877,7 +796,10 @@ def main(argv=None):
         return None
     if argv[0] not in STUDIES:
         raise SystemExit(f"experiments.py: unknown study '{argv[0]}' (python experiments.py --list names them)")
-    return STUDIES[argv[0]][0](argv[1:])
+    try:
+        return STUDIES[argv[0]][0](argv[1:])
+    except DryRun:
+        return None
 
 
 if __name__ == "__main__":

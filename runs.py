@@ -36,9 +36,8 @@ def merge(settings, *changes):
 
 
 def argv(run):
-    """The command line of a run's script, the one place that knows flag spellings: key → --key-with-dashes VALUE (a
-    list: its items after the flag; a dict: JSON; True / False: --key / --no-key); `extra`: as given; train.py's
-    groups as one flag each, `--tok key=value …` (values as Python / JSON literals)."""
+    """A run's command line, the one place that knows flag spellings: key → --key-with-dashes VALUE (a list: its
+    items; a dict: JSON; True / False: --key / --no-key); `extra`: as given; a group: `--tok key=value …` (literals)."""
     out = []
     for key, value in run.settings.items():
         flag = "--" + key.replace("_", "-")
@@ -64,13 +63,11 @@ def command(run, gpus=0):
 
 
 def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
-    """Run the runs `jobs` as `python script argv…` subprocesses, `lanes` at a time, each once its deps have finished,
-    with `threads` intra-op threads each (toy models gain nothing from a second; None: the environment's setting). The
-    command lines go to <out>/commands.sh, each run's output to <out>/logs/<name>.log; a failed run stops the whole run.
-    With reuse, a run that <out>/finished.json records as finished with the same command, all its dependencies reused
-    too, is not run again; a finished train.py run that would run again (its command or an input changed) is refused
-    with what to delete (sampling and scoring simply run again); a train.py run interrupted after writing a checkpoint
-    continues (--resume). gpus > 0: every run under torchrun with that many processes."""
+    """Run `jobs`, `lanes` at a time, each once its deps have finished, with `threads` intra-op threads each (None: the
+    environment's); commands in <out>/commands.sh, output in <out>/logs/<name>.log; a failed run stops them all. With
+    reuse, a run <out>/finished.json records with the same command, its dependencies reused too, is not run again; a
+    finished train.py run that would run again (its command or an input changed) is refused with what to delete; an
+    interrupted one continues (--resume). gpus > 0: every run under torchrun with that many processes."""
     root, logs, record = Path(__file__).resolve().parent, out / "logs", out / "finished.json"
     logs.mkdir(parents=True, exist_ok=True)
     cmd = {run.name: command(run, gpus) for run in jobs}
@@ -94,22 +91,20 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     bar = tqdm(total=len(jobs), initial=len(done), desc="runs", dynamic_ncols=True)
     while todo or running:
         for run in [r for r in todo if set(r.deps) <= done][:lanes - len(running)]:
-            log = open(logs / f"{run.name}.log", "w")
-            running[run.name] = subprocess.Popen([*launch, str(root / run.script), *argv(run)], stdout=log,
-                                                 stderr=subprocess.STDOUT, env=env), log
+            with open(logs / f"{run.name}.log", "w") as log:  # the run writes to its own copy of the file
+                running[run.name] = subprocess.Popen([*launch, str(root / run.script), *argv(run)], stdout=log,
+                                                     stderr=subprocess.STDOUT, env=env)
             todo.remove(run)
             bar.set_postfix_str(" ".join(running))
         time.sleep(0.5)
-        for name, (proc, log) in list(running.items()):
+        for name, proc in list(running.items()):
             if proc.poll() is None:
                 continue
-            log.close()
             del running[name]
             if proc.returncode:
-                for other, other_log in running.values():  # SIGTERM: a train.py run saves its step first
+                for other in running.values():  # SIGTERM: a train.py run saves its step first
                     other.terminate()
                     other.wait()
-                    other_log.close()
                 raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
             done.add(name)
             finished[name] = cmd[name]

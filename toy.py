@@ -35,34 +35,20 @@ import evaluate
 import model
 import runs
 
-SHAPES = ("disk", "square", "triangle", "cross", "ring", "ell", "bar", "star")
-
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: scenes = (shape, pose) + appearance = (colours, texture), rendered with 4× supersampling
 # ----------------------------------------------------------------------------------------------------
 
-
-def shape_mask(kind, u, v):
-    """Inside-test of a unit-size shape on canonical coordinates u, v ∈ [−1, 1] (arrays)."""
-    r = np.sqrt(u**2 + v**2)
-    if kind == "disk":
-        return r < 0.8
-    if kind == "square":
-        return np.maximum(abs(u), abs(v)) < 0.65
-    if kind == "triangle":
-        return (v < 0.6) & (v > 1.9 * abs(u) - 0.9)
-    if kind == "cross":
-        return ((abs(u) < 0.25) | (abs(v) < 0.25)) & (np.maximum(abs(u), abs(v)) < 0.85)
-    if kind == "ring":
-        return (r < 0.85) & (r > 0.5)
-    if kind == "ell":
-        return (np.maximum(abs(u), abs(v)) < 0.75) & ((u < 0) | (v < 0))
-    if kind == "bar":
-        return (abs(u) < 0.85) & (abs(v) < 0.28)
-    if kind == "star":
-        a = np.arctan2(v, u)
-        return r < 0.45 + 0.4 * np.cos(5 * a) ** 2
-    raise ValueError(kind)
+INSIDE = {  # each shape's inside-test on canonical coordinates u, v ∈ [−1, 1] (arrays; r = √(u² + v²))
+    "disk": lambda u, v, r: r < 0.8,
+    "square": lambda u, v, r: np.maximum(abs(u), abs(v)) < 0.65,
+    "triangle": lambda u, v, r: (v < 0.6) & (v > 1.9 * abs(u) - 0.9),
+    "cross": lambda u, v, r: ((abs(u) < 0.25) | (abs(v) < 0.25)) & (np.maximum(abs(u), abs(v)) < 0.85),
+    "ring": lambda u, v, r: (r < 0.85) & (r > 0.5),
+    "ell": lambda u, v, r: (np.maximum(abs(u), abs(v)) < 0.75) & ((u < 0) | (v < 0)),
+    "bar": lambda u, v, r: (abs(u) < 0.85) & (abs(v) < 0.28),
+    "star": lambda u, v, r: r < 0.45 + 0.4 * np.cos(5 * np.arctan2(v, u)) ** 2}
+SHAPES = tuple(INSIDE)
 
 
 def sample_scenes(n, rng):
@@ -92,7 +78,7 @@ def render(scenes, looks, size=32, ss=4):
         c, s = math.cos(scenes["angle"][i]), math.sin(scenes["angle"][i])
         x, y = X - scenes["cx"][i], Y - scenes["cy"][i]
         u, v = (c * x + s * y) / scenes["scale"][i], (-s * x + c * y) / scenes["scale"][i]
-        inside = shape_mask(SHAPES[scenes["label"][i]], u, v).astype(np.float32)
+        inside = INSIDE[SHAPES[scenes["label"][i]]](u, v, np.sqrt(u**2 + v**2)).astype(np.float32)
         ca, sa = math.cos(looks["stripe_angle"][i]), math.sin(looks["stripe_angle"][i])
         t = 0.5 + 0.5 * np.sin(math.pi * looks["freq"][i] * (ca * X + sa * Y) * 2) if looks["stripes"][i] else 0.0
         fg = looks["fg1"][i][:, None, None] * (1 - t) + looks["fg2"][i][:, None, None] * t
@@ -133,13 +119,10 @@ def vfm_input(x01):
     return (x01 - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
 
 
-class VFMHeads(nn.Module):
+def vfm_heads():
     """Pretraining heads: class from the normed cls token; per-patch segmentation (background or shape class)."""
-
-    def __init__(self, dim, num_classes):
-        super().__init__()
-        self.cls = nn.Linear(dim, num_classes)
-        self.seg = nn.Linear(dim, num_classes + 1)
+    return nn.ModuleDict(dict(cls=nn.Linear(VFM_CONFIG["embed_dim"], len(SHAPES)),
+                              seg=nn.Linear(VFM_CONFIG["embed_dim"], len(SHAPES) + 1)))
 
 
 def patch_targets(masks, labels, patch):
@@ -149,19 +132,16 @@ def patch_targets(masks, labels, patch):
 
 
 def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=None):
-    """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's
-    (LN₀) patch tokens of the same scene under two random appearances (DINO-style colour augmentation).
-    Batches of `batch` scenes × 2 appearances are drawn from a pool of scenes rendered once."""
+    """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's (LN₀) patch
+    tokens of one scene under two random appearances (DINO-style colour augmentation), from a pool rendered once."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(pool, rng)
-    x1, masks = render(scenes, sample_appearance(pool, rng))
-    x2, _ = render(scenes, sample_appearance(pool, rng))
-    x1, x2, masks = torch.from_numpy(x1), torch.from_numpy(x2), torch.from_numpy(masks)
-    labels = torch.from_numpy(scenes["label"])
+    (x1, masks), (x2, _) = (render(scenes, sample_appearance(pool, rng)) for _ in range(2))
+    x1, x2, masks, labels = map(torch.from_numpy, (x1, x2, masks, scenes["label"]))
     targets = patch_targets(masks, labels, VFM_CONFIG["patch_size"])
     vfm = model.DINOv2(**VFM_CONFIG)
-    heads = VFMHeads(VFM_CONFIG["embed_dim"], len(SHAPES))
+    heads = vfm_heads()
     params = list(vfm.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -288,11 +268,6 @@ def plan_runs(recipe, out):
     return plan
 
 
-@torch.no_grad()
-def reconstruct(tok, x01, batch=256):
-    return torch.cat([tok.decode(tok.encode(x01[i:i + batch])) for i in range(0, len(x01), batch)])
-
-
 def read_samples(out):
     """sample.py's .npz (uint8 NHWC images, labels) → (images in [0, 1], labels)."""
     arr = np.load(next(Path(out).glob("*.npz")))
@@ -302,42 +277,38 @@ def read_samples(out):
 def fd(f1, f2):
     with warnings.catch_warnings():  # the toy FD uses < 2048 images on purpose (64-d features)
         warnings.simplefilter("ignore")
-        return evaluate.frechet_distance(*evaluate.gaussian(f1.double().numpy()), *evaluate.gaussian(f2.double().numpy()))
+        (m1, s1), (m2, s2) = (evaluate.gaussian(f.double().numpy()) for f in (f1, f2))
+        return evaluate.frechet_distance(m1, s1, m2, s2)
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(prog="toy.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="toy.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, rate = cli.number(int, 1), cli.number(float, 0, above=True)
     p.add_argument("--out-dir", default="runs/toy")
     p.add_argument("--seed", type=cli.number(int, 0), default=0)
     p.add_argument("--stage", choices=("all", "world", "score"), default="all",
                    help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
-    p.add_argument("--vfm-steps", type=cli.number(int, 1), default=1500)
-    p.add_argument("--vfm-pool", type=cli.number(int, 1), default=4096, help="scenes rendered for VFM pretraining")
-    p.add_argument("--probe-images", type=cli.number(int, 1), default=2000,
-                   help="images of the colour probe (half fit, half test)")
-    p.add_argument("--train-images", type=cli.number(int, 1), default=4096)
-    p.add_argument("--test-images", type=cli.number(int, 1), default=1000, help="held-out images for PSNR / SSIM / FD")
-    p.add_argument("--tok-epochs", type=cli.number(int, 1), default=12, help="epochs of every tokenizer run")
-    p.add_argument("--gen-epochs", type=cli.number(int, 1), default=5,
+    p.add_argument("--vfm-steps", type=count, default=1500)
+    p.add_argument("--vfm-pool", type=count, default=4096, help="scenes rendered for VFM pretraining")
+    p.add_argument("--probe-images", type=count, default=2000, help="images of the colour probe (half fit, half test)")
+    p.add_argument("--train-images", type=count, default=4096)
+    p.add_argument("--test-images", type=count, default=1000, help="held-out images for PSNR / SSIM / FD")
+    p.add_argument("--tok-epochs", type=count, default=12, help="epochs of every tokenizer run")
+    p.add_argument("--gen-epochs", type=count, default=5,
                    help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
-    p.add_argument("--batch", type=cli.number(int, 1), default=64)
-    p.add_argument("--lr", type=cli.number(float, 0, above=True), default=2e-3,
-                   help="peak learning rate of the tokenizers")
-    p.add_argument("--gen-lr", type=cli.number(float, 0, above=True), default=4e-3,
-                   help="peak learning rate of the generators")
-    p.add_argument("--samples-per-class", type=cli.number(int, 1), default=64)
+    p.add_argument("--batch", type=count, default=64)
+    p.add_argument("--lr", type=rate, default=2e-3, help="peak learning rate of the tokenizers")
+    p.add_argument("--gen-lr", type=rate, default=4e-3, help="peak learning rate of the generators")
+    p.add_argument("--samples-per-class", type=count, default=64)
     p.add_argument("--scale", type=cli.number(float, 0), default=3.0,
                    help="classifier-free guidance scale of the samples")
-    p.add_argument("--lanes", type=cli.number(int, 1), default=2,
-                   help="train.py / sample.py runs at a time (one per core)")
+    p.add_argument("--lanes", type=count, default=2, help="train.py / sample.py runs at a time (one per core)")
     return p.parse_args(argv)
 
 
 def world(args, out):
-    """The world of one seed: pretrain the toy VFM (one thread, whatever the caller's setting), save it in DINOv2's
-    checkpoint layout (vfm.pth, + vfm_heads.pth), probe it, write the training and held-out images (data/train,
-    data/test); world.json holds the probes."""
+    """The world of one seed: pretrain the toy VFM, save it in DINOv2's layout (vfm.pth, + vfm_heads.pth), probe it
+    (world.json), write the training and held-out images (data/train, data/test)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
@@ -350,7 +321,7 @@ def world(args, out):
     torch.save(vfm.state_dict(), out / "vfm.pth")
     torch.save(heads.state_dict(), out / "vfm_heads.pth")
     vfm, heads = load_vfm(out)  # from here on the VFM is the one loaded from the file, as the runs see it
-    x_test, y_test = test_set(args)
+    x_test, y_test, _ = test_set(args)
     acc = (vfm_classify(vfm, heads, x_test) == y_test).float().mean().item()
     r2 = colour_probe(vfm, args.probe_images)
     shallow = VFM_CONFIG["depth"] // 4
@@ -364,21 +335,21 @@ def world(args, out):
 
 def load_vfm(out):
     vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()
-    heads = VFMHeads(VFM_CONFIG["embed_dim"], len(SHAPES))
+    heads = vfm_heads()
     heads.load_state_dict(torch.load(out / "vfm_heads.pth", weights_only=True))
     return vfm, heads.eval()
 
 
 def test_set(args):
-    """The held-out images of a seed, exactly as a PNG file holds them, and their labels."""
-    x, y, _ = make_world(args.test_images, args.seed + 1000)
-    return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y
+    """The held-out images of a seed, exactly as a PNG file holds them, their labels and foreground masks."""
+    x, y, masks = make_world(args.test_images, args.seed + 1000)
+    return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y, masks
 
 
+@torch.no_grad()
 def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
-    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD to the
-    held-out images in its feature space."""
-    r = reconstruct(tok, x_test)
+    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD."""
+    r = torch.cat([tok.decode(tok.encode(x_test[i:i + 256])) for i in range(0, len(x_test), 256)])
     a, b = data.to_uint8(x_test), data.to_uint8(r)
     return r, dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
                    recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
@@ -394,12 +365,9 @@ def sample_scores(s, labels, vfm, heads, f_test):
 
 
 def score(args, out, seconds=None):
-    """Score the finished runs of one seed: PSNR / SSIM / the toy VFM's accuracy on held-out reconstructions; on
-    class-conditional samples the toy VFM's accuracy, FD, precision and recall in its feature space (against the
-    held-out images). Writes results.json and the grids, prints the table, returns the results."""
+    """Score the finished runs of one seed (recon_scores, sample_scores): results.json, the grids, the table."""
     vfm, heads = load_vfm(out)
-    x_test, y_test = test_set(args)
-    ckpt = {key: out / key / "tokenizer.pt" for key in TOKENIZERS}
+    x_test, y_test, _ = test_set(args)
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     samples, results = {}, {}
     for key in GENERATORS:
@@ -407,13 +375,12 @@ def score(args, out, seconds=None):
         assert torch.equal(sample_labels, labels)
     f_test = vfm_features(vfm, x_test)
     recons = [x_test[:16]]
-    for key in ckpt:
-        r, res = recon_scores(checkpoint.load_tokenizer(ckpt[key]), x_test, y_test, vfm, heads, f_test)
+    for key in TOKENIZERS:
+        tok = checkpoint.load_tokenizer(out / key / "tokenizer.pt")
+        r, results[key] = recon_scores(tok, x_test, y_test, vfm, heads, f_test)
         recons.append(r[:16])
-        res.update(sample_accuracy=None, fd=None, precision=None, recall=None)
-        if key in samples:
-            res.update(sample_scores(samples[key], labels, vfm, heads, f_test))
-        results[key] = res
+        results[key].update(sample_scores(samples[key], labels, vfm, heads, f_test) if key in samples else
+                            dict.fromkeys(("sample_accuracy", "fd", "precision", "recall")))
     data.save_image_grid(torch.cat(recons), out / "reconstructions.png", nrow=16)
     data.save_image_grid(torch.cat([s[:16] for s in samples.values()]), out / "samples.png", nrow=16)
     x_train = make_world(args.train_images, args.seed)[0]
@@ -422,13 +389,13 @@ def score(args, out, seconds=None):
     results.update(vfm=vfm_res, fd_real_train_vs_test=fd_real, seconds=seconds, args=vars(args))
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n{'method':<16}{'PSNR':>8}{'SSIM':>8}{'recon acc':>11}{'sample acc':>12}{'FD (VFM)':>10}{'P':>7}{'R':>7}")
-    f = lambda v, spec: format(v, spec) if v is not None else "—"  # noqa: E731
-    for key in ckpt:
-        r = results[key]
-        print(f"{key:<16}{r['psnr']:>8.2f}{r['ssim']:>8.3f}{r['recon_accuracy']:>11.3f}"
-              f"{f(r['sample_accuracy'], '.3f'):>12}{f(r['fd'], '.3f'):>10}{f(r['precision'], '.3f'):>7}"
-              f"{f(r['recall'], '.3f'):>7}")
+    columns = dict(psnr=("PSNR", 8, ".2f"), ssim=("SSIM", 8, ".3f"), recon_accuracy=("recon acc", 11, ".3f"),
+                   sample_accuracy=("sample acc", 12, ".3f"), fd=("FD (VFM)", 10, ".3f"), precision=("P", 7, ".3f"),
+                   recall=("R", 7, ".3f"))  # result key → (heading, width, format)
+    print(f"\n{'method':<16}" + "".join(f"{head:>{width}}" for head, width, _ in columns.values()))
+    for key in TOKENIZERS:
+        print(f"{key:<16}" + "".join(f"{'—' if results[key][k] is None else format(results[key][k], spec):>{width}}"
+                                     for k, (_, width, spec) in columns.items()))
     print(f"(— = no generator trained for this tokenizer; samples at CFG scale {args.scale:g}; chance accuracy "
           f"{1 / len(SHAPES):.3f}; FD of {len(labels)} real training vs held-out images {fd_real:.3f})")
     print(f"toy VFM accuracy {vfm_res['accuracy']:.3f}; colour R² shallow block {vfm_res['shallow_block']} "
