@@ -13,14 +13,15 @@ import torch.nn as nn
 from model import Attention, RMSNorm, SwiGLU, apply_rope, rope_2d
 
 # LlamaGen class-conditional sizes (published parameter counts with vocab 16384, 1000 classes: 111M, 343M, 775M,
-# 1.4B); "tiny" is for tests and the toy run.
+# 1.4B); "tiny" is for tests and the toy run. cfg_scale: the best CFG of Ideal's Table 5 caption (1.75 for GPT-B,
+# 1.25 for the others; XL, not in the paper, takes 1.25), sample.py's default scale.
 GPT_PRESETS = {
-    "tiny": dict(depth=2, dim=64, num_heads=4),
-    "B": dict(depth=12, dim=768, num_heads=12),
-    "L": dict(depth=24, dim=1024, num_heads=16),
-    "XL": dict(depth=36, dim=1280, num_heads=20),
-    "XXL": dict(depth=48, dim=1536, num_heads=24),
-    "3B": dict(depth=24, dim=3200, num_heads=32),  # Ideal's headline GPT (LlamaGen GPT-3B); train with --fsdp
+    "tiny": dict(depth=2, dim=64, num_heads=4, cfg_scale=1.25),
+    "B": dict(depth=12, dim=768, num_heads=12, cfg_scale=1.75),
+    "L": dict(depth=24, dim=1024, num_heads=16, cfg_scale=1.25),
+    "XL": dict(depth=36, dim=1280, num_heads=20, cfg_scale=1.25),
+    "XXL": dict(depth=48, dim=1536, num_heads=24, cfg_scale=1.25),
+    "3B": dict(depth=24, dim=3200, num_heads=32, cfg_scale=1.25),  # Ideal's headline GPT; train with --fsdp
 }
 
 
@@ -73,18 +74,19 @@ class GPT(nn.Module):
     Class label `num_classes` is the null class (CFG); labels are dropped to it with p = class_dropout in
     training. RoPE: LlamaGen's 2-D table (half the head dim rows, half columns) on the image tokens; the class
     token's position is `cls_rope`: "zero" = LlamaGen/Ideal (cos = sin = 0, which zeroes the class token's
-    query and key, so every query gives it logit 0; its value still counts) or "identity" (cos = 1, sin = 0)."""
+    query and key, so every query gives it logit 0; its value still counts) or "identity" (cos = 1, sin = 0).
+    `cfg_scale` is only recorded: the guidance scale sample.py uses unless --scale is given."""
 
     def __init__(self, depth=12, dim=768, num_heads=12, vocab_size=16384, num_classes=1000, grid=16,
                  class_dropout=0.1, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, norm_eps=1e-5,
-                 rope_theta=10000.0, cls_rope="zero"):
+                 rope_theta=10000.0, cls_rope="zero", cfg_scale=1.75):
         super().__init__()
         if cls_rope not in ("zero", "identity"):
             raise ValueError(f"cls_rope must be 'zero' or 'identity', got {cls_rope!r}")
         self.config = dict(depth=depth, dim=dim, num_heads=num_heads, vocab_size=vocab_size,
                            num_classes=num_classes, grid=grid, class_dropout=class_dropout,
                            token_dropout=token_dropout, resid_dropout=resid_dropout, ffn_dropout=ffn_dropout,
-                           norm_eps=norm_eps, rope_theta=rope_theta, cls_rope=cls_rope)
+                           norm_eps=norm_eps, rope_theta=rope_theta, cls_rope=cls_rope, cfg_scale=cfg_scale)
         self.num_classes, self.num_tokens, self.class_dropout = num_classes, grid * grid, class_dropout
         self.class_emb = nn.Embedding(num_classes + 1, dim)  # last row: null class
         self.tok_emb = nn.Embedding(vocab_size, dim)

@@ -14,9 +14,7 @@ import torch.nn.functional as F
 
 from model import Attention, RMSNorm, SwiGLU, load_strict, read_state_dict, rope_2d, sincos_2d
 
-# ----------------------------------------------------------------------------------------------------
-# 1. DiT-DH
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. DiT-DH -------------------------------------------------------------------------------------------
 
 PRESETS = {  # RAE stage-2 configs (DiT-DH S/B/L/XL); widths/depths/heads are (body, head)
     "S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
@@ -239,9 +237,7 @@ def to_tokens(state):
     return torch.cat([state[0].flatten(2).transpose(1, 2), *state[1:]], 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Flow matching (RAE convention: x_t = (1 − t)·x + t·ε, v = ε − x, t = 0 data, t = 1 noise)
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. Flow matching (RAE convention: x_t = (1 − t)·x + t·ε, v = ε − x, t = 0 data, t = 1 noise) --------
 
 
 def shift_alpha(dim, base=4096):
@@ -277,9 +273,7 @@ def flow_matching_loss(model, x, y, e=None, lam=1.0, dist="logit-normal", alpha=
     return F.mse_loss(v, noise - x) + lam * F.mse_loss(v_e, noise_e - e)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Samplers: Euler / Heun ODE from t = 1 to 0, CFG or AutoGuidance inside [t_min, t_max]
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. Samplers: Euler / Heun ODE from t = 1 to 0, CFG or AutoGuidance inside [t_min, t_max] ------------
 
 
 def time_grid(num_steps=50, alpha=math.sqrt(48), t_end=0.999):

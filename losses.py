@@ -30,9 +30,7 @@ def load_weights(src, what):
                            f"file in {torch.hub.get_dir()}/checkpoints/ or pass its local path") from None
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. LPIPS (Zhang et al. 2018, v0.1, VGG16 trunk)
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. LPIPS (Zhang et al. 2018, v0.1, VGG16 trunk) -----------------------------------------------------
 
 
 class LPIPS(nn.Module):
@@ -76,9 +74,7 @@ class LPIPS(nn.Module):
         return d.flatten()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. DINO discriminator (RAE `DinoDisc`, recipe S_8; StyleGAN-T / VAR projected discriminator)
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. DINO discriminator (RAE `DinoDisc`, recipe S_8; StyleGAN-T / VAR projected discriminator) --------
 
 
 def sn_conv(cin, cout, k, **kw):
@@ -164,9 +160,7 @@ def quantize_fake(x01):
     return torch.round((x + 1) * 127.5) / 127.5 - 1
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. DiffAugment (Zhao et al. 2020; RAE's StyleGAN-T copy: colour + translation, always; Ideal's: + cutout, p 0.5)
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. DiffAugment (Zhao et al. 2020; RAE's StyleGAN-T copy: colour + translation, always; Ideal's: + cutout, p 0.5) ----
 
 
 def diff_augment(x, policy="color,translation", generator=None, prob=1.0):
@@ -229,9 +223,7 @@ class LeCAM:
         return F.relu(logits_real - fake).pow(2).mean() + F.relu(real - logits_fake).pow(2).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. GAN losses and the adaptive weight (VQGAN / RAE)
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. GAN losses and the adaptive weight (VQGAN / RAE) -------------------------------------------------
 
 
 def hinge_d_loss(logits_real, logits_fake):

@@ -18,9 +18,7 @@ import torch.nn.functional as F
 import model
 from model import Attention, Mlp, ln0
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Condensers, queries and the query-reading decoder
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. Condensers, queries and the query-reading decoder ------------------------------------------------
 
 
 class Condenser(nn.Module):
@@ -70,9 +68,7 @@ class QueryDecoder(model.ViTDecoder):
         return self.query_embed(q) + self.query_pos_embed
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. DecQ tokenizer
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. DecQ tokenizer -----------------------------------------------------------------------------------
 
 
 class DecQ(model.RAE):
@@ -130,9 +126,7 @@ class DecQ(model.RAE):
         return torch.cat([super().denormalize(p), q], 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Table 3's baselines: the reconstruction–generation trade-off that DecQ is built to escape
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. Table 3's baselines: the reconstruction–generation trade-off that DecQ is built to escape --------
 
 
 class Unfrozen(model.RAE):

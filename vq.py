@@ -17,9 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model import RAE, Attention, Block, Mlp, checked_heads, ln0
 
-# ----------------------------------------------------------------------------------------------------
-# AttnFuse (Eq. 6)
-# ----------------------------------------------------------------------------------------------------
+# ---- AttnFuse (Eq. 6) ------------------------------------------------------------------------------------
 
 
 class AttnFuse(nn.Module):
@@ -51,9 +49,7 @@ class LinearFuse(nn.Module):
         return f_d + self.proj(torch.cat([f_s, f_d], -1))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Vector quantiser (Eq. 2, 4) and the entropy term
-# ----------------------------------------------------------------------------------------------------
+# ---- Vector quantiser (Eq. 2, 4) and the entropy term ----------------------------------------------------
 
 
 def sq_dist(z, codes):
@@ -174,9 +170,7 @@ class VectorQuantizer(nn.Module):
         return self.up(q), indices, loss
 
 
-# ----------------------------------------------------------------------------------------------------
-# Feature decoder (Eq. 7) and alignment losses (Eq. 9, 10)
-# ----------------------------------------------------------------------------------------------------
+# ---- Feature decoder (Eq. 7) and alignment losses (Eq. 9, 10) --------------------------------------------
 
 
 class FeatureDecoder(nn.Module):
@@ -216,9 +210,7 @@ def alignment_loss(pred, target):
     return F.mse_loss(pred, target) + (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
-# The Ideal tokenizer
-# ----------------------------------------------------------------------------------------------------
+# ---- The Ideal tokenizer ---------------------------------------------------------------------------------
 
 IDEAL_PRESETS = {
     "tiny": dict(method="ideal", encoder="vitt14_reg", encoder_weights=None, decoder="tiny", image_size=64,
