@@ -45,7 +45,8 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear → GELU → Linear, keys `fc1`/`fc2`; approximate="tanh" for RAE's copy of DINO in the discriminator."""
+    """Linear → GELU → dropout → Linear → dropout (timm's Mlp), keys `fc1`/`fc2`; approximate="tanh" for RAE's copy of
+    DINO in the discriminator."""
 
     def __init__(self, dim, hidden, drop=0.0, approximate="none"):
         super().__init__()
@@ -54,7 +55,7 @@ class Mlp(nn.Module):
         self.drop, self.approximate = nn.Dropout(drop), approximate
 
     def forward(self, x):
-        return self.fc2(self.drop(F.gelu(self.fc1(x), approximate=self.approximate)))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate=self.approximate))))
 
 
 class SwiGLU(nn.Module):
@@ -128,12 +129,13 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm ViT block, DINOv2 key layout. `layer_scale=None` drops LayerScale (DINOv1, RAE decoder);
-    `ffn='swiglu'` for DINOv2-g; `gelu` is the Mlp's GELU approximation ("none" or "tanh")."""
+    `ffn='swiglu'` for DINOv2-g; `gelu` is the Mlp's GELU approximation ("none" or "tanh"); `drop` drops the
+    attention probabilities, the attention output and the FFN's hidden layer and output."""
 
     def __init__(self, dim, num_heads, mlp_hidden, eps=1e-6, layer_scale=1.0, ffn="mlp", drop=0.0, gelu="none"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, attn_drop=drop, proj_drop=drop)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim, mlp_hidden, drop=drop) if ffn == "swiglu" else Mlp(dim, mlp_hidden, drop, gelu)

@@ -4,7 +4,7 @@ tokenizer → PNG grid and/or an ADM-format .npz (`arr_0` uint8 NHWC, `arr_1` la
     python sample.py --ckpt runs/gen --per-class 50                       # 50K samples, 50 per class (ADM gFID protocol)
     torchrun --nproc_per_node=8 sample.py --ckpt runs/gen --per-class 50 --guide runs/guide --scale 1.42
     python sample.py --ckpt runs/gen --classes 207 360 387 --num-samples 24 --formats png
-    python sample.py --ckpt runs/ideal-gen --per-class 50 --scale 2.0 --top-k 0 --top-p 1.0   # AR: CFG on logits
+    python sample.py --ckpt runs/ideal-gen --per-class 50 --top-k 0 --top-p 1.0   # AR: CFG on logits at the paper's scale
 
 Sample i has label classes[i % len(classes)] (all classes by default: every contiguous tenth of the file is
 class-balanced, as IS splits expect); its noise (or the AR model's tokens) comes from a generator seeded by (seed, i),
@@ -41,7 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--classes", type=cli.number(int, 0), nargs="+", help="labels to cycle through (default: all classes)")
     ap.add_argument("--sampler", choices=("euler", "heun"), default="euler")
     ap.add_argument("--steps", type=cli.number(int, 2), default=50, help="grid points (RAE: 50 → 49 Euler steps)")
-    ap.add_argument("--scale", type=cli.number(float, 0), default=1.0, help="guidance scale (1 = none); CFG unless --guide")
+    ap.add_argument("--scale", type=cli.number(float, 0), help="guidance scale (1 = none); CFG unless --guide; default: "
+                    "the AR GPT's cfg_scale (Ideal Table 5: 1.75 for GPT-B, 1.25 larger), none for DiT-DH")
     ap.add_argument("--temperature", type=cli.number(float, 0), default=1.0, help="AR only: 0 = greedy")
     ap.add_argument("--top-k", type=cli.number(int, 0), default=0, help="AR only: 0 = off")
     ap.add_argument("--top-p", type=cli.number(float, 0, 1, above=True), default=1.0, help="AR only: 1 = off")
@@ -128,6 +129,7 @@ def main(argv=None):
     net, tok, ck = checkpoint.load_generator(args.ckpt, device, tokenizer=args.tokenizer)
     if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")
+    args.scale = net.config.get("cfg_scale", 1.0) if args.scale is None else args.scale  # DiT-DH: unguided
     guide = load_guide(args.guide, ck, tok, device) if args.guide else None
     tok = plain_decoder(args.decoder_from, tok, ck["stats"], device) if args.decoder_from else tok
     classes = args.classes or list(range(net.num_classes))

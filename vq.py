@@ -29,12 +29,11 @@ class AttnFuse(nn.Module):
         super().__init__()
         self.norm_q, self.norm_kv, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, attn_drop=drop)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.drop = nn.Dropout(drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)  # drops its hidden layer and its output
 
     def forward(self, f_d, f_s):
         z = f_d + self.attn(self.norm_q(f_d), context=self.norm_kv(f_s))
-        return z + self.drop(self.mlp(self.norm2(z)))
+        return z + self.mlp(self.norm2(z))
 
 
 class LinearFuse(nn.Module):
@@ -176,7 +175,8 @@ class VectorQuantizer(nn.Module):
 class FeatureDecoder(nn.Module):
     """Ideal Eq. 7: g = D_feat(z̃), then two linear heads give f̂_d and f̂_s (official
     `DirectSemanticDecoder`). Sequence [cls, tokens + learnable pos, registers], one LN before the
-    pre-LN blocks, no final LN; xavier-uniform linears, zero biases, zero registers."""
+    pre-LN blocks, no final LN; xavier-uniform linears, zero biases, zero registers; dropout `drop` on the attention
+    probabilities, the attention output and the FFN's hidden layer and output, no drop path (official layer)."""
 
     def __init__(self, dim, num_tokens, depth=6, num_heads=12, mlp_ratio=2.0, num_registers=4, drop=0.1):
         super().__init__()

@@ -269,3 +269,24 @@ def test_sample_py_drives_the_ar_generator(tmp_path):
     assert len({a["arr_0"][i].tobytes() for i in range(6)}) > 1  # the seeds differ per sample
     with pytest.raises(SystemExit, match="AutoGuidance"):
         sample.main(run + ["--guide", str(tmp_path / "generator.pt"), "--out-dir", str(tmp_path / "c")])
+
+
+def test_sample_py_guides_each_gpt_at_its_paper_cfg(tmp_path):
+    """Without --scale the GPT samples at the best CFG of Ideal's Table 5 caption: 1.75 for GPT-B, 1.25 for the rest."""
+    import checkpoint
+    import sample
+    import vq
+    assert {k: v["cfg_scale"] for k, v in GPT_PRESETS.items() if k != "tiny"} == dict(B=1.75, L=1.25, XL=1.25,
+                                                                                      XXL=1.25, **{"3B": 1.25})
+    tok = checkpoint.build_tokenizer(vq.IDEAL_PRESETS["tiny"])
+    torch.save(dict(kind="tokenizer", method="ideal", phase="1", config=tok.config, ema=tok.state_dict()),
+               tmp_path / "tok.pt")
+    for size, scale in (("B", 1.75), ("L", 1.25)):
+        gpt = tiny_gpt(vocab_size=tok.config["codebook_size"], num_classes=3, grid=tok.decoder.grid,
+                       cfg_scale=GPT_PRESETS[size]["cfg_scale"])
+        torch.save(dict(kind="generator", method="ideal", phase="gen", config=gpt.config, ema=gpt.state_dict(),
+                        tokenizer=dict(path=str(tmp_path / "tok.pt"), config=tok.config), stats=None),
+                   tmp_path / f"{size}.pt")
+        sample.main(["--ckpt", str(tmp_path / f"{size}.pt"), "--num-samples", "2", "--formats", "npz", "--device",
+                     "cpu", "--out-dir", str(tmp_path / size), "--name", "s"])
+        assert json.loads((tmp_path / size / "s.json").read_text())["scale"] == scale

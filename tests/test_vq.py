@@ -261,3 +261,20 @@ def test_entropy_loss_memory_full_global_batch():
     """The whole global batch on one process: 256 images × 256 tokens = 65536 tokens."""
     peak = entropy_peak_bytes(65536)
     assert peak < 2 * 2**30, f"{peak / 2**20:.0f} MB"
+
+
+def test_feature_decoder_drops_where_the_official_layer_does(monkeypatch):
+    """The official pre-LN layer (`core/transformer.py`): attention probabilities, the attention output and the FFN's
+    hidden layer and output each dropped with p = 0.1 in training; nothing in eval; no drop path."""
+    seen = {"dropout": [], "sdpa": []}
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False: (
+        seen["dropout"].append((p, training)), dropout(x, p, training, inplace))[1])
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, dropout_p=0.0, **k: (
+        seen["sdpa"].append(dropout_p), sdpa(*a, dropout_p=dropout_p, **k))[1])
+    dec = vq.FeatureDecoder(16, num_tokens=4, depth=1, num_heads=2, drop=0.1).train()
+    dec(torch.randn(2, 4, 16))
+    assert seen == {"dropout": [(0.1, True)] * 3, "sdpa": [0.1]}
+    seen["dropout"].clear(), seen["sdpa"].clear()
+    dec.eval()(torch.randn(2, 4, 16))
+    assert all(not training for _, training in seen["dropout"]) and seen["sdpa"] == [0.0]
