@@ -437,7 +437,7 @@ def parse_args(argv=None):
     p.add_argument("--save-recon", help="write the reconstructions here as an ADM-layout npz")
     p.add_argument("--inception-weights", default=FID_WEIGHTS_URL)
     p.add_argument("--preprocess", choices=["adm", "pytorch-fid"], default="adm")
-    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0), help="shuffle before the IS splits (class-sorted files)")
+    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0), help="gIS: shuffle before the 10 splits")
     p.add_argument("--ssim", choices=["wang", "skimage"], default="wang", help="SSIM window convention")
     p.add_argument("--lpips-vgg", default=VGG16_URL, help="LPIPS VGG16 weights (URL or path)")
     p.add_argument("--lpips-lin", default=LPIPS_VGG_URL, help="LPIPS v0.1 lin weights (URL or path)")
@@ -504,7 +504,8 @@ def run(args):
 
 def reconstruct(args, features, device):
     """rFID (reconstructions vs the same ADM centre crops), rIS (Inception Score of the reconstructions, Ideal's
-    second reconstruction metric), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
+    second reconstruction metric: one score over all images, so a class-sorted folder gives what a shuffled one
+    does, as IDEAL's in-training evaluator), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
     tok = checkpoint.load_tokenizer(args.tokenizer, device)
     lp = LPIPS(args.lpips_vgg, args.lpips_lin).to(device)
     codebook = tok.num_codes
@@ -546,7 +547,7 @@ def reconstruct(args, features, device):
         return {}
     ref = statistics({k[4:]: v for k, v in f.items() if k.startswith("ref_")})
     res = {"images": len(images), **compare(statistics(f), ref, "r"),
-           "rIS": inception_score(f["logits"], shuffle_seed=args.is_shuffle_seed)}  # Ideal's rIS
+           "rIS": inception_score(f["logits"], splits=1), "rIS_convention": "one score over all images"}
     res.update(PSNR=f["psnr"].mean().item(), SSIM=f["ssim"].mean().item(), ssim_window=args.ssim,
                LPIPS=f["lpips"].mean().item())
     if codebook:

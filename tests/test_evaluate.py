@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate as ev
 
@@ -366,7 +367,7 @@ def test_cli_tokenizer_reconstruction(fake_net, monkeypatch, tmp_path):
     assert res["codebook_usage"] == pytest.approx(len(codes.unique()) / tok.config["codebook_size"])
     fr, fx = FakeInception()(recon)[0], FakeInception()(x)[0]
     assert res["rFID"] == pytest.approx(ev.frechet_distance(*ev.gaussian(fr), *ev.gaussian(fx)))
-    assert res["rIS"] == pytest.approx(ev.inception_score(FakeInception()(recon)[1]))  # IS of the reconstructions
+    assert res["rIS"] == pytest.approx(ev.inception_score(FakeInception()(recon)[1], splits=1))  # one score, all images
     assert res["LPIPS"] > 0
 
 
@@ -419,3 +420,39 @@ def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
     import model
     with pytest.raises(ValueError, match="w.pth: not a readable weights file"):
         model.read_state_dict(tmp_path / "w.pth")
+
+
+def test_ris_does_not_depend_on_a_class_sorted_folder(monkeypatch, tmp_path):
+    """ImageNet val read as sorted class folders: ADM's 10 contiguous splits would each hold one class here and give
+    IS ≈ 1; rIS is one score over all reconstructions, so it sees the 10 classes (IS ≈ 10) whatever the file order."""
+    import checkpoint
+    import vq
+    from PIL import Image
+    lpips = ev.LPIPS
+    monkeypatch.setattr(ev, "LPIPS", lambda vgg, lin: lpips(None, None))
+
+    class ClassOfPosition(FakeInception):  # the reconstruction of the i-th file is confidently of class i // 10
+        calls, seen = 0, 0
+
+        def forward(self, x):
+            pool, _, spatial = super().forward(x)
+            type(self).calls += 1
+            if self.calls % 2:  # reconstructions first, then their real crops (evaluate.reconstruct's order)
+                logits = 20 * F.one_hot((type(self).seen + torch.arange(len(x))) // 10, 10).double()
+                type(self).seen += len(x)
+            else:
+                logits = torch.zeros(len(x), 10, dtype=torch.double)
+            return pool, logits, spatial
+    monkeypatch.setattr(ev, "InceptionFeatures", ClassOfPosition)
+    tok = checkpoint.build_tokenizer(vq.IDEAL_PRESETS["tiny"]).eval()
+    torch.save(dict(kind="tokenizer", method="ideal", phase="1", config=tok.config, ema=tok.state_dict()),
+               tmp_path / "ck.pt")
+    for c in range(10):
+        (tmp_path / "val" / f"n{c:02d}").mkdir(parents=True)
+        for i, im in enumerate(images(10, c, size=tok.config["image_size"])):
+            Image.fromarray(im).save(tmp_path / "val" / f"n{c:02d}" / f"{i}.png")
+    res = cli("--tokenizer", tmp_path / "ck.pt", "--data-path", tmp_path / "val", "--batch-size", "25")
+    logits = 20 * F.one_hot(torch.arange(100) // 10, 10).double()
+    assert ev.inception_score(logits) == pytest.approx(1.0, abs=1e-6)  # file-order splits: one class each
+    assert res["rIS"] == pytest.approx(ev.inception_score(logits, splits=1)) and res["rIS"] > 9.9
+    assert res["rIS_convention"] == "one score over all images"
