@@ -13,10 +13,12 @@ import torch.nn as nn
 from model import Attention, RMSNorm, SwiGLU, apply_rope, rope_2d
 
 # LlamaGen class-conditional sizes (published parameter counts with vocab 16384, 1000 classes: 111M, 343M, 775M,
-# 1.4B); "tiny" is for tests and the toy run. cfg_scale: the best CFG of Ideal's Table 5 caption (1.75 for GPT-B,
-# 1.25 for the others; XL, not in the paper, takes 1.25), sample.py's default scale.
+# 1.4B); "tiny" for tests and the toy run, toy1-4 the toy world's ladder (experiments.py ideal-scaling). cfg_scale:
+# the best CFG of Ideal's Table 5 caption (1.75 for GPT-B, 1.25 for the others; XL, not in the paper, takes 1.25),
+# sample.py's default scale.
 GPT_PRESETS = {
     "tiny": dict(depth=2, dim=64, num_heads=4, cfg_scale=1.25),
+    **{f"toy{i}": dict(depth=i, dim=32 * i, num_heads=2 * i, cfg_scale=1.25) for i in (1, 2, 3, 4)},  # ideal-scaling
     "B": dict(depth=12, dim=768, num_heads=12, cfg_scale=1.75),
     "L": dict(depth=24, dim=1024, num_heads=16, cfg_scale=1.25),
     "XL": dict(depth=36, dim=1280, num_heads=20, cfg_scale=1.25),
