@@ -61,12 +61,12 @@ RAE_DECODER = dict(  # RAE stage 1: the ViT decoder on a frozen encoder (release
     loss=dict(rec_loss="l1", lpips_weight=1.0, lpips_weights="official", vgg_weights="official", gan_weight=0.75,
               adaptive_gan=True, disc="S8", disc_weights="official", disc_start_epoch=6, gan_start_epoch=8,
               disc_start_step=None, gan_start_step=None, diffaug="color,translation", diffaug_prob=1.0, disc_cr=0.0,
-              lecam=0.0))
+              lecam=0.0, d_adv_weight=1.0))
 IDEAL_TOKENIZER = dict(  # Ideal App. A.1, Table 8 and its official code (bf16 autocast; DECISIONS.md)
     RAE_DECODER, epochs=50, global_batch=256, lr=1e-4, lr_min=1e-5, weight_decay=0.05, warmup_epochs=4,
     clip_grad=1.0, ema=0.9999, precision="bf16", crop="random", flip=True,
     loss=dict(RAE_DECODER["loss"], rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
-              diffaug="color,translation,cutout_0.2", diffaug_prob=0.5, disc_cr=4.0, lecam=0.001,
+              diffaug="color,translation,cutout_0.2", diffaug_prob=0.5, disc_cr=4.0, lecam=0.001, d_adv_weight=0.5,
               disc_start_step=20000, gan_start_step=20000))
 DIT_DH = dict(  # RAE stage 2: DiT-DH by flow matching (released RAE code)
     **RUN, epochs=800, global_batch=1024, micro_batch=32, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
@@ -74,7 +74,7 @@ DIT_DH = dict(  # RAE stage 2: DiT-DH by flow matching (released RAE code)
     num_classes=1000, stats_batches=None,
     gen=dict(dit="XL", dit_head=True, t_dist="logit-normal", p_uncond=0.1, query_weight=1.0, query_out="shared"))
 GPT = dict(  # Ideal Table 9: the LlamaGen-style GPT on codes (bf16 autocast, official code)
-    DIT_DH, epochs=300, global_batch=256, lr=1e-4, weight_decay=0.05, schedule="constant", ema=0.9999,
+    DIT_DH, epochs=300, global_batch=512, lr=1e-4, weight_decay=0.05, schedule="constant", ema=0.9999,
     precision="bf16", gen=dict(gpt="B", p_uncond=0.1))
 RECIPES = {
     **{(m, "1"): RAE_DECODER for m in ("rae", "drorae", "decq", "unfreeze", "concat")},  # the last two: DecQ Table 3
@@ -551,8 +551,9 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
 
 
 def discriminator_loss(d_net, real, fake, args, lecam=None):
-    """Hinge loss on DiffAugmented fakes (8 bit, [−1, 1]) and reals, fakes first as in RAE; Ideal's recipe adds LeCAM
-    and consistency regularisation (--disc-cr · MSE between the logits under the normal and a strong augmentation)."""
+    """d_adv_weight · (hinge + LeCAM) + CR: the hinge loss on DiffAugmented fakes (8 bit, [−1, 1]) and reals, fakes
+    first as in RAE; Ideal's recipe adds LeCAM and consistency regularisation (disc_cr · MSE between the logits under
+    the normal and a strong augmentation), and scales the adversarial terms, not CR, by 0.5 (official `vq_loss.py`)."""
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         real = real * 2 - 1
         logits_fake = d_net(losses.diff_augment(fake, args.diffaug, prob=args.diffaug_prob))
@@ -564,7 +565,7 @@ def discriminator_loss(d_net, real, fake, args, lecam=None):
         if args.disc_cr:
             strong = [d_net(losses.diff_augment(t, "color,translation,cutout_0.5")) for t in (real, fake)]
             terms["cr"] = args.disc_cr * F.mse_loss(torch.cat([logits_real, logits_fake]), torch.cat(strong))
-    return d + terms.get("lecam", 0) + terms.get("cr", 0), terms
+    return args.d_adv_weight * (d + terms.get("lecam", 0)) + terms.get("cr", 0), terms
 
 
 class TokenizerTrainer(Trainer):

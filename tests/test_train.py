@@ -1,5 +1,6 @@
 """train.py: torchrun end to end, DDP gradients = accumulation, exact resume, signals, every method and phase,
 generators, overfitting, bad input."""
+import argparse
 import json
 import math
 import os
@@ -256,6 +257,24 @@ def test_ideal_official_recipe_defaults_l2_scale_and_gan_terms_resume_exactly(im
     for key in ("model", "ema", "disc"):
         assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), key
     assert {"lecam", "cr", "d"} <= set(log(tmp_path / "a")[-1])
+
+
+def test_ideal_discriminator_loss_is_the_official_weighting():
+    """Official IDEAL (`vq_loss.py`): d = disc_weight · (½(relu(1 − r) + relu(1 + f)) + 0.001·LeCAM) + 4·CR with
+    disc_weight 0.5, the consistency term outside the 0.5; RAE's recipe keeps the plain hinge (weight 1)."""
+    args = train.parse_args(["--method", "ideal", "--phase", "1"])
+    assert (args.d_adv_weight, train.parse_args(["--method", "rae", "--phase", "1"]).d_adv_weight) == (0.5, 1.0)
+    d_net = lambda x: x.mean((1, 2, 3))[:, None] * 3 - 0.2  # noqa: E731 — any per-image logit
+    real, fake = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+
+    def loss(w):
+        torch.manual_seed(0)
+        return train.discriminator_loss(d_net, real, fake, argparse.Namespace(**dict(vars(args), d_adv_weight=w)),
+                                        losses.LeCAM())
+    total, t = loss(0.5)
+    assert t["cr"] > 0 and t["lecam"] > 0
+    assert torch.allclose(total, 0.5 * (t["d"] + t["lecam"]) + t["cr"])
+    assert torch.allclose(loss(1.0)[0], t["d"] + t["lecam"] + t["cr"])
 
 
 def released_layout(decoder_sd):
