@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import ar
 import checkpoint
 import cli
 import data
@@ -423,13 +424,22 @@ ABLATION_RUNS = {  # tokenizer key → (method, phase, the key it starts from or
     "ideal_no_shallow": ("ideal", "1", None, tok(shallow_weight=0)),
     **{f"ideal_s{k}": ("ideal", "1", None, lambda depth, k=k: tok(shallow_layer=k * depth // 6))  # toy blocks
        for k in (0, 2, 3)},  # 0, 2, 3 of 6 (default 1); DINOv2-B: 0, 4, 6 of 12 (default 3)
-    **{f"ideal_b{k}": ("ideal", "1", None, tok(fuse="none", deep_layer=k)) for k in (0, 1, 3)},  # one block alone
+    **{f"ideal_b{k}": ("ideal", "1", None, tok(fuse="none", shallow_weight=0, deep_layer=None if k == "last" else k))
+       for k in (0, 1, 3, "last")},  # one block alone, quantised and reconstructed (no L_shallow: Table 1)
     **{f"ideal_{name}": ("ideal", "1", None, tok(**{key: value})) for name, key, value in (  # the codebook's knobs
         ("d8", "code_dim", 8), ("k256", "codebook_size", 256), ("h0", "entropy_weight", 0),
         ("h0.1", "entropy_weight", 0.1), ("t1", "entropy_temperature", 1))}}
 CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
+IDEAL_LADDER = {  # ideal-scaling's GPT sizes per world → (their settings over the world's GPT, the CFG scales sampled)
+    "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)) for i in (1, 2, 3, 4)},
+    "imagenet": {size: (dict(gen=dict(gpt=size), global_batch=batch, epochs=epochs, **shard),
+                        (ar.GPT_PRESETS[size]["cfg_scale"],))  # the official scripts' batch and epochs per size
+                 for size, batch, epochs, shard in (("B", 512, 300, {}), ("L", 512, 300, {}), ("XXL", 256, 200, {}),
+                                                    ("3B", 128, 200, dict(fsdp=True)))}}
 GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the world's generator, given the world recipe)
     "decq_l0": ("decq", lambda w: dict(gen=dict(query_weight=0))),
+    **{f"gpt_{size}": ("ideal", lambda w, own=own: own) for sizes in IDEAL_LADDER.values()
+       for size, (own, _) in sizes.items()},
     **{f"{k}_curve": (k, lambda w: w["curve"]) for k in ("rae", "decq")}}
 
 
@@ -721,11 +731,38 @@ def decq_convergence(argv):
 
 def ideal_generation(argv):
     """Ideal's generation claim: the GPT on Ideal's codes against the GPT on deep-only codes, CFG 1 to 5."""
-    scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": CFG,
+    scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": Sampling("cfg", 3.0),
               "CFG 5": Sampling("cfg5", 5.0)}
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
     base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
     return sampling_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), rows, base, tuple(base))
+
+
+def ideal_scaling(argv):
+    """Ideal Table 5: the GPT on Ideal's codes at four sizes (IDEAL_LADDER: toy1-4; full scale GPT-B, L, XXL, 3B), each
+    sampled at every scale of a CFG sweep (full scale: the size's paper CFG); per size and seed the scale with the best
+    FD (full scale gFID) and its scores. The paper's claims: the best scale falls as the model grows (1.75 for B,
+    1.25 above) and generation improves with size."""
+    world = study_args("ideal-scaling", argv)[0].world
+    ladder, metric = IDEAL_LADDER[world], "gFID" if world == "imagenet" else "fd"
+    rows = {f"{size} CFG {s:g}": (f"gpt_{size}", Sampling(f"cfg{s:g}", s)) for size, (_, scales) in ladder.items()
+            for s in scales}
+
+    def best(table):  # {size: best scale per seed, and the FD and sample accuracy there}
+        out = {}
+        for size, (_, scales) in ladder.items():
+            cells = [table[f"{size} CFG {s:g}"] for s in scales]
+            picks = [min(range(len(scales)), key=lambda j: cells[j][metric]["values"][i])
+                     for i in range(len(cells[0][metric]["values"]))]
+            at_best = lambda m: [cells[j][m]["values"][i] for i, j in enumerate(picks)]  # noqa: E731
+            out[size] = dict(best_scale=[scales[j] for j in picks], **{m: at_best(m) for m in (metric, "sample_accuracy")})
+        return dict(best=out)
+    res = sampling_study("ideal-scaling", argv, ("ideal",), rows, extra=best,
+                         metrics=[metric, "sample_accuracy", "IS", "precision", "recall"])
+    for size, b in res["best"].items():
+        print(f"{size}: best CFG per seed {b['best_scale']}; there {METRICS[metric][0]} "
+              f"{' '.join(f'{v:.3f}' for v in b[metric])}, sample acc {' '.join(f'{v:.3f}' for v in b['sample_accuracy'])}")
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,7 +805,7 @@ STUDIES = {  # name → (the study, a function of its flags; what it mirrors, fo
                       "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
     # paper: shallow blocks reconstruct better, deep blocks carry more class information (the code probe)
     "ideal-layers": (lambda argv: tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3",
-                                                                          "ideal_deep_only"), "ideal_deep_only",
+                                                                          "ideal_blast"), "ideal_blast",
                                                   IDEAL_RECON, samplings=()),
                      "Ideal Table 1: one block's feature quantised at several depths; reconstruction and a class "
                      "probe of the codes"),
@@ -777,6 +814,8 @@ STUDIES = {  # name → (the study, a function of its flags; what it mirrors, fo
                                                                               "ideal_h0", "ideal_h0.1", "ideal_t1"),
                                                     "ideal", IDEAL_RECON, samplings=()),
                        "Ideal's codebook usage: code dimension, codebook size, entropy weight and temperature"),
+    "ideal-scaling": (ideal_scaling, "Ideal Table 5: the GPT at four sizes, each over a CFG sweep; does the best scale "
+                      "fall as the model grows?"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
