@@ -1,4 +1,6 @@
 """experiments.py: the papers' studies as plain train.py commands (DRoRAE capacity scaling so far)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -218,6 +220,30 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
                 assert args.ckpt.endswith(tuple(f"ckpt-epoch{e}.pt" for e in range(10, 81, 10))) and args.scale == 1
     with pytest.raises(SystemExit, match="toy world"):
         experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
+
+
+def test_ideal_scaling_and_generation_full_scale_commands(capsys):
+    """ideal-scaling --world imagenet: one torchrun per GPT size with the official batch and epochs (3B under FSDP),
+    sampled at the size's paper CFG; ideal-generation's CFG 3 row samples at 3 (not the unguided full-scale default)."""
+    import shlex
+
+    import sample
+    import train
+    experiments.main(["ideal-scaling", "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
+                      "--eval-path", "in/val"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    gens = {Path(a.out_dir).name: a for a in (train.parse_args(w[3:]) for w in lines if w[2] == "train.py")
+            if a.phase == "gen"}
+    assert {k: (a.gpt, a.global_batch, a.epochs, a.fsdp) for k, a in gens.items()} == {
+        "gpt_B_gen": ("B", 512, 300, False), "gpt_L_gen": ("L", 512, 300, False),
+        "gpt_XXL_gen": ("XXL", 256, 200, False), "gpt_3B_gen": ("3B", 128, 200, True)}
+    scales = {Path(a.ckpt).parent.name: a.scale for a in (sample.parse_args(w[3:]) for w in lines if w[2] == "sample.py")}
+    assert scales == {"gpt_B_gen": 1.75, "gpt_L_gen": 1.25, "gpt_XXL_gen": 1.25, "gpt_3B_gen": 1.25}
+    experiments.main(["ideal-generation", "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
+                      "--eval-path", "in/val"])
+    got = sorted((Path(a.out_dir).parent.name, Path(a.out_dir).name, a.scale) for a in (
+        sample.parse_args(shlex.split(line)[3:]) for line in capsys.readouterr().out.splitlines() if "sample.py" in line))
+    assert [s for *_, s in got] == [3.0, 1.5, 2.0, 5.0, 1.0] * 2  # samples_{cfg,cfg1.5,cfg2,cfg5,none} per generator
 
 
 def test_decq_decoder_study_on_tiny_settings(tmp_path):
