@@ -1,6 +1,7 @@
 """Command-line checks every script shares: process set-up, one-line errors (bad flags, bad files), numbers, folders."""
 import argparse
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -56,12 +57,14 @@ def user_errors(script, downloads):
 
 
 def number(kind=int, low=None, high=None, above=False):
-    """An argparse type: a `kind` ≥ low (> low with `above`) and ≤ high, else the parser's one-line error."""
+    """An argparse type: a finite `kind` ≥ low (> low with `above`) and ≤ high, else the parser's one-line error."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if low is not None and (value < low or above and value == low) or high is not None and value > high:
             bounds = [f"{'>' if above else '≥'} {low}"] * (low is not None) + [f"≤ {high}"] * (high is not None)
             raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {text}")

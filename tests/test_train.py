@@ -573,8 +573,8 @@ def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
 
 
 def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
-    """Every flag of train.py, sample.py and evaluate.py that takes a number, given a negative number or a word: exit
-    with one line naming the flag, no traceback (argparse's usage dump replaced by cli.ArgumentParser.error)."""
+    """Every flag of train.py, sample.py and evaluate.py that takes a number, given a negative number, a word, nan or
+    ±inf: exit with one line naming the flag, no traceback (argparse's usage dump replaced by cli.ArgumentParser.error)."""
     import evaluate
     import sample
 
@@ -590,7 +590,7 @@ def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
         assert len(numeric) >= {"train.py": 20, "sample.py": 10, "evaluate.py": 2}[script]
         for action in numeric:
             flag = action.option_strings[0]
-            for bad in ("-5", "x"):
+            for bad in ("-5", "x", "nan", "inf", "-inf"):
                 values = [bad] * (action.nargs if isinstance(action.nargs, int) else 1)
                 with pytest.raises(SystemExit) as e:
                     {"train.py": train, "sample.py": sample, "evaluate.py": evaluate}[script].parse_args(
