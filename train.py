@@ -752,8 +752,10 @@ def open_run(args):
     if resume is not None and "model" not in resume:
         raise SystemExit(f"--resume {resume['path']}: a finished run's export (weights only), not a resumable "
                          "checkpoint; pass its run directory (ckpt-last.pt)")
-    if resume is None and (out / "ckpt-last.pt").exists():
-        raise SystemExit(f"{out} already holds a checkpoint: pass --resume {out} or choose another --out-dir")
+    held = [f for f in ("ckpt-last.pt", f"{kind}.pt") if (out / f).exists()]
+    if held and (resume is None or Path(resume["path"]).parent.resolve() != out.resolve()):
+        raise SystemExit(f"{out} already holds a checkpoint ({held[0]})" + (f" of another run than --resume {args.resume}"
+                         if resume else "") + f": pass --resume {out} or choose another --out-dir")
     if kind == "tokenizer":  # RAE training crops
         crops = {"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}
         return resume, data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip, **crops), None
@@ -856,6 +858,8 @@ def train(args, rank, world, device, stop):
     if step != total_steps:
         if rank == 0:
             print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
+        if step != end:  # a signal, not --max-steps / --stop-epoch: not finished, exit 128 + the signal as a shell does
+            raise SystemExit(128 + stop.get("signal", signal.SIGTERM))
         return
     save(out / f"{trainer.kind}.pt", trainer, args, step, rank, world, final=True)
     if rank == 0:

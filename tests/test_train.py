@@ -171,7 +171,8 @@ def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tm
 
 def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path):
     """What a cluster scheduler sends: SIGTERM to the whole process group, data-loader workers included. The run
-    finishes its step, saves and exits 0; resuming it (other worker count) gives the straight run's weights bitwise."""
+    finishes its step, saves and exits 143 (not finished); resuming it (other worker count) gives the straight run's
+    weights bitwise."""
     out, flags = tmp_path / "run", [*TINY, "--data-path", images, "--global-batch", "4", "--micro-batch", "4"]
     del flags[flags.index("--workers"):flags.index("--workers") + 2]
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--method", "rae", "--phase", "1", *flags,
@@ -184,7 +185,7 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path
             pytest.fail(p.stderr.read())
         time.sleep(0.1)
     os.killpg(p.pid, signal.SIGTERM)
-    assert p.wait(timeout=60) == 0
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM  # saved, but not finished: a runner must not count it done
     assert "Traceback" not in p.stderr.read()
     ck = checkpoint.load_checkpoint(out)
     step = ck["step"]
@@ -539,6 +540,14 @@ def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp
     assert "already holds a checkpoint" in error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images,
                                                   "--out-dir", str(out)])
     assert (out / "ckpt-last.pt").read_bytes() == before
+    other = tmp_path / "other"  # --resume A --out-dir B never overwrites B's run
+    train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(other),
+                "--max-steps", "2"])
+    theirs = (other / "ckpt-last.pt").read_bytes()
+    assert "already holds a checkpoint (ckpt-last.pt) of another run than --resume" in error(
+        ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--resume", str(out), "--out-dir",
+         str(other), "--max-steps", "3"])
+    assert (other / "ckpt-last.pt").read_bytes() == theirs and (out / "ckpt-last.pt").read_bytes() == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
