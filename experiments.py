@@ -38,9 +38,7 @@ import model
 import runs
 import toy
 
-# ----------------------------------------------------------------------------------------------------
-# 1. DRoRAE capacity scaling (§4.4): reconstruction vs fusion parameters, log-linear (paper: R² = 0.86 for rFID)
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. DRoRAE capacity scaling (§4.4): reconstruction vs fusion parameters, log-linear (paper: R² = 0.86 for rFID) ----
 
 
 def spread_layers(depth, n):
@@ -157,9 +155,7 @@ def scaling_from(argv):
     return rows, fits
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Studies over seeds: aggregation, table, chart
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. Studies over seeds: aggregation, table, chart ------------------------------------------------------------
 
 METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lower, format)
     "psnr": ("PSNR", 1, ".2f"), "psnr_p2": ("PSNR phase 2", 1, ".2f"), "ssim": ("SSIM", 1, ".3f"),
@@ -358,9 +354,7 @@ def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, m
     return res
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. The worlds: every study's runs declared once (seed_runs) under a world's recipe, toy or full scale, and scored
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. The worlds: every study's runs declared once (seed_runs) under a world's recipe, toy or full scale, and scored ----
 
 def toy_world(seed, root, args, toy_flags):
     """One seed of the toy world: toy.recipe on the world a toy.py run makes first (toy VFM, data), changed by toy.py
@@ -556,9 +550,7 @@ def ablation_study(name, argv, tokenizers, samplings, folder=None):
     return args, root, {s: w["scores"](w, tokenizers, samplings) for s, w in worlds.items()}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. The main table (toy.py's table, or its full-scale equivalent) and the DRoRAE capacity scaling, over seeds
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. The main table (toy.py's table, or its full-scale equivalent) and the DRoRAE capacity scaling, over seeds ----
 
 MAIN_ROWS = tuple(toy.TOKENIZERS)
 
@@ -731,8 +723,8 @@ def decq_convergence(argv):
 
 def ideal_generation(argv):
     """Ideal's generation claim: the GPT on Ideal's codes against the GPT on deep-only codes, CFG 1 to 5."""
-    scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0), "CFG 3": Sampling("cfg", 3.0),
-              "CFG 5": Sampling("cfg5", 5.0)}
+    scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0),
+              "CFG 3": Sampling("cfg", 3.0), "CFG 5": Sampling("cfg5", 5.0)}
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
     base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
     return sampling_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), rows, base, tuple(base))
@@ -755,19 +747,19 @@ def ideal_scaling(argv):
             picks = [min(range(len(scales)), key=lambda j: cells[j][metric]["values"][i])
                      for i in range(len(cells[0][metric]["values"]))]
             at_best = lambda m: [cells[j][m]["values"][i] for i, j in enumerate(picks)]  # noqa: E731
-            out[size] = dict(best_scale=[scales[j] for j in picks], **{m: at_best(m) for m in (metric, "sample_accuracy")})
+            out[size] = dict(best_scale=[scales[j] for j in picks], **{m: at_best(m) for m in (metric,
+                                                                                               "sample_accuracy")})
         return dict(best=out)
     res = sampling_study("ideal-scaling", argv, ("ideal",), rows, extra=best,
                          metrics=[metric, "sample_accuracy", "IS", "precision", "recall"])
     for size, b in res["best"].items():
-        print(f"{size}: best CFG per seed {b['best_scale']}; there {METRICS[metric][0]} "
-              f"{' '.join(f'{v:.3f}' for v in b[metric])}, sample acc {' '.join(f'{v:.3f}' for v in b['sample_accuracy'])}")
+        there = {m: " ".join(f"{v:.3f}" for v in b[m]) for m in (metric, "sample_accuracy")}
+        print(f"{size}: best CFG per seed {b['best_scale']}; there {METRICS[metric][0]} {there[metric]}, sample acc "
+              f"{there['sample_accuracy']}")
     return res
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. Command line
-# ----------------------------------------------------------------------------------------------------
+# ---- 6. Command line ---------------------------------------------------------------------------------------------
 
 STUDIES = {  # name → (the study, a function of its flags; what it mirrors, for --list)
     # joint training (fusion and decoder at once) is the ablation the paper reports failing

@@ -35,9 +35,7 @@ import evaluate
 import model
 import runs
 
-# ----------------------------------------------------------------------------------------------------
-# 1. The world: scenes = (shape, pose) + appearance = (colours, texture), rendered with 4× supersampling
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. The world: scenes = (shape, pose) + appearance = (colours, texture), rendered with 4× supersampling ------
 
 INSIDE = {  # each shape's inside-test on canonical coordinates u, v ∈ [−1, 1] (arrays; r = √(u² + v²))
     "disk": lambda u, v, r: r < 0.8,
@@ -106,9 +104,7 @@ def write_folder(x01, labels, root):
         Image.fromarray(img).save(d / f"{i:05d}.png")
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. The toy VFM: a small DINOv2-layout ViT trained to be semantic and colour-invariant
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. The toy VFM: a small DINOv2-layout ViT trained to be semantic and colour-invariant -----------------------
 
 VFM_CONFIG = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, num_register_tokens=4,
                   interpolate_antialias=True, interpolate_offset=0.0)
@@ -201,9 +197,7 @@ def vfm_classify(vfm, heads, x01):
     return heads.cls(vfm_features(vfm, x01)).argmax(-1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. The pipeline: every tokenizer phase and generator a train.py run, the samples a sample.py run
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. The pipeline: every tokenizer phase and generator a train.py run, the samples a sample.py run ------------
 
 
 TOKENIZERS = {  # the main table's tokenizers: key → (method, phase, the tokenizer it starts from, its own settings)

@@ -44,9 +44,7 @@ import dit
 import losses
 import model
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Recipes and the command line
-# ----------------------------------------------------------------------------------------------------
+# ---- 1. Recipes and the command line -----------------------------------------------------------------------------
 
 # Every (method, phase) is one complete row: every value the run uses. Flat keys are the training recipe (each a
 # flag below); `loss` is the tokenizer objective (--loss key=value), `gen` the generator (--gen key=value); `init`
@@ -303,9 +301,7 @@ def print_config(args):
         print(f"{k:<{width}}  {json.dumps(value, default=str, separators=(',', ':')):<24}  {args.sources[k]}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. What every phase shares: RNG states, the batch plan, AdamW, accumulation, reductions over ranks, Trainer
-# ----------------------------------------------------------------------------------------------------
+# ---- 2. What every phase shares: RNG states, the batch plan, AdamW, accumulation, reductions over ranks, Trainer ----
 
 
 def rng_state():
@@ -481,9 +477,7 @@ class Trainer:
         return dict(config=self.trained.config, ema=self.whole(self.ema))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Tokenizer phases
-# ----------------------------------------------------------------------------------------------------
+# ---- 3. Tokenizer phases -----------------------------------------------------------------------------------------
 
 
 def weights(flag, official):
@@ -643,9 +637,7 @@ class TokenizerTrainer(Trainer):
         data.save_image_grid(torch.cat([x, self.ema(x)[0]]), path, nrow=len(x))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer
-# ----------------------------------------------------------------------------------------------------
+# ---- 4. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer ----
 
 
 class GeneratorTrainer(Trainer):
@@ -739,9 +731,7 @@ class GeneratorTrainer(Trainer):
         return dict(super().export(), tokenizer=self.tokenizer, stats=self.stats)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. The loop shared by every phase: data order, logging, grids, checkpoints, signals
-# ----------------------------------------------------------------------------------------------------
+# ---- 5. The loop shared by every phase: data order, logging, grids, checkpoints, signals -------------------------
 
 
 def open_run(args):
@@ -754,8 +744,9 @@ def open_run(args):
                          "checkpoint; pass its run directory (ckpt-last.pt)")
     held = [f for f in ("ckpt-last.pt", f"{kind}.pt") if (out / f).exists()]
     if held and (resume is None or Path(resume["path"]).parent.resolve() != out.resolve()):
-        raise SystemExit(f"{out} already holds a checkpoint ({held[0]})" + (f" of another run than --resume {args.resume}"
-                         if resume else "") + f": pass --resume {out} or choose another --out-dir")
+        whose = f" of another run than --resume {args.resume}" if resume else ""
+        raise SystemExit(f"{out} already holds a checkpoint ({held[0]}){whose}: pass --resume {out} or choose another "
+                         "--out-dir")
     if kind == "tokenizer":  # RAE training crops
         crops = {"min_frac": 0.8} if args.crop == "random" else {"resize": args.resize}
         return resume, data.ImageFolder(args.data_path, size=args.tok["image_size"], flip=args.flip, **crops), None
