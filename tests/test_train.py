@@ -265,8 +265,9 @@ def test_ideal_discriminator_loss_is_the_official_weighting():
     disc_weight 0.5, the consistency term outside the 0.5; RAE's recipe keeps the plain hinge (weight 1)."""
     args = train.parse_args(["--method", "ideal", "--phase", "1"])
     assert (args.d_adv_weight, train.parse_args(["--method", "rae", "--phase", "1"]).d_adv_weight) == (0.5, 1.0)
-    d_net = lambda x: x.mean((1, 2, 3))[:, None] * 3 - 0.2  # noqa: E731 — any per-image logit
-    real, fake = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    d_net = lambda x: x.mean((1, 2, 3))[:, None] * 3 + 1  # noqa: E731 — a per-image logit near 1: LeCAM > 0
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(4, 3, 8, 8, generator=g), torch.rand(4, 3, 8, 8, generator=g)
 
     def loss(w):
         torch.manual_seed(0)
