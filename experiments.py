@@ -425,7 +425,8 @@ ABLATION_RUNS = {  # tokenizer key → (method, phase, the key it starts from or
         ("h0.1", "entropy_weight", 0.1), ("t1", "entropy_temperature", 1))}}
 CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
 IDEAL_LADDER = {  # ideal-scaling's GPT sizes per world → (their settings over the world's GPT, the CFG scales sampled)
-    "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0)) for i in (1, 2, 3, 4)},
+    "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0))  # the toy's
+            for i in (1, 2, 3, 4)},  # best is near 3 (ideal-generation), so the sweep brackets it
     "imagenet": {size: (dict(gen=dict(gpt=size), global_batch=batch, epochs=epochs, **shard),
                         (ar.GPT_PRESETS[size]["cfg_scale"],))  # the official scripts' batch and epochs per size
                  for size, batch, epochs, shard in (("B", 512, 300, {}), ("L", 512, 300, {}), ("XXL", 256, 200, {}),
