@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +84,11 @@ def tiny_trainer(world):
 
 
 def global_batch_grads(world, micro_batches):
-    losses.diff_augment = lambda x, *a, **k: x  # random augmentation would differ between the two splits
     args, t = tiny_trainer(world)
     loss = lambda x: train.tokenizer_loss(t.net, x, args, t.lpips, t.disc.eval(), t.last_layer)  # noqa: E731
-    logs = train.accumulate(t.net, micro_batches, loss)
+    # random augmentation would differ between the two splits; restored after, for the tests that follow
+    with unittest.mock.patch.object(losses, "diff_augment", lambda x, *a, **k: x):
+        logs = train.accumulate(t.net, micro_batches, loss)
     assert logs["gan_w"] > 0
     return {n: p.grad.clone() for n, p in t.tok.named_parameters() if p.requires_grad}
 
