@@ -26,12 +26,10 @@ GPT_PRESETS = {
     "3B": dict(depth=24, dim=3200, num_heads=32, cfg_scale=1.25),  # Ideal's headline GPT; train with --fsdp
 }
 
-
 def ffn_hidden(dim, multiple_of=256):
     """Llama SwiGLU width: 2/3 of 4·dim, rounded up to a multiple of 256 (768 → 2048, 1024 → 2816)."""
     hidden = int(2 * 4 * dim / 3)
     return multiple_of * math.ceil(hidden / multiple_of)
-
 
 class KVCache:
     """Keys and values of one layer, preallocated on first use as (B, heads, max_len, head_dim), filled in place."""
@@ -47,7 +45,6 @@ class KVCache:
         end = pos + k.shape[2]
         self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
-
 
 class GPTBlock(nn.Module):
     """Llama block: x += attn(norm1(x)) (RoPE, causal, resid dropout); x += drop(ffn(norm2(x)))."""
@@ -68,7 +65,6 @@ class GPTBlock(nn.Module):
             k, v = cache.update(k, v, pos)
         x = x + self.attn.attend(q, k, v, is_causal=x.shape[1] > 1)
         return x + self.ffn_drop(self.mlp(self.norm2(x)))
-
 
 class GPT(nn.Module):
     """Class-conditional GPT over a grid×grid code map (LlamaGen `Transformer`, model_type c2i, 1 class token).
@@ -148,7 +144,6 @@ class GPT(nn.Module):
             h = self.tok_emb(out[-1].repeat(2 if guided else 1))[:, None]
         return torch.stack(out, dim=1)
 
-
 def filter_logits(logits, top_k=0, top_p=1.0):
     """Top-k, then top-p (nucleus) filtering as in LlamaGen / HF: removed entries become −inf. The nucleus keeps
     the most likely tokens while the probability mass before them is ≤ top_p (the token crossing top_p is kept)."""
@@ -161,7 +156,6 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         remove = p.cumsum(dim=-1) - p > top_p
         logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
     return logits
-
 
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Next codes (B,) from logits (B, V): argmax if temperature == 0, else a sample of

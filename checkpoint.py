@@ -27,7 +27,6 @@ TOKENIZERS = {"rae": model.RAE, "drorae": fusion.DRoRAE, "decq": queries.DecQ, "
 TINY = {**dict.fromkeys(TOKENIZERS, model.TOKENIZER_PRESETS["tiny"]),
         "ideal": vq.IDEAL_PRESETS["tiny"]}  # each method's tokenizer under train.py --recipe tiny (4-block encoder)
 
-
 def tokenizer_knobs(method):
     """A tokenizer's knobs (train.py --tok): its constructor's keywords and defaults, through the **rae to its bases."""
     knobs = {}
@@ -38,7 +37,6 @@ def tokenizer_knobs(method):
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return knobs
 
-
 def build_tokenizer(config, **overrides):
     """A new tokenizer from a `config` dict (or a model.TOKENIZER_PRESETS name) with overrides (decoder_weights=None
     when a state dict is loaded next): its class takes the config minus "method" and keeps it as `tok.config`."""
@@ -47,7 +45,6 @@ def build_tokenizer(config, **overrides):
     if method not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer method '{method}': expected one of {sorted(TOKENIZERS)}")
     return TOKENIZERS[method](**config)
-
 
 def save_checkpoint(path, **state):
     """torch.save of the dict `state` to `path`.tmp, fsync, os.replace: a crash (kill -9) leaves at most the .tmp, which
@@ -66,14 +63,12 @@ def save_checkpoint(path, **state):
             raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
         raise
 
-
 def load_stats(path):
     """A stats file: compute_latent_stats's dict, by save_checkpoint(path, **stats), or RAE's `stat.pt` (mean: None)."""
     stats = model.read_state_dict(path)
     if not isinstance(stats, dict) or "var" not in stats:
         raise ValueError(f"{path}: expected a latent statistics dict {{'mean': Tensor | None, 'var': Tensor}}")
     return {"mean": stats.get("mean"), **{k: v for k, v in stats.items() if k != "mean"}}
-
 
 def is_checkpoint(path):
     """Whether `path` holds a depthrae checkpoint (rather than, e.g., released weights)."""
@@ -82,7 +77,6 @@ def is_checkpoint(path):
     except SystemExit:
         return False
     return True
-
 
 def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=None):
     """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
@@ -111,7 +105,6 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         ck.update({part: deep(ck[part]) for part in ("config", "ema", "model", "optimizer") if part in ck})
     return ck
 
-
 def identity(tensors, config=None):
     """A short fingerprint of a state dict (names, dtypes, shapes, bytes) and a config: what a generator checkpoint and
     a latent cache record of the tokenizer and statistics they were made with."""
@@ -123,7 +116,6 @@ def identity(tensors, config=None):
             h.update(memoryview(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()))
     return h.hexdigest()[:16]
 
-
 def load_tokenizer(src, device="cpu", method=None):
     """The frozen EMA tokenizer of a checkpoint (path, run directory or load_checkpoint's dict); nothing downloaded."""
     ck = src if isinstance(src, dict) else load_checkpoint(src, "tokenizer", method)
@@ -131,11 +123,9 @@ def load_tokenizer(src, device="cpu", method=None):
     model.load_strict(tok, ck["ema"], f"{ck['path']} ema")
     return tok.to(device).eval().requires_grad_(False)
 
-
 def build_generator(config, tok):
     """The generator of a config: the AR GPT over a discrete tokenizer's codes (`tok.num_codes`), else DiT-DH."""
     return (ar.GPT if tok.num_codes else dit.DiTDH)(**config)
-
 
 def load_generator(path, device="cpu", tok=None, tokenizer=None):
     """(frozen EMA generator, its frozen tokenizer with the latent statistics, the checkpoint). `tok`: one already

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
 def setup_distributed(device=None):
     """(rank, world size, device): under torchrun one process per device (NCCL on CUDA, gloo on CPU), else one process
     or the group the caller already made."""
@@ -22,13 +21,11 @@ def setup_distributed(device=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors, no usage dump: "train.py: error: argument --lr: must be > 0, got -1"."""
 
     def error(self, message):
         raise SystemExit(f"{self.prog}: error: {message}")
-
 
 def writable(flag, folder):
     """Refuse in one line an output folder that cannot be made or written (a file in its place or above it, no
@@ -39,7 +36,6 @@ def writable(flag, folder):
                 what = "not a folder" if not parent.is_dir() else "read-only"
                 raise SystemExit(f"{flag} {folder}: {parent} is {what}")
             return
-
 
 @contextlib.contextmanager
 def user_errors(script, downloads):
@@ -54,7 +50,6 @@ def user_errors(script, downloads):
             raise
         flag = next(f for what, f in downloads.items() if what in str(e))
         raise SystemExit(f"{e} ({script} {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
-
 
 def number(kind=int, low=None, high=None, above=False):
     """An argparse type: a finite `kind` ≥ low (> low with `above`) and ≤ high, else the parser's one-line error."""

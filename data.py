@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-
 def open_rgb(path):
     """An image file as 8-bit RGB. 16-bit greyscale (PNG "I;16" / "I") is scaled by 1/257 first: PIL's convert("RGB")
     would clip it to 255, almost white."""
@@ -31,7 +30,6 @@ def open_rgb(path):
             im = Image.fromarray((a / 257 if a.max() > 255 else a).round().clip(0, 255).astype(np.uint8))
         return im.convert("RGB")
 
-
 def resize_short_side(pil_image, short):
     """ADM's resize: halve with BOX while the short side is ≥ 2·short, then BICUBIC-resize it to `short` (rounded)."""
     while min(*pil_image.size) >= 2 * short:
@@ -39,13 +37,11 @@ def resize_short_side(pil_image, short):
     scale = short / min(*pil_image.size)
     return pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
 
-
 def center_crop_arr(pil_image, image_size):
     """ADM (guided-diffusion) centre crop: resize_short_side to size, then crop the centre size×size."""
     pil_image = resize_short_side(pil_image, image_size)
     left, top = (pil_image.size[0] - image_size) // 2, (pil_image.size[1] - image_size) // 2
     return pil_image.crop((left, top, left + image_size, top + image_size))
-
 
 def random_crop_arr(pil_image, image_size, rng, min_frac=0.8):
     """ADM's random crop (LlamaGen and Ideal tokenizer training): resize_short_side to a short side drawn uniformly
@@ -55,17 +51,14 @@ def random_crop_arr(pil_image, image_size, rng, min_frac=0.8):
     left = int(rng.integers(0, pil_image.size[0] - image_size + 1))
     return pil_image.crop((left, top, left + image_size, top + image_size))
 
-
 def to_uint8(x01):
     """Images (B, 3, H, W) in [0, 1] → uint8 (B, H, W, 3), as PNG files and ADM .npz files hold them."""
     return (x01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
 
 def save_image_grid(x01, path, nrow=8):
     """Write images (B, 3, H, W) in [0, 1] as one PNG grid (clamped, rounded to 8 bit)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)
-
 
 class ImageFolder(Dataset):
     """Images in class subfolders (ImageNet layout, labels = sorted folder index) or directly in `root` (label 0).
@@ -113,7 +106,6 @@ class ImageFolder(Dataset):
                 warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {e}")
         raise SystemExit(f"no readable image in {len(self)} files under {Path(self.samples[0][0]).parent}")
 
-
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start mid-epoch and yields (index, key), key = (seed, epoch, global position). Rank r
     takes positions r, r + W, … of the seeded permutation: a global batch of W·B samples is the same for any W."""
@@ -136,18 +128,15 @@ class ResumableSampler(DistributedSampler):
     def __len__(self):
         return self.num_samples - self.skip
 
-
 def _leave_signals_to_the_main_process(_):
     """Data-loader workers ignore SIGTERM / SIGINT: a scheduler signals the whole process group, and the main process
     must finish its step and save (train.py) while its workers still deliver."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-
 def _collate(batch):
     x, y, skipped = zip(*batch)
     return torch.stack(x), torch.tensor(y), sum(skipped)
-
 
 class Loader:
     """Per-rank loader of (images (B, 3, H, W) in [0, 1], labels (B,)); distributed = torch.distributed is initialised
@@ -174,12 +163,9 @@ class Loader:
             self.skipped += skipped
             yield x, y
 
-
 make_loader = Loader
 
-
 # ---- The latent cache: a training set encoded once by a frozen tokenizer -------------------------------------
-
 
 class LatentCache(Dataset):
     """The training set encoded once (each centre crop and its mirror: entries 2i, 2i + 1) by a frozen tokenizer:
@@ -201,7 +187,6 @@ class LatentCache(Dataset):
         i = item[0] if isinstance(item, tuple) else item
         z = torch.from_numpy(np.array(self.z[i]))
         return (z.long() if z.dtype in (torch.int16, torch.int32) else z.float()), int(self.y[i]), 0
-
 
 @torch.no_grad()
 def fill_cache(root, encode, images, batch_size, num_workers, device):
@@ -233,7 +218,6 @@ def fill_cache(root, encode, images, batch_size, num_workers, device):
     if rank == 0:
         os.replace(labels, Path(root) / "labels.npy")
     barrier()
-
 
 def allocate(path, dtype, shape):
     """A new .npy memory map with its disk space reserved: a full disk is one line here, not a Bus error (SIGBUS)

@@ -25,7 +25,6 @@ PRESETS = {  # RAE stage-2 configs (DiT-DH S/B/L/XL); widths/depths/heads are (b
 }
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 2048: 16}  # released RAE checkpoints
 
-
 def dit_config(preset="XL", head=True, **overrides):
     """Config dict of a preset; `head=False` gives the plain DiT (body only, no DDT head)."""
     cfg = dict(PRESETS[preset], input_size=16, in_channels=768, num_classes=1000, mlp_ratio=4.0, num_extra=0)
@@ -33,11 +32,9 @@ def dit_config(preset="XL", head=True, **overrides):
         cfg["depth"] = (cfg["depth"][0], 0)
     return {**cfg, **overrides}
 
-
 def modulate(x, shift, scale):
     """adaLN modulation x·(1 + scale) + shift; shift/scale (B, 1, D) global or (B, N, D) per token."""
     return x * (1 + scale) + shift
-
 
 class TimestepEmbedder(nn.Module):
     """Gaussian-Fourier t-embedding: fixed W ~ N(0,1)^256, [sin 2πtW, cos 2πtW] → Linear → SiLU → Linear."""
@@ -50,7 +47,6 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         f = 2 * math.pi * t.float()[:, None] * self.W
         return self.mlp(torch.cat([f.sin(), f.cos()], dim=-1))
-
 
 class DiTBlock(nn.Module):
     """LightningDiT block of DiT-DH: RMSNorm → modulate → MHSA (2-D RoPE) → gated residual;
@@ -69,7 +65,6 @@ class DiTBlock(nn.Module):
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
-
 class FinalLayer(nn.Module):
     """RMSNorm + adaLN (shift, scale; no gate) from the condition; `linear` maps to the output channels."""
 
@@ -83,7 +78,6 @@ class FinalLayer(nn.Module):
         """Modulated features (before `linear`, which the patch and extra-token outputs apply separately)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
-
 
 class DiTDH(nn.Module):
     """DiT-DH (RAE `DiTwDDTHead`, official key layout). forward(x (B,C,h,w), t (B,), y (B,)) → v (B,C,h,w).
@@ -176,11 +170,9 @@ class DiTDH(nn.Module):
         v = self.final_layer.linear(out[:, : h * w]).transpose(1, 2).reshape(B, C, h, w)
         return (v, getattr(self, "extra_out", self.final_layer.linear)(out[:, h * w:])) if self.num_extra else v
 
-
 RAE_RENAME = {"s_embedder.proj.weight": "s_embedder.weight", "s_embedder.proj.bias": "s_embedder.bias",
               "x_embedder.proj.weight": "x_embedder.weight", "x_embedder.proj.bias": "x_embedder.bias",
               "y_embedder.embedding_table.weight": "y_embedder.weight"}
-
 
 def load_rae_dit(path_or_state_dict, num_heads=None):
     """Build a DiTDH from a released RAE DiT-DH checkpoint (`DiTwDDTHead` state dict, or a training
@@ -221,7 +213,6 @@ def load_rae_dit(path_or_state_dict, num_heads=None):
                 raise ValueError(f"load_rae_dit: {name}.{table} does not match the 2-D RoPE this model computes")
     return load_strict(model, sd, "RAE DiT-DH" + ("" if isinstance(src, dict) else f" from {src}"))
 
-
 def from_tokens(z, size):
     """Latent tokens (B, size² [+ k], C), as a tokenizer encodes them → DiT-DH's state: (patches (B, C, size, size),)
     or (patches, extra tokens (B, k, C)); views, no copy."""
@@ -229,32 +220,26 @@ def from_tokens(z, size):
     x = z[:, :n].transpose(1, 2).unflatten(2, (size, size))
     return (x, z[:, n:]) if z.shape[1] > n else (x,)
 
-
 def to_tokens(state):
     """DiT-DH's state (patches (B, C, h, w) [, extra tokens (B, k, C)]), or patches alone → latent tokens
     (B, h·w [+ k], C), as a tokenizer decodes them."""
     state = state if isinstance(state, tuple) else (state,)
     return torch.cat([state[0].flatten(2).transpose(1, 2), *state[1:]], 1)
 
-
 # ---- 2. Flow matching (RAE convention: x_t = (1 − t)·x + t·ε, v = ε − x, t = 0 data, t = 1 noise) --------
-
 
 def shift_alpha(dim, base=4096):
     """Dimension-dependent shift α = sqrt(m / 4096), m = tokens × channels (√48 for 16×16×768)."""
     return math.sqrt(dim / base)
 
-
 def shift_t(t, alpha):
     """SD3 time shift t ← α t / (1 + (α − 1) t): pushes t toward noise for α > 1 (RAE stage 2)."""
     return alpha * t / (1 + (alpha - 1) * t)
-
 
 def sample_t(n, alpha, dist="logit-normal", t_max=0.999, device=None):
     """Training times: logit-normal(0, 1) or uniform on [0, 1], scaled to [0, t_max], then shifted."""
     u = torch.sigmoid(torch.randn(n, device=device)) if dist == "logit-normal" else torch.rand(n, device=device)
     return shift_t(u * t_max, alpha)
-
 
 def flow_matching_loss(model, x, y, e=None, lam=1.0, dist="logit-normal", alpha=None, p_uncond=0.1):
     """RAE flow-matching loss: plain MSE on v = ε − x at x_t = (1 − t)x + tε; the net sees the shifted t.
@@ -272,20 +257,16 @@ def flow_matching_loss(model, x, y, e=None, lam=1.0, dist="logit-normal", alpha=
     v, v_e = model(x_t, t, y, torch.lerp(e, noise_e, t.view(-1, 1, 1)))
     return F.mse_loss(v, noise - x) + lam * F.mse_loss(v_e, noise_e - e)
 
-
 # ---- 3. Samplers: Euler / Heun ODE from t = 1 to 0, CFG or AutoGuidance inside [t_min, t_max] ------------
-
 
 def time_grid(num_steps=50, alpha=math.sqrt(48), t_end=0.999):
     """Official RAE grid: shift(1 − linspace(0, 0.999, num_steps)); num_steps points → num_steps − 1 steps."""
     return shift_t(1 - torch.linspace(0, t_end, num_steps, dtype=torch.float64), alpha)
 
-
 def _call(model, x, t, y):
     """Velocity as a tuple of tensors (patches [, extra tokens]); x is a tuple too."""
     out = model(x[0], t, y, *x[1:])
     return out if isinstance(out, tuple) else (out,)
-
 
 def guided_velocity(model, x, t, y, scale=1.0, interval=(0.0, 1.0), guide=None):
     """v at a scalar time t for a tuple state x. Scale 1 or t outside [t_min, t_max]: the plain model.
@@ -300,7 +281,6 @@ def guided_velocity(model, x, t, y, scale=1.0, interval=(0.0, 1.0), guide=None):
     null = torch.full_like(y, model.num_classes)
     both = _call(model, tuple(torch.cat([a, a]) for a in x), tt.repeat(2), torch.cat([y, null]))
     return tuple(u + scale * (c - u) for c, u in (v.chunk(2) for v in both))
-
 
 @torch.no_grad()
 def sample(model, noise, y, num_steps=50, method="euler", alpha=None, scale=1.0, interval=(0.0, 1.0), guide=None):

@@ -34,11 +34,9 @@ FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid
 
 # ---- 1. The FID Inception (TF "2015-12-05" graph): torchvision Inception3 with pytorch-fid's four patches ----
 
-
 def _avg3(x):
     """TF 'SAME' 3×3 average pool: padded pixels are not counted."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
 
 class BasicConv2d(tvi.BasicConv2d):
     """Conv → BatchNorm (eval, eps 0.001) → ReLU with the BatchNorm folded into the conv at call time: one pass over
@@ -50,14 +48,12 @@ class BasicConv2d(tvi.BasicConv2d):
         w, b = conv.weight * s[:, None, None, None], bn.bias - bn.running_mean * s
         return F.relu(F.conv2d(x, w, b, conv.stride, conv.padding))
 
-
 class FIDInceptionA(tvi.InceptionA):
     """Mixed_5b–5d."""
 
     def _forward(self, x):
         return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
                 self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg3(x))]
-
 
 class FIDInceptionC(tvi.InceptionC):
     """Mixed_6b–6e."""
@@ -66,7 +62,6 @@ class FIDInceptionC(tvi.InceptionC):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
         return [self.branch1x1(x), b7, bd, self.branch_pool(_avg3(x))]
-
 
 class FIDInceptionE(tvi.InceptionE):
     """Mixed_7b, and Mixed_7c (2048 inputs), whose pool branch is a 3×3 max-pool in the 2015 graph."""
@@ -80,7 +75,6 @@ class FIDInceptionE(tvi.InceptionE):
         return [self.branch1x1(x), torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
                 torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1), self.branch_pool(self.pool(x))]
 
-
 def resize_tf1(x, size):
     """TF1 legacy bilinear resize (align_corners=False, no half-pixel centres) of NCHW float x to size×size:
     source = i·in/out in float32, upper neighbour clamped at the edge; horizontal then vertical lerp."""
@@ -93,7 +87,6 @@ def resize_tf1(x, size):
     rows = left + (x[..., xhi] - left) * dx
     top = rows[:, :, ylo]
     return top + (rows[:, :, yhi] - top) * dy[:, None]
-
 
 class InceptionFeatures(tvi.Inception3):
     """The FID InceptionV3 with the pytorch-fid weights file's parameter names. uint8 NHWC or float NCHW in [0, 1]
@@ -134,9 +127,7 @@ class InceptionFeatures(tvi.Inception3):
             pool = x.mean((2, 3))
             return pool, pool @ self.fc.weight.T, spatial.permute(0, 2, 3, 1).flatten(1)
 
-
 # ---- 2. FD-DINOv2 features (Stein et al. 2023, as in EDM2) -------------------------------------------------
-
 
 class DINOv2Features(nn.Module):
     """DINOv2-L/14 CLS token (after the final norm) of uint8 NHWC images resized bicubic-antialiased to 224
@@ -154,9 +145,7 @@ class DINOv2Features(nn.Module):
             x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic", antialias=True)
             return self.net.forward_features((x / 255 - self.mean) / self.std)["x_norm_clstoken"]
 
-
 # ---- 3. Metrics --------------------------------------------------------------------------------------------
-
 
 def gaussian(features):
     """Mean and covariance (float64, ddof 1) of (N, D) features."""
@@ -167,7 +156,6 @@ def gaussian(features):
         warnings.warn(f"Fréchet distance from {len(f)} < 2048 images is biased (rank-deficient covariance); "
                       "report numbers from 50,000", stacklevel=2)
     return f.mean(0), np.cov(f, rowvar=False)
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1Σ2)^½ with the TTUR/ADM/pytorch-fid safeguards: float64; if sqrtm is
@@ -185,7 +173,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-
 def inception_score(logits, splits=10, shuffle_seed=None):
     """Mean over `splits` contiguous chunks (file order, as ADM) of exp E_x KL(p(y|x) ‖ p(y)), softmax over all 1008
     logits in float64; shuffle_seed permutes first (for class-sorted files)."""
@@ -195,11 +182,9 @@ def inception_score(logits, splits=10, shuffle_seed=None):
     kl = [(torch.special.xlogy(s, s) - torch.special.xlogy(s, s.mean(0))).sum(1).mean().exp() for s in p.tensor_split(min(splits, len(p)))]
     return torch.stack(kl).mean().item()
 
-
 def _sqdist(u, v):
     """Squared Euclidean distances ‖u‖² − 2u·v + ‖v‖² (ADM's kernel, fp32), clamped at 0."""
     return ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None]).clamp_min_(0)
-
 
 def precision_recall(ref_features, sample_features, k=3, block=2048, device=None):
     """Improved precision/recall (Kynkäänniemi et al. 2019): a point's ball reaches its k-th nearest other point of its
@@ -215,12 +200,10 @@ def precision_recall(ref_features, sample_features, k=3, block=2048, device=None
 
     return covered(smp, ref, radii(ref)), covered(ref, smp, radii(smp))
 
-
 def psnr(a, b):
     """Per-image PSNR (dB, peak 255) of uint8 NHWC batches over all pixels and channels (inf if identical)."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return 10 * torch.log10(255 ** 2 / (a - b).square().mean((1, 2, 3)))
-
 
 def ssim(a, b, window="wang"):
     """Per-image SSIM of uint8 NHWC batches (data range 255, K1 .01, K2 .03, valid windows, channel mean).
@@ -243,16 +226,13 @@ def ssim(a, b, window="wang"):
     s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.mean((1, 2, 3))
 
-
 def lpips(a, b, net):
     """Per-image LPIPS of uint8 NHWC batches with a `losses.LPIPS` module (VGG, v0.1)."""
     to01 = lambda t: torch.as_tensor(t).permute(0, 3, 1, 2).float() / 255  # noqa: E731
     with torch.inference_mode():
         return net(to01(a), to01(b)).flatten()
 
-
 # ---- 4. Image sets: uint8 NHWC batches read by index range -------------------------------------------------
-
 
 class NpzImages:
     """`arr_0` of an npz (ADM sample/reference layout: uint8 N×H×W×3), streamed from the zip, never loaded whole."""
@@ -284,7 +264,6 @@ class NpzImages:
         self.f.seek(self.offset + i * self.item)
         return np.frombuffer(self.f.read((j - i) * self.item), np.uint8).reshape(j - i, *self.shape[1:])
 
-
 class FolderImages:
     """Image files under a folder (sorted, recursive) as uint8 RGB, optionally through `transform` (PIL → PIL),
     decoded by a thread pool. All images must share one size."""
@@ -314,19 +293,15 @@ class FolderImages:
         with ThreadPoolExecutor(8) as pool:
             return np.stack(list(pool.map(self._load, range(i, j))))
 
-
 def open_images(path):
     if not os.path.exists(path):
         raise SystemExit(f"{path} not found")
     return FolderImages(path) if os.path.isdir(path) else NpzImages(path)
 
-
 # ---- 5. Sharded extraction: identical numbers for any number of processes ----------------------------------
-
 
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 def _gather(t, counts):
     """All-gather each rank's rows (padded to max(counts)) and concatenate the valid ones in rank order."""
@@ -337,7 +312,6 @@ def _gather(t, counts):
     parts = [torch.empty_like(buf) for _ in counts]
     dist.all_gather(parts, buf)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
 
 def sharded(images, step, batch_size, desc):
     """Yields step(uint8 NHWC batch) → dict of per-image tensors for consecutive groups of W batches, gathered in
@@ -350,14 +324,12 @@ def sharded(images, step, batch_size, desc):
         out = step(images.read(i, i + max(counts[rank], 1)))
         yield {k: _gather(v[:counts[rank]], counts) for k, v in out.items()}
 
-
 def collect(batches):
     out = defaultdict(list)
     for b in batches:
         for k, v in b.items():
             out[k].append(v.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
-
 
 class NpzWriter:
     """Streams uint8 N×H×W×3 batches into `arr_0` of an npz (the ADM sample layout)."""
@@ -375,9 +347,7 @@ class NpzWriter:
         self.f.close()
         self.zip.close()
 
-
 # ---- 6. CLI ------------------------------------------------------------------------------------------------
-
 
 def statistics(f):
     """Fréchet statistics of extracted features (+ the pool features themselves, for precision/recall)."""
@@ -387,7 +357,6 @@ def statistics(f):
     if "dino" in f:
         st["mu_dino"], st["sigma_dino"] = gaussian(f["dino"])
     return st
-
 
 def compare(st, ref, prefix="g"):
     """FID / sFID / precision / recall / FD-DINOv2 of sample statistics against reference statistics."""
@@ -399,7 +368,6 @@ def compare(st, ref, prefix="g"):
     if "mu_dino" in st and "mu_dino" in ref:
         res["FD-DINOv2"] = frechet_distance(st["mu_dino"], st["sigma_dino"], ref["mu_dino"], ref["sigma_dino"])
     return res
-
 
 def reference(path, extract, size):
     """Statistics of --ref: stored ones (ADM reference batch or a --save-stats file: mu, sigma, mu_s, sigma_s;
@@ -421,10 +389,8 @@ def reference(path, extract, size):
             return st
     return statistics(extract(open_images(path), "reference", size))
 
-
 def table(res):
     return "\n".join(f"{k:>12}  {v:.6g}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in res.items())
-
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="evaluate.py", description=__doc__,
@@ -451,7 +417,6 @@ def parse_args(argv=None):
         p.error("give --samples [--ref] or --tokenizer with --data-path")
     return args
 
-
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json")
@@ -470,7 +435,6 @@ def main(argv=None):
         out.write_text(json.dumps(res, indent=1))
         print(f"wrote {out}")
     return res
-
 
 def run(args):
     device = cli.setup_distributed(args.device)[2]
@@ -500,7 +464,6 @@ def run(args):
         Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_stats, **st)
     return res
-
 
 def reconstruct(args, features, device):
     """rFID (reconstructions vs the same ADM centre crops), rIS (Inception Score of the reconstructions, Ideal's
@@ -553,7 +516,6 @@ def reconstruct(args, features, device):
     if codebook:
         res["codebook_usage"] = used.double().mean().item()
     return res
-
 
 if __name__ == "__main__":
     main()

@@ -40,16 +40,13 @@ import toy
 
 # ---- 1. DRoRAE capacity scaling (§4.4): reconstruction vs fusion parameters, log-linear (paper: R² = 0.86 for rFID) ----
 
-
 def spread_layers(depth, n):
     """n block indices spread evenly over the depth, always including the last block (n = depth: all)."""
     return sorted({round(depth - 1 - i * (depth - 1) / max(n - 1, 1)) for i in range(n)})
 
-
 def fusion_params(dim, hidden, n):
     """Parameters of a fusion module with n experts dim→hidden→dim and an (n·dim → n) router."""
     return n * (2 * dim * hidden + hidden + dim) + n * n * dim + n
-
 
 def fit_log_linear(capacity, metric):
     """Least-squares fit metric = a + b·log(capacity); returns a, b and R²."""
@@ -58,7 +55,6 @@ def fit_log_linear(capacity, metric):
     a, b = torch.linalg.lstsq(torch.stack([torch.ones_like(x), x], 1), y[:, None]).solution.flatten().tolist()
     r2 = 1 - ((y - a - b * x) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-300)
     return a, b, r2.item()
-
 
 def scaling_table(rows, metrics):
     """Print the grid (one row per run: hidden, layers, params, metrics) and a log-linear fit per metric over
@@ -80,7 +76,6 @@ def scaling_table(rows, metrics):
                       f"R² = {r2:.3f}")
     return fits
 
-
 def reconstruction_metrics(run, args):
     """rFID and PSNR of a run's EMA tokenizer on the held-out folder through evaluate.py; where its Inception
     (or LPIPS) weights are unavailable, PSNR alone (evaluate.psnr on 8-bit images, ADM centre crops)."""
@@ -98,7 +93,6 @@ def reconstruction_metrics(run, args):
         with torch.no_grad():
             psnr.append(evaluate.psnr(data.to_uint8(x).cpu(), data.to_uint8(tok.decode(tok.encode(x))).cpu()))
     return dict(psnr=torch.cat(psnr).mean().item(), rfid=None)
-
 
 def scaling_from(argv):
     """drorae-scaling from a given phase-1 checkpoint (--init-from): phase 2 (fusion only) for every (expert width ×
@@ -154,7 +148,6 @@ def scaling_from(argv):
     Path(args.out_dir, "scaling.json").write_text(json.dumps(dict(rows=rows, fits=fits), indent=1))
     return rows, fits
 
-
 # ---- 2. Studies over seeds: aggregation, table, chart ------------------------------------------------------------
 
 METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lower, format)
@@ -164,7 +157,6 @@ METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lo
     "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f"),
     "usage": ("code usage", 1, ".3f"), "perplexity": ("perplexity", 1, ".1f"), "probe": ("code probe acc", 1, ".3f")}
 GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
-
 
 class Sampling(NamedTuple):
     """How an ablation samples a generator: `name` (folder samples_NAME, metrics <metric>_NAME; the main table's CFG:
@@ -181,12 +173,10 @@ class Sampling(NamedTuple):
     def suffix(self):
         return "" if self.name == "cfg" else f"_{self.name}"
 
-
 CFG, UNGUIDED, AG, RAE_DECODER = (Sampling("cfg"), Sampling("none", 1.0), Sampling("ag", 1.5, guide=True),
                                   Sampling("raedec", rae_decoder=True))
 for _s, _label in ((UNGUIDED, " unguided"), (AG, " AG"), (RAE_DECODER, " RAE dec.")):  # their metrics' columns
     METRICS.update({k + _s.suffix: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
-
 
 def study_args(name, argv):
     """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
@@ -207,7 +197,6 @@ def study_args(name, argv):
         p.error(f"unrecognized arguments: {' '.join(extra)} (toy.py flags belong to the toy world)")
     return args, extra
 
-
 def aggregate(per_seed, rows):
     """{seed: {row: {metric: value}}} → {row: {metric: {"values" per seed, "mean", "spread" = max − min}}}."""
     table = {}
@@ -218,7 +207,6 @@ def aggregate(per_seed, rows):
                 table.setdefault(row, {})[metric] = dict(values=values, mean=sum(values) / len(values),
                                                          spread=max(values) - min(values))
     return table
-
 
 def comparisons(table, base, others, metrics=GENERATION):
     """For every metric: each row's difference of means from `base` (a row, or {row: its own base row}); whether it
@@ -236,7 +224,6 @@ def comparisons(table, base, others, metrics=GENERATION):
                                 better=diff * METRICS[metric][1] > 0, per_seed=paired,
                                 same_sign=all(d > 0 for d in paired) or all(d < 0 for d in paired)))
     return out
-
 
 def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=GENERATION):
     """Mean ± spread over the seeds, a row per run (columns: `metrics`, default every one present); then the
@@ -258,10 +245,8 @@ def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=
               f"per seed {paired}{', one sign' if c['same_sign'] else ''}")
     return cmp
 
-
 COLOURS = [(86, 119, 164), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
            (218, 139, 195), (140, 140, 140)]
-
 
 def chart(table, rows, path, title, metrics=None):
     """A PNG panel per metric: a bar per run at the mean over seeds, a whisker from the lowest to the highest seed,
@@ -295,7 +280,6 @@ def chart(table, rows, path, title, metrics=None):
         d.rectangle([lx, ly_i, lx + 12, ly_i + 12], fill=COLOURS[i % len(COLOURS)])
         d.text((lx + 18, ly_i), r, fill="black")
     img.save(path)
-
 
 def curve_chart(table, rows, path, title, metrics=None):
     """A PNG panel per metric of rows named "SERIES @EPOCH": a line per series through the means over seeds against
@@ -337,7 +321,6 @@ def curve_chart(table, rows, path, title, metrics=None):
         d.text((28, ly), name, fill="black")
     img.save(path)
 
-
 def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, metrics=None, compare=GENERATION,
            draw=chart):
     """Aggregate the seeds' results, print the table and comparisons, write results.json (with `extra`, more results
@@ -353,7 +336,6 @@ def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, m
     print(f"wrote {root}/results.json, chart.png")
     return res
 
-
 # ---- 3. The worlds: every study's runs declared once (seed_runs) under a world's recipe, toy or full scale, and scored ----
 
 def toy_world(seed, root, args, toy_flags):
@@ -366,7 +348,6 @@ def toy_world(seed, root, args, toy_flags):
     return dict(toy.recipe(targs, out), out=out, args=targs, depth=toy.VFM_CONFIG["depth"], start=[world],
                 score=dict(own, stage="score"), scores=toy_scores, generator_file="generator.pt", budget={},
                 guide=dict(epochs="1"), curve=dict(epochs=10, keep_every_epochs=1))
-
 
 def imagenet_world(seed, root, args, toy_flags=()):
     """One seed at full scale: train.py's defaults (the published recipes), an evaluate.py run per tokenizer and sample
@@ -384,15 +365,12 @@ def imagenet_world(seed, root, args, toy_flags=()):
                 budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
                 curve=dict(keep_every_epochs=10))
 
-
 WORLDS = {"toy": toy_world, "imagenet": imagenet_world}
-
 
 def decq_layer_halves(depth):
     """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12) split into shallow and deep."""
     layers = list(range(0, depth, depth // 4))
     return layers[:len(layers) // 2], layers[len(layers) // 2:]
-
 
 # drorae-scaling's grid per world: the encoder width C, expert widths (2C: the default), numbers of fused blocks
 SCALING = {"toy": (toy.VFM_CONFIG["embed_dim"], (32, 64, 128), (2, 3, 6)),
@@ -437,7 +415,6 @@ GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the wo
        for size, (own, _) in sizes.items()},
     **{f"{k}_curve": (k, lambda w: w["curve"]) for k in ("rae", "decq")}}
 
-
 def seed_runs(w, tokenizers, samplings):
     """One seed's runs under the world recipe w: its start, RAE and the ABLATION_RUNS `tokenizers` with what they start
     from, and for each (key, Sampling) a generator on `key`'s latent (or GENERATOR_RUNS' `key`) and its samples."""
@@ -474,7 +451,6 @@ def seed_runs(w, tokenizers, samplings):
             *w["evaluate"](f"{name}_eval", name, where / "eval.json", samples=where / "samples.npz"))
     return list(jobs.values())
 
-
 def toy_scores(w, tokenizers, samplings):
     """One toy seed's metrics {key: {metric: value}}: toy.py's scores of every tokenizer (discrete ones: code_scores
     too) and of every sample set (keys + its sampling's suffix)."""
@@ -494,7 +470,6 @@ def toy_scores(w, tokenizers, samplings):
     torch.set_num_threads(threads)
     return res
 
-
 def evaluated(path, suffix=None):
     """A tokenizer's evaluate.py result as metrics; given a suffix, a sample set's (keys + suffix)."""
     r = json.loads(Path(path).read_text())
@@ -502,14 +477,12 @@ def evaluated(path, suffix=None):
         return dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
     return {k + suffix: r.get(k) for k in ("gFID", "IS", "precision", "recall")}
 
-
 def imagenet_scores(w, tokenizers, samplings):
     """One full-scale seed's metrics from its evaluate.py runs."""
     res = {key: evaluated(w["out"] / key / "eval.json") for key in ("rae", *tokenizers)}
     for key, s in samplings:
         res.setdefault(key, {}).update(evaluated(w["out"] / f"{key}_gen" / f"samples_{s.name}" / "eval.json", s.suffix))
     return res
-
 
 @torch.no_grad()
 def code_scores(tok, x, y):
@@ -524,10 +497,8 @@ def code_scores(tok, x, y):
     return dict(usage=(p > 0).double().mean().item(), perplexity=torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item(),
                 probe=((f[half:] @ w).argmax(1) == y[half:]).double().mean().item())
 
-
 class DryRun(Exception):
     """--dry-run: the commands are printed, there is nothing to score (main returns None)."""
-
 
 def run_seeds(name, argv, plan, folder=None):
     """Run plan(w), a study's runs under each seed's world recipe w, in <out-dir>/<folder>, by default the paper's (e.g.
@@ -544,24 +515,20 @@ def run_seeds(name, argv, plan, folder=None):
     runs.run_jobs(jobs, root, args.lanes, threads=None if gpus else 1, reuse=True, gpus=gpus)
     return args, root, worlds
 
-
 def ablation_study(name, argv, tokenizers, samplings, folder=None):
     """run_seeds of the seed_runs of `tokenizers` and `samplings`, each seed scored: (args, folder, {seed: metrics})."""
     args, root, worlds = run_seeds(name, argv, lambda w: seed_runs(w, tokenizers, samplings), folder)
     return args, root, {s: w["scores"](w, tokenizers, samplings) for s, w in worlds.items()}
 
-
 # ---- 4. The main table (toy.py's table, or its full-scale equivalent) and the DRoRAE capacity scaling, over seeds ----
 
 MAIN_ROWS = tuple(toy.TOKENIZERS)
-
 
 def main_runs(w):
     """toy.py's main table under the world recipe w: its start (toy: the world), toy.plan_runs, toy.py's scoring."""
     start = tuple(r.name for r in w["start"])
     plan = [r._replace(deps=start + r.deps) for r in toy.plan_runs(w, w["out"])]
     return w["start"] + plan + [runs.Run("score", "toy.py", w["score"], tuple(r.name for r in plan))] * bool(w["score"])
-
 
 def main_study(argv):
     """toy.py's main table (every method's reconstruction, every generator's samples) over seeds (main_runs)."""
@@ -573,7 +540,6 @@ def main_study(argv):
     vfm = {s: per_seed[s]["vfm"] for s in args.seeds} if args.world == "toy" else None
     return finish("main", root, per_seed, MAIN_ROWS, args, "rae", [g for g in toy.GENERATORS if g != "rae"],
                   dict(vfm=vfm))
-
 
 def drorae_scaling(argv):
     """DRoRAE §4.4 (capacity scaling): phase 2 for every (expert width × fused blocks) of the world's SCALING grid
@@ -598,14 +564,12 @@ def drorae_scaling(argv):
     return finish("drorae-scaling", root, per_seed, [name for *_, name in points], args,
                   extra=dict(grid=mean, fits=fits))
 
-
 # ----------------------------------------------------------------------------------------------------
 # 5. Ablations: DRoRAE's routing (§3.2) and routing maps, DecQ's Table 4 and convergence, Ideal's generator; the
 #    studies over tokenizer variants (tokenizer_study: DRoRAE's phases, DecQ's Tables 3 and 5, Ideal's Tables 1 and 7)
 # ----------------------------------------------------------------------------------------------------
 
 ROUTING_ROWS = ("drorae_p3", "softmax_p3", "mean_p3", "beta0.1_p3", "beta0.5_p3", "beta1_p3")
-
 
 def drorae_routing(argv):
     """DRoRAE §3.2's energy router (β = 0.2) after phase 3 against softmax over the same logits, the parameter-free
@@ -620,7 +584,6 @@ def drorae_routing(argv):
     return finish("drorae-routing", root / "drorae-routing", per_seed, ROUTING_ROWS, args, "drorae_p3",
                   ROUTING_ROWS[1:], metrics=metrics, compare=metrics[:5] + ["fd", "gFID"])
 
-
 def region_weights(tok, x01, masks):
     """Mean absolute routing weight per fused block on background tokens (object coverage < 5 %), object edges and
     object interiors (> 95 %), from the toy world's foreground masks: {region: [weight per block]}. Absolute: an
@@ -629,7 +592,6 @@ def region_weights(tok, x01, masks):
     cover = F.adaptive_avg_pool2d(masks[:, None], w.shape[-2:])[:, 0]  # (B, h, w)
     regions = dict(background=cover < 0.05, edge=(cover >= 0.05) & (cover <= 0.95), interior=cover > 0.95)
     return {r: w.permute(0, 2, 3, 1)[m].mean(0).tolist() for r, m in regions.items()}
-
 
 def drorae_routing_maps(argv):
     """Where the routers send each token: PNG grids of the per-block routing weights of phase 2 (energy and softmax)
@@ -659,14 +621,12 @@ def drorae_routing_maps(argv):
     print(f"wrote {root}/results.json and seed*-*.png (rows: image, then one map per block; blue −, white 0, red +)")
     return res
 
-
 def sampling_study(name, argv, tokenizers, rows, base=None, others=(), **options):
     """A study whose rows {row: (key, Sampling)} are generators, each sampled one way: their generation metrics."""
     args, root, per_seed = ablation_study(name, argv, tokenizers, list(rows.values()))
     per_row = {s: {row: {m: r[key][m + how.suffix] for m in GENERATION if m + how.suffix in r[key]}
                    for row, (key, how) in rows.items()} for s, r in per_seed.items()}
     return finish(name, root / name, per_row, tuple(rows), args, base, others, **options)
-
 
 def decq_decoder(argv):
     """DecQ Table 4: generation of RAE, DecQ, and DecQ's generated patch tokens through the RAE decoder; the same for a
@@ -675,12 +635,10 @@ def decq_decoder(argv):
             "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
     return sampling_study("decq-decoder", argv, ("decq",), rows, "rae", tuple(rows)[1:])
 
-
 DECQ_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
 IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
 PHASES_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag",
                   "sample_accuracy_none", "sample_accuracy_ag"]  # drorae-phases: unguided and AutoGuidance 1.5
-
 
 def tokenizer_study(name, argv, rows, base, metrics, samplings=(CFG,)):
     """A study over the ABLATION_RUNS `rows` (RAE is always trained): each one's reconstruction and a generator on its
@@ -689,7 +647,6 @@ def tokenizer_study(name, argv, rows, base, metrics, samplings=(CFG,)):
                                           [(k, s) for k in rows for s in samplings])
     return finish(name, root / name, per_seed, rows, args, base, [r for r in rows if r != base], metrics=metrics,
                   compare=metrics)
-
 
 def speed_up(table, epochs, metric, seeds):
     """How much sooner DecQ reaches RAE's last-epoch score, on the means and per seed: last epoch / the epoch from which
@@ -704,7 +661,6 @@ def speed_up(table, epochs, metric, seeds):
                       if all(better(pick(cell("decq", f)), target) for f in epochs[i:])), None)
         out[what] = epochs[-1] / first if first else None
     return out
-
 
 def decq_convergence(argv):
     """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent (toy: twice the
@@ -721,7 +677,6 @@ def decq_convergence(argv):
             f"{k} {f'{v:.2f}× sooner' if v else 'not for good within the epochs'}" for k, v in s.items()))
     return res
 
-
 def ideal_generation(argv):
     """Ideal's generation claim: the GPT on Ideal's codes against the GPT on deep-only codes, CFG 1 to 5."""
     scales = {"CFG 1": UNGUIDED, "CFG 1.5": Sampling("cfg1.5", 1.5), "CFG 2": Sampling("cfg2", 2.0),
@@ -729,7 +684,6 @@ def ideal_generation(argv):
     rows = {f"{k} {label}": (k, s) for k in ("ideal", "ideal_deep_only") for label, s in scales.items()}
     base = {f"ideal {label}": f"ideal_deep_only {label}" for label in scales}  # each scale against its own
     return sampling_study("ideal-generation", argv, ("ideal", "ideal_deep_only"), rows, base, tuple(base))
-
 
 def ideal_scaling(argv):
     """Ideal Table 5: the GPT on Ideal's codes at four sizes (IDEAL_LADDER: toy1-4; full scale GPT-B, L, XXL, 3B), each
@@ -758,7 +712,6 @@ def ideal_scaling(argv):
         print(f"{size}: best CFG per seed {b['best_scale']}; there {METRICS[metric][0]} {there[metric]}, sample acc "
               f"{there['sample_accuracy']}")
     return res
-
 
 # ---- 6. Command line ---------------------------------------------------------------------------------------------
 
@@ -818,7 +771,6 @@ STUDIES = {  # name → (the study, a function of its flags; what it mirrors, fo
                                        "--eval-path --out-dir)"),
 }
 
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("--list", "-h", "--help"):
@@ -832,7 +784,6 @@ def main(argv=None):
         return STUDIES[argv[0]][0](argv[1:])
     except DryRun:
         return None
-
 
 if __name__ == "__main__":
     main()

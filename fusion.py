@@ -18,11 +18,9 @@ from model import Mlp, ln0
 
 # ---- 1. The equations ------------------------------------------------------------------------------------
 
-
 def expert(mlp, h):
     """DRoRAE Eq. 2, layer-wise expert: e_k = LN₀(MLP_k(LN₀(h_k))), on the backbone's feature scale."""
     return ln0(mlp(ln0(h)))
-
 
 def energy_route(a, e, eps=1e-6):
     """DRoRAE Eq. 4, energy-constrained aggregation: z_fuse = LN₀(Σ_k a_k e_k / sqrt(Σ_k a_k² + ε)).
@@ -31,13 +29,11 @@ def energy_route(a, e, eps=1e-6):
     w = a * torch.rsqrt(a.pow(2).sum(-1, keepdim=True) + eps)
     return ln0(torch.einsum("bnl,bnlc->bnc", w, e)), w
 
-
 def softmax_route(a, e, eps=None):
     """The Mixture-of-Experts form DRoRAE §3.2 argues against ("without the winner-take-all behavior of softmax"):
     the same logits and experts, w = softmax(a) (non-negative, summing to 1), z_fuse = LN₀(Σ_k w_k e_k)."""
     w = a.softmax(-1)
     return ln0(torch.einsum("bnl,bnlc->bnc", w, e)), w
-
 
 def mean_fuse(hs):
     """The parameter-free multi-layer baseline (no experts, no router): z_fuse = LN₀(mean_k LN₀(h_k)), with the
@@ -45,13 +41,11 @@ def mean_fuse(hs):
     h = torch.stack([ln0(h) for h in hs], dim=2)
     return ln0(h.mean(2)), h.new_full(h.shape[:3], 1 / len(hs))
 
-
 def incremental_correction(z_base, z_fuse, beta):
     """DRoRAE Eq. 5: z = LN₀(z_base + β(z_fuse − z_base)). At β = 0 the equation is z_base up to LN₀'s
     rounding (LN₀∘LN₀ = LN₀ only in exact arithmetic), so β = 0 returns z_base itself: RAE bit for bit. Under bf16
     autocast z_fuse is bf16 and z_base fp32 (lerp takes one dtype)."""
     return z_base if beta == 0 else ln0(torch.lerp(z_base, z_fuse.to(z_base.dtype), beta))
-
 
 def routing_smoothness(w, h, wd):
     """Routing-smoothness penalty (HiRAE App. D.2 mentions one for DRoRAE-style fusion; form inferred):
@@ -59,12 +53,9 @@ def routing_smoothness(w, h, wd):
     m = w.transpose(1, 2).unflatten(-1, (h, wd))  # (B, L, h, w)
     return (m[..., 1:, :] - m[..., :-1, :]).abs().mean() + (m[..., :, 1:] - m[..., :, :-1]).abs().mean()
 
-
 # ---- 2. Fusion module ------------------------------------------------------------------------------------
 
-
 ROUTERS = {"energy": energy_route, "softmax": softmax_route, "mean": None}  # router → f(a, e, eps): (z_fuse, w)
-
 
 class DepthRoutedFusion(nn.Module):
     """Experts on the chosen blocks (default: all), a linear router over their concatenated LN₀ features
@@ -95,9 +86,7 @@ class DepthRoutedFusion(nn.Module):
             z_fuse, w = ROUTERS[self.route](a, e, self.eps)
         return incremental_correction(z_base, z_fuse, self.beta), w
 
-
 # ---- 3. DRoRAE tokenizer and its three phases ------------------------------------------------------------
-
 
 class DRoRAE(model.RAE):
     """RAE whose latent is the depth-routed fusion of the frozen encoder's blocks (method "drorae"). `latent`
@@ -161,15 +150,12 @@ class DRoRAE(model.RAE):
         w = self.fusion(feats, super().latent(feats))[1]
         return w.transpose(1, 2).unflatten(-1, (self.decoder.grid, self.decoder.grid))
 
-
 # ---- 4. Routing-map images -------------------------------------------------------------------------------
-
 
 def diverging(v):
     """Signed weights in [−1, 1] → RGB in [0, 1]: blue (−1) → white (0) → red (+1). (B, 1, H, W) → (B, 3, H, W)."""
     v = v.clamp(-1, 1)
     return torch.cat([1 - (-v).clamp(min=0), 1 - v.abs(), 1 - v.clamp(min=0)], dim=1)
-
 
 def save_routing_maps(tok, x01, path):
     """Write a PNG grid: one row per image — the image, then one heat map per fused layer (blue negative,

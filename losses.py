@@ -18,7 +18,6 @@ VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvis
 LPIPS_VGG_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 DINO_S8_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"
 
-
 def load_weights(src, what):
     """State dict from a URL (cached in `torch.hub.get_dir()/checkpoints`) or from a local file."""
     if not str(src).startswith(("http://", "https://")):
@@ -29,9 +28,7 @@ def load_weights(src, what):
         raise RuntimeError(f"could not download the {what} weights from {src} ({type(e).__name__}: {e}); put the "
                            f"file in {torch.hub.get_dir()}/checkpoints/ or pass its local path") from None
 
-
 # ---- 1. LPIPS (Zhang et al. 2018, v0.1, VGG16 trunk) -----------------------------------------------------
-
 
 class LPIPS(nn.Module):
     """LPIPS-VGG v0.1, frozen: scale to the VGG input range, features after relu1_2/2_2/3_3/4_3/5_3,
@@ -73,15 +70,12 @@ class LPIPS(nn.Module):
             d = d + self.lin[f"lin{k}"]["model"]((fx - fy) ** 2).mean((2, 3))
         return d.flatten()
 
-
 # ---- 2. DINO discriminator (RAE `DinoDisc`, recipe S_8; StyleGAN-T / VAR projected discriminator) --------
-
 
 def sn_conv(cin, cout, k, **kw):
     """Spectral-normalised Conv1d (1 power iteration, eps 1e-12). Classic hook: state keeps `weight_orig`,
     `weight_u`, `weight_v` (RAE's key names), so u/v are checkpointed and resume is exact."""
     return nn.utils.spectral_norm(nn.Conv1d(cin, cout, k, padding=k // 2, **kw), eps=1e-12)
-
 
 class BatchNormLocal(nn.Module):
     """RAE's `BatchNormLocal` with its default virtual batch size 1: statistics per sample and channel over the
@@ -96,7 +90,6 @@ class BatchNormLocal(nn.Module):
     def forward(self, x):
         return F.instance_norm(x.float(), weight=self.weight, bias=self.bias, eps=self.eps)
 
-
 class Residual(nn.Module):
     """(fn(x) + x) / √2."""
 
@@ -107,13 +100,11 @@ class Residual(nn.Module):
     def forward(self, x):
         return (self.fn(x) + x) * (1 / math.sqrt(2))
 
-
 def disc_head(dim, kernel_size):
     """[SN conv k=1 → norm → LeakyReLU(0.2)] → residual [SN conv k (circular) → norm → LeakyReLU] → SN conv → 1."""
     def block(k):
         return nn.Sequential(sn_conv(dim, dim, k, padding_mode="circular"), BatchNormLocal(dim), nn.LeakyReLU(0.2))
     return nn.Sequential(block(1), Residual(block(kernel_size)), sn_conv(dim, 1, 1))
-
 
 class Discriminator(nn.Module):
     """Frozen DINO (v1) ViT-S/8 at 224 + trainable heads on the patch tokens of blocks `key_depths` and of the
@@ -153,15 +144,12 @@ class Discriminator(nn.Module):
         tokens = [feats[last]] + [feats[d] for d in self.key_depths]
         return torch.cat([head(t.transpose(1, 2)).flatten(1) for head, t in zip(self.heads, tokens)], dim=1)
 
-
 def quantize_fake(x01):
     """Reconstruction → discriminator input as RAE: to [−1, 1], clamp, round to 8 bit (stays in [−1, 1])."""
     x = (x01 * 2 - 1).clamp(-1, 1)
     return torch.round((x + 1) * 127.5) / 127.5 - 1
 
-
 # ---- 3. DiffAugment (Zhao et al. 2020; RAE's StyleGAN-T copy: colour + translation, always; Ideal's: + cutout, p 0.5) ----
-
 
 def diff_augment(x, policy="color,translation", generator=None, prob=1.0):
     """Differentiable augmentation of images in [−1, 1], fresh per sample. color: brightness +U(−½, ½),
@@ -203,7 +191,6 @@ def diff_augment(x, policy="color,translation", generator=None, prob=1.0):
             raise ValueError(f"unknown DiffAugment policy '{p}': expected color, translation, cutout[_RATIO]")
     return x
 
-
 class LeCAM:
     """LeCAM regulariser of the discriminator (Tseng et al. 2021; Ideal's official recipe, weight 0.001): EMAs
     (decay 0.999, from 0) of the mean real and fake logits, updated before each use with the batch means averaged
@@ -222,19 +209,15 @@ class LeCAM:
         real, fake = self.ema.tolist()
         return F.relu(logits_real - fake).pow(2).mean() + F.relu(real - logits_fake).pow(2).mean()
 
-
 # ---- 4. GAN losses and the adaptive weight (VQGAN / RAE) -------------------------------------------------
-
 
 def hinge_d_loss(logits_real, logits_fake):
     """L_D = ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂)))."""
     return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
-
 def generator_loss(logits_fake):
     """L_G = −mean D(x̂)."""
     return -logits_fake.mean()
-
 
 def adaptive_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
     """λ_adapt = ‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-6), clamped to [0, max_weight], detached; W = last decoder weight."""

@@ -14,11 +14,9 @@ from tqdm import tqdm
 
 # ---- 1. Building blocks ------------------------------------------------------------------------------------
 
-
 def ln0(x, eps=1e-6):
     """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize')."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
-
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learnable weight (DiT-DH blocks, LlamaGen GPT)."""
@@ -32,7 +30,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
-
 class LayerScale(nn.Module):
     """Per-channel residual scale (DINOv2 `ls1`/`ls2`, key `gamma`)."""
 
@@ -42,7 +39,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x):
         return x * self.gamma
-
 
 class Mlp(nn.Module):
     """Linear → GELU → dropout → Linear → dropout (timm's Mlp), keys `fc1`/`fc2`; approximate="tanh" for RAE's copy of
@@ -57,7 +53,6 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate=self.approximate))))
 
-
 class SwiGLU(nn.Module):
     """SwiGLU FFN, keys `w12`/`w3`: x1, x2 = w12(x).chunk(2); w3(silu(x1)·x2) (DINOv2-g, DiT-DH, GPT)."""
 
@@ -71,14 +66,12 @@ class SwiGLU(nn.Module):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(self.drop(F.silu(x1) * x2))
 
-
 def apply_rope(x, cos, sin):
     """Rotate interleaved pairs (x0, x1) → (x0·cos − x1·sin, x1·cos + x0·sin) (EVA / RAE 2-D RoPE).
     x: (B, H, N, d); cos, sin: (N, d) with each frequency repeated for the two members of a pair."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return (x.float() * cos + rotated * sin).type_as(x)
-
 
 def rope_2d(head_dim, h, w, theta=10000.0, device=None):
     """2-D RoPE tables cos, sin (h·w, head_dim) for an h×w grid (EVA `VisionRotaryEmbeddingFast` as used by RAE's
@@ -88,7 +81,6 @@ def rope_2d(head_dim, h, w, theta=10000.0, device=None):
     fh, fw = (torch.outer(torch.arange(n, device=device).float(), freqs).repeat_interleave(2, -1) for n in (h, w))
     f = torch.cat([fh[:, None].expand(h, w, half), fw[None].expand(h, w, half)], dim=-1).reshape(h * w, 2 * half)
     return f.cos(), f.sin()
-
 
 class Attention(nn.Module):
     """Multi-head attention through SDPA, keys `qkv`/`proj` (DINOv2 layout): self-attention, or given `context`
@@ -126,7 +118,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.attend(q, k, v, is_causal=is_causal)
 
-
 class Block(nn.Module):
     """Pre-norm ViT block, DINOv2 key layout. `layer_scale=None` drops LayerScale (DINOv1, RAE decoder);
     `ffn='swiglu'` for DINOv2-g; `gelu` is the Mlp's GELU approximation ("none" or "tanh"); `drop` drops the
@@ -145,13 +136,11 @@ class Block(nn.Module):
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
-
 def sincos_1d(dim, pos):
     """MAE 1-D sin-cos embedding: [sin(pos·ω), cos(pos·ω)], ω_i = 1/10000^(2i/dim); float64 like MAE."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
     out = torch.outer(pos.reshape(-1).double(), omega)
     return torch.cat([out.sin(), out.cos()], dim=1)
-
 
 def sincos_2d(dim, h, cls_token=False):
     """MAE/DiT fixed 2-D sin-cos position embedding for an h×h grid, row-major, (h·h [+1], dim) fp32: the first half
@@ -162,9 +151,7 @@ def sincos_2d(dim, h, cls_token=False):
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
-
 # ---- 1b. Strict loading and reading weight files -----------------------------------------------------------
-
 
 def checked_heads(dim, num_heads, name):
     """`num_heads` if it divides the width `dim`, else a ValueError naming the keyword `name` (a user's setting)."""
@@ -172,11 +159,9 @@ def checked_heads(dim, num_heads, name):
         raise ValueError(f"{name} must divide the width {dim}, got {num_heads}")
     return num_heads
 
-
 def _listing(keys, limit=10):
     keys = list(keys)
     return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
 
 def load_strict(module, state_dict, what):
     """`module.load_state_dict(state_dict, strict=True)` whose one error names `what` and lists the missing keys,
@@ -192,7 +177,6 @@ def load_strict(module, state_dict, what):
         raise ValueError(f"cannot load {what}: " + "; ".join(errors))
     module.load_state_dict(state_dict, strict=True)
     return module
-
 
 def read_state_dict(path):
     """Tensors from a local weights file: `.safetensors` (optional safetensors package) or a torch pickle."""
@@ -210,9 +194,7 @@ def read_state_dict(path):
     except Exception as e:  # noqa: BLE001 — truncated, corrupt or not a weights file at all: one ValueError
         raise ValueError(f"{path}: not a readable weights file ({type(e).__name__})") from None
 
-
 # ---- 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference) --------------------------------
-
 
 class DINOv2(nn.Module):
     """DINOv2 ViT with the official parameter names, so official checkpoints load strictly as they are. Tokens are
@@ -312,7 +294,6 @@ class DINOv2(nn.Module):
     def forward(self, x):
         return self.forward_features(x)["x_norm_clstoken"]
 
-
 DINOV2_ARCHS = {
     "vits14": dict(embed_dim=384, depth=12, num_heads=6),
     "vitb14": dict(embed_dim=768, depth=12, num_heads=12),
@@ -321,7 +302,6 @@ DINOV2_ARCHS = {
     "vitt14": dict(embed_dim=64, depth=4, num_heads=4),  # tiny test preset, no official weights
 }
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
-
 
 def convert_hf_dinov2(sd):
     """Hugging Face Dinov2Model / Dinov2WithRegistersModel state dict → official names. Accepts the file names
@@ -346,7 +326,6 @@ def convert_hf_dinov2(sd):
             out[pre + mod + fused + suf] = torch.cat([out.pop(pre + mod + p + suf) for p in parts])
     return out
 
-
 def convert_timm_dinov2(sd):
     """timm DINOv2 state dict → official names: `reg_token` → `register_tokens` with the cls position folded
     into cls_token (restore a zero cls slot in pos_embed), SwiGLU `fc1/fc2` → `w12/w3`, zero `mask_token`."""
@@ -359,7 +338,6 @@ def convert_timm_dinov2(sd):
         out = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3."): v for k, v in out.items()}
     out.setdefault("mask_token", torch.zeros_like(out["cls_token"][0]))
     return out
-
 
 def convert_dinov2(sd):
     """Any public DINOv2 layout → official names, detected from the keys (prefixes `dinov2.`, `dinov2_with_registers.`,
@@ -374,7 +352,6 @@ def convert_dinov2(sd):
     if "reg_token" in out or ("mask_token" not in out and "blocks.0.mlp.fc1.weight" in out):
         return convert_timm_dinov2(out)
     return out
-
 
 def dinov2(name, weights="official", **overrides):
     """DINOv2 by hub name: vits14 vitb14 vitl14 vitg14 (+ `_reg`: 4 registers, antialiased size-based position
@@ -405,7 +382,6 @@ def dinov2(name, weights="official", **overrides):
         sd = read_state_dict(weights)
     return load_strict(model, convert_dinov2(sd), f"DINOv2 {name} weights '{weights}'")
 
-
 # ---- 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style) ---------------------------------
 
 DECODERS = {
@@ -414,7 +390,6 @@ DECODERS = {
     "XL": dict(dim=1152, depth=28, num_heads=16, mlp_hidden=4096),  # 415.1M, the released RAE decoder
     "tiny": dict(dim=64, depth=2, num_heads=4, mlp_hidden=256),  # tests and toy runs
 }
-
 
 class ViTDecoder(nn.Module):
     """Latent tokens (B, h·w, C) → image (B, 3, h·p, w·p) in ImageNet-normalised space. The fixed sin-cos positions
@@ -445,13 +420,11 @@ class ViTDecoder(nn.Module):
         g, p = self.grid, self.patch_size
         return torch.einsum("nhwpqc->nchpwq", x.reshape(B, g, g, p, p, 3)).reshape(B, 3, g * p, g * p)
 
-
 RAE_DECODER_TOP = ["decoder_pos_embed", "trainable_cls_token", "decoder_embed.weight", "decoder_embed.bias",
                    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
 RAE_DECODER_LAYER = {  # released (HF ViT-MAE) name → ours, per layer
     "layernorm_before": "norm1", "attention.output.dense": "attn.proj", "layernorm_after": "norm2",
     "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
-
 
 def convert_rae_decoder(sd):
     """Released RAE decoder state dict (`decoder_layers.i.attention.attention.{query,key,value}` …) → our
@@ -472,7 +445,6 @@ def convert_rae_decoder(sd):
             out.update({f"blocks.{i}.{b}.{p}": sd[f"{pre}{a}.{p}"] for a, b in RAE_DECODER_LAYER.items()})
     return out
 
-
 def rae_decoder_state_dict(src):
     """Decoder weights in our layout from a path or state dict: the released RAE decoder (`model.pt`, HF ViT-MAE
     names), ours, or a training checkpoint's `ema` (else `model`) `decoder.*`; a DiT-DH checkpoint is refused."""
@@ -485,7 +457,6 @@ def rae_decoder_state_dict(src):
         raise ValueError("this looks like a DiT-DH generator checkpoint (x_embedder / t_embedder / adaLN_modulation "
                          "keys), not an RAE pixel decoder")
     return sd if "blocks.0.attn.qkv.weight" in sd else convert_rae_decoder(sd)
-
 
 def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
     """A `decoder_class` (ViTDecoder) loaded strictly from `src` (see rae_decoder_state_dict), its sizes read from the
@@ -502,7 +473,6 @@ def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
                grid=math.isqrt(sd["decoder_pos_embed"].shape[1] - 1))
     where = f" from {os.fspath(src)}" if isinstance(src, (str, os.PathLike)) else ""
     return load_strict(decoder_class(**cfg), sd, "RAE decoder" + where)
-
 
 # ---- 4. The tokenizer contract and the RAE tokenizer (frozen DINOv2 encoder + ViT pixel decoder) -----------
 # Every tokenizer (RAE here; each method's in its own file, listed by checkpoint.TOKENIZERS) is an RAE subclass with:
@@ -525,7 +495,6 @@ TOKENIZER_PRESETS = {
                  encoder_size=56),  # 4×4 tokens of width 64, decoder patch 16
     "published": dict(method="rae", encoder="vitb14_reg", encoder_weights="official", decoder="XL", image_size=256),
 }
-
 
 class RAE(nn.Module):
     """Representation autoencoder: x01 → bicubic resize to encoder_size → ImageNet normalise → frozen DINOv2 →
@@ -648,7 +617,6 @@ class RAE(nn.Module):
 
     def last_layer(self):
         return self.decoder.decoder_pred.weight
-
 
 @torch.no_grad()
 def compute_latent_stats(tokenizer, loader, max_batches=None):

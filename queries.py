@@ -20,7 +20,6 @@ from model import Attention, Mlp, ln0
 
 # ---- 1. Condensers, queries and the query-reading decoder ------------------------------------------------
 
-
 class Condenser(nn.Module):
     """DecQ Eq. 3–4: q ← q + CrossAttn(LN(q), LN(kv)); q ← q + FFN(LN(q)). Queries attend to the patch
     tokens kv of one encoder block; information flows from patches to queries only."""
@@ -35,7 +34,6 @@ class Condenser(nn.Module):
     def forward(self, q, kv):
         q = q + self.attn(self.norm_q(q), context=self.norm_kv(kv))
         return q + self.mlp(self.norm2(q))
-
 
 class DetailQueries(nn.Module):
     """N learnable queries (init N(0, 0.02)) passed through one condenser per chosen block, in depth order
@@ -55,7 +53,6 @@ class DetailQueries(nn.Module):
             q = condenser(q, ln0(feats[k]))
         return ln0(q)
 
-
 class QueryDecoder(model.ViTDecoder):
     """DecQ Eq. 5: the RAE decoder plus the queries' own embed and learned positions; given no queries, the RAE's."""
 
@@ -67,9 +64,7 @@ class QueryDecoder(model.ViTDecoder):
     def embed_extra(self, q):
         return self.query_embed(q) + self.query_pos_embed
 
-
 # ---- 2. DecQ tokenizer -----------------------------------------------------------------------------------
-
 
 class DecQ(model.RAE):
     """RAE plus detail-condensing queries (method "decq"). The latent is one token sequence (B, N + Q, C): the N
@@ -125,9 +120,7 @@ class DecQ(model.RAE):
             q = q * torch.sqrt(self.query_var + 1e-5) + self.query_mean
         return torch.cat([super().denormalize(p), q], 1)
 
-
 # ---- 3. Table 3's baselines: the reconstruction–generation trade-off that DecQ is built to escape --------
-
 
 class Unfrozen(model.RAE):
     """"Unfreeze" (method "unfreeze"): RAE whose encoder trains with the decoder, at the same learning rate. With
@@ -162,7 +155,6 @@ class Unfrozen(model.RAE):
                 target = ln0(self.teacher.forward_blocks(self.encoder_input(x01))[-1])
             aux["distill"] = self.distill * F.mse_loss(z, target)
         return self.reconstruct(z), aux
-
 
 class FeatureConcat(model.RAE):
     """"Feature concat" (method "concat"): as many queries as patch tokens, condensed as DecQ's (the same condenser

@@ -13,18 +13,15 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-
 class Run(NamedTuple):
     name: str
     script: str
     settings: dict
     deps: tuple = ()
 
-
 # train.py's settings in groups: the tokenizer's constructor keywords, the tokenizer's objective, the generator; every
 # other setting is flat. `extra` (any script): flags passed on exactly as a user gave them.
 GROUPS = ("tok", "loss", "gen")
-
 
 def merge(settings, *changes):
     """settings with each dict of changes applied in turn: a key keeps its place, a new one goes last; the GROUPS merge
@@ -33,7 +30,6 @@ def merge(settings, *changes):
     for change in changes:
         out.update({k: {**out.get(k, {}), **v} if k in GROUPS else v for k, v in change.items()})
     return out
-
 
 def argv(run):
     """A run's command line, the one place that knows flag spellings: key → --key-with-dashes VALUE (a list: its
@@ -52,15 +48,12 @@ def argv(run):
                             [json.dumps(value) if isinstance(value, dict) else str(value)])]
     return out
 
-
 def literal(value):
     """A knob's value as train.py reads it back: lists and dicts as JSON, None as None, the rest as written."""
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple, dict)) else str(value)
 
-
 def command(run, gpus=0):
     return shlex.join([*(["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]), run.script, *argv(run)])
-
 
 def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     """Run `jobs`, `lanes` at a time, each once its deps have finished, with `threads` intra-op threads each (None: the

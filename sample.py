@@ -26,7 +26,6 @@ import cli
 import data
 import dit
 
-
 def parse_args(argv=None):
     ap = cli.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="generator checkpoint (file or run directory)")
@@ -54,14 +53,12 @@ def parse_args(argv=None):
     ap.add_argument("--device", help="default: cuda if available, else cpu")
     return ap.parse_args(argv)
 
-
 def noise_for(index, seed, net):
     """Noise of sample `index`: patches (C, h, w) [+ DecQ queries (Q, C)] from a generator seeded by (seed, index)."""
     g = torch.Generator().manual_seed(seed * 2**32 + index)
     cfg = net.config
     x = torch.randn(cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=g)
     return (x, torch.randn(cfg["num_extra"], cfg["in_channels"], generator=g)) if cfg["num_extra"] else (x,)
-
 
 def load_guide(path, ck, tok, device):
     """AutoGuidance's weaker generator, refused in one line unless it generates the main generator's latents: the same
@@ -77,7 +74,6 @@ def load_guide(path, ck, tok, device):
         raise SystemExit(f"--guide {path}: generates other latents or classes than --ckpt ({', '.join(differ)})")
     return guide
 
-
 def plain_decoder(path, tok, stats, device):
     """The RAE tokenizer at `path` as the decoder of a DecQ generator's patch tokens (DecQ Table 4), with the
     generator's patch statistics; refused unless it has the same encoder (config and weights) at the same sizes."""
@@ -92,7 +88,6 @@ def plain_decoder(path, tok, stats, device):
                          "not read the generated patch latent")
     rae.set_stats(stats)  # the patch part of the generator's statistics
     return rae
-
 
 @torch.no_grad()
 def generate(net, tok, indices, labels, args, guide=None):
@@ -110,7 +105,6 @@ def generate(net, tok, indices, labels, args, guide=None):
         z = z[:, :tok.decoder.grid ** 2 + tok.num_extra]
     return data.to_uint8(tok.decode(z)).cpu()
 
-
 def run_name(ck, tok, args, n):
     guidance = "noguid" if args.scale == 1 else f"{'ag' if args.guide else 'cfg'}{args.scale:g}"
     if args.guide and args.scale != 1:  # another guide, another file
@@ -121,7 +115,6 @@ def run_name(ck, tok, args, n):
                else f"{args.sampler}{args.steps}")
     path, dec = Path(ck["path"]), "_raedec" if args.decoder_from else ""
     return f"{path.parent.name}-{path.stem}_{sampler}_{guidance}{dec}_seed{args.seed}_n{n}"
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -172,7 +165,6 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -48,12 +48,10 @@ INSIDE = {  # each shape's inside-test on canonical coordinates u, v ∈ [−1, 
     "star": lambda u, v, r: r < 0.45 + 0.4 * np.cos(5 * np.arctan2(v, u)) ** 2}
 SHAPES = tuple(INSIDE)
 
-
 def sample_scenes(n, rng):
     """Geometry of n scenes: class, centre, scale, rotation."""
     return dict(label=rng.integers(len(SHAPES), size=n), cx=rng.uniform(-0.25, 0.25, n), cy=rng.uniform(-0.25, 0.25, n),
                 scale=rng.uniform(0.6, 0.85, n), angle=rng.uniform(0, 2 * math.pi, n))
-
 
 def sample_appearance(n, rng):
     """Appearance of n scenes: two foreground colours mixed by stripes, a background colour and gradient. The
@@ -63,7 +61,6 @@ def sample_appearance(n, rng):
     half = lambda up: 0.5 * rng.uniform(0, 1, (n, 3)) + 0.5 * up[:, None]  # noqa: E731
     return dict(fg1=half(light), fg2=half(light), bg=half(~light), bg2=half(~light), freq=rng.uniform(1, 4, n),
                 stripe_angle=rng.uniform(0, math.pi, n), stripes=rng.uniform(0, 1, n) < 0.5)
-
 
 def render(scenes, looks, size=32, ss=4):
     """Render scenes with appearances → images float32 (n, 3, size, size) in [0, 1], fg masks (n, size, size)."""
@@ -87,14 +84,12 @@ def render(scenes, looks, size=32, ss=4):
         masks[i] = inside.reshape(size, ss, size, ss).mean((1, 3))
     return imgs, masks
 
-
 def make_world(n, seed, size=32):
     """n images of the toy world, deterministic in seed: (images (n,3,H,W) in [0,1], labels (n,), masks (n,H,W))."""
     rng = np.random.default_rng(seed)
     scenes, looks = sample_scenes(n, rng), sample_appearance(n, rng)
     imgs, masks = render(scenes, looks, size)
     return torch.from_numpy(imgs), torch.from_numpy(scenes["label"]), torch.from_numpy(masks)
-
 
 def write_folder(x01, labels, root):
     """Images as PNGs in class sub-folders '<label>_<shape>' (an ImageFolder: sorted folder index = label)."""
@@ -103,29 +98,24 @@ def write_folder(x01, labels, root):
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"{i:05d}.png")
 
-
 # ---- 2. The toy VFM: a small DINOv2-layout ViT trained to be semantic and colour-invariant -----------------------
 
 VFM_CONFIG = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, num_register_tokens=4,
                   interpolate_antialias=True, interpolate_offset=0.0)
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor(model.IMAGENET_MEAN), torch.tensor(model.IMAGENET_STD)
 
-
 def vfm_input(x01):
     return (x01 - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
-
 
 def vfm_heads():
     """Pretraining heads: class from the normed cls token; per-patch segmentation (background or shape class)."""
     return nn.ModuleDict(dict(cls=nn.Linear(VFM_CONFIG["embed_dim"], len(SHAPES)),
                               seg=nn.Linear(VFM_CONFIG["embed_dim"], len(SHAPES) + 1)))
 
-
 def patch_targets(masks, labels, patch):
     """Per-patch segmentation target: the shape class where the patch is mostly foreground, else 0 (background)."""
     frac = F.avg_pool2d(masks[:, None], patch).flatten(1)
     return torch.where(frac > 0.5, labels[:, None] + 1, torch.zeros_like(frac, dtype=torch.long))
-
 
 def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=None):
     """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's (LN₀) patch
@@ -160,11 +150,9 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=
             log(step, loss.item())
     return vfm.eval(), heads.eval()
 
-
 def ridge_fit(a, b, ridge=1e-2):
     """w = argmin ‖a·w − b‖² + ridge·‖w‖² (closed form; the caller adds a bias column)."""
     return torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ b)
-
 
 @torch.no_grad()
 def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
@@ -183,29 +171,24 @@ def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
         scores.append(float(1 - ((pred - true) ** 2).sum() / ((true - true.mean(0)) ** 2).sum()))
     return scores
 
-
 @torch.no_grad()
 def vfm_features(vfm, x01, batch=256):
     """The toy VFM's normed cls token (its 'FD-DINOv2' feature space)."""
     return torch.cat([vfm.forward_features(vfm_input(x01[i:i + batch]))["x_norm_clstoken"]
                       for i in range(0, len(x01), batch)])
 
-
 @torch.no_grad()
 def vfm_classify(vfm, heads, x01):
     """The toy VFM's classifier (used to score class-conditional samples)."""
     return heads.cls(vfm_features(vfm, x01)).argmax(-1)
 
-
 # ---- 3. The pipeline: every tokenizer phase and generator a train.py run, the samples a sample.py run ------------
-
 
 TOKENIZERS = {  # the main table's tokenizers: key → (method, phase, the tokenizer it starts from, its own settings)
     "rae": ("rae", "1", None, {}), "drorae_p2": ("drorae", "2", "rae", {}),
     "drorae_p3": ("drorae", "3", "drorae_p2", {}), "decq": ("decq", "1", None, {}), "ideal": ("ideal", "1", None, {}),
     "ideal_deep_only": ("ideal", "1", None, dict(tok=dict(fuse="none")))}  # Ideal Table 7a's "no fusion"
 GENERATORS = ("rae", "drorae_p3", "decq", "ideal")  # DiT-DH for the continuous latents, the AR GPT for Ideal
-
 
 def recipe(args, out):
     """The toy world's settings of every run (plan_runs' recipe): tiny models on the toy VFM, no LPIPS or GAN term, one
@@ -230,7 +213,6 @@ def recipe(args, out):
                                         seed=args.seed, batch=128, device="cpu", scale=args.scale),
         evaluate=lambda name, dep, out, **what: [])
 
-
 def tokenizer_run(recipe, out, key, method, phase, init=None, own=None, start=()):
     """A tokenizer's train.py run under a world's recipe, from the tokenizer `init` (else from scratch, after the runs
     `start`), with its own settings; then the recipe's evaluation runs of it."""
@@ -240,13 +222,11 @@ def tokenizer_run(recipe, out, key, method, phase, init=None, own=None, start=()
     return [runs.Run(key, "train.py", settings, (init,) if init else start),
             *recipe["evaluate"](f"{key}_eval", key, out / key / "eval.json", tokenizer=out / key / "tokenizer.pt")]
 
-
 def generator_run(recipe, out, name, tokenizer, method, *own):
     """A generator's train.py run under a world's recipe on the latent of the tokenizer `tokenizer` (of `method`)."""
     return runs.Run(name, "train.py", runs.merge(dict(
         method=method, phase="gen", tokenizer=out / tokenizer / "tokenizer.pt", latent_cache=out / name / "cache",
         out_dir=out / name), recipe["codes" if method == "ideal" else "generator"], *own), (tokenizer,))
-
 
 def plan_runs(recipe, out):
     """The main table's runs under a world's recipe (toy: recipe(args, out)): every tokenizer, a generator on each of
@@ -261,19 +241,16 @@ def plan_runs(recipe, out):
                                      samples=gen / "samples" / "samples.npz")]
     return plan
 
-
 def read_samples(out):
     """sample.py's .npz (uint8 NHWC images, labels) → (images in [0, 1], labels)."""
     arr = np.load(next(Path(out).glob("*.npz")))
     return torch.from_numpy(arr["arr_0"]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(arr["arr_1"])
-
 
 def fd(f1, f2):
     with warnings.catch_warnings():  # the toy FD uses < 2048 images on purpose (64-d features)
         warnings.simplefilter("ignore")
         (m1, s1), (m2, s2) = (evaluate.gaussian(f.double().numpy()) for f in (f1, f2))
         return evaluate.frechet_distance(m1, s1, m2, s2)
-
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="toy.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,7 +275,6 @@ def parse_args(argv=None):
                    help="classifier-free guidance scale of the samples")
     p.add_argument("--lanes", type=count, default=2, help="train.py / sample.py runs at a time (one per core)")
     return p.parse_args(argv)
-
 
 def world(args, out):
     """The world of one seed: pretrain the toy VFM, save it in DINOv2's layout (vfm.pth, + vfm_heads.pth), probe it
@@ -326,19 +302,16 @@ def world(args, out):
     write_folder(x_test, y_test, out / "data" / "test")  # the held-out images, for evaluate.py and the studies
     (out / "world.json").write_text(json.dumps(dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), indent=1))
 
-
 def load_vfm(out):
     vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()
     heads = vfm_heads()
     heads.load_state_dict(torch.load(out / "vfm_heads.pth", weights_only=True))
     return vfm, heads.eval()
 
-
 def test_set(args):
     """The held-out images of a seed, exactly as a PNG file holds them, their labels and foreground masks."""
     x, y, masks = make_world(args.test_images, args.seed + 1000)
     return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y, masks
-
 
 @torch.no_grad()
 def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
@@ -349,14 +322,12 @@ def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
                    recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
                    fd_recon=fd(vfm_features(vfm, r), f_test))
 
-
 def sample_scores(s, labels, vfm, heads, f_test):
     """The toy VFM's accuracy on class-conditional samples; FD, precision and recall against the held-out images."""
     f_s = vfm_features(vfm, s)
     p, r = evaluate.precision_recall(f_test, f_s, device="cpu")
     return dict(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(), fd=fd(f_s, f_test),
                 precision=p, recall=r)
-
 
 def score(args, out, seconds=None):
     """Score the finished runs of one seed (recon_scores, sample_scores): results.json, the grids, the table."""
@@ -396,7 +367,6 @@ def score(args, out, seconds=None):
           f"{vfm_res['colour_r2'][vfm_res['shallow_block']]:.3f} vs last block {vfm_res['colour_r2'][-1]:.3f}")
     return results
 
-
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
     out = Path(args.out_dir)
@@ -411,7 +381,6 @@ def main(argv=None):
     results = score(args, out, seconds=round(time.time() - t0, 1))
     print(f"wrote {out}/results.json, reconstructions.png, samples.png in {time.time() - t0:.0f} s")
     return results
-
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as every run: one thread, so the numbers do not depend on the machine's core count

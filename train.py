@@ -99,7 +99,6 @@ PER_INVOCATION = ("resume", "out_dir", "max_steps", "stop_epoch", "device", "wor
                   "keep_every", "keep_every_epochs", "grid_every", "compile", "tokenizer", "precision",
                   "print_config")  # --resume may change these
 
-
 def recipe(method, phase, name="published"):
     """The complete row of (method, phase), with --recipe tiny's values over it (and the tiny tokenizer)."""
     row = copy.deepcopy(RECIPES[(method, phase)])
@@ -107,7 +106,6 @@ def recipe(method, phase, name="published"):
         row.update({k: {**row[k], **v} if isinstance(v, dict) else v for k, v in TINY.items() if k in row})
         row["tok"] = {k: v for k, v in checkpoint.TINY[method].items() if k != "method"}
     return row
-
 
 def literal(key, text, default):
     """A key=value's value, typed like the knob's default, or where that is None a JSON / Python literal (a path for
@@ -136,7 +134,6 @@ def literal(key, text, default):
     if any(not math.isfinite(v) or v < 0 for v in numbers):
         raise ValueError(f"{key} must be finite and ≥ 0, got {text}")
     return value
-
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
@@ -195,10 +192,8 @@ def parse_args(argv=None):
     a("--grid-every", type=n(int, 0))
     return resolve(p.parse_args(argv))
 
-
 FREE = ("method", "phase", "recipe", "print_config", "data_path", "out_dir", "resume", "init_from", "tokenizer",
         "stats", "latent_cache", "max_steps", "stop_epoch", "device", "seed", "fsdp", "compile")  # not recipe values
-
 
 def resolve(given):
     """The run's settings: its recipe row, the flags given over it, or with --resume the run's saved settings (a flag
@@ -260,14 +255,12 @@ def resolve(given):
     check(args)
     return args
 
-
 def spell(key, value):
     """A setting as the flag that sets it: "with --tok beta=0.2", "without --fsdp", "with --lr 0.0002"."""
     if "." in key:
         return f"with --{key.replace('.', ' ', 1)}={value}"
     flag = "--" + key.replace("_", "-")
     return f"{'with' if value else 'without'} {flag}" if isinstance(value, bool) else f"with {flag} {value}"
-
 
 def check(args):
     """What no single value's type can say: choices, probabilities, and combinations a run cannot have."""
@@ -287,11 +280,9 @@ def check(args):
         raise SystemExit(f"--init-from: --method {args.method} --phase {args.phase} starts from scratch (it would be "
                          "ignored); leave it out")
 
-
 def settings(args):
     """What a checkpoint and args.json record of the run: every value (a resume takes them back)."""
     return {k: v for k, v in vars(args).items() if k not in ("sources", "init")}
-
 
 def print_config(args):
     """--print-config: every value of the run and where it came from."""
@@ -300,16 +291,13 @@ def print_config(args):
         value = args.tok[k[4:]] if k.startswith("tok.") else getattr(args, k.split(".")[-1])
         print(f"{k:<{width}}  {json.dumps(value, default=str, separators=(',', ':')):<24}  {args.sources[k]}")
 
-
 # ---- 2. What every phase shares: RNG states, the batch plan, AdamW, accumulation, reductions over ranks, Trainer ----
-
 
 def rng_state():
     """Python, numpy, torch CPU and CUDA generator states (weights_only-loadable)."""
     np_state = np.random.get_state()
     return dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
 
 def seed_ranks(args, resume, rank, world):
     """Each rank's randomness (noise augmentation, dropout, DiffAugment, flow-matching noise): its rng_state() saved
@@ -325,9 +313,7 @@ def seed_ranks(args, resume, rank, world):
     if s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
 
-
 Plan = collections.namedtuple("Plan", "accum steps_per_epoch total_steps warmup_steps")
-
 
 def plan(args, dataset, world):
     """Micro-batches per process per global batch (accum), optimizer steps per epoch (drop_last), total, warm-up."""
@@ -340,7 +326,6 @@ def plan(args, dataset, world):
         raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
                          f"({args.global_batch})")
     return Plan(accum, steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch))
-
 
 def make_optimizer(params, args, plan, device):
     """AdamW (fused on CUDA) and its per-step LambdaLR: linear warm-up, then `cosine` to lr_min at the end
@@ -365,7 +350,6 @@ def make_optimizer(params, args, plan, device):
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-
 def accumulate(net, micro_batches, loss_fn):
     """Backward of the mean loss over this rank's micro-batches, gradients adding up; only the last backward syncs
     (DDP all-reduce, FSDP reduce-scatter), so it equals one big batch on one process. Returns each term's mean."""
@@ -381,14 +365,12 @@ def accumulate(net, micro_batches, loss_fn):
             logs[k] = logs.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
     return logs
 
-
 def all_mean(logs, world, device):
     """Logged scalars (tensors or numbers) as floats averaged over ranks (keys are identical on every rank)."""
     t = torch.tensor([float(v) for v in logs.values()], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(t)
     return dict(zip(logs, (t / world).tolist()))
-
 
 def any_rank(flag, world, device):
     """True on every rank if `flag` is true on any rank."""
@@ -397,9 +379,7 @@ def any_rank(flag, world, device):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t)
 
-
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
-
 
 class Trainer:
     """What every phase shares, written once: the trained network's EMA, AdamW and schedule (restored on resume), its
@@ -476,19 +456,15 @@ class Trainer:
         """The final EMA network and its config."""
         return dict(config=self.trained.config, ema=self.whole(self.ema))
 
-
 # ---- 3. Tokenizer phases -----------------------------------------------------------------------------------------
-
 
 def weights(flag, official):
     """A --*-weights flag: "official" → the official source, "random" → None (random init), else a local path."""
     return {"official": official, "random": None}.get(flag, flag)
 
-
 def tokenizer_config(args):
     """The new tokenizer's config (checkpoint.build_tokenizer): its method and keywords (args.tok)."""
     return dict(args.tok, method=args.method, encoder_weights=weights(args.tok["encoder_weights"], "official"))
-
 
 def build_tokenizer(args, resume):
     """The tokenizer of this phase: resumed, new, or from the previous phase's EMA weights (--init-from, of the
@@ -524,7 +500,6 @@ def build_tokenizer(args, resume):
     tok.set_phase(args.phase)
     return tok
 
-
 def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
     """One micro-batch of the tokenizer objective: rec + w·LPIPS + aux, plus, given the discriminator,
     gan_weight·λ·L_G (λ = λ_adapt on the decoder's last layer, or 1). Returns (loss, logged terms)."""
@@ -543,7 +518,6 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
         terms.update(gan=g, gan_w=w)
     return loss, dict(terms, loss=loss)
 
-
 def discriminator_loss(d_net, real, fake, args, lecam=None):
     """d_adv_weight · (hinge + LeCAM) + CR: the hinge loss on DiffAugmented fakes (8 bit, [−1, 1]) and reals, fakes
     first as in RAE; Ideal's recipe adds LeCAM and consistency regularisation (disc_cr · MSE between the logits under
@@ -560,7 +534,6 @@ def discriminator_loss(d_net, real, fake, args, lecam=None):
             strong = [d_net(losses.diff_augment(t, "color,translation,cutout_0.5")) for t in (real, fake)]
             terms["cr"] = args.disc_cr * F.mse_loss(torch.cat([logits_real, logits_fake]), torch.cat(strong))
     return args.d_adv_weight * (d + terms.get("lecam", 0)) + terms.get("cr", 0), terms
-
 
 class TokenizerTrainer(Trainer):
     """A tokenizer phase: the tokenizer, LPIPS and the discriminator; step() = one global batch: the tokenizer's
@@ -636,9 +609,7 @@ class TokenizerTrainer(Trainer):
         """Originals (top) and EMA reconstructions (bottom)."""
         data.save_image_grid(torch.cat([x, self.ema(x)[0]]), path, nrow=len(x))
 
-
 # ---- 4. Generator phase: DiT-DH by flow matching (continuous latents) or AR GPT (ideal) on a frozen tokenizer ----
-
 
 class GeneratorTrainer(Trainer):
     """--phase gen: DiT-DH by flow matching on continuous latent tokens, or the AR GPT on codes (`tok.num_codes`), of
@@ -730,9 +701,7 @@ class GeneratorTrainer(Trainer):
         """The EMA generator with what sample.py needs: its config, the tokenizer (path, config), the stats."""
         return dict(super().export(), tokenizer=self.tokenizer, stats=self.stats)
 
-
 # ---- 5. The loop shared by every phase: data order, logging, grids, checkpoints, signals -------------------------
-
 
 def open_run(args):
     """(the checkpoint to resume or None, the training set, a generator's frozen tokenizer checkpoint or None); a run
@@ -761,7 +730,6 @@ def open_run(args):
                          "folders")
     return resume, data.LatentCache(args.latent_cache, dataset) if args.latent_cache else dataset, tck
 
-
 def global_batches(loader, plan, start, end, device):
     """Each step's micro-batches, from step `start` to `end`: the data order is a function of (seed, epoch,
     position), so a run resumed mid-epoch skips the micro-batches already consumed."""
@@ -774,11 +742,9 @@ def global_batches(loader, plan, start, end, device):
             batches = [tuple(t.to(device, non_blocking=True) for t in next(it)) for _ in range(plan.accum)]
         yield batches
 
-
 def due(step, every):
     """Whether `step` is a multiple of the cadence `every` (0: never)."""
     return bool(every) and step % every == 0
-
 
 def checkpoints_due(args, step, end, steps_per_epoch, signalled):
     """The checkpoint files to write after `step`: ckpt-last.pt (every --ckpt-every, at the end, on a signal), and
@@ -789,7 +755,6 @@ def checkpoints_due(args, step, end, steps_per_epoch, signalled):
     if args.keep_every_epochs and due(step, max(1, round(args.keep_every_epochs * steps_per_epoch))):
         names.append(f"ckpt-epoch{step / steps_per_epoch:g}.pt")
     return names
-
 
 def save(path, trainer, args, step, rank, world, final=False):
     """A checkpoint: the trainer's state and every rank's RNG state, or (`final`) its export. Every rank calls it (under
@@ -804,7 +769,6 @@ def save(path, trainer, args, step, rank, world, final=False):
     if rank == 0:
         checkpoint.save_checkpoint(path, kind=trainer.kind, method=args.method, phase=args.phase, step=step,
                                    args=settings(args), **state)
-
 
 def train(args, rank, world, device, stop):
     out, (resume, dataset, tck) = Path(args.out_dir), open_run(args)
@@ -856,10 +820,8 @@ def train(args, rank, world, device, stop):
     if rank == 0:
         print(f"done: {out / trainer.kind}.pt")
 
-
 DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",  # a download → the flag
              "LPIPS lin": "--loss lpips_weights=", "DINO weights": "--loss disc_weights="}  # that takes a local file
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -886,7 +848,6 @@ def main(argv=None):
             signal.signal(s, h)
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

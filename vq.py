@@ -19,7 +19,6 @@ from model import RAE, Attention, Block, Mlp, checked_heads, ln0
 
 # ---- AttnFuse (Eq. 6) ------------------------------------------------------------------------------------
 
-
 class AttnFuse(nn.Module):
     """Ideal Eq. 6: z = f_d + MHA(LN(f_d), LN(f_s)); z = z + FFN(LN(z)). Deep tokens are the queries,
     shallow tokens keys/values (official `ShallowSemanticAggregator`; the learnable LN on f_s is the paper's
@@ -35,7 +34,6 @@ class AttnFuse(nn.Module):
         z = f_d + self.attn(self.norm_q(f_d), context=self.norm_kv(f_s))
         return z + self.mlp(self.norm2(z))
 
-
 class LinearFuse(nn.Module):
     """Table 7a's "Linear" fusion: z = f_d + W [f_s; f_d], one linear layer on the concatenated shallow and deep
     tokens, added to the deep ones."""
@@ -47,20 +45,16 @@ class LinearFuse(nn.Module):
     def forward(self, f_d, f_s):
         return f_d + self.proj(torch.cat([f_s, f_d], -1))
 
-
 # ---- Vector quantiser (Eq. 2, 4) and the entropy term ----------------------------------------------------
-
 
 def sq_dist(z, codes):
     """‖z − c‖² = ‖z‖² + ‖c‖² − 2 z·c for every row of z and every code (official expansion)."""
     return (z * z).sum(-1, keepdim=True) + (codes * codes).sum(-1) - 2 * z @ codes.t()
 
-
 def nearest_code(z, codes, chunk=4096):
     """Ideal Eq. 2: k_i = argmin_k ‖z_i − c_k‖², in row chunks so the N×K distances never exist at once."""
     with torch.no_grad():
         return torch.cat([sq_dist(zc, codes).argmin(-1) for zc in z.split(chunk)])
-
 
 def _entropy_parts(z, codes, temperature):
     # logits −‖z − c‖²/T without the per-row ‖z‖²/T, which softmax ignores; one fused op for the N×K matrix.
@@ -69,7 +63,6 @@ def _entropy_parts(z, codes, temperature):
     logits = torch.addmm(codes.pow(2).sum(-1) / -temperature, z, codes.t(), alpha=2 / temperature)
     logp, p = logits.log_softmax(-1), logits.softmax(-1)
     return -torch.vdot(p.flatten(), logp.flatten()), p.sum(0)
-
 
 def entropy_loss(z, codes, temperature=0.01, chunk=2048):
     """Entropy term (LlamaGen `compute_entropy_loss`, used by Ideal with weight 0.01): mean per-token entropy
@@ -83,7 +76,6 @@ def entropy_loss(z, codes, temperature=0.01, chunk=2048):
         token_entropy, p_sum = token_entropy + h, p_sum + ps
     p_mean = p_sum / len(z)
     return token_entropy / len(z) + (p_mean * torch.log(p_mean + 1e-5)).sum()
-
 
 class VectorQuantizer(nn.Module):
     """Factorised, ℓ2-normalised VQ (ViT-VQGAN style, Ideal §3.3): Linear(C→d) → ℓ2-normalise → nearest of
@@ -168,9 +160,7 @@ class VectorQuantizer(nn.Module):
             q, indices, loss = self.quantize(F.normalize(self.down(x.float()), dim=-1))
         return self.up(q), indices, loss
 
-
 # ---- Feature decoder (Eq. 7) and alignment losses (Eq. 9, 10) --------------------------------------------
-
 
 class FeatureDecoder(nn.Module):
     """Ideal Eq. 7: g = D_feat(z̃), then two linear heads give f̂_d and f̂_s (official
@@ -204,11 +194,9 @@ class FeatureDecoder(nn.Module):
         g = x[:, 1:1 + N]
         return self.head_deep(g), self.head_shallow(g)
 
-
 def alignment_loss(pred, target):
     """Ideal Eq. 9/10: MSE(f̂, f) + mean over tokens of (1 − cos(f̂, f)), weights 1."""
     return F.mse_loss(pred, target) + (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
-
 
 # ---- The Ideal tokenizer ---------------------------------------------------------------------------------
 
@@ -218,7 +206,6 @@ IDEAL_PRESETS = {
                  feat_depth=2, feat_heads=4),  # 4×4 tokens of width 64; tests and toy runs
     "published": dict(method="ideal", encoder="vitb14_reg", encoder_weights="official", decoder="XL", image_size=256),
 }
-
 
 class Ideal(RAE):
     """Ideal tokenizer (method "ideal"): x01 → frozen DINOv2 (RAE encoder side) → f_s = LN₀(block s),

@@ -15,7 +15,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ar import GPT, GPT_PRESETS, sample_logits  # noqa: E402
 
-
 @torch.no_grad()
 def uncached_generate(model, cond, num_tokens, cfg_scale, generator):
     seq = torch.zeros(len(cond), 0, dtype=torch.long, device=cond.device)
@@ -27,7 +26,6 @@ def uncached_generate(model, cond, num_tokens, cfg_scale, generator):
         seq = torch.cat([seq, sample_logits(logits, generator=generator)[:, None]], dim=1)
     return seq
 
-
 def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -36,7 +34,6 @@ def timed(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +65,6 @@ def main():
     print(f"{'cached':<10}{t_cached:>10.2f}{n / t_cached:>12.1f}")
     print(f"{'uncached':<10}{t_plain:>10.2f}{n / t_plain:>12.1f}")
     print(f"speed-up ×{t_plain / t_cached:.1f}")
-
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
 import model  # noqa: E402
 
-
 def forward_flops(method, image_size=256, **kw):
     """{part: forward FLOPs} of one image through encode → decode: encoder, condenser, decoder, total."""
     with torch.device("meta"):
@@ -30,7 +29,6 @@ def forward_flops(method, image_size=256, **kw):
     decoder = per_module[type(tok.decoder).__name__]  # ViTDecoder, or DecQ's QueryDecoder
     return dict(encoder=total - condenser - decoder, condenser=condenser, decoder=decoder, total=total)
 
-
 def main():
     rae, decq = forward_flops("rae"), forward_flops("decq")
     print(f"{'GFLOPs / image':>16} {'RAE':>10} {'DecQ':>10}")
@@ -39,7 +37,6 @@ def main():
     extra = decq["total"] / rae["total"] - 1
     print(f"DecQ extra compute: {100 * extra:+.2f}% (paper: +3.9%)")
     return extra
-
 
 if __name__ == "__main__":
     main()

@@ -18,12 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dit  # noqa: E402
 import model  # noqa: E402
 
-
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB → GiB, process peak RSS
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,7 +81,6 @@ def main():
               f"{flops[name] / t / 1e9:>8.1f} {peaks[name]:>9.2f}")
     speedup = statistics.median(times["on-the-fly encoding"]) / statistics.median(times["latent cache"])
     print(f"speed-up of the latent cache over on-the-fly encoding: {speedup:.2f}x")
-
 
 if __name__ == "__main__":
     main()

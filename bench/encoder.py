@@ -15,7 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
 
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -54,7 +53,6 @@ def main():
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"{name:<24} {t * 1e3:>9.1f} {args.batch / t:>8.2f} {flops / t / 1e9:>8.1f} {ref / t:>7.3f}x")
-
 
 if __name__ == "__main__":
     main()

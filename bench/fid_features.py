@@ -13,7 +13,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate as ev  # noqa: E402
 
-
 def rates(fns, images, batch_size):
     """images/s of each extractor, batches interleaved (A, B, A, B, ...) so load changes hit both alike."""
     for fn in fns:
@@ -25,7 +24,6 @@ def rates(fns, images, batch_size):
             fn(images[i:i + batch_size])
             seconds[k] += time.perf_counter() - t
     return [len(images) / s for s in seconds]
-
 
 def main():
     p = argparse.ArgumentParser()
@@ -49,7 +47,6 @@ def main():
     print(f"{'pytorch-fid InceptionV3 (pool)':<34}{r_theirs:>10.2f}{1.0:>10.2f}")
     print(f"{'ours (pool, logits, spatial)':<34}{r_ours:>10.2f}{r_ours / r_theirs:>10.2f}")
     print(f"({args.n} images 256×256, batch {args.batch_size}, {args.threads} threads, CPU fp32, batches interleaved)")
-
 
 if __name__ == "__main__":
     main()

@@ -33,12 +33,10 @@ PEAK_TFLOPS = {  # dense (no sparsity) peaks, vendor data sheets: (bf16 tensor c
 GENERATOR_ARGS = {"dit": ["--method", "rae", "--phase", "gen"], "gpt": ["--method", "ideal", "--phase", "gen"]}
 RANDOM = ["--tok", "encoder_weights=random", "--loss", "vgg_weights=random", "lpips_weights=random", "disc_weights=random"]
 
-
 def peak_tflops(device, precision):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peaks = next((v for k, v in PEAK_TFLOPS.items() if k in name), (None, None))
     return peaks[0 if precision == "bf16" else 1]
-
 
 def generator_step(kind, size, batch, a, device):
     """A closure running one DiT-DH / GPT training step of `batch` samples, and the module it trains."""
@@ -62,7 +60,6 @@ def generator_step(kind, size, batch, a, device):
         opt.zero_grad(set_to_none=True)
     return step, net
 
-
 def tokenizer_step(method, batch, a, device):
     """One train.py tokenizer step (reconstruction + LPIPS + adaptive GAN term + discriminator update)."""
     args = train.parse_args(["--method", method, "--phase", "1", *RANDOM, "--micro-batch", str(batch), "--precision",
@@ -77,12 +74,10 @@ def tokenizer_step(method, batch, a, device):
         trainer.net = net
     return step, trainer.tok
 
-
 def build(row, batch, a, device):
     kind, size = row.split("-", 1)
     return tokenizer_step(size, batch, a, device) if kind == "tokenizer" else generator_step(kind, size, batch, a,
                                                                                             device)
-
 
 def measure(row, a, device):
     step, net = build(row, a.batch, a, device)
@@ -105,7 +100,6 @@ def measure(row, a, device):
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     return params, flops, seconds, memory
 
-
 def largest_micro_batch(row, a, device, limit=1024):
     """Doubling search: the largest power-of-two micro-batch whose training step runs without CUDA OOM."""
     fit, batch = 0, 1
@@ -121,7 +115,6 @@ def largest_micro_batch(row, a, device, limit=1024):
             step = None
             torch.cuda.empty_cache()
     return fit
-
 
 def main():
     cuda = torch.cuda.is_available()
@@ -160,7 +153,6 @@ def main():
         fit = f" {largest_micro_batch(row, a, device):15d}" if a.fit and device.type == "cuda" else ""
         print(f"{row:16s} {params / 1e6:7.0f}M {flops / 1e12:10.3f} {seconds:8.3f} {a.batch / seconds:8.2f} "
               f"{achieved:8.3f} {mfu:>6s} {memory:8.2f}{fit}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -25,12 +25,10 @@ CONFIGS = {
                  "lpips_weights=random", "disc_weights=random"],
 }
 
-
 def peak_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-
 
 def bench(name, gan, a):
     device = torch.device(a.device)
@@ -53,7 +51,6 @@ def bench(name, gan, a):
     ips = a.batch * a.steps / (time.time() - t0)
     return ips, peak_mb(device)
 
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -70,7 +67,6 @@ def main():
         for gan in (False, True):
             ips, mb = bench(name, gan, a)
             print(f"{name:10s} {'+gan+d' if gan else 'rec+lpips':10s} {a.batch:5d} {ips:9.2f} {mb:9.0f}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -13,11 +13,9 @@ FIXTURES = ROOT / "tests" / "fixtures"
 torch.set_num_threads(2)
 os.environ.setdefault("TORCH_HOME", str(ROOT / ".pytest_torch_home"))  # never touch a real hub cache
 
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
 
 def reference(name):
     """Path of a golden fixture of the official code (tests/fixtures/README.md says what each holds)."""

@@ -13,13 +13,11 @@ from ar import GPT, GPT_PRESETS, KVCache, filter_logits, sample_logits
 
 TINY = dict(GPT_PRESETS["tiny"], vocab_size=32, num_classes=4, grid=4)
 
-
 def tiny_gpt(**kw):
     """Tiny GPT in eval mode with a random (not zero) head so that logits are informative."""
     model = GPT(**{**TINY, **kw}).eval()
     nn.init.normal_(model.head.weight, std=0.5)
     return model
-
 
 def uncached_generate(model, cond, cfg_scale=1.0, **sampling):
     """Reference sampler: recompute the whole prefix with the teacher-forced forward at every step."""
@@ -31,7 +29,6 @@ def uncached_generate(model, cond, cfg_scale=1.0, **sampling):
             logits = uncond + cfg_scale * (logits - uncond)
         seq = torch.cat([seq, sample_logits(logits, **sampling)[:, None]], dim=1)
     return seq
-
 
 def test_param_counts_match_llamagen():
     """LlamaGen reports GPT-B 111M, L 343M, XL 775M, XXL 1.4B, 3B 3.1B (vocab 16384, 1000 classes + null row)."""
@@ -47,7 +44,6 @@ def test_param_counts_match_llamagen():
         print(f"GPT-{name}: {n:,} parameters")
         if name in published:
             assert round(n / published[name][1]) == published[name][0], (name, n)
-
 
 def test_rope_follows_llamagen_convention():
     """Reference: LlamaGen precompute_freqs_cis_2d + apply_rotary_emb written with complex numbers; class
@@ -66,7 +62,6 @@ def test_rope_follows_llamagen_convention():
         out = apply_rope(q.float(), model.rope_cos, model.rope_sin)
         torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
 
-
 @pytest.mark.parametrize("cls_rope", ["zero", "identity"])
 def test_kv_cache_equals_uncached_forward(cls_rope):
     model = tiny_gpt(cls_rope=cls_rope)
@@ -82,7 +77,6 @@ def test_kv_cache_equals_uncached_forward(cls_rope):
             torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0)
             h = model.tok_emb(idx[:, pos])[:, None]
 
-
 def test_greedy_top1_and_zero_temperature():
     model, cond = tiny_gpt(), torch.tensor([0, 1, 2, 3])
     greedy = model.generate(cond, temperature=0)
@@ -96,7 +90,6 @@ def test_greedy_top1_and_zero_temperature():
     with pytest.raises(ValueError, match="exceeds the model's 16-token grid"):
         model.generate(cond, num_tokens=17)
 
-
 def test_config_rebuilds_model():
     model = tiny_gpt(cls_rope="identity")
     rebuilt = load_strict(GPT(**json.loads(json.dumps(model.config))).eval(), model.state_dict(), "tiny GPT")
@@ -106,7 +99,6 @@ def test_config_rebuilds_model():
     assert not any("rope" in k for k in model.state_dict())
     with pytest.raises(ValueError, match="cls_rope must be"):
         GPT(**TINY, cls_rope="none")
-
 
 def test_sampling_cfg_and_determinism():
     model, cond = tiny_gpt(), torch.tensor([0, 1, 2, 3])
@@ -124,14 +116,12 @@ def test_sampling_cfg_and_determinism():
     null = torch.full_like(cond, 4)
     assert torch.equal(both(0.0)[0], both(1.0, labels=null)[0])  # scale 0 = unconditional
 
-
 def test_per_sample_generators_independent_of_batch():
     model, cond = tiny_gpt(), torch.tensor([2, 0, 1])
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     batch = model.generate(cond, cfg_scale=2.0, generator=gens([10, 11, 12]))
     for i, seed in enumerate([10, 11, 12]):
         assert torch.equal(model.generate(cond[i:i + 1], cfg_scale=2.0, generator=gens([seed]))[0], batch[i])
-
 
 def test_top_k_top_p_keep_exactly_the_nucleus():
     probs = torch.tensor([0.06, 0.5, 0.04, 0.3, 0.1])
@@ -147,13 +137,11 @@ def test_top_k_top_p_keep_exactly_the_nucleus():
     assert set(draws.tolist()) == {1, 3}
     torch.testing.assert_close((draws == 1).float().mean(), torch.tensor(0.5 / 0.8), atol=0.03, rtol=0)
 
-
 def test_gumbel_sampling_matches_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     draws = sample_logits(logits.expand(20000, 4), temperature=0.7, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=4).float() / 20000
     torch.testing.assert_close(freq, (logits[0] / 0.7).softmax(0), atol=0.012, rtol=0)
-
 
 def test_class_dropout_uses_null_row():
     model = GPT(**TINY, class_dropout=1.0, token_dropout=0, resid_dropout=0, ffn_dropout=0)
@@ -161,7 +149,6 @@ def test_class_dropout_uses_null_row():
     idx = torch.randint(0, 32, (2, 16))
     dropped = model.train()(idx, torch.tensor([0, 1]))
     torch.testing.assert_close(dropped, model.eval()(idx, torch.tensor([4, 4])))
-
 
 def test_tiny_gpt_memorises_class_sequences():
     model = GPT(**TINY, class_dropout=0, token_dropout=0, resid_dropout=0, ffn_dropout=0)
@@ -175,7 +162,6 @@ def test_tiny_gpt_memorises_class_sequences():
     assert loss.item() < 0.05
     assert torch.equal(model.eval().generate(labels, temperature=0), codes)
 
-
 class FakeTokenizer(nn.Module):
     """encode: 2×2 patch means of channel 0 quantised to 0..999 (row-major, B × 4 codes)."""
 
@@ -185,7 +171,6 @@ class FakeTokenizer(nn.Module):
 
     def encode(self, x):
         return (F.avg_pool2d(x[:, :1], x.shape[-1] // 2).flatten(1) * self.scale).round().long()
-
 
 def test_latent_cache_holds_the_codes_of_each_image_and_its_mirror(tmp_path):
     """data.fill_cache + data.LatentCache with a discrete tokenizer (what the GPT trains on): int16 codes, entry 2i
@@ -206,7 +191,6 @@ def test_latent_cache_holds_the_codes_of_each_image_and_its_mirror(tmp_path):
     want = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1).flatten(0, 1)
     assert len(ds) == 12 and torch.equal(torch.stack([ds[i][0] for i in range(12)]), want)
     assert ds[0][0].dtype == torch.long and [ds[i][1] for i in range(12)] == [0] * 6 + [1] * 6
-
 
 def test_latent_cache_rows_of_an_unreadable_image_and_a_full_disk(tmp_path, monkeypatch):
     """An unreadable image's rows hold its replacement (the next readable image) with the replacement's label, never
@@ -237,12 +221,10 @@ def test_latent_cache_rows_of_an_unreadable_image_and_a_full_disk(tmp_path, monk
         data.fill_cache(tmp_path / "full", tok.encode, images, 4, 0, "cpu")
     assert list((tmp_path / "full").iterdir()) == []
 
-
 def test_uniform_zero_draw_keeps_the_only_candidate(monkeypatch):
     logits = torch.tensor([[0.0, 3.0, 1.0]])
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape))
     assert sample_logits(logits, top_k=1).item() == 1
-
 
 def test_sample_py_drives_the_ar_generator(tmp_path):
     """sample.py on an Ideal tokenizer + GPT checkpoint: ADM npz with balanced labels, CFG + top-k in the name,
@@ -269,7 +251,6 @@ def test_sample_py_drives_the_ar_generator(tmp_path):
     assert len({a["arr_0"][i].tobytes() for i in range(6)}) > 1  # the seeds differ per sample
     with pytest.raises(SystemExit, match="AutoGuidance"):
         sample.main(run + ["--guide", str(tmp_path / "generator.pt"), "--out-dir", str(tmp_path / "c")])
-
 
 def test_sample_py_guides_each_gpt_at_its_paper_cfg(tmp_path):
     """Without --scale the GPT samples at the best CFG of Ideal's Table 5 caption: 1.75 for GPT-B, 1.25 for the rest."""

@@ -33,7 +33,6 @@ NOT_PATH_KNOBS |= {"--loss rec_loss", "--loss disc", "--loss diffaug", "--loss d
                    "--loss gan_start_step", "--gen dit", "--gen gpt", "--gen t_dist", "--gen query_out"}
 MAIN = {"train.py": train.main, "sample.py": sample.main, "evaluate.py": evaluate.main}
 
-
 def test_every_path_flag_is_in_the_sweep(monkeypatch):
     parsers, parse = [], cli.ArgumentParser.parse_args
     monkeypatch.setattr(cli.ArgumentParser, "parse_args",
@@ -51,7 +50,6 @@ def test_every_path_flag_is_in_the_sweep(monkeypatch):
     strings = {k for k, v in knobs.items() if v is None or isinstance(v, str)}
     assert strings == {f for f in PATHS["train.py"] if " " in f} | (strings & NOT_PATH_KNOBS), strings
 
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Images, a tokenizer run, a generator checkpoint, samples, junk and a folder where a file belongs."""
@@ -66,7 +64,6 @@ def world(tmp_path_factory):
     (root / "junk").write_bytes(b"not what you think")
     (root / "folder").mkdir()
     return root
-
 
 def contexts(w):
     """script → flag → a command that reaches the flag's use (the flag's value appended last)."""
@@ -91,9 +88,7 @@ def contexts(w):
                             "--dinov2-weights": ev + ["--fd-dinov2"], "--save-stats": ev, "--save-recon": evtok,
                             "--out": ev}}
 
-
 CASES = [(s, f) for s in PATHS for f in PATHS[s]]
-
 
 @pytest.mark.parametrize("script,flag", CASES, ids=[f"{s}{f}" for s, f in CASES])
 def test_bad_path_is_one_line_and_writes_nothing(world, script, flag, monkeypatch, recwarn):

@@ -11,12 +11,10 @@ import data
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping unreadable image")
 
-
 def write_image(path, w, h, seed):
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-
 
 @pytest.fixture
 def folder(tmp_path):
@@ -28,7 +26,6 @@ def folder(tmp_path):
     (tmp_path / "cat" / "broken.JPEG").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     return tmp_path
 
-
 def test_missing_and_empty_folder(tmp_path):
     with pytest.raises(SystemExit, match=f"data folder {tmp_path / 'nope'} not found"):
         data.ImageFolder(tmp_path / "nope")
@@ -36,7 +33,6 @@ def test_missing_and_empty_folder(tmp_path):
     (tmp_path / "empty" / "n01440764" / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match=f"no images found in {tmp_path / 'empty'}"):
         data.ImageFolder(tmp_path / "empty")
-
 
 def test_labels_from_folder_names(folder):
     ds = data.ImageFolder(folder, size=32, resize=36)
@@ -47,7 +43,6 @@ def test_labels_from_folder_names(folder):
     assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and skipped == 0
     flat = data.ImageFolder(folder / "ant", size=32)  # images directly in the folder: one class, label 0
     assert flat.classes == [] and len(flat) == 5 and {label for _, label in flat.samples} == {0}
-
 
 def test_corrupt_jpeg_skipped_and_counted(folder):
     ds = data.ImageFolder(folder, size=32, resize=36)
@@ -60,7 +55,6 @@ def test_corrupt_jpeg_skipped_and_counted(folder):
     x, y, skipped = ds[(broken, (7,))]  # replaced, deterministically, by the next file
     assert skipped == 1 and torch.equal(x, ds[((broken + 1) % len(ds), (7,))][0])
 
-
 def reference_center_crop(pil_image, image_size):
     """guided-diffusion `center_crop_arr`, restated with numpy slicing."""
     while min(*pil_image.size) >= 2 * image_size:
@@ -71,13 +65,11 @@ def reference_center_crop(pil_image, image_size):
     crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
-
 @pytest.mark.parametrize("w,h,size", [(517, 389, 64), (131, 97, 64), (300, 1001, 96)])
 def test_center_crop_matches_adm(w, h, size):
     img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
     out = np.array(data.center_crop_arr(img, size))
     assert out.shape == (size, size, 3) and np.array_equal(out, reference_center_crop(img, size))
-
 
 def reference_random_crop(pil_image, image_size, randrange, min_crop_frac=0.8, max_crop_frac=1.0):
     """guided-diffusion / LlamaGen / Ideal `random_crop_arr`, restated; `randrange` stands for random.randrange."""
@@ -90,7 +82,6 @@ def reference_random_crop(pil_image, image_size, randrange, min_crop_frac=0.8, m
     crop_y = randrange(arr.shape[0] - image_size + 1)
     crop_x = randrange(arr.shape[1] - image_size + 1)
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
-
 
 def test_random_crop_matches_adm_and_varies(folder):
     """Ideal's training crops (--crop random): ADM's random_crop_arr with the draws of the sample's own generator."""
@@ -105,7 +96,6 @@ def test_random_crop_matches_adm_and_varies(folder):
         assert torch.equal(outs[-1], ref)
     assert len({o.sum().item() for o in outs}) > 1  # the crops differ between draws
 
-
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     """A 16-bit greyscale PNG (PIL mode I;16) reads as its 8-bit equivalent, not clipped to white."""
     d = tmp_path / "c"
@@ -117,7 +107,6 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     want = torch.from_numpy((ramp / 257).round()).float() / 255
     assert torch.allclose(x[0], want, atol=1 / 255) and torch.equal(x[0], x[2]) and x.mean() < 0.6
 
-
 def test_center_mode_and_flip(folder):
     ds = data.ImageFolder(folder, size=32)
     img = Image.open(ds.samples[3][0]).convert("RGB")
@@ -128,12 +117,10 @@ def test_center_mode_and_flip(folder):
     assert all(torch.equal(o, ref) or torch.equal(o, ref.flip(-1)) for o in outs)
     assert any(torch.equal(o, ref.flip(-1)) for o in outs) and any(torch.equal(o, ref) for o in outs)
 
-
 def epoch_batches(ds, epoch, seed=0, skip=0, **kw):
     loader = data.make_loader(ds, batch_size=2, seed=seed, **kw)
     loader.set_epoch(epoch, skip_batches=skip)
     return list(loader)
-
 
 def test_loader_deterministic_and_resumable(folder):
     ds = data.ImageFolder(folder, size=32, resize=36)
@@ -145,7 +132,6 @@ def test_loader_deterministic_and_resumable(folder):
     assert len(resumed) == 2 and all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a[3:], resumed))
     workers = epoch_batches(ds, 0, num_workers=2)
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, workers))
-
 
 def test_global_batch_same_for_any_world_size(folder, monkeypatch):
     """Two ranks × batch 2 see exactly the samples (and crops) of one process with batch 4."""
@@ -162,7 +148,6 @@ def test_global_batch_same_for_any_world_size(folder, monkeypatch):
         parts.append(next(iter(loader))[0])
     x_dist = torch.stack([parts[0][0], parts[1][0], parts[0][1], parts[1][1]])
     assert torch.equal(x_dist, x_single)
-
 
 def test_save_image_grid(tmp_path):
     path = tmp_path / "grids" / "g.png"

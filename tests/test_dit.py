@@ -12,7 +12,6 @@ import data
 import dit
 from conftest import reference
 
-
 def tiny(num_extra=0, **kw):
     """Tiny DiT-DH with random (non-zero) weights so that every path matters."""
     cfg = dict(input_size=4, in_channels=8, hidden_size=(32, 48), depth=(2, 1), num_heads=(2, 4), num_classes=5,
@@ -23,20 +22,16 @@ def tiny(num_extra=0, **kw):
             p.normal_(0, 0.2)
     return m.eval()
 
-
 def param_count(**cfg):
     with torch.device("meta"):
         m = dit.DiTDH(**cfg)
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
-
 # ---- official RAE parity ---------------------------------------------------------------------------
-
 
 @pytest.fixture(scope="module")
 def golden():
     return torch.load(reference("rae_official_golden.pt"), weights_only=False)["dit"]
-
 
 def test_load_rae_dit_reproduces_official_v(golden, tmp_path):
     path = tmp_path / "ckpt.pt"
@@ -49,7 +44,6 @@ def test_load_rae_dit_reproduces_official_v(golden, tmp_path):
         v = m(golden["x"], golden["t"], golden["y"])
     torch.testing.assert_close(v, golden["v"], atol=1e-5, rtol=0)
 
-
 def test_load_rae_dit_is_strict(golden):
     sd = dict(golden["state_dict"])
     with pytest.raises(ValueError, match="unexpected keys.*extra.weight"):
@@ -60,7 +54,6 @@ def test_load_rae_dit_is_strict(golden):
         dit.load_rae_dit({**sd, "enc_feat_rope.freqs_sin": sd["enc_feat_rope.freqs_sin"] + 0.1})
     with pytest.raises(ValueError, match="shape mismatches: blocks.0.mlp.w3.weight checkpoint"):
         dit.load_rae_dit({**sd, "blocks.0.mlp.w3.weight": torch.zeros(64, 171)})
-
 
 @pytest.mark.parametrize("name,preset", [("DiTDH-XL", "XL"), ("DiTDH-S", "S")])
 def test_official_key_layout_and_param_counts(name, preset):
@@ -76,7 +69,6 @@ def test_official_key_layout_and_param_counts(name, preset):
     expected = {"XL": 838_380_628, "S": 196_357_204}[preset]
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == expected
 
-
 def test_plain_dit_and_decq_param_counts():
     plain = param_count(**dit.dit_config("XL", head=False))
     decq = param_count(**dit.dit_config("XL", num_extra=8))
@@ -87,9 +79,7 @@ def test_plain_dit_and_decq_param_counts():
     assert decq == 838_380_628 + 885_888 + 9_216 + 1_574_912 == 840_850_644 and round(decq / 1e6) == 841
     assert separate - decq == 2048 * 768 + 768  # an own output projection would make it 842.4M
 
-
 # ---- shift and time grid ---------------------------------------------------------------------------
-
 
 def test_shift_and_default_grid():
     alpha = dit.shift_alpha(16 * 16 * 768)
@@ -101,9 +91,7 @@ def test_shift_and_default_grid():
     t = dit.sample_t(10000, alpha)
     assert t.min() >= 0 and t.max() <= dit.shift_t(0.999, alpha) and abs(t.median() - 0.874) < 0.02
 
-
 # ---- flow matching learns a known token distribution ------------------------------------------------
-
 
 def test_flow_matching_samples_gaussian_mixture():
     """Tokens from a 3-mode 2-D mixture; a tiny DiT-DH trained by the loss samples mode masses and means.
@@ -114,7 +102,6 @@ def test_flow_matching_samples_gaussian_mixture():
         _train_and_sample_mixture()
     finally:
         torch.set_num_threads(threads)
-
 
 def _train_and_sample_mixture():
     means, weights, std = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]]), torch.tensor([0.5, 0.3, 0.2]), 0.3
@@ -136,9 +123,7 @@ def _train_and_sample_mixture():
         assert abs((mode == k).float().mean() - weights[k]) < 0.05
         assert (pts[mode == k].mean(0) - means[k]).abs().max() < 0.1
 
-
 # ---- samplers and guidance -------------------------------------------------------------------------
-
 
 class Stub(torch.nn.Module):
     """v = a·x + b·y (+ t): a known function of the label, to check guidance formulas."""
@@ -150,7 +135,6 @@ class Stub(torch.nn.Module):
     def forward(self, x, t, y):
         self.labels.append(y.clone())
         return self.a * x + self.b * y.float().view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
-
 
 def test_cfg_and_autoguidance_formulas():
     x, y = (torch.randn(3, 2, 1, 1),), torch.tensor([0, 2, 4])
@@ -166,7 +150,6 @@ def test_cfg_and_autoguidance_formulas():
     torch.testing.assert_close(v, v_g + 1.42 * (v_c - v_g))
     assert torch.equal(guide.labels[-1], y)  # the guide gets the same label
 
-
 def test_sample_names_differ_by_guide():
     """Two AutoGuidance runs with other guides never overwrite each other's .npz."""
     import sample
@@ -178,7 +161,6 @@ def test_sample_names_differ_by_guide():
     assert names == {"gen-generator_euler50_ag1.5-s-generator_seed0_n8",
                      "gen-generator_euler50_ag1.5-b-ckpt-last_seed0_n8"}
 
-
 def test_guidance_scale_one_is_exactly_unguided():
     m, guide = tiny(), tiny()
     noise, y = torch.randn(2, 8, 4, 4), torch.tensor([1, 3])
@@ -186,7 +168,6 @@ def test_guidance_scale_one_is_exactly_unguided():
     assert torch.equal(dit.sample(m, noise, y, num_steps=4, scale=1.0, guide=guide), plain)
     assert torch.equal(dit.sample(m, noise, y, num_steps=4, scale=1.0), plain)
     assert not torch.equal(dit.sample(m, noise, y, num_steps=4, scale=1.5, guide=guide), plain)
-
 
 def test_heun_is_exact_for_velocity_linear_in_t():
     stub = Stub(0.0, 0.0)  # v = t: x(t_end) = x(1) + (t_end² − 1) / 2
@@ -196,9 +177,7 @@ def test_heun_is_exact_for_velocity_linear_in_t():
     torch.testing.assert_close(dit.sample(stub, x1, y, num_steps=10, method="heun", alpha=2.0), exact)
     assert not torch.allclose(dit.sample(stub, x1, y, num_steps=10, alpha=2.0), exact)
 
-
 # ---- DecQ joint denoising (DecQ §3.3) ----------------------------------------------------------------
-
 
 def test_decq_queries_change_the_patch_velocity():
     m = tiny(num_extra=3)
@@ -209,7 +188,6 @@ def test_decq_queries_change_the_patch_velocity():
     assert not torch.allclose(v, v2)
     out = dit.sample(m, (x, q), y, num_steps=3)
     assert isinstance(out, tuple) and out[0].shape == x.shape and out[1].shape == q.shape
-
 
 def test_decq_lambda_zero_has_no_query_loss_gradient():
     m = tiny(num_extra=3, extra_out="separate").train()
@@ -233,9 +211,7 @@ def test_decq_lambda_zero_has_no_query_loss_gradient():
     for n, p in m.named_parameters():
         torch.testing.assert_close(torch.zeros_like(p) if p.grad is None else p.grad, grads[n], msg=n)
 
-
 # ---- sample.py -------------------------------------------------------------------------------------
-
 
 def make_generator_ckpt(root, method="rae", num_queries=0):
     """A tiny tokenizer checkpoint and a tiny random DiT-DH generator checkpoint pointing at it."""
@@ -254,11 +230,9 @@ def make_generator_ckpt(root, method="rae", num_queries=0):
                root / "generator.pt")
     return root
 
-
 @pytest.fixture(scope="module")
 def generator_ckpt(tmp_path_factory):
     return make_generator_ckpt(tmp_path_factory.mktemp("gen"))
-
 
 def test_sample_writes_adm_npz_grid_and_sidecar(generator_ckpt, tmp_path):
     import numpy as np
@@ -277,7 +251,6 @@ def test_sample_writes_adm_npz_grid_and_sidecar(generator_ckpt, tmp_path):
                  "--scale", "1.5", "--out-dir", str(tmp_path / "b5"), "--formats", "npz", "--device", "cpu"])
     again = np.load(tmp_path / "b5" / f"{name}.npz")["arr_0"]
     assert np.abs(again.astype(int) - npz["arr_0"].astype(int)).max() <= 1
-
 
 def test_sample_is_bit_identical_under_torchrun(generator_ckpt, tmp_path):
     """Two gloo processes give the same file, byte for byte, as one process."""
@@ -304,14 +277,12 @@ def test_sample_is_bit_identical_under_torchrun(generator_ckpt, tmp_path):
     one, two = (np.load(next((tmp_path / d).glob("*.npz"))) for d in ("one", "two"))
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
 
-
 def test_sample_bad_input_is_one_line(generator_ckpt, tmp_path):
     import sample
     with pytest.raises(SystemExit, match=r"--classes: labels must be in \[0, 3\)"):
         sample.main(["--ckpt", str(generator_ckpt / "generator.pt"), "--classes", "3", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="holds a tokenizer checkpoint.*expected kind generator"):
         sample.main(["--ckpt", str(generator_ckpt / "tok.pt"), "--out-dir", str(tmp_path)])
-
 
 def test_guide_of_other_latents_is_refused(generator_ckpt, tmp_path):
     """AutoGuidance: a guide trained on another tokenizer, on other statistics or with other classes is one line."""
@@ -332,7 +303,6 @@ def test_guide_of_other_latents_is_refused(generator_ckpt, tmp_path):
             sample.main(run + ["--guide", str(tmp_path / f"{name}.pt")])
     sample.main(run + ["--guide", str(generator_ckpt / "generator.pt")])  # the same latents: accepted
 
-
 def test_sample_decq_generates_patches_and_queries(tmp_path):
     import numpy as np
     import sample
@@ -340,7 +310,6 @@ def test_sample_decq_generates_patches_and_queries(tmp_path):
     sample.main(["--ckpt", str(root / "generator.pt"), "--num-samples", "2", "--steps", "2",
                  "--out-dir", str(tmp_path / "out"), "--formats", "npz", "--device", "cpu"])
     assert np.load(next((tmp_path / "out").glob("*.npz")))["arr_0"].shape == (2, 64, 64, 3)
-
 
 def test_generator_checkpoint_with_the_old_query_names_loads(tmp_path):
     """A DiT-DH checkpoint written while DiT-DH named its extra tokens after DecQ's queries (config num_queries /
@@ -358,7 +327,6 @@ def test_generator_checkpoint_with_the_old_query_names_loads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(old_net.state_dict().values(), net.state_dict().values()))
     assert list(old_ck["model"]) == list(ck["ema"]) == old_ck["optimizer"]["param_groups"][0]["params"]
     assert list(old_ck["optimizer"]["state"]) == list(ck["ema"])
-
 
 def test_sample_decq_with_the_rae_decoder(tmp_path):
     """--decoder-from (DecQ Table 4): the generated patch tokens, denormalised with the generator's patch statistics,

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import evaluate as ev
 
-
 def random_fid_state(seed=0):
     """Random FID-Inception weights with realistic scale (He-normal convs, BN stats ~ 1) so activations neither
     explode nor vanish through 94 layers; no num_batches_tracked (like a converted weights file)."""
@@ -30,13 +29,11 @@ def random_fid_state(seed=0):
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
     return sd
 
-
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "pt_inception-random.pth"
     torch.save(random_fid_state(), path)
     return path
-
 
 def test_inception_equals_pytorch_fid_and_torch_fidelity(fid_weights, monkeypatch):
     import pytorch_fid.inception as pfi
@@ -68,7 +65,6 @@ def test_inception_equals_pytorch_fid_and_torch_fidelity(fid_weights, monkeypatc
     torch.testing.assert_close(pool, ref_pool, atol=1e-4, rtol=0)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-5)
 
-
 def test_inception_weights_load_strictly(fid_weights, tmp_path):
     sd = torch.load(fid_weights)
     with_counters = {**sd, "Conv2d_1a_3x3.bn.num_batches_tracked": torch.tensor(0)}
@@ -79,7 +75,6 @@ def test_inception_weights_load_strictly(fid_weights, tmp_path):
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"missing keys: fc\.bias.*fc\.weight checkpoint \(1000, 2048\)"):
         ev.InceptionFeatures(weights=str(tmp_path / "bad.pth"))
-
 
 def test_spatial_features_are_nhwc_flattened(monkeypatch):
     resize = ev.resize_tf1
@@ -92,7 +87,6 @@ def test_spatial_features_are_nhwc_flattened(monkeypatch):
     assert spatial[0, (h * 3 + w) * 7 + c] == made[0, c, h, w]
     assert torch.equal(spatial[0], made[0, :7].permute(1, 2, 0).flatten())
 
-
 @pytest.mark.parametrize("size_in", [(256, 256), (32, 47), (299, 299)])
 def test_resize_tf1_equals_torch_fidelity(size_in):
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
@@ -102,11 +96,9 @@ def test_resize_tf1_equals_torch_fidelity(size_in):
     if size_in == (299, 299):
         assert torch.equal(ev.resize_tf1(x, 299), x)
 
-
 def random_stats(d, n, rng):
     f = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + rng.standard_normal(d)
     return f.mean(0), np.cov(f, rowvar=False)
-
 
 def test_frechet_distance_equals_pytorch_fid():
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -121,7 +113,6 @@ def test_frechet_distance_equals_pytorch_fid():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert np.isfinite(ev.frechet_distance(m1[:4], sing, m2[:4], sing))
-
 
 def test_inception_score_equals_numpy():
     rng = np.random.default_rng(0)
@@ -143,12 +134,10 @@ def test_inception_score_equals_numpy():
     onehot[np.arange(10), np.arange(10) % 5] = 0  # p(y|x) one-hot, balanced over 5 classes per split
     assert ev.inception_score(onehot, splits=2) == pytest.approx(5.0)
 
-
 def brute_pr(ref, smp, k):
     d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
     r_ref, r_smp = np.sort(d(ref, ref), 1)[:, k], np.sort(d(smp, smp), 1)[:, k]
     return (d(smp, ref) <= r_ref[None]).any(1).mean(), (d(ref, smp) <= r_smp[None]).any(1).mean()
-
 
 def test_precision_recall_equals_brute_force_with_ties():
     rng = np.random.default_rng(0)
@@ -160,7 +149,6 @@ def test_precision_recall_equals_brute_force_with_ties():
     ref, smp = rng.standard_normal((40, 8)), rng.standard_normal((50, 8)) + 0.5
     assert ev.precision_recall(ref, smp, k=3, block=16) == pytest.approx(brute_pr(ref, smp, 3), abs=1e-12)
     assert ev.precision_recall(ref, ref) == (1.0, 1.0)
-
 
 def test_psnr_ssim_equal_scikit_image():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -177,7 +165,6 @@ def test_psnr_ssim_equal_scikit_image():
         assert s7[i].item() == pytest.approx(structural_similarity(x, y, data_range=255, channel_axis=2), abs=1e-10)
     assert ev.ssim(a, a).tolist() == pytest.approx([1.0, 1.0]) and torch.isinf(ev.psnr(a, a)).all()
 
-
 def test_npz_streaming_read_and_write(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=x, arr_1=np.arange(7))
@@ -190,7 +177,6 @@ def test_npz_streaming_read_and_write(tmp_path):
     w.close()
     assert np.array_equal(np.load(tmp_path / "w.npz")["arr_0"], x)
 
-
 @pytest.mark.parametrize("arr, msg", [
     (np.random.rand(4, 8, 8, 3).astype(np.float32) * 2 - 1, r"must be uint8 .* got float32 \(4, 8, 8, 3\), values in \[-"),
     (np.zeros((4, 8, 8), np.uint8), r"must be uint8 images N×H×W×3 .* got uint8 \(4, 8, 8\)"),
@@ -201,9 +187,7 @@ def test_bad_sample_npz(tmp_path, arr, msg):
     with pytest.raises(SystemExit, match=msg):
         ev.NpzImages(tmp_path / "bad.npz")
 
-
 # ---- CLI, with a cheap stand-in for the Inception (the real one is tested above) ---------------------------
-
 
 class FakeInception(torch.nn.Module):
     """Deterministic low-dimensional 'features' of uint8 NHWC images: pool 6-d, logits 5-d, spatial 4-d."""
@@ -216,21 +200,17 @@ class FakeInception(torch.nn.Module):
         f = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2).float() / 255, 4).flatten(1) @ self.proj
         return f[:, :6], f[:, 6:11], f[:, 11:]
 
-
 @pytest.fixture
 def fake_net(monkeypatch):
     monkeypatch.setattr(ev, "InceptionFeatures", FakeInception)
 
-
 def images(n, seed, size=16):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
 
 def cli(*argv):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # < 2048 images
         return ev.main([*map(str, argv), "--batch-size", "5", "--device", "cpu"])
-
 
 def test_cli_samples_known_answers_and_reference_layouts(fake_net, tmp_path):
     s, r = images(24, 0), images(20, 1)
@@ -269,7 +249,6 @@ def test_cli_samples_known_answers_and_reference_layouts(fake_net, tmp_path):
     res = cli("--samples", tmp_path / "dir", "--ref", tmp_path / "st.npz")
     assert abs(res["gFID"]) < 1e-6 and res["precision"] == res["recall"] == 1.0
 
-
 def test_cli_bad_input(fake_net, tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=images(8, 0))
     np.savez(tmp_path / "big.npz", arr_0=images(8, 1, size=32))
@@ -292,9 +271,7 @@ def test_cli_bad_input(fake_net, tmp_path):
     with pytest.raises(SystemExit, match=r"b.png is 20×20; the other images are 16×16"):
         cli("--samples", tmp_path / "dir")
 
-
 # ---- sharded extraction: 2 ranks (threads with an in-memory all_gather) give the 1-process result ----------
-
 
 class Ramp:
     size = (2, 2)
@@ -305,11 +282,9 @@ class Ramp:
     def read(self, i, j):
         return np.arange(i, j, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
 
-
 def _step(x):  # per-image outputs, one of which also depends on the batch composition
     x = torch.from_numpy(x).float()
     return {"v": x.mean((1, 2, 3)), "w": x.flatten(1) + len(x) * 100}
-
 
 def test_sharded_two_ranks_equal_one(monkeypatch):
     one = ev.collect(ev.sharded(Ramp(), _step, 3, "test"))
@@ -337,7 +312,6 @@ def test_sharded_two_ranks_equal_one(monkeypatch):
     for rank in range(2):
         for k in one:
             assert torch.equal(got[rank][k], one[k]), (rank, k)
-
 
 def test_cli_tokenizer_reconstruction(fake_net, monkeypatch, tmp_path):
     import checkpoint
@@ -370,7 +344,6 @@ def test_cli_tokenizer_reconstruction(fake_net, monkeypatch, tmp_path):
     assert res["rIS"] == pytest.approx(ev.inception_score(FakeInception()(recon)[1], splits=1))  # one score, all images
     assert res["LPIPS"] > 0
 
-
 def test_fd_dinov2_features_and_cli(fake_net, monkeypatch, tmp_path):
     import model
     dinov2 = model.dinov2
@@ -386,7 +359,6 @@ def test_fd_dinov2_features_and_cli(fake_net, monkeypatch, tmp_path):
     assert abs(cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "s.npz", "--fd-dinov2")["FD-DINOv2"]) < 1e-6
     assert cli("--samples", tmp_path / "s.npz", "--ref", tmp_path / "r.npz", "--fd-dinov2")["FD-DINOv2"] > 0
 
-
 def test_offline_weights_are_one_line_naming_the_flag(monkeypatch, tmp_path):
     def offline(url, *a, **k):
         raise OSError("no network")
@@ -396,7 +368,6 @@ def test_offline_weights_are_one_line_naming_the_flag(monkeypatch, tmp_path):
         ev.main(["--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
     assert str(e.value).startswith("could not download the FID Inception weights")
     assert str(e.value).endswith("(evaluate.py --inception-weights PATH)") and "\n" not in str(e.value)
-
 
 def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
     """A .npy, a text file or an empty npz as --samples, an unreadable image in a folder, a reference with mu but no
@@ -420,7 +391,6 @@ def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
     import model
     with pytest.raises(ValueError, match="w.pth: not a readable weights file"):
         model.read_state_dict(tmp_path / "w.pth")
-
 
 def test_ris_does_not_depend_on_a_class_sorted_folder(monkeypatch, tmp_path):
     """ImageNet val read as sorted class folders: ADM's 10 contiguous splits would each hold one class here and give

@@ -14,7 +14,6 @@ import runs
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])
 
-
 def test_log_linear_fit_and_table(capsys):
     cap = [1e5, 3e5, 1e6, 3e6, 1e7]
     a, b, r2 = experiments.fit_log_linear(cap, [2.0 - 0.1 * torch.tensor(c).log().item() for c in cap])
@@ -28,7 +27,6 @@ def test_log_linear_fit_and_table(capsys):
             for h in (64, 128) for n in (2, 4)]
     fits = experiments.scaling_table(rows, ["psnr", "rfid"])
     assert set(fits) == {"psnr/all", "psnr/width", "psnr/layers"} and "R²" in capsys.readouterr().out
-
 
 def test_scaling_command_on_tiny_preset(tmp_path, capsys):
     """python experiments.py drorae-scaling on the tiny preset: 2 widths × 2 layer counts, 1 phase-2 step each, every
@@ -62,19 +60,16 @@ def test_scaling_command_on_tiny_preset(tmp_path, capsys):
             experiments.main(bad + ["--out-dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
 
-
 def test_list_and_unknown_study(capsys):
     experiments.main(["--list"])
     assert "drorae-scaling" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown study 'nope'"):
         experiments.main(["nope"])
 
-
 # ---------------------------------------------------------------------------------------------------- studies over seeds
 
 TOY_TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train-images", "64", "--test-images",
             "16", "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2"]
-
 
 def test_miniature_main_study_and_reuse(tmp_path, capsys):
     """experiments.py main on tiny settings: every run a plain command, a table with mean ± spread, comparisons,
@@ -96,7 +91,6 @@ def test_miniature_main_study_and_reuse(tmp_path, capsys):
     again = experiments.main(argv)  # nothing runs again
     assert {p: p.stat().st_mtime_ns for p in (root / "logs").iterdir()} == log_times
     assert again["table"] == res["table"]
-
 
 def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
     from PIL import Image
@@ -126,7 +120,6 @@ def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="gen: finished earlier on inputs that are made again"):
         runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
 
-
 def test_full_scale_dry_run_commands_parse(capsys):
     """--world imagenet --dry-run prints torchrun commands that train.py / sample.py / evaluate.py accept."""
     import shlex
@@ -151,7 +144,6 @@ def test_full_scale_dry_run_commands_parse(capsys):
     with pytest.raises(SystemExit):
         experiments.main(["main", "--world", "imagenet", "--dry-run"])  # needs --data-path and --eval-path
 
-
 def test_toy_scaling_study_on_tiny_settings(tmp_path, capsys):
     """drorae-scaling without --init-from: the toy world, RAE phase 1 and the 3 × 3 phase-2 grid, each a plain
     train.py command with its fusion size; one PSNR per grid point and the log-linear fits."""
@@ -161,7 +153,6 @@ def test_toy_scaling_study_on_tiny_settings(tmp_path, capsys):
     assert "fusion_hidden=128" in commands[-1] and "fusion_layers=[0,1,2,3,4,5]" in commands[-1]
     assert len(res["grid"]) == 9 and all(g["psnr"] > 0 for g in res["grid"]) and "psnr/all" in res["fits"]["mean"]
     assert "R²" in capsys.readouterr().out and (tmp_path / "drorae-scaling" / "chart.png").exists()
-
 
 def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
     """drorae-phases, drorae-routing and drorae-routing-maps on tiny settings: each prints its table (maps: the
@@ -193,7 +184,6 @@ def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
     finished = json.loads((runs / "finished.json").read_text())
     assert len(finished) == len(set(finished.values()))
 
-
 def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     import shlex
 
@@ -221,7 +211,6 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     with pytest.raises(SystemExit, match="toy world"):
         experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
 
-
 def test_ideal_scaling_and_generation_full_scale_commands(capsys):
     """ideal-scaling --world imagenet: one torchrun per GPT size with the official batch and epochs (3B under FSDP),
     sampled at the size's paper CFG; ideal-generation's CFG 3 row samples at 3 (not the unguided full-scale default)."""
@@ -245,7 +234,6 @@ def test_ideal_scaling_and_generation_full_scale_commands(capsys):
         sample.parse_args(shlex.split(line)[3:]) for line in capsys.readouterr().out.splitlines() if "sample.py" in line))
     assert [s for *_, s in got] == [3.0, 1.5, 2.0, 5.0, 1.0] * 2  # samples_{cfg,cfg1.5,cfg2,cfg5,none} per generator
 
-
 def test_decq_decoder_study_on_tiny_settings(tmp_path):
     """decq-decoder: RAE, DecQ, DecQ's patches through the RAE decoder (sample.py --decoder-from), and both for a
     λ = 0 generator; one table row each, compared against RAE."""
@@ -260,7 +248,6 @@ def test_decq_decoder_study_on_tiny_settings(tmp_path):
     assert layers["table"]["decq"]["fd"] == res["table"]["decq"]["fd"]  # the same runs, reused
     commands = (tmp_path / "decq" / "commands.sh").read_text()
     assert "query_layers=[0,1,2]" in commands and "query_layers=[3,4,5]" in commands
-
 
 def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
     """decq-tradeoff: the Table 3 baselines (unfreeze, + distill, feature concat) beside RAE and DecQ, compared against
@@ -281,7 +268,6 @@ def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
     assert set(curve["speed_up"]) == {"fd", "sample_accuracy"} and set(curve["speed_up"]["fd"]) == {"mean", "seed 0"}
     assert Image.open(tmp_path / "decq" / "decq-convergence" / "chart.png").size[0] == 3 * 360
 
-
 def test_ideal_fusion_study_on_tiny_settings(tmp_path):
     """ideal-fusion: AttnFuse, a linear fusion and none, each with held-out codebook usage, perplexity and the class
     probe of its codes, compared against AttnFuse."""
@@ -291,7 +277,6 @@ def test_ideal_fusion_study_on_tiny_settings(tmp_path):
     assert all(0 < r["usage"]["mean"] <= 1 and r["perplexity"]["mean"] >= 1 for r in res["table"].values())
     commands = (tmp_path / "ideal" / "commands.sh").read_text()
     assert "fuse=linear" in commands and "fuse=none" in commands
-
 
 def test_a_runs_settings_render_as_its_scripts_flags():
     """runs.argv, the one place that spells flags: train.py's groups as one flag each (`--tok key=value …`, lists and

@@ -9,14 +9,11 @@ from model import ln0
 
 C, L, GRID = 32, 4, 4
 
-
 def _feats(B=2, n=GRID * GRID, scale=3.0):
     return [torch.randn(B, n, C) * scale * (k + 1) + k for k in range(L)]
 
-
 def _module(**kw):
     return fusion.DepthRoutedFusion(C, L, hidden=2 * C, **kw)
-
 
 def test_default_module_on_dinov2_b_is_29m_params():
     with torch.device("meta"):
@@ -26,7 +23,6 @@ def test_default_module_on_dinov2_b_is_29m_params():
     assert n == 12 * (768 * 1536 + 1536 + 1536 * 768 + 768) + 12 * 768 * 12 + 12 == 28_449_804
     assert abs(n - 29e6) <= 1e6
 
-
 def test_beta_zero_is_the_rae_latent_bitwise():
     feats = _feats()
     z_base = ln0(feats[-1])
@@ -35,7 +31,6 @@ def test_beta_zero_is_the_rae_latent_bitwise():
     # and it is the limit of the equation, not a different map: β → 0 approaches z_base
     z_small, _ = _module(beta=1e-7)(feats, z_base)
     assert (z_small - z_base).abs().max() < 1e-4 and not torch.equal(z_small, z_base)
-
 
 @pytest.mark.parametrize("router", fusion.ROUTERS)
 def test_router_variants(router):
@@ -57,14 +52,12 @@ def test_router_variants(router):
     with pytest.raises(ValueError, match="router must be one of energy, softmax, mean"):
         _module(router="max")
 
-
 def _scaled(m, c):
     m2 = _module(beta=m.beta, eps=m.eps).to(torch.float64)
     m2.load_state_dict(m.state_dict())
     with torch.no_grad():  # the router is linear: scaling its weight and bias scales every logit by c
         m2.router.weight.mul_(c), m2.router.bias.mul_(c)
     return m2
-
 
 def test_routing_is_scale_invariant():
     """z(c·a) = z(a) for c > 0. With ε = 0 both normalisations cancel c exactly, so only rounding remains
@@ -86,7 +79,6 @@ def test_routing_is_scale_invariant():
     m32 = _scaled(m, 7.0).float()
     assert torch.allclose(m32(feats, ln0(feats[-1]))[0], z, rtol=0, atol=1e-5)
 
-
 def test_negative_weights_reach_the_output():
     e = torch.randn(1, 5, 2, C)
     z_neg, w = fusion.energy_route(torch.tensor([1.0, -1.0]).expand(1, 5, 2), e)
@@ -105,7 +97,6 @@ def test_negative_weights_reach_the_output():
         assert (z2 - z).abs().max() > 1e-3
         assert torch.equal(w2[..., 1], sign * w[..., 1])
 
-
 def test_fused_layers_flag_and_smoothness_penalty():
     feats = _feats()
     m = fusion.DepthRoutedFusion(C, L, hidden=8, layers=[1, 3])
@@ -119,13 +110,11 @@ def test_fused_layers_flag_and_smoothness_penalty():
     w_hand = torch.tensor([[[1.0], [0.0], [1.0], [0.0]]])
     assert fusion.routing_smoothness(w_hand, 2, 2) == pytest.approx(0.0 + 1.0)
 
-
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 import model  # noqa: E402
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])
-
 
 def _pair(**kw):
     """A tiny RAE and a DRoRAE with the same (seeded) encoder and the same decoder weights."""
@@ -133,7 +122,6 @@ def _pair(**kw):
     tok = checkpoint.build_tokenizer({**TINY, "method": "drorae", **kw}).eval()
     tok.decoder.load_state_dict(rae.decoder.state_dict())
     return rae, tok
-
 
 def test_tokenizer_beta_zero_and_phase_one_are_rae_bitwise():
     x = torch.rand(2, 3, 64, 64)
@@ -151,14 +139,11 @@ def test_tokenizer_beta_zero_and_phase_one_are_rae_bitwise():
     tok.set_phase("2")
     assert tok.config["fuse"] and not torch.equal(tok.encode(x), rae.encode(x))
 
-
 def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-
 def _changed(before, module):
     return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
-
 
 @pytest.mark.parametrize("phase", ["2", "3", "joint"])
 def test_phases_train_exactly_their_tensors(phase):
@@ -187,7 +172,6 @@ def test_phases_train_exactly_their_tensors(phase):
     assert tok.last_layer() is (tok.fusion.experts[-1].fc2.weight if phase == "2" else tok.decoder.decoder_pred.weight)
     assert tok.last_layer().requires_grad
 
-
 def test_smoothness_penalty_is_an_aux_loss_only_when_weighted():
     x = torch.rand(2, 3, 64, 64)
     _, tok = _pair()
@@ -200,7 +184,6 @@ def test_smoothness_penalty_is_an_aux_loss_only_when_weighted():
     assert tok.fusion.router.weight.grad.abs().sum() > 0
     tok.set_phase("1")
     assert tok(x)[1] == {}  # phase 1 has no fusion, hence no penalty
-
 
 def test_routing_maps_png(tmp_path):
     from PIL import Image

@@ -15,9 +15,7 @@ import losses
 
 LPIPS_LIN = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
 
-
 # ---------------------------------------------------------------------------------------------- LPIPS
-
 
 @pytest.fixture(scope="module")
 def lpips_pair():
@@ -31,7 +29,6 @@ def lpips_pair():
     losses.load_strict(ours.features, vgg, "lpips package VGG")
     return ours, ref
 
-
 def test_lpips_matches_package(lpips_pair):
     ours, ref = lpips_pair
     x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
@@ -43,7 +40,6 @@ def test_lpips_matches_package(lpips_pair):
     x.requires_grad_(True)
     ours(x, y).sum().backward()
     assert x.grad.abs().sum() > 0
-
 
 def test_lpips_weight_files(tmp_path, lpips_pair):
     """A torchvision VGG16 file (features.* + classifier.*) and the lin file load strictly; bad keys are named."""
@@ -61,7 +57,6 @@ def test_lpips_weight_files(tmp_path, lpips_pair):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         losses.LPIPS(vgg=None, lin=str(tmp_path / "nowhere.pth"))
 
-
 def test_official_url_is_read_from_the_hub_cache(tmp_path, monkeypatch):
     """The official-URL path: a file already in the torch hub cache is used without any download."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -71,12 +66,9 @@ def test_official_url_is_read_from_the_hub_cache(tmp_path, monkeypatch):
     expected = torch.load(LPIPS_LIN, map_location="cpu", weights_only=True)["lin3.model.1.weight"]
     assert torch.equal(ours.lin["lin3"]["model"][1].weight, expected)
 
-
 # ---------------------------------------------------------------------------------------------- discriminator
 
-
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, key_depths=(0, 1))
-
 
 def dino_s8_official_state(seed=0):
     """Random tensors under the official DINO ViT-S/8 checkpoint names and shapes."""
@@ -90,7 +82,6 @@ def dino_s8_official_state(seed=0):
                        b + "norm2.weight": (D,), b + "norm2.bias": (D,), b + "mlp.fc1.weight": (4 * D, D),
                        b + "mlp.fc1.bias": (4 * D,), b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,)})
     return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-
 
 def test_discriminator_loads_official_dino_s8_layout(tmp_path):
     sd = dino_s8_official_state()
@@ -106,7 +97,6 @@ def test_discriminator_loads_official_dino_s8_layout(tmp_path):
     logits = disc.to("meta").eval()(torch.empty(2, 3, 256, 256, device="meta"))  # shapes only
     assert logits.shape == (2, 5 * 28 * 28)
 
-
 def test_discriminator_names_bad_keys(tmp_path):
     sd = losses.Discriminator(weights=None, **TINY).backbone.state_dict()
     sd["blocks.0.attn.extra"] = torch.zeros(1)
@@ -114,7 +104,6 @@ def test_discriminator_names_bad_keys(tmp_path):
     torch.save(sd, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="missing keys: norm.bias.*unexpected keys: blocks.0.attn.extra"):
         losses.Discriminator(weights=str(tmp_path / "bad.pth"), **TINY)
-
 
 def test_discriminator_matches_timm_vit(tmp_path):
     """Backbone tokens (a timm DINO-layout ViT with tanh-GELU, key bias not zeroed) → heads in RAE order: final first."""
@@ -141,7 +130,6 @@ def test_discriminator_matches_timm_vit(tmp_path):
                               for head, f in zip(disc.heads, [feats[2], feats[0], feats[1]])], 1)
     assert logits.shape == (3, 3 * 16) and torch.allclose(logits, expected, atol=1e-5)
 
-
 def test_discriminator_state_is_exact_and_samples_independent():
     disc = losses.Discriminator(weights=None, **TINY).train()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
@@ -152,9 +140,7 @@ def test_discriminator_state_is_exact_and_samples_independent():
     assert torch.equal(disc(x), clone(x)) and torch.equal(disc.eval()(x), clone.eval()(x))
     assert torch.allclose(disc(x)[1:2], disc(x[1:2]), atol=1e-6)  # per-sample statistics, eval: u fixed
 
-
 # ---------------------------------------------------------------------------------------------- DiffAugment
-
 
 def test_diff_augment_identity_when_disabled():
     x = torch.rand(2, 3, 16, 16)
@@ -162,7 +148,6 @@ def test_diff_augment_identity_when_disabled():
     with pytest.raises(ValueError, match="unknown DiffAugment policy 'blur'"):
         losses.diff_augment(x, policy="color,blur")
     assert losses.diff_augment(x, policy="color,translation,cutout", prob=0.0) is x  # every coin says no
-
 
 def test_diff_augment_cutout_and_batch_coins():
     """Ideal's policy: cutout zeroes one square of side round(R·size) per image (clipped at the border); with
@@ -180,7 +165,6 @@ def test_diff_augment_cutout_and_batch_coins():
     assert 5 < sum(same) < 35  # roughly half of the batches untouched, the others changed throughout
     assert all(s or not torch.isclose(o, x).all(dim=(1, 2, 3)).any() for o, s in zip(outs, same))
 
-
 def test_lecam_regulariser():
     """reg = mean(relu(D(x) − ema_fake)²) + mean(relu(ema_real − D(x̂))²), the EMAs (0.999, from 0) updated first."""
     lecam = losses.LeCAM()
@@ -191,7 +175,6 @@ def test_lecam_regulariser():
     assert torch.allclose(reg, expect) and lecam.ema.tolist() == pytest.approx([ema_real, ema_fake])
     lecam(real, fake)
     assert lecam.ema.tolist() == pytest.approx([ema_real * 0.999 + 0.002, ema_fake * 0.999 - 0.001])
-
 
 def test_diff_augment_translation_and_color():
     x = torch.rand(4, 3, 16, 24) * 2 - 1
@@ -208,9 +191,7 @@ def test_diff_augment_translation_and_color():
     losses.diff_augment(x, policy="color").sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
-
 # ---------------------------------------------------------------------------------------------- GAN losses
-
 
 def test_gan_losses_on_constructed_values():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
@@ -218,14 +199,12 @@ def test_gan_losses_on_constructed_values():
     assert torch.isclose(losses.hinge_d_loss(real, fake), torch.tensor(0.5 * (5 / 6 + 1)))
     assert torch.isclose(losses.generator_loss(fake), torch.tensor(1 / 3))
 
-
 def test_quantize_fake():
     x = torch.tensor([-0.2, 0.0, 0.3, 0.5, 1.0, 1.7])
     q = losses.quantize_fake(x)
     levels = (q + 1) * 127.5
     assert torch.allclose(levels, levels.round(), atol=1e-4) and q.min() == -1 and q.max() == 1
     assert torch.allclose(q, torch.tensor([0.0, 0.0, 0.3, 0.5, 1.0, 1.0]) * 2 - 1, atol=1 / 255 + 1e-6)
-
 
 def test_adaptive_weight_matches_hand_autograd():
     dec = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5))

@@ -10,12 +10,10 @@ from model import DINOv2, ViTDecoder, load_rae_decoder, load_strict
 
 GOLDEN = {}
 
-
 def golden(name):
     if name not in GOLDEN:
         GOLDEN[name] = torch.load(reference(name), weights_only=False)
     return GOLDEN[name]
-
 
 def golden_dinov2(variant):
     """Our DINOv2 built like the official hub model of the golden variant, with its weights loaded strictly."""
@@ -24,7 +22,6 @@ def golden_dinov2(variant):
     if g["num_register_tokens"]:
         kw.update(interpolate_antialias=True, interpolate_offset=0.0)
     return load_strict(DINOv2(**kw), g["state_dict"], variant).eval(), g
-
 
 def official_to_hf(sd):
     """Official → HF file layout, as transformers' convert_dinov2_to_hf.py does (test-side reference)."""
@@ -45,13 +42,10 @@ def official_to_hf(sd):
         out["layernorm." + k[5:] if k.startswith("norm.") else k] = v
     return out
 
-
 def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-
 # ---------------------------------------------------------------------------------------------------- DINOv2
-
 
 @pytest.mark.parametrize("variant", ["reg0", "reg4"])
 @pytest.mark.parametrize("res", [224, 518])
@@ -71,7 +65,6 @@ def test_dinov2_matches_official_golden(variant, res):
         with torch.no_grad():
             assert (m.forward_features(o["x"])["x_norm_patchtokens"] - o["x_norm_patchtokens"]).abs().max() > 1e-3
 
-
 def test_get_intermediate_layers_options():
     m, g = golden_dinov2("reg4")
     x = g["outputs"][224]["x"]
@@ -84,10 +77,8 @@ def test_get_intermediate_layers_options():
     torch.testing.assert_close(outs[1][1], full["x_prenorm"][:, 0], atol=0, rtol=0)
     assert torch.equal(m(x), full["x_norm_clstoken"]) and full["x_norm_regtokens"].shape == (1, 4, 48)
 
-
 TIMM_CASES = [("vit_small_patch14_dinov2", "reg0", 518),  # timm antialiases: non-register parity only at 518
               ("vit_base_patch14_reg4_dinov2", "reg4", 224), ("vit_base_patch14_reg4_dinov2", "reg4", 518)]
-
 
 @pytest.mark.parametrize("name,variant,res", TIMM_CASES)
 def test_timm_parity_and_round_trip(name, variant, res):
@@ -106,10 +97,8 @@ def test_timm_parity_and_round_trip(name, variant, res):
         load_strict(back, model.convert_dinov2(ref.state_dict()), "timm").eval()
         assert torch.equal(back.forward_features(x)["x_norm_patchtokens"], mine)
 
-
 def _family(variant):
     return dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0) if variant == "reg4" else {}
-
 
 def test_timm_giant_swiglu_parity():
     timm = pytest.importorskip("timm")
@@ -126,12 +115,10 @@ def test_timm_giant_swiglu_parity():
                        model.convert_dinov2(ref.state_dict()), "timm giant")
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in back.state_dict().items() if k != "mask_token")
 
-
 # Dinov2Model interpolates positions by size without antialias or the 0.1 offset, so it differs from the official
 # non-register model off its native 518 grid: test it at 518. Dinov2WithRegistersModel matches at any size: 224.
 HF_CASES = [("Dinov2Model", "Dinov2Config", "reg0", 518),
             ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", "reg4", 224)]
-
 
 @pytest.mark.parametrize("cls,cfg,variant,res", HF_CASES)
 def test_transformers_parity_and_round_trip(cls, cfg, variant, res, tmp_path):
@@ -158,7 +145,6 @@ def test_transformers_parity_and_round_trip(cls, cfg, variant, res, tmp_path):
         loaded = model.dinov2(name, weights=str(path), embed_dim=48, depth=3, num_heads=4)
         assert same_state(loaded.state_dict(), sd)
 
-
 def test_transformers_giant_swiglu(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -174,7 +160,6 @@ def test_transformers_giant_swiglu(tmp_path):
             torch.testing.assert_close(ours.eval().forward_features(x)["x_norm_patchtokens"],
                                        ref(pixel_values=x).last_hidden_state[:, 5:], atol=1e-4, rtol=0)
 
-
 def test_official_download_failure_names_url(monkeypatch):
     def fail(url, **kw):
         raise OSError("no network")
@@ -182,13 +167,11 @@ def test_official_download_failure_names_url(monkeypatch):
     with torch.device("meta"), pytest.raises(RuntimeError, match=r"dinov2_vits14_reg4_pretrain\.pth.*local path"):
         model.dinov2("vits14_reg")
 
-
 def test_dinov2_errors():
     with pytest.raises(ValueError, match="unknown DINOv2"):
         model.dinov2("vitx14", weights=None)
     with pytest.raises(ValueError, match="multiple of the patch size 14"):
         model.dinov2("vitt14", weights=None)(torch.rand(1, 3, 50, 56))
-
 
 def test_parameter_counts_meta():
     with torch.device("meta"):
@@ -205,9 +188,7 @@ def test_parameter_counts_meta():
         assert (tok.decoder.grid, tok.decoder.patch_size, tok.encoder_size) == (16, 16, 224)
         assert sum(p.numel() for p in tok.parameters() if p.requires_grad) == 415_056_640
 
-
 # ---------------------------------------------------------------------------------------------------- decoder
-
 
 def test_rae_decoder_matches_released_golden(tmp_path):
     g = golden("rae_official_golden.pt")["decoder"]
@@ -220,7 +201,6 @@ def test_rae_decoder_matches_released_golden(tmp_path):
     ckpt = {"ema": {"decoder." + k: v for k, v in dec.state_dict().items()}, "model": {}}  # our training checkpoint
     with torch.no_grad():
         assert torch.equal(load_rae_decoder(ckpt, num_heads=4).eval()(g["z"]), dec(g["z"]))
-
 
 def test_rae_decoder_errors():
     rae, dit = golden("rae_official_golden.pt")["decoder"], golden("rae_official_golden.pt")["dit"]
@@ -236,13 +216,10 @@ def test_rae_decoder_errors():
     with pytest.raises(ValueError, match="pass num_heads"):
         load_rae_decoder(rae["state_dict"])
 
-
 # ---------------------------------------------------------------------------------------------------- RAE
-
 
 def tiny_rae(**kw):
     return checkpoint.build_tokenizer("tiny", **kw)
-
 
 def test_rae_encode_pipeline_and_phase():
     tok = tiny_rae().train()
@@ -266,7 +243,6 @@ def test_rae_encode_pipeline_and_phase():
     with pytest.raises(ValueError, match="unknown tokenizer method"):
         checkpoint.build_tokenizer({"method": "vae"})
 
-
 @pytest.mark.parametrize("noise", ["uniform", "halfnormal"])
 def test_noise_augmentation_only_in_training(noise):
     tok = tiny_rae(noise=noise)
@@ -280,7 +256,6 @@ def test_noise_augmentation_only_in_training(noise):
         assert (tok(x)[0] - a).abs().max() > 1e-3
         tok.noise_tau = 0.0
         assert torch.equal(tok(x)[0], a)
-
 
 def test_latent_stats_exact_and_meanless(tmp_path):
     tok = tiny_rae().eval()
@@ -308,9 +283,7 @@ def test_latent_stats_exact_and_meanless(tmp_path):
     assert abs(raw[1, 4 * 2 + 3, 7] / torch.sqrt(var[7, 2, 3] + 1e-5) - tok.encode(images)[1, 11, 7]) < 1e-6
     torch.testing.assert_close(tok.denormalize(tok.encode(images)), raw, atol=1e-5, rtol=0)
 
-
 # ---------------------------------------------------------------------------------------------------- utilities
-
 
 def test_load_strict_lists_problems_and_save_checkpoint_is_atomic(tmp_path):
     lin = torch.nn.Linear(3, 2)
@@ -336,7 +309,6 @@ def test_load_strict_lists_problems_and_save_checkpoint_is_atomic(tmp_path):
         torch.save = real
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no half file, the previous one intact
     assert same_state(torch.load(tmp_path / "ckpt.pt"), lin.state_dict())
-
 
 def test_latent_stats_distributed_gloo(tmp_path):
     """The all-reduce path (single-process gloo group) gives the same statistics."""

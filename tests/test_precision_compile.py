@@ -20,7 +20,6 @@ STEPS = {"rae/1": ("rae", "1", None, []), "drorae/2": ("drorae", "2", "rae/1", [
          "dit/gen": ("rae", "gen", "rae/1", []), "gpt/gen": ("ideal", "gen", "ideal/1", [])}
 BF16_RTOL = 0.01  # bf16 keeps 8 bits of mantissa; measured ≤ 0.15% (unfreeze/1) at step 2 on this machine
 
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Images and the finished fp32 runs the later phases start from."""
@@ -29,7 +28,6 @@ def world(tmp_path_factory):
     for key in ("rae/1", "drorae/2", "ideal/1"):
         step(root, images, key, "base", ["--max-steps", "2", "--epochs", "1"])
     return root, images
-
 
 def step(root, images, key, name, extra=(), launcher=train.main):
     """One run of STEPS[key] (one step unless `extra` says otherwise) into root/name/key; its log."""
@@ -40,14 +38,12 @@ def step(root, images, key, name, extra=(), launcher=train.main):
               "1", *init, *flags, *extra])
     return log(out)
 
-
 @pytest.mark.parametrize("key", STEPS)
 def test_bf16_step_is_finite_and_near_fp32(world, key):
     root, images = world
     fp32, bf16 = (step(root, images, key, p, ["--precision", p, "--max-steps", "2"])[-1]["loss"]
                   for p in ("fp32", "bf16"))  # step 2: the generators' zero-initialised outputs make step 1 exact
     assert math.isfinite(bf16) and abs(bf16 - fp32) <= BF16_RTOL * abs(fp32), (fp32, bf16)
-
 
 def test_precision_follows_the_recipes():
     """Ideal's official code trains its tokenizer and its GPT in bf16; RAE recommends fp32 for the DiT (bf16 NaNs
@@ -57,7 +53,6 @@ def test_precision_follows_the_recipes():
     assert p("rae", "--phase", "gen", "--device", "cuda") == p("drorae", "--phase", "2", "--device", "cuda") == "fp32"
     assert p("ideal", "--phase", "1", "--device", "cpu") == "fp32"
     assert p("rae", "--phase", "gen", "--device", "cuda", "--precision", "bf16") == "bf16"  # explicit wins
-
 
 def test_non_finite_loss_under_bf16_names_the_flag(world, monkeypatch):
     root, images = world
@@ -70,11 +65,9 @@ def test_non_finite_loss_under_bf16_names_the_flag(world, monkeypatch):
     with pytest.raises(SystemExit, match=r"non-finite loss .* --precision bf16: try --precision fp32"):
         step(root, images, "rae/1", "nan", ["--precision", "bf16"])
 
-
 def plain_names(out):
     ck = checkpoint.load_checkpoint(out)
     return not any("_orig_mod" in k or k.startswith("module.") for part in ("model", "ema") for k in ck[part])
-
 
 def test_compile_under_torchrun_two_processes(world):
     """DDP + torch.compile, 2 gloo processes, the DiT-DH generator: the eager run's loss; plain parameter names."""
@@ -88,14 +81,12 @@ def test_compile_under_torchrun_two_processes(world):
     assert abs(compiled - eager) <= 1e-4 * abs(eager), (eager, compiled)
     assert plain_names(root / "ddp-compile" / "dit/gen")
 
-
 @pytest.fixture
 def eager_random(monkeypatch):
     """Compiled graphs draw their random numbers (latent noise, dropout) with inductor's own generator unless told to
     fall back to eager's: with it, a compiled step sees the eager step's noise and can be compared to it."""
     import torch._inductor.config
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", STEPS)
@@ -105,7 +96,6 @@ def test_compile_step_matches_eager(world, key, eager_random):
                        for name, extra in (("eager", []), ("compile", ["--compile"])))
     assert abs(compiled - eager) <= 1e-4 * abs(eager), (eager, compiled)
     assert plain_names(root / "compile" / key)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", ["rae/1", "dit/gen"])

@@ -13,12 +13,10 @@ import queries
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])  # DINOv2 tiny: 4 blocks of width 64, 4×4 tokens
 DECQ = dict(TINY, method="decq", query_heads=4, query_layers=[0, 1, 3])
 
-
 def _pair():
     rae = checkpoint.build_tokenizer(TINY).eval()
     tok = checkpoint.build_tokenizer(DECQ).eval()
     return rae, tok
-
 
 def test_patch_latent_is_the_rae_latent_bitwise():
     rae, tok = _pair()
@@ -34,7 +32,6 @@ def test_patch_latent_is_the_rae_latent_bitwise():
     with pytest.raises(ValueError, match="query_layers"):
         checkpoint.build_tokenizer({**DECQ, "query_layers": [0, 9]})
 
-
 def test_no_gradient_reaches_the_encoder_and_phase_one_trains_the_rest():
     _, tok = _pair()
     trainable = {id(p) for p in tok.parameters() if p.requires_grad}
@@ -49,7 +46,6 @@ def test_no_gradient_reaches_the_encoder_and_phase_one_trains_the_rest():
     with pytest.raises(ValueError, match="only phase '1'"):
         tok.set_phase("2")
 
-
 def test_decoder_without_queries_is_the_rae_decoder():
     rae, tok = _pair()
     tok.decoder.load_state_dict({**tok.decoder.state_dict(), **rae.decoder.state_dict()})
@@ -59,7 +55,6 @@ def test_decoder_without_queries_is_the_rae_decoder():
     plain.load_state_dict({k: v for k, v in tok.decoder.state_dict().items() if not k.startswith("query_")})
     assert torch.equal(plain(z), tok.decoder(z))
     assert not torch.equal(tok.decoder(torch.cat([z, torch.randn(2, 8, 64)], 1)), rae.decoder(z))
-
 
 def test_decoder_queries_zero_is_rae_decoder():
     plain = model.ViTDecoder(latent_dim=32, dim=64, depth=2, num_heads=4, mlp_hidden=128, patch_size=4, grid=4).eval()
@@ -75,7 +70,6 @@ def test_decoder_queries_zero_is_rae_decoder():
     decq = functools.partial(queries.QueryDecoder, 8)
     assert torch.equal(model.load_rae_decoder(withq.state_dict(), num_heads=4, decoder_class=decq).query_pos_embed,
                        withq.query_pos_embed)
-
 
 def test_separate_statistics_round_trip():
     _, tok = _pair()
@@ -93,7 +87,6 @@ def test_separate_statistics_round_trip():
     tok.set_stats(None)
     assert torch.equal(tok.split(tok.encode(x))[1], q)
 
-
 def test_noise_augmentation_on_patches_and_queries():
     _, tok = _pair()
     seen = {}
@@ -105,7 +98,6 @@ def test_noise_augmentation_on_patches_and_queries():
     assert not torch.allclose(seen["z"], patch, atol=1e-3) and not torch.allclose(seen["q"], q, atol=1e-3)
     tok.eval()(x)
     assert torch.equal(seen["z"], patch) and torch.equal(seen["q"], q)
-
 
 def test_published_configuration_and_its_extra_compute():
     from bench.decq_flops import forward_flops
@@ -124,7 +116,6 @@ def test_published_configuration_and_its_extra_compute():
           f"(condensers {decq['condenser'] / 1e9:.2f}): {100 * extra:+.2f}% (paper +3.9%)")
     assert decq["encoder"] == rae["encoder"] and 0.03 < extra < 0.045
 
-
 def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
     _, tok = _pair()
     images = [torch.rand(3, 3, 64, 64) for _ in range(3)]
@@ -139,9 +130,7 @@ def test_latent_stats_are_computed_separately_for_patches_and_queries(tmp_path):
     loaded = checkpoint.load_stats(tmp_path / "s.pt")
     assert set(loaded) == set(stats) and all(torch.equal(loaded[k], stats[k]) for k in stats)
 
-
 # --- Table 3's baselines -------------------------------------------------------------------------------------------
-
 
 def test_unfreeze_trains_the_encoder_and_distill_pulls_it_back_to_the_teacher():
     rae = checkpoint.build_tokenizer(TINY)
@@ -168,7 +157,6 @@ def test_unfreeze_trains_the_encoder_and_distill_pulls_it_back_to_the_teacher():
     assert torch.allclose(loss, 2.0 * ((z - target) ** 2).mean()) and loss > 0
     loss.backward()
     assert dist.encoder.blocks[-1].mlp.fc2.bias.grad.abs().sum() > 0 and dist.decoder.decoder_pred.weight.grad is None
-
 
 def test_feature_concat_widens_every_patch_token_and_keeps_the_rae_channels():
     rae = checkpoint.build_tokenizer(TINY).eval()

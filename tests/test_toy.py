@@ -12,7 +12,6 @@ TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train
         "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2"]
 KEYS = {"rae", "drorae_p2", "drorae_p3", "decq", "ideal", "ideal_deep_only"}
 
-
 def test_world_is_deterministic_in_the_seed():
     x, y, m = toy.make_world(12, seed=3)
     x2, y2, m2 = toy.make_world(12, seed=3)
@@ -21,7 +20,6 @@ def test_world_is_deterministic_in_the_seed():
     assert x.shape == (12, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
     assert set(y.tolist()) <= set(range(len(toy.SHAPES)))
     assert ((m > 0) & (m < 1)).any() and (m == 1).any() and (m == 0).any()  # antialiased edges, inside, outside
-
 
 def test_vfm_checkpoint_round_trip(tmp_path):
     vfm, heads = toy.pretrain_vfm(2, seed=0, batch=4, pool=8)
@@ -32,7 +30,6 @@ def test_vfm_checkpoint_round_trip(tmp_path):
     assert torch.equal(a["x_prenorm"], b["x_prenorm"])
     assert toy.vfm_classify(loaded, heads, x).shape == (4,)
     assert len(toy.colour_probe(loaded, n=8)) == toy.VFM_CONFIG["depth"]
-
 
 def test_miniature_end_to_end(tmp_path):
     out, threads = tmp_path / "toy", torch.get_num_threads()
@@ -52,14 +49,12 @@ def test_miniature_end_to_end(tmp_path):
     with pytest.raises(SystemExit, match="already holds a toy run"):
         toy.main(["--out-dir", str(out), *TINY])
 
-
 def test_a_failed_run_stops_the_pipeline(tmp_path):
     jobs = [runs.Run("bad", "train.py", dict(method="nope")), runs.Run("after", "train.py", dict(help=True), ("bad",))]
     with pytest.raises(SystemExit, match=r"run bad failed \(exit 1\); see .*bad\.log"):
         runs.run_jobs(jobs, tmp_path, lanes=2)
     assert "invalid choice: 'nope'" in (tmp_path / "logs" / "bad.log").read_text()
     assert not (tmp_path / "logs" / "after.log").exists()  # waits for its dependency, which failed
-
 
 @pytest.mark.slow
 def test_full_run(tmp_path):

@@ -31,7 +31,6 @@ GEN = ["--recipe", "tiny", "--device", "cpu", "--workers", "0", "--global-batch"
 P1 = ["--resize", "64", "--loss", "lpips_weight=0", "gan_weight=0"]  # with GEN: a tokenizer run
 IDEAL = ["--tok", "shallow_layer=1", "--tok", "codebook_size=64", "--tok", "fuse_heads=4", "--tok", "feat_heads=4", "--tok", "feat_depth=1"]
 
-
 def write_images(folder, n=8, size=64, seed=0):
     """n smooth random RGB images (4×4 colour fields upsampled) in two class folders."""
     rng = np.random.default_rng(seed)
@@ -42,11 +41,9 @@ def write_images(folder, n=8, size=64, seed=0):
         small.resize((size, size), Image.BICUBIC).save(d / f"img{i}.png")
     return str(folder)
 
-
 @pytest.fixture
 def images(tmp_path):
     return write_images(tmp_path / "data")
-
 
 def run(*argv, **kw):
     """train.py in a subprocess (1 process, or torchrun with `nproc` processes); returns CompletedProcess."""
@@ -57,10 +54,8 @@ def run(*argv, **kw):
     return subprocess.run(launcher + [str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
 
-
 def log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-
 
 def test_torchrun_two_processes_end_to_end(images, tmp_path):
     out = tmp_path / "run"
@@ -73,15 +68,12 @@ def test_torchrun_two_processes_end_to_end(images, tmp_path):
     ck = checkpoint.load_checkpoint(out, expect_kind="tokenizer", expect_method="rae", expect_phase="1")
     assert ck["step"] == 2 and len(ck["rng"]) == 2  # both ranks' RNG states
 
-
 # --- gradients of one global batch: 2 processes × 2 micro-batches == 1 process × 4 micro-batches -----------
-
 
 def tiny_trainer(world):
     """The real TokenizerTrainer of the tiny preset (DDP-wrapped when world > 1), GAN term on, no latent noise."""
     args = train.parse_args(["--method", "rae", "--phase", "1", *TINY, "--tok", "noise_tau=0", "--loss", "lpips_weight=0"])
     return args, train.TokenizerTrainer(args, train.Plan(1, 1, 10, 0), torch.device("cpu"), world, None)
-
 
 def global_batch_grads(world, micro_batches):
     args, t = tiny_trainer(world)
@@ -92,7 +84,6 @@ def global_batch_grads(world, micro_batches):
     assert logs["gan_w"] > 0
     return {n: p.grad.clone() for n, p in t.tok.named_parameters() if p.requires_grad}
 
-
 def _ddp_worker(rank, port, xs, path):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -100,7 +91,6 @@ def _ddp_worker(rank, port, xs, path):
     if rank == 0:
         torch.save(grads, path)
     torch.distributed.destroy_process_group()
-
 
 def test_ddp_gradients_equal_single_process_accumulation(tmp_path):
     xs = [torch.rand(2, 3, 64, 64) for _ in range(4)]
@@ -114,9 +104,7 @@ def test_ddp_gradients_equal_single_process_accumulation(tmp_path):
     part = global_batch_grads(1, xs[:2])  # the test can fail: half of the batch gives other gradients
     assert all((part[n] - single[n]).abs().max() > 1e-3 * single[n].abs().max() for n in single)
 
-
 # --- exact resume -------------------------------------------------------------------------------------------
-
 
 def test_resume_is_bitwise_exact(images, tmp_path):
     common = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--global-batch", "2",
@@ -137,7 +125,6 @@ def test_resume_is_bitwise_exact(images, tmp_path):
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
     la, lb = log(tmp_path / "a"), log(tmp_path / "b")
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-
 
 def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tmp_path):
     """DRoRAE phases 2 and 3, DecQ and its unfreeze / concat baselines: the optimizer holds exactly the tensors the
@@ -170,7 +157,6 @@ def test_each_phase_optimises_exactly_its_tensors_and_resumes_exactly(images, tm
             assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), (method, key)
         assert all(torch.equal(t, b["optimizer"]["state"][i]["exp_avg"]) for i, t in enumerate(states))
 
-
 def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path):
     """What a cluster scheduler sends: SIGTERM to the whole process group, data-loader workers included. The run
     finishes its step, saves and exits 143 (not finished); resuming it (other worker count) gives the straight run's
@@ -199,7 +185,6 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path
     assert a["step"] == b["step"] == step + 2
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
-
 def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
     common = ["--recipe", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--data-path", images,
               "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--max-steps", "1"]
@@ -221,7 +206,6 @@ def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
                      "--init-from", str(tmp_path / src)])
         assert found in msg and "expected kind tokenizer, method " in msg
 
-
 def test_ideal_tiny_preset_runs_and_impossible_settings_name_their_flag(images, tmp_path):
     """--preset tiny means the tiny Ideal (shallow block 1 of the 4-block encoder, 64 codes, 4 heads), not the published
     settings on a tiny encoder (12 heads on width 64 crashed); an impossible head count or block is one line naming
@@ -237,7 +221,6 @@ def test_ideal_tiny_preset_runs_and_impossible_settings_name_their_flag(images, 
         msg = error(["--method", method, *common, *flags, "--out-dir", str(tmp_path / "x")])
         assert msg.startswith(f"--tok: {flags[1].split('=')[0]} must") and "\n" not in msg, msg
         assert not (tmp_path / "x" / "ckpt-last.pt").exists()
-
 
 def test_ideal_official_recipe_defaults_l2_scale_and_gan_terms_resume_exactly(images, tmp_path):
     """Ideal's defaults are the official recipe (random crops + flips, L2 on [−1, 1], DiffAugment with cutout at p 0.5,
@@ -261,7 +244,6 @@ def test_ideal_official_recipe_defaults_l2_scale_and_gan_terms_resume_exactly(im
         assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), key
     assert {"lecam", "cr", "d"} <= set(log(tmp_path / "a")[-1])
 
-
 def test_ideal_discriminator_loss_is_the_official_weighting():
     """Official IDEAL (`vq_loss.py`): d = disc_weight · (½(relu(1 − r) + relu(1 + f)) + 0.001·LeCAM) + 4·CR with
     disc_weight 0.5, the consistency term outside the 0.5; RAE's recipe keeps the plain hinge (weight 1)."""
@@ -280,7 +262,6 @@ def test_ideal_discriminator_loss_is_the_official_weighting():
     assert torch.allclose(total, 0.5 * (t["d"] + t["lecam"]) + t["cr"])
     assert torch.allclose(loss(1.0)[0], t["d"] + t["lecam"] + t["cr"])
 
-
 def released_layout(decoder_sd):
     """Our ViTDecoder state dict → the released RAE decoder's names (HF ViT-MAE: query / key / value apart)."""
     out = {k: decoder_sd[k] for k in model.RAE_DECODER_TOP}
@@ -292,7 +273,6 @@ def released_layout(decoder_sd):
             out.update({f"decoder_layers.{i}.{a}.{p}": decoder_sd[f"blocks.{i}.{b}.{p}"]
                         for a, b in model.RAE_DECODER_LAYER.items()})
     return out
-
 
 def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
     """DRoRAE §3.3's joint ablation trains exactly fusion + decoder from phase 1 (other methods refuse it);
@@ -347,7 +327,6 @@ def test_drorae_joint_routers_released_decoder_and_stop_epoch(images, tmp_path):
     assert "argument --max-steps: must be ≥ 1, got 0" in error([*flags, "--out-dir", str(tmp_path / "zero"),
                                                               "--max-steps", "0"])
 
-
 def tokenizer_then_generator(method, images, tmp_path, *extra):
     tok = tmp_path / f"{method}-tok"
     if not tok.exists():
@@ -360,7 +339,6 @@ def tokenizer_then_generator(method, images, tmp_path, *extra):
     assert ck["tokenizer"]["config"]["method"] == method and (ck["stats"] is None) == (method == "ideal")
     assert (out / "grid-0000001.png").exists() and math.isfinite(log(out)[0]["loss"])
     return tok, out
-
 
 def test_generator_phase_dit_and_gpt(images, tmp_path):
     _, out = tokenizer_then_generator("ideal", images, tmp_path, "--gen", "p_uncond=0.25")
@@ -379,7 +357,6 @@ def test_generator_phase_dit_and_gpt(images, tmp_path):
     gen = ["--method", "rae", "--phase", "gen", *GEN, "--data-path", images, "--out-dir", str(tmp_path / "x")]
     assert "needs --tokenizer" in error(gen)
     assert "expected kind tokenizer, method rae" in error(gen + ["--tokenizer", str(tmp_path / "ideal-tok")])
-
 
 def test_generators_know_their_tokenizer_and_caches_what_made_them(images, tmp_path):
     """A generator records its tokenizer's identity (absolute path, config + weights fingerprint): a moved tokenizer is
@@ -406,12 +383,10 @@ def test_generators_know_their_tokenizer_and_caches_what_made_them(images, tmp_p
     shutil.copytree(other, tok)  # another tokenizer where the generator's was
     assert "not the tokenizer" in error_of(sample.main, run)
 
-
 def error_of(fn, argv):
     with pytest.raises(SystemExit) as e:
         fn(argv)
     return str(e.value)
-
 
 def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     _, out = tokenizer_then_generator("decq", images, tmp_path)
@@ -430,7 +405,6 @@ def test_generator_decq_queries_and_exact_resume(images, tmp_path):
     for key in ("model", "ema"):
         assert all(torch.equal(v, b[key][n]) for n, v in a[key].items()), key
     assert [r["loss"] for r in log(tmp_path / "a")] == [r["loss"] for r in log(tmp_path / "b")]
-
 
 def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
     """--fsdp (FSDP2 over gloo on CPU, 2 processes, 2 micro-batches each): the same steps as DDP to float rounding,
@@ -459,9 +433,7 @@ def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
     assert "--fsdp shards generators" in error(["--method", "rae", "--phase", "1", *flags, "--fsdp", "--out-dir",
                                                 str(tmp_path / "x")])
 
-
 # --- learning -----------------------------------------------------------------------------------------------
-
 
 def test_tiny_model_overfits_eight_images(images, tmp_path):
     out = tmp_path / "run"
@@ -474,15 +446,12 @@ def test_tiny_model_overfits_eight_images(images, tmp_path):
     tok = checkpoint.build_tokenizer(ck["config"])
     model.load_strict(tok, ck["ema"], "tokenizer.pt")
 
-
 # --- bad input ----------------------------------------------------------------------------------------------
-
 
 def error(argv):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     return str(e.value)
-
 
 def test_bad_input_gives_one_line_messages(images, tmp_path):
     base = ["--method", "rae", "--phase", "1", *TINY, "--out-dir", str(tmp_path / "o")]
@@ -499,7 +468,6 @@ def test_bad_input_gives_one_line_messages(images, tmp_path):
     assert "not a resumable checkpoint" in error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images,
                                                   "--resume", str(tmp_path / "done" / "tokenizer.pt")])
 
-
 def test_offline_downloads_are_one_line_naming_the_flag(images, tmp_path, monkeypatch):
     """No internet: the published preset's first download (the DINOv2 encoder) fails in one line that names the flag
     taking a local file, not in a traceback about `weights=`."""
@@ -510,7 +478,6 @@ def test_offline_downloads_are_one_line_naming_the_flag(images, tmp_path, monkey
                  "--global-batch", "8", "--micro-batch", "8"])
     assert msg.startswith("could not download DINOv2 weights") and msg.endswith("(train.py --tok encoder_weights=PATH)")
     assert msg.count("weights=") == 1 and "\n" not in msg  # the flag, no traceback about a keyword
-
 
 def test_resume_continues_the_run_as_started(images, tmp_path):
     """--resume takes the run's saved flags (no need to repeat --preset tiny and the rest); a flag that would change
@@ -526,7 +493,6 @@ def test_resume_continues_the_run_as_started(images, tmp_path):
                 "0"])  # the tiny preset, its data and batch come from the checkpoint
     ck = checkpoint.load_checkpoint(tmp_path / "r")
     assert ck["step"] == 2 and ck["args"]["global_batch"] == 4 and ck["args"]["tok"]["decoder"] == "tiny"
-
 
 def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp_path):
     r = run("--method", "vqgan", "--phase", "1", "--data-path", images)
@@ -552,7 +518,6 @@ def test_unknown_method_and_other_methods_checkpoint_refused_cleanly(images, tmp
          str(other), "--max-steps", "3"])
     assert (other / "ckpt-last.pt").read_bytes() == theirs and (out / "ckpt-last.pt").read_bytes() == before
 
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
     calls, real = [], train.tokenizer_loss
 
@@ -574,7 +539,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
                  "--global-batch", "4", "--micro-batch", "2", "--loss", "lpips_weight=0"])
     assert "no checkpoint was written yet" in msg and not (tmp_path / "new" / "ckpt-last.pt").exists()
 
-
 def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
     (Path(images) / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     out = tmp_path / "run"
@@ -582,7 +546,6 @@ def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
         train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
                     "--global-batch", "9", "--micro-batch", "9", "--max-steps", "1"])
     assert log(out)[-1]["skipped"] == 1
-
 
 def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
     """Every flag of train.py, sample.py and evaluate.py that takes a number, given a negative number, a word, nan or
@@ -626,7 +589,6 @@ def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
     assert train.parse_args(["--method", "drorae", "--phase", "1", "--tok", "fusion_layers=[1,2]"]).tok[
         "fusion_layers"] == [1, 2]
 
-
 def test_print_config_is_the_recipe_row_with_each_source(capsys):
     """--print-config prints every value of Ideal's tokenizer row (recipe), the tokenizer's keywords (class default),
     and what a flag changed (flag), then exits before any work."""
@@ -647,7 +609,6 @@ def test_print_config_is_the_recipe_row_with_each_source(capsys):
     assert printed["precision"] == ("bf16", "recipe")  # Ideal's official bf16, on CUDA
     assert set(printed) >= {f"tok.{k}" for k in checkpoint.tokenizer_knobs("ideal")}
 
-
 def test_a_new_keyword_of_a_tokenizer_reaches_the_command_line_without_train_py(images, tmp_path, monkeypatch):
     """A forker's knob: a keyword argument added to a tokenizer class (here a subclass) is set by --tok, type-checked
     from its default and recorded in the checkpoint's config; train.py is not edited."""
@@ -665,7 +626,6 @@ def test_a_new_keyword_of_a_tokenizer_reaches_the_command_line_without_train_py(
     train.main(["--method", "drorae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir",
                 str(tmp_path / "g"), "--tok", "gain=2.5"])
     assert checkpoint.load_checkpoint(tmp_path / "g")["config"]["gain"] == 2.5
-
 
 def test_a_run_saved_before_the_recipe_table_resumes(images, tmp_path):
     """A ckpt-last.pt whose saved settings are the old flat flags (--preset, --encoder, … as their own keys, no `tok`)

@@ -14,10 +14,8 @@ import model
 import vq
 from conftest import ROOT
 
-
 def tiny(**kw):
     return checkpoint.build_tokenizer(vq.IDEAL_PRESETS["tiny"], **kw)
-
 
 def blobs(n, size=64, gen=None):
     """Random-colour Gaussian blobs on random-colour backgrounds, [0, 1]."""
@@ -29,7 +27,6 @@ def blobs(n, size=64, gen=None):
         img = img * (1 - m) + torch.rand(n, 3, 1, 1, generator=gen) * m
     return img
 
-
 def official_entropy_loss(affinity, temperature=0.01):
     """LlamaGen / Ideal `compute_entropy_loss` (softmax type), transcribed, on the full N×K affinity −d."""
     flat = affinity.reshape(-1, affinity.shape[-1]) / temperature
@@ -38,7 +35,6 @@ def official_entropy_loss(affinity, temperature=0.01):
     avg = probs.mean(0)
     return -torch.mean(torch.sum(probs * log_probs, dim=-1)) + torch.sum(avg * torch.log(avg + 1e-5))
 
-
 def test_indices_are_nearest_codes_by_cosine():
     q = vq.VectorQuantizer(32, codebook_size=512, code_dim=8, chunk=100).eval()
     x = torch.randn(3, 70, 32)
@@ -46,7 +42,6 @@ def test_indices_are_nearest_codes_by_cosine():
     cos = F.normalize(q.down(x), dim=-1) @ F.normalize(q.codebook, dim=-1).T
     assert idx.shape == (3, 70) and idx.dtype == torch.long
     assert torch.equal(idx, cos.argmax(-1))
-
 
 def test_straight_through_gradient_is_identity_on_normalised_input():
     q = vq.VectorQuantizer(16, codebook_size=64, code_dim=8, entropy_weight=0.0).train()
@@ -57,7 +52,6 @@ def test_straight_through_gradient_is_identity_on_normalised_input():
     (grad,) = torch.autograd.grad((out * g).sum(), z)
     assert torch.equal(grad, g)  # backward: identity
 
-
 def test_vq_loss_terms():
     """Ideal Eq. 4 on normalised vectors: codebook term + β·commitment, element means (official)."""
     q = vq.VectorQuantizer(16, codebook_size=32, code_dim=8, beta=0.25, entropy_weight=0.0).train()
@@ -67,7 +61,6 @@ def test_vq_loss_terms():
     assert torch.allclose(loss, 1.25 * ((c - z) ** 2).mean())
     (gz,) = torch.autograd.grad(loss, z, retain_graph=True)
     assert torch.allclose(gz, 0.25 * 2 * (z - c).detach() / z.numel(), atol=1e-7)  # only β·commit reaches z
-
 
 def test_entropy_loss_equals_official_and_chunks_are_exact():
     z = F.normalize(torch.randn(300, 8, dtype=torch.float64), dim=-1).requires_grad_()
@@ -82,7 +75,6 @@ def test_entropy_loss_equals_official_and_chunks_are_exact():
         for g, r in zip(torch.autograd.grad(ours, (z, codes)), ref_grads):
             assert torch.allclose(g, r, atol=1e-5)
 
-
 def test_usage_and_perplexity_on_constructed_assignments():
     q = vq.VectorQuantizer(4, codebook_size=8, code_dim=2, usage_window=8).train()
     q.update_usage(torch.tensor([0, 0, 1, 1]))
@@ -93,7 +85,6 @@ def test_usage_and_perplexity_on_constructed_assignments():
     assert q.last_stats["usage"] == 5 / 8 and q.last_stats["perplexity"] == pytest.approx(1.0)
     q.update_usage(torch.tensor([[7, 7], [7, 2]]))
     assert q.last_stats["usage"] == 3 / 8 and q.last_stats["perplexity"] == pytest.approx(4 / 3 ** 0.75)
-
 
 def test_dead_code_restart_moves_only_unused_codes_onto_encoder_outputs():
     q = vq.VectorQuantizer(8, codebook_size=16, code_dim=4, usage_window=16, restart_dead=True,
@@ -112,7 +103,6 @@ def test_dead_code_restart_moves_only_unused_codes_onto_encoder_outputs():
     z = F.normalize(q.down(x), dim=-1).reshape(-1, 4)
     assert all(torch.isclose(z, r, atol=1e-6).all(-1).any() for r in pool)
 
-
 def _ddp_usage_worker(rank, port, path):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -126,13 +116,11 @@ def _ddp_usage_worker(rank, port, path):
     torch.save(dict(stats=stats, codebook=q.codebook.detach()), path / f"{rank}.pt")
     torch.distributed.destroy_process_group()
 
-
 def test_ddp_usage_is_global_and_restarts_agree(tmp_path):
     mp.spawn(_ddp_usage_worker, args=(29500 + (os.getpid() + 500) % 1000, tmp_path), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert r0["stats"] == r1["stats"] == {"usage": 2 / 16, "perplexity": pytest.approx(2.0)}
     assert torch.equal(r0["codebook"], r1["codebook"])  # rank 0's restart choice is broadcast
-
 
 def test_tokenizer_decode_from_indices_equals_forward():
     tok = tiny().eval()
@@ -145,7 +133,6 @@ def test_tokenizer_decode_from_indices_equals_forward():
     tok_nodrop = tiny(drop=0.0).train()  # training forward (straight-through) = decode(indices) up to rounding
     recon_train, _ = tok_nodrop(x)
     assert torch.allclose(tok_nodrop.decode(tok_nodrop.encode(x)), recon_train, atol=1e-5)
-
 
 def test_tokenizer_phase_config_and_gradients():
     tok = tiny()
@@ -170,7 +157,6 @@ def test_tokenizer_phase_config_and_gradients():
     with pytest.raises(ValueError, match="shallow_layer"):
         tiny(shallow_layer=4)
 
-
 def test_deep_only_ablation_quantises_the_deep_feature_alone():
     tok = tiny(fuse="none").eval()
     assert tok.fusion is None
@@ -188,7 +174,6 @@ def test_deep_only_ablation_quantises_the_deep_feature_alone():
         with pytest.raises(ValueError, match=match):
             tiny(**bad)
 
-
 def test_published_configuration_sizes():
     with torch.device("meta"):
         tok = checkpoint.build_tokenizer(vq.IDEAL_PRESETS["published"], encoder_weights=None)
@@ -199,7 +184,6 @@ def test_published_configuration_sizes():
     assert tok.feature_decoder.pos_embed.shape == (1, 256, 768) and tok.feature_decoder.registers.shape[1] == 4
     assert sum(p.numel() for p in tok.decoder.parameters()) == 415_056_640  # ViT-XL pixel decoder
     assert tok.shallow_layer == 3
-
 
 def test_tiny_tokenizer_trains_to_full_codebook_usage():
     """L2 + aux losses, Adam, random-colour blobs; dead-code restart on (a random tiny encoder's features are
@@ -223,7 +207,6 @@ def test_tiny_tokenizer_trains_to_full_codebook_usage():
     finally:
         torch.set_num_threads(2)
 
-
 MEMORY_SCRIPT = """
 import resource, sys, torch
 torch.set_num_threads(2)
@@ -239,7 +222,6 @@ vq.entropy_loss(z, codes).backward()  # default chunk
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
-
 def entropy_peak_bytes(n):
     """Peak resident-memory growth (ru_maxrss delta, fresh process) of forward + backward of the entropy term
     over n tokens and K = 16384 codes. Big tensors are mmapped and returned to the OS when freed, so the
@@ -248,20 +230,17 @@ def entropy_peak_bytes(n):
                          text=True, check=True)
     return int(out.stdout.split()[-1])
 
-
 def test_entropy_loss_memory_per_gpu_batch():
     """Published per-GPU batch: 256 images / 8 GPUs = 32 × 256 tokens = 8192 tokens. Unchunked this needs
     about 2.5 GB (several 8192×16384 fp32 matrices live at once); chunked it stays well under 2 GB."""
     peak = entropy_peak_bytes(8192)
     assert peak < 2 * 2**30, f"{peak / 2**20:.0f} MB"
 
-
 @pytest.mark.slow
 def test_entropy_loss_memory_full_global_batch():
     """The whole global batch on one process: 256 images × 256 tokens = 65536 tokens."""
     peak = entropy_peak_bytes(65536)
     assert peak < 2 * 2**30, f"{peak / 2**20:.0f} MB"
-
 
 def test_feature_decoder_drops_where_the_official_layer_does(monkeypatch):
     """The official pre-LN layer (`core/transformer.py`): attention probabilities, the attention output and the FFN's
