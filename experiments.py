@@ -9,17 +9,15 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
     python experiments.py main --seeds 0 1 2                          # toy.py's table over three seeds
     python experiments.py main --dry-run --world imagenet --data-path imagenet/train --eval-path imagenet/val \\
         --ref VIRTUAL_imagenet256_labeled.npz                        # the full-scale commands
-    python experiments.py drorae-scaling --init-from runs/rae/tokenizer.pt --data-path imagenet/train \\
-        --eval-path imagenet/val --out-dir runs/drorae-scaling          # DRoRAE §4.4 at full scale
+    python experiments.py drorae-scaling --world imagenet --init-from runs/rae/tokenizer.pt \\
+        --data-path imagenet/train --eval-path imagenet/val             # DRoRAE §4.4 from a given RAE phase 1
     python experiments.py drorae-routing --seeds 0 1 2                 # DRoRAE's ablations share <out-dir>/drorae
     python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's <out-dir>/decq, Ideal's <out-dir>/ideal
 
 Read top to bottom: (1) DRoRAE capacity scaling from a given phase-1 checkpoint, (2) tables and charts over seeds,
 (3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) STUDIES.
 """
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -31,10 +29,7 @@ from PIL import Image, ImageDraw
 import ar
 import checkpoint
 import cli
-import data
-import evaluate
 import fusion
-import model
 import runs
 import toy
 
@@ -75,78 +70,6 @@ def scaling_table(rows, metrics):
                 print(f"{m:>6} vs log(params), {axis:>6} ({len(rs)} runs): {m} = {a:.4g} + {b:.4g}·log(params), "
                       f"R² = {r2:.3f}")
     return fits
-
-def reconstruction_metrics(run, args):
-    """rFID and PSNR of a run's EMA tokenizer on the held-out folder through evaluate.py; where its Inception
-    (or LPIPS) weights are unavailable, PSNR alone (evaluate.psnr on 8-bit images, ADM centre crops)."""
-    try:
-        res = evaluate.main(["--tokenizer", run, "--data-path", args.eval_path, "--device", args.device,
-                             "--batch-size", str(args.batch), "--out", f"{run}/eval.json", *args.eval_args])
-        return dict(psnr=res["PSNR"], rfid=res["rFID"])
-    except SystemExit as e:
-        print(f"{run}: no rFID ({e}); PSNR only")
-    tok = checkpoint.load_tokenizer(run, args.device, "drorae")
-    images = data.ImageFolder(args.eval_path, tok.config["image_size"])
-    psnr = []
-    for s in range(0, len(images), args.batch):
-        x = torch.stack([images[i][0] for i in range(s, min(s + args.batch, len(images)))]).to(args.device)
-        with torch.no_grad():
-            psnr.append(evaluate.psnr(data.to_uint8(x).cpu(), data.to_uint8(tok.decode(tok.encode(x))).cpu()))
-    return dict(psnr=torch.cat(psnr).mean().item(), rfid=None)
-
-def scaling_from(argv):
-    """drorae-scaling from a given phase-1 checkpoint (--init-from): phase 2 (fusion only) for every (expert width ×
-    number of fused blocks), each a `python train.py --method drorae --phase 2` run from its own copy of the phase-1
-    weights with a fresh fusion of its size (init.pt), at the same step budget; reconstruction on a held-out folder;
-    the table with R². Unknown flags go to train.py (e.g. --recipe tiny), --eval-args to evaluate.py (e.g.
-    --inception-weights PATH). A grid point whose run directory already holds a checkpoint is not trained again."""
-    p = cli.ArgumentParser(prog="experiments.py drorae-scaling", description=scaling_from.__doc__)
-    p.add_argument("--init-from", required=True, help="phase-1 checkpoint (rae or drorae)")
-    p.add_argument("--data-path", required=True, help="training ImageFolder")
-    p.add_argument("--eval-path", required=True, help="held-out ImageFolder")
-    p.add_argument("--out-dir", required=True)
-    count = cli.number(int, 1)
-    p.add_argument("--widths", type=count, nargs="+", default=list(SCALING["imagenet"][1]), help="expert widths")
-    p.add_argument("--layer-counts", type=count, nargs="+", default=list(SCALING["imagenet"][2]),
-                   help="numbers of fused blocks")
-    p.add_argument("--max-steps", type=count, default=5000, help="phase-2 budget of every run")
-    p.add_argument("--batch", type=count, default=50)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lanes", type=count, default=1, help="train.py runs at a time (more than one: one thread each)")
-    p.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[], help="flags for evaluate.py (last)")
-    args, train_args = p.parse_known_args(argv)
-
-    ck = checkpoint.load_checkpoint(args.init_from, "tokenizer", ("rae", "drorae"), "1")
-    depth = 1 + max(int(k.split(".")[2]) for k in ck["ema"] if k.startswith("encoder.blocks."))
-    dim = ck["ema"]["decoder.decoder_embed.weight"].shape[1]
-    if max(args.layer_counts) > depth:
-        p.error(f"argument --layer-counts: {max(args.layer_counts)} blocks, the encoder of {args.init_from} has "
-                f"{depth}")
-    grid = [(hidden, count, os.path.join(args.out_dir, f"h{hidden}-l{count}"))
-            for hidden in args.widths for count in args.layer_counts]
-    jobs = []
-    for hidden, count, run in grid:
-        if os.path.exists(os.path.join(run, "ckpt-last.pt")):
-            continue
-        # this grid point's phase-1 checkpoint: the shared phase-1 weights + a fresh fusion of its size
-        tok = checkpoint.build_tokenizer(dict(ck["config"], method="drorae", fusion_hidden=hidden,
-                                              fusion_layers=spread_layers(depth, count)),
-                                         encoder_weights=None, decoder_weights=None)
-        shared = {k: v for k, v in ck["ema"].items() if not k.startswith("fusion.")}
-        model.load_strict(tok, {**tok.state_dict(), **shared}, f"{ck['path']} ema")
-        os.makedirs(run, exist_ok=True)
-        checkpoint.save_checkpoint(f"{run}/init.pt", kind="tokenizer", method="drorae", phase="1",
-                                   config=tok.config, model=tok.state_dict(), ema=tok.state_dict())
-        jobs.append(runs.Run(os.path.basename(run), "train.py", dict(
-            method="drorae", phase="2", init_from=f"{run}/init.pt", data_path=args.data_path, out_dir=run,
-            max_steps=args.max_steps, device=args.device, extra=train_args)))
-    if jobs:
-        runs.run_jobs(jobs, Path(args.out_dir), args.lanes, threads=1 if args.lanes > 1 else None)
-    rows = [dict(hidden=hidden, layers=count, params=fusion_params(dim, hidden, count),
-                 **reconstruction_metrics(run, args)) for hidden, count, run in grid]
-    fits = scaling_table(rows, ["psnr", "rfid"])
-    Path(args.out_dir, "scaling.json").write_text(json.dumps(dict(rows=rows, fits=fits), indent=1))
-    return rows, fits
 
 # ---- 2. Studies over seeds: aggregation, table, chart ------------------------------------------------------------
 
@@ -190,7 +113,11 @@ def study_args(name, argv):
     p.add_argument("--eval-path", help="imagenet world: the held-out ImageFolder (ImageNet val)")
     p.add_argument("--ref", help="imagenet world: ADM reference batch for gFID (default: --eval-path images)")
     p.add_argument("--gpus", type=cli.number(int, 1), default=8, help="imagenet world: processes per run (torchrun)")
+    p.add_argument("--init-from", help="imagenet world: an RAE phase-1 tokenizer checkpoint used as the study's RAE "
+                   "(evaluated, and the start of every run that starts from RAE) instead of training one")
     args, extra = p.parse_known_args(argv)
+    if args.init_from and args.world == "toy":
+        p.error("--init-from: the toy world trains its own RAE on each seed's toy VFM (--world imagenet takes one)")
     if args.world == "imagenet" and not (args.data_path and args.eval_path):
         p.error("--world imagenet needs --data-path TRAIN and --eval-path VAL")
     if args.world == "imagenet" and extra:
@@ -355,12 +282,12 @@ def imagenet_world(seed, root, args, toy_flags=()):
     GPT-B its 300); AutoGuidance's guide DiT-DH-S at 14 epochs (RAE's released guide)."""
     out, common = root / f"seed{seed}", dict(data_path=args.data_path, seed=seed)
 
-    def evaluation(name, dep, path, tokenizer=None, samples=None):
+    def evaluation(name, deps, path, tokenizer=None, samples=None):
         what = (dict(tokenizer=tokenizer, data_path=args.eval_path) if tokenizer else
                 dict(samples=samples, ref=args.ref or args.eval_path))
-        return [runs.Run(name, "evaluate.py", dict(what, out=path), (dep,))]
+        return [runs.Run(name, "evaluate.py", dict(what, out=path), deps)]
     return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common,
-                codes=common, evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
+                given={"rae": Path(args.init_from)} if args.init_from else {}, codes=common, evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
                 sample=lambda ckpt, where: dict(ckpt=ckpt, per_class=50, out_dir=where, name="samples", seed=seed),
                 budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
                 curve=dict(keep_every_epochs=10))
@@ -439,16 +366,17 @@ def seed_runs(w, tokenizers, samplings):
 
     for key in ("rae", *tokenizers):
         tokenizer(key)
+    rae, rae_runs = toy.tokenizer_file(w, out, "rae")
     for key, s in samplings:
         gen, name = generator(key, "gen"), f"{key}_samples_{s.name}"
         where = gen.parent / f"samples_{s.name}"
         settings = w["sample"](gen.parent / f"ckpt-epoch{s.epoch}.pt" if s.epoch else gen, where)
         settings = runs.merge(settings, dict(scale=s.scale or settings.get("scale", 1.0)),  # None: the world's own
                               dict(guide=generator(key, "guide")) if s.guide else {},
-                              dict(decoder_from=out / "rae" / "tokenizer.pt") if s.rae_decoder else {})
+                              dict(decoder_from=rae) if s.rae_decoder else {})
         add(runs.Run(name, "sample.py", settings, (f"{key}_gen", *[f"{key}_guide"] * s.guide,
-                                                    *["rae"] * s.rae_decoder)),
-            *w["evaluate"](f"{name}_eval", name, where / "eval.json", samples=where / "samples.npz"))
+                                                    *rae_runs * s.rae_decoder)),
+            *w["evaluate"](f"{name}_eval", (name,), where / "eval.json", samples=where / "samples.npz"))
     return list(jobs.values())
 
 def toy_scores(w, tokenizers, samplings):
@@ -544,9 +472,7 @@ def main_study(argv):
 def drorae_scaling(argv):
     """DRoRAE §4.4 (capacity scaling): phase 2 for every (expert width × fused blocks) of the world's SCALING grid
     from one RAE phase 1 at the main table's budget; the log-linear fit of each reconstruction metric, per seed and of
-    the means. --init-from: from a given phase-1 checkpoint (scaling_from)."""
-    if "--init-from" in argv:
-        return scaling_from(argv)
+    the means. At full scale, --init-from P1 starts the grid from a given phase 1 instead of training one."""
     dim, widths, counts = SCALING[study_args("drorae-scaling", argv)[0].world]
     points = [(h, n, f"h{h}-l{n}") for h in widths for n in counts]
     args, root, per_seed = ablation_study("drorae-scaling", argv, [name for *_, name in points], [],
@@ -766,9 +692,8 @@ STUDIES = {  # name → (the study, a function of its flags; what it mirrors, fo
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
                          "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "
-                                       "reconstruction vs log(fusion parameters) with R² (toy: --seeds; full scale: "
-                                       "--world imagenet, or from a given phase 1: --init-from P1 --data-path "
-                                       "--eval-path --out-dir)"),
+                                       "reconstruction vs log(fusion parameters) with R² (full scale from a given "
+                                       "phase 1: --world imagenet --init-from P1)"),
 }
 
 def main(argv=None):

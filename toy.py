@@ -211,22 +211,30 @@ def recipe(args, out):
         codes=dict(common(args.gen_epochs, args.gen_lr), num_classes=len(SHAPES), gen=dict(gpt="tiny")),
         sample=lambda ckpt, where: dict(ckpt=ckpt, num_samples=len(SHAPES) * args.samples_per_class, out_dir=where,
                                         seed=args.seed, batch=128, device="cpu", scale=args.scale),
-        evaluate=lambda name, dep, out, **what: [])
+        evaluate=lambda name, deps, out, **what: [], given={})
+
+def tokenizer_file(recipe, out, key):
+    """Where the tokenizer `key` is and the runs that make it: its own run's export, or a file the world is given."""
+    given = recipe["given"].get(key)
+    return (given, ()) if given else (out / key / "tokenizer.pt", (key,))
 
 def tokenizer_run(recipe, out, key, method, phase, init=None, own=None, start=()):
     """A tokenizer's train.py run under a world's recipe, from the tokenizer `init` (else from scratch, after the runs
-    `start`), with its own settings; then the recipe's evaluation runs of it."""
-    begin = dict(init_from=out / init / "tokenizer.pt") if init else recipe["fresh"]
+    `start`), with its own settings (none for a given one); then the recipe's evaluation runs of it."""
+    start_file, deps = tokenizer_file(recipe, out, init) if init else (None, start)
+    begin = dict(init_from=start_file) if init else recipe["fresh"]
     settings = runs.merge(dict(method=method, phase=phase, out_dir=out / key), recipe["tokenizer"],
                           recipe["methods"].get(method, {}), begin, own or {})
-    return [runs.Run(key, "train.py", settings, (init,) if init else start),
-            *recipe["evaluate"](f"{key}_eval", key, out / key / "eval.json", tokenizer=out / key / "tokenizer.pt")]
+    path, made_by = tokenizer_file(recipe, out, key)
+    return [runs.Run(key, "train.py", settings, deps)] * bool(made_by) + recipe["evaluate"](
+        f"{key}_eval", made_by, out / key / "eval.json", tokenizer=path)
 
 def generator_run(recipe, out, name, tokenizer, method, *own):
     """A generator's train.py run under a world's recipe on the latent of the tokenizer `tokenizer` (of `method`)."""
+    path, made_by = tokenizer_file(recipe, out, tokenizer)
     return runs.Run(name, "train.py", runs.merge(dict(
-        method=method, phase="gen", tokenizer=out / tokenizer / "tokenizer.pt", latent_cache=out / name / "cache",
-        out_dir=out / name), recipe["codes" if method == "ideal" else "generator"], *own), (tokenizer,))
+        method=method, phase="gen", tokenizer=path, latent_cache=out / name / "cache", out_dir=out / name),
+        recipe["codes" if method == "ideal" else "generator"], *own), made_by)
 
 def plan_runs(recipe, out):
     """The main table's runs under a world's recipe (toy: recipe(args, out)): every tokenizer, a generator on each of
@@ -237,7 +245,7 @@ def plan_runs(recipe, out):
         plan += [generator_run(recipe, out, f"{key}_gen", key, TOKENIZERS[key][0]),
                  runs.Run(f"{key}_samples", "sample.py", recipe["sample"](gen / "generator.pt", gen / "samples"),
                           (f"{key}_gen",)),
-                 *recipe["evaluate"](f"{key}_gen_eval", f"{key}_samples", gen / "eval.json",
+                 *recipe["evaluate"](f"{key}_gen_eval", (f"{key}_samples",), gen / "eval.json",
                                      samples=gen / "samples" / "samples.npz")]
     return plan
 

@@ -28,36 +28,27 @@ def test_log_linear_fit_and_table(capsys):
     fits = experiments.scaling_table(rows, ["psnr", "rfid"])
     assert set(fits) == {"psnr/all", "psnr/width", "psnr/layers"} and "R²" in capsys.readouterr().out
 
-def test_scaling_command_on_tiny_preset(tmp_path, capsys):
-    """python experiments.py drorae-scaling on the tiny preset: 2 widths × 2 layer counts, 1 phase-2 step each, every
-    run a plain train.py command (commands.sh, logs/); a rerun trains nothing again."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train/a", 8), ("val/a", 4)):
-        (tmp_path / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
-    rae = checkpoint.build_tokenizer(TINY)
-    checkpoint.save_checkpoint(tmp_path / "p1.pt", kind="tokenizer", method="rae", phase="1", config=rae.config,
-                               model=rae.state_dict(), ema=rae.state_dict())
-    argv = ["drorae-scaling", "--init-from", str(tmp_path / "p1.pt"), "--data-path", str(tmp_path / "train"),
-            "--eval-path", str(tmp_path / "val"), "--out-dir", str(tmp_path / "sc"), "--widths", "16", "64",
-            "--layer-counts", "2", "4", "--max-steps", "1", "--device", "cpu", "--lanes", "2", "--recipe", "tiny",
-            "--loss", "lpips_weight=0"]
-    rows, fits = experiments.main(argv)
-    assert [(r["hidden"], r["layers"]) for r in rows] == [(16, 2), (16, 4), (64, 2), (64, 4)]
-    assert all(r["psnr"] > 0 for r in rows) and "psnr/all" in fits
-    assert "R²" in capsys.readouterr().out and (tmp_path / "sc" / "scaling.json").exists()
-    commands = (tmp_path / "sc" / "commands.sh").read_text().splitlines()
-    assert len(commands) == 4 and all(c.startswith("python train.py --method drorae --phase 2 ") for c in commands)
-    assert (tmp_path / "sc" / "logs" / "h16-l2.log").exists()
-    (tmp_path / "sc" / "commands.sh").unlink()
-    again, _ = experiments.main(argv)  # finished runs are reused
-    assert not (tmp_path / "sc" / "commands.sh").exists() and [r["psnr"] for r in again] == [r["psnr"] for r in rows]
-    for flag, value, says in (("--layer-counts", "5", "5 blocks, the encoder of"), ("--widths", "0", "must be ≥ 1"),
-                              ("--lanes", "-1", "must be ≥ 1")):  # the tiny encoder has 4 blocks
-        bad = argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2 + (flag != "--lanes"):]
-        with pytest.raises(SystemExit, match=f"argument {flag}: {says}"):
-            experiments.main(bad + ["--out-dir", str(tmp_path / "never")])
+def test_scaling_at_full_scale_from_a_given_phase_1(tmp_path, capsys):
+    """drorae-scaling --world imagenet --init-from P1 (the one drorae-scaling, at full scale): no RAE is trained; every
+    grid point (4 widths × 3 layer counts) is a phase-2 train.py run from P1 with its fusion size, P1 and every point
+    evaluated; the toy world, which has its own VFM per seed, refuses --init-from."""
+    import shlex
+
+    import evaluate
+    import train
+
+    p1 = str(tmp_path / "p1.pt")
+    experiments.main(["drorae-scaling", "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
+                      "--eval-path", "in/val", "--init-from", p1])
+    lines = [shlex.split(line)[2:] for line in capsys.readouterr().out.strip().splitlines()]
+    trains = [train.parse_args(words[1:]) for words in lines if words[0] == "train.py"]
+    evals = [evaluate.parse_args(words[1:]) for words in lines if words[0] == "evaluate.py"]
+    assert len(trains) == 12 and all((t.phase, t.init_from) == ("2", p1) for t in trains)
+    assert {(t.tok["fusion_hidden"], len(t.tok["fusion_layers"])) for t in trains} == {
+        (h, n) for h in (384, 768, 1536, 3072) for n in (3, 6, 12)}
+    assert len(evals) == 13 and evals[0].tokenizer == p1
+    with pytest.raises(SystemExit, match="--init-from: the toy world"):
+        experiments.main(["drorae-scaling", "--init-from", p1, "--out-dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
 
 def test_list_and_unknown_study(capsys):
@@ -145,7 +136,7 @@ def test_full_scale_dry_run_commands_parse(capsys):
         experiments.main(["main", "--world", "imagenet", "--dry-run"])  # needs --data-path and --eval-path
 
 def test_toy_scaling_study_on_tiny_settings(tmp_path, capsys):
-    """drorae-scaling without --init-from: the toy world, RAE phase 1 and the 3 × 3 phase-2 grid, each a plain
+    """drorae-scaling in the toy world: RAE phase 1 and the 3 × 3 phase-2 grid, each a plain
     train.py command with its fusion size; one PSNR per grid point and the log-linear fits."""
     res = experiments.main(["drorae-scaling", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     commands = (tmp_path / "drorae-scaling" / "commands.sh").read_text().splitlines()
