@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-def setup_distributed(device=None):
+def setup_distributed(device=None, tf32=False):
     """(rank, world size, device): under torchrun one process per device (NCCL on CUDA, gloo on CPU), else one process
-    or the group the caller already made."""
+    or the group the caller already made. tf32: fp32 matmuls and convolutions on TF32 units, as the official RAE
+    training and sampling scripts set (train.py, sample.py; evaluate.py keeps full fp32 for ADM parity)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ and not dist.is_initialized():
         return 0, 1, device
     if device.type == "cuda":

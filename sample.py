@@ -118,7 +118,7 @@ def run_name(ck, tok, args, n):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = cli.setup_distributed(args.device)
+    rank, world, device = cli.setup_distributed(args.device, tf32=True)
     net, tok, ck = checkpoint.load_generator(args.ckpt, device, tokenizer=args.tokenizer)
     if args.guide and tok.num_codes:
         raise SystemExit("--guide: AutoGuidance is for DiT-DH generators; the AR model takes CFG (--scale)")

@@ -412,7 +412,7 @@ class Trainer:
         net = torch.compile(net) if compile else net
         if self.world == 1 or self.args.fsdp or net is None:
             return net
-        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     def step(self, batches, step, out):
         """One global batch: the backward of `loss` over this rank's micro-batches, then the optimisation step."""
@@ -836,7 +836,7 @@ def main(argv=None):
     cli.writable("--out-dir", args.out_dir)
     if args.latent_cache:
         cli.writable("--latent-cache", args.latent_cache)
-    rank, world, device = cli.setup_distributed(args.device)
+    rank, world, device = cli.setup_distributed(args.device, tf32=True)
     stop = {}  # SIGTERM / SIGINT: finish the step, save, exit cleanly
     handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("signal", sig))
                 for s in (signal.SIGTERM, signal.SIGINT)}

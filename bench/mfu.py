@@ -10,7 +10,8 @@ convolutions and attention; the optimizer and elementwise work are not counted),
 MFU = achieved / the device's dense peak for the precision (a table of known GPUs, or --peak-tflops), peak memory
 (CUDA: max allocated; CPU: the process's peak RSS so far, rows run small to large) and, with --fit on CUDA, the
 largest power-of-two micro-batch whose step fits (what `--micro-batch` can be; the global batch is reached by
-accumulation). The fp32 peaks are the non-tensor-core ones: the code does not enable TF32.
+accumulation). The fp32 rows run without TF32 (train.py and sample.py enable it on CUDA), against the non-tensor-core
+peaks.
 """
 import argparse
 import resource

@@ -112,3 +112,30 @@ def test_compiled_run_resumes_like_an_eager_one(world, key, eager_random):
     for k, v in weights["eager-resume"].items():
         torch.testing.assert_close(weights["compile-resume"][k], v, rtol=1e-3, atol=1e-5, msg=k)
 
+
+def test_tf32_on_cuda_for_training_and_sampling_only(tmp_path, monkeypatch):
+    """Official RAE (stage-2 train.py and sample.py) runs fp32 matmuls and convolutions on TF32 units; so do train.py
+    and sample.py on CUDA, while evaluate.py's Inception keeps full fp32 (ADM parity). Checked without a GPU: the
+    flags a CUDA device would set, and which scripts ask for them."""
+    import cli
+    import sample
+
+    for module in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        monkeypatch.setattr(module, "allow_tf32", False)
+    cli.setup_distributed("cpu", tf32=True)
+    cli.setup_distributed("cuda")  # evaluate.py's call
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    cli.setup_distributed("cuda", tf32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    asked = []
+
+    def record(device=None, tf32=False):
+        asked.append(tf32)
+        raise SystemExit("recorded")
+    monkeypatch.setattr(cli, "setup_distributed", record)
+    for script, argv in ((train.main, ["--method", "rae", "--phase", "1", "--recipe", "tiny", "--data-path",
+                                       str(tmp_path), "--out-dir", str(tmp_path / "run")]),
+                         (sample.main, ["--ckpt", str(tmp_path / "gen.pt")])):
+        with pytest.raises(SystemExit, match="recorded"):
+            script(argv)
+    assert asked == [True, True]
