@@ -14,7 +14,7 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
     python experiments.py drorae-routing --seeds 0 1 2                 # DRoRAE's ablations share <out-dir>/drorae
     python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's <out-dir>/decq, Ideal's <out-dir>/ideal
 
-Read top to bottom: (1) DRoRAE capacity scaling from a given phase-1 checkpoint, (2) tables and charts over seeds,
+Read top to bottom: (1) DRoRAE capacity scaling: grid and log-linear fit, (2) tables and charts over seeds,
 (3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) STUDIES.
 """
 import json
@@ -490,10 +490,7 @@ def drorae_scaling(argv):
     return finish("drorae-scaling", root, per_seed, [name for *_, name in points], args,
                   extra=dict(grid=mean, fits=fits))
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Ablations: DRoRAE's routing (§3.2) and routing maps, DecQ's Table 4 and convergence, Ideal's generator; the
-#    studies over tokenizer variants (tokenizer_study: DRoRAE's phases, DecQ's Tables 3 and 5, Ideal's Tables 1 and 7)
-# ----------------------------------------------------------------------------------------------------
+# ---- 5. Ablations: the studies over tokenizer variants (tokenizer_study) and over generators (sampling_study) ----
 
 ROUTING_ROWS = ("drorae_p3", "softmax_p3", "mean_p3", "beta0.1_p3", "beta0.5_p3", "beta1_p3")
 
