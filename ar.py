@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-from model import Attention, RMSNorm, SwiGLU, apply_rope, rope_2d
+from model import Attention, RMSNorm, SwiGLU, apply_rope, arguments, rope_2d
 
 # LlamaGen class-conditional sizes (published parameter counts with vocab 16384, 1000 classes: 111M, 343M, 775M,
 # 1.4B); "tiny" for tests and the toy run, toy1-4 the toy world's ladder (experiments.py ideal-scaling). cfg_scale:
@@ -81,10 +81,7 @@ class GPT(nn.Module):
         super().__init__()
         if cls_rope not in ("zero", "identity"):
             raise ValueError(f"cls_rope must be 'zero' or 'identity', got {cls_rope!r}")
-        self.config = dict(depth=depth, dim=dim, num_heads=num_heads, vocab_size=vocab_size,
-                           num_classes=num_classes, grid=grid, class_dropout=class_dropout,
-                           token_dropout=token_dropout, resid_dropout=resid_dropout, ffn_dropout=ffn_dropout,
-                           norm_eps=norm_eps, rope_theta=rope_theta, cls_rope=cls_rope, cfg_scale=cfg_scale)
+        self.config = arguments(locals())
         self.num_classes, self.num_tokens, self.class_dropout = num_classes, grid * grid, class_dropout
         self.class_emb = nn.Embedding(num_classes + 1, dim)  # last row: null class
         self.tok_emb = nn.Embedding(vocab_size, dim)

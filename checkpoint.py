@@ -59,8 +59,9 @@ def save_checkpoint(path, **state):
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise SystemExit(f"{path}: could not write ({e.strerror or e}); the previous file is kept") from None
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise SystemExit(f"{path}: could not write ({why}); the previous file is kept") from None
         raise
 
 def load_stats(path):

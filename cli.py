@@ -1,6 +1,7 @@
 """Command-line checks every script shares: process set-up, one-line errors (bad flags, bad files), numbers, folders."""
 import argparse
 import contextlib
+import fcntl
 import math
 import os
 from pathlib import Path
@@ -39,6 +40,16 @@ def writable(flag, folder):
                 what = "not a folder" if not parent.is_dir() else "read-only"
                 raise SystemExit(f"{flag} {folder}: {parent} is {what}")
             return
+
+def lock(path, what):
+    """Own the lock file `path` while this process lives (another is refused); the OS drops it however the process ends."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    held = open(path, "a")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"{what}: another process is running there now (it holds {path})") from None
+    return held
 
 @contextlib.contextmanager
 def user_errors(script, downloads):

@@ -163,8 +163,6 @@ class Loader:
             self.skipped += skipped
             yield x, y
 
-make_loader = Loader
-
 # ---- The latent cache: a training set encoded once by a frozen tokenizer -------------------------------------
 
 class LatentCache(Dataset):
@@ -195,7 +193,7 @@ def fill_cache(root, encode, images, batch_size, num_workers, device):
     the cache complete."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank, barrier = (dist.get_rank(), dist.barrier) if world > 1 else (0, lambda: None)
-    loader = make_loader(images, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+    loader = Loader(images, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
     loader.set_epoch(0)
     order = iter([i for i, _ in loader.sampler])
     probe = encode(images[0][0][None].to(device))[0].cpu()

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Attention, RMSNorm, SwiGLU, load_strict, read_state_dict, rope_2d, sincos_2d
+from model import Attention, RMSNorm, SwiGLU, arguments, load_strict, read_state_dict, rope_2d, sincos_2d
 
 # ---- 1. DiT-DH -------------------------------------------------------------------------------------------
 
@@ -94,9 +94,8 @@ class DiTDH(nn.Module):
         super().__init__()
         if extra_out not in ("shared", "separate"):
             raise ValueError(f"extra_out must be 'shared' or 'separate', got '{extra_out}'")
-        self.config = dict(input_size=input_size, in_channels=in_channels, hidden_size=tuple(hidden_size),
-                           depth=tuple(depth), num_heads=tuple(num_heads), num_classes=num_classes,
-                           mlp_ratio=mlp_ratio, num_extra=num_extra, extra_out=extra_out)
+        self.config = dict(arguments(locals()), hidden_size=tuple(hidden_size), depth=tuple(depth),
+                           num_heads=tuple(num_heads))
         (d1, d2), (n1, n2) = hidden_size, depth
         self.in_channels, self.num_classes, self.num_extra = in_channels, num_classes, num_extra
         self.depth, self.num_heads = (n1, n2), tuple(num_heads)

@@ -389,9 +389,6 @@ def reference(path, extract, size):
             return st
     return statistics(extract(open_images(path), "reference", size))
 
-def table(res):
-    return "\n".join(f"{k:>12}  {v:.6g}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in res.items())
-
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="evaluate.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,7 +427,7 @@ def main(argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank == 0:
-        print(table(res))
+        print("\n".join(f"{k:>12}  {v:.6g}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in res.items()))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
         print(f"wrote {out}")

@@ -11,8 +11,7 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
         --ref VIRTUAL_imagenet256_labeled.npz                        # the full-scale commands
     python experiments.py drorae-scaling --world imagenet --init-from runs/rae/tokenizer.pt \\
         --data-path imagenet/train --eval-path imagenet/val             # DRoRAE §4.4 from a given RAE phase 1
-    python experiments.py drorae-routing --seeds 0 1 2                 # DRoRAE's ablations share <out-dir>/drorae
-    python experiments.py decq-tradeoff --seeds 0 1 2                  # DecQ's <out-dir>/decq, Ideal's <out-dir>/ideal
+    python experiments.py drorae-routing --seeds 0 1 2     # a paper's ablations share <out-dir>/drorae (decq, ideal)
 
 Read top to bottom: (1) DRoRAE capacity scaling: grid and log-linear fit, (2) tables and charts over seeds,
 (3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) STUDIES.
@@ -33,7 +32,7 @@ import fusion
 import runs
 import toy
 
-# ---- 1. DRoRAE capacity scaling (§4.4): reconstruction vs fusion parameters, log-linear (paper: R² = 0.86 for rFID) ----
+# ---- 1. DRoRAE capacity scaling (§4.4): reconstruction vs fusion parameters, log-linear (paper: R² = 0.86) ----
 
 def spread_layers(depth, n):
     """n block indices spread evenly over the depth, always including the last block (n = depth: all)."""
@@ -263,7 +262,7 @@ def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, m
     print(f"wrote {root}/results.json, chart.png")
     return res
 
-# ---- 3. The worlds: every study's runs declared once (seed_runs) under a world's recipe, toy or full scale, and scored ----
+# ---- 3. The worlds: every study's runs declared once (seed_runs) under a world's recipe, and scored ----
 
 def toy_world(seed, root, args, toy_flags):
     """One seed of the toy world: toy.recipe on the world a toy.py run makes first (toy VFM, data), changed by toy.py
@@ -287,7 +286,8 @@ def imagenet_world(seed, root, args, toy_flags=()):
                 dict(samples=samples, ref=args.ref or args.eval_path))
         return [runs.Run(name, "evaluate.py", dict(what, out=path), deps)]
     return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common,
-                given={"rae": Path(args.init_from)} if args.init_from else {}, codes=common, evaluate=evaluation, scores=imagenet_scores, generator_file="ckpt-last.pt",
+                given={"rae": Path(args.init_from)} if args.init_from else {}, codes=common, evaluate=evaluation,
+                scores=imagenet_scores, generator_file="ckpt-last.pt",
                 sample=lambda ckpt, where: dict(ckpt=ckpt, per_class=50, out_dir=where, name="samples", seed=seed),
                 budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
                 curve=dict(keep_every_epochs=10))

@@ -104,12 +104,11 @@ class DRoRAE(model.RAE):
     def __init__(self, fusion_hidden=None, fusion_layers=None, beta=0.2, route_eps=1e-6, smoothness=0.0, fuse=True,
                  router="energy", **rae):
         super().__init__(**rae)
+        self.config.update(model.arguments(locals(), "rae", "fuse"))  # `fuse`: set by the phase (set_phase)
         depth = len(self.encoder.blocks)
         if fusion_layers is not None and not all(0 <= k < depth for k in fusion_layers):
             raise ValueError(f"fusion_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
                              f"got {list(fusion_layers)}")
-        self.config.update(fusion_hidden=fusion_hidden, fusion_layers=fusion_layers, beta=beta, route_eps=route_eps,
-                           smoothness=smoothness, router=router)
         self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden, fusion_layers, beta,
                                         route_eps, router)
         self.smoothness = smoothness

@@ -14,6 +14,11 @@ from tqdm import tqdm
 
 # ---- 1. Building blocks ------------------------------------------------------------------------------------
 
+def arguments(local_vars, *drop):
+    """A model's constructor keywords, its `config` (what a checkpoint rebuilds it from): its __init__'s locals() taken
+    before any other name is bound, less `drop`."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "__class__", *drop)}
+
 def ln0(x, eps=1e-6):
     """LN₀: LayerNorm over the last dim without affine parameters (RAE's 'normalize')."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
@@ -513,9 +518,7 @@ class RAE(nn.Module):
             raise ValueError(f"noise must be 'uniform' or 'halfnormal', got '{noise}'")
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder '{decoder}': expected one of {sorted(DECODERS)}")
-        self.config = dict(method=self.method, encoder=encoder, encoder_weights=encoder_weights, decoder=decoder,
-                           decoder_weights=decoder_weights, image_size=image_size, encoder_size=encoder_size,
-                           noise_tau=noise_tau, noise=noise)
+        self.config = dict(method=self.method, **arguments(locals(), "decoder_class"))
         self.image_size, self.encoder_size = image_size, encoder_size or image_size * 7 // 8
         self.noise_tau, self.noise = noise_tau, noise
         with torch.random.fork_rng(devices=[]):

@@ -80,9 +80,8 @@ class DecQ(model.RAE):
 
     def __init__(self, num_queries=8, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
         super().__init__(decoder_class=lambda **vit: QueryDecoder(num_queries, **vit), **rae)  # reads the queries too
+        self.config.update(model.arguments(locals(), "rae"))
         C, depth, self.num_extra = self.encoder.embed_dim, len(self.encoder.blocks), num_queries
-        self.config.update(num_queries=num_queries, query_layers=query_layers, query_heads=query_heads,
-                           query_mlp_ratio=query_mlp_ratio)
         query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
         query_heads = model.checked_heads(C, query_heads or C // 64, "query_heads")  # head dim 64: 12 on DINOv2-B
         if not all(0 <= k < depth for k in query_layers):
@@ -169,9 +168,8 @@ class FeatureConcat(model.RAE):
 
     def __init__(self, concat_dim=None, query_layers=None, query_heads=None, query_mlp_ratio=4.0, **rae):
         super().__init__(**rae)
+        self.config.update(model.arguments(locals(), "rae"))
         C, depth, N = self.encoder.embed_dim, len(self.encoder.blocks), self.decoder.grid ** 2
-        self.config.update(concat_dim=concat_dim, query_layers=query_layers, query_heads=query_heads,
-                           query_mlp_ratio=query_mlp_ratio)
         concat_dim = concat_dim or max(1, 8 * C // N)
         layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers
         heads = model.checked_heads(C, query_heads or C // 64, "query_heads")

@@ -5,6 +5,7 @@ finished runs and continuing interrupted ones. Used by toy.py's main job and by 
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tqdm import tqdm
+
+import cli
 
 class Run(NamedTuple):
     name: str
@@ -33,24 +36,22 @@ def merge(settings, *changes):
 
 def argv(run):
     """A run's command line, the one place that knows flag spellings: key → --key-with-dashes VALUE (a list: its
-    items; a dict: JSON; True / False: --key / --no-key); `extra`: as given; a group: `--tok key=value …` (literals)."""
+    items; a dict: JSON; True / False: --key / --no-key); `extra`: as given; a group: `--tok key=value …` (lists and
+    dicts as JSON, the rest as written: how train.py reads them back)."""
     out = []
     for key, value in run.settings.items():
         flag = "--" + key.replace("_", "-")
         if key == "extra":
             out += value
         elif key in GROUPS:
-            out += [flag, *(f"{k}={literal(v)}" for k, v in value.items())] if value else []
+            out += [flag, *(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, tuple, dict)) else v}"
+                            for k, v in value.items())] if value else []
         elif isinstance(value, bool):
             out.append(flag if value else "--no-" + flag[2:])
         else:
             out += [flag, *(map(str, value) if isinstance(value, (list, tuple)) else
                             [json.dumps(value) if isinstance(value, dict) else str(value)])]
     return out
-
-def literal(value):
-    """A knob's value as train.py reads it back: lists and dicts as JSON, None as None, the rest as written."""
-    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple, dict)) else str(value)
 
 def command(run, gpus=0):
     return shlex.join([*(["torchrun", f"--nproc_per_node={gpus}"] if gpus else ["python"]), run.script, *argv(run)])
@@ -62,9 +63,7 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     finished train.py run that would run again (its command or an input changed) is refused with what to delete; an
     interrupted one continues (--resume). gpus > 0: every run under torchrun with that many processes."""
     root, logs, record = Path(__file__).resolve().parent, out / "logs", out / "finished.json"
-    logs.mkdir(parents=True, exist_ok=True)
     cmd = {run.name: command(run, gpus) for run in jobs}
-    (out / "commands.sh").write_text("".join(c + "\n" for c in cmd.values()))
     finished = json.loads(record.read_text()) if reuse and record.exists() else {}
     todo, done = [], set()
     for run in jobs:  # dependencies come first
@@ -78,31 +77,43 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
                              "there, or choose another --out-dir")
         resume = reuse and run_dir is not None and (run_dir / "ckpt-last.pt").exists()
         todo.append(run._replace(settings=merge(run.settings, dict(resume=run_dir))) if resume else run)
+    owner = cli.lock(out / ".lock", f"{out}")  # one scheduler a folder; a refused rerun (above) writes nothing
+    logs.mkdir(parents=True, exist_ok=True)
+    (out / "commands.sh").write_text("".join(c + "\n" for c in cmd.values()))
     env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
     running = {}
     bar = tqdm(total=len(jobs), initial=len(done), desc="runs", dynamic_ncols=True)
-    while todo or running:
-        for run in [r for r in todo if set(r.deps) <= done][:lanes - len(running)]:
-            with open(logs / f"{run.name}.log", "w") as log:  # the run writes to its own copy of the file
-                running[run.name] = subprocess.Popen([*launch, str(root / run.script), *argv(run)], stdout=log,
-                                                     stderr=subprocess.STDOUT, env=env)
-            todo.remove(run)
-            bar.set_postfix_str(" ".join(running))
-        time.sleep(0.5)
-        for name, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            if proc.returncode:
-                for other in running.values():  # SIGTERM: a train.py run saves its step first
-                    other.terminate()
-                    other.wait()
-                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
-            done.add(name)
-            finished[name] = cmd[name]
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(finished, indent=1))
-            os.replace(tmp, record)
-            bar.update(1)
-    bar.close()
+    previous = {s: signal.signal(s, lambda sig, frame: sys.exit(128 + sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while todo or running:
+            for run in [r for r in todo if set(r.deps) <= done][:lanes - len(running)]:
+                with open(logs / f"{run.name}.log", "w") as log:  # the run writes to its own copy of the file
+                    running[run.name] = subprocess.Popen([*launch, str(root / run.script), *argv(run)], stdout=log,
+                                                         stderr=subprocess.STDOUT, env=env)
+                todo.remove(run)
+                bar.set_postfix_str(" ".join(running))
+            time.sleep(0.5)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode:
+                    raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
+                done.add(name)
+                finished[name] = cmd[name]
+                tmp = record.with_suffix(".tmp")
+                tmp.write_text(json.dumps(finished, indent=1))
+                os.replace(tmp, record)
+                bar.update(1)
+    finally:  # a failed run, SIGTERM or Ctrl-C (exit 128 + signal): the running ones get SIGTERM (train.py saves first)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
+        if running:
+            print(f"stopped {', '.join(running)}: a rerun of the same command continues them", file=sys.stderr)
+        owner.close()
+        bar.close()

@@ -10,6 +10,7 @@ Sample i has label classes[i % len(classes)] (all classes by default: every cont
 class-balanced, as IS splits expect); its noise (or the AR model's tokens) comes from a generator seeded by (seed, i),
 and batches are fixed slices of the index range dealt round-robin: sample i is bit-identical for any process count.
 """
+import contextlib
 import json
 import math
 import os
@@ -134,34 +135,34 @@ def main(argv=None):
     out = Path(args.out_dir)
     cli.writable("--out-dir", out)
     out.mkdir(parents=True, exist_ok=True)
-
-    batches = [range(s, min(s + args.batch, n)) for s in range(0, n, args.batch)][rank::world]
-    t0 = time.time()
-    images = [generate(net, tok, b, labels[b.start:b.stop].to(device), args, guide)
-              for b in tqdm(batches, desc=f"sampling {name}", disable=rank != 0)]
-    mine = torch.cat([torch.arange(b.start, b.stop) for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
-    shard = out / f"{name}.rank{rank}.pt"
-    torch.save({"index": mine, "images": torch.cat(images) if images else None}, shard)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        arr = None
-        for r in range(world):
-            part = torch.load(out / f"{name}.rank{r}.pt", weights_only=True)
-            if part["images"] is not None:
-                arr = torch.zeros((n, *part["images"].shape[1:]), dtype=torch.uint8) if arr is None else arr
-                arr[part["index"]] = part["images"]
-            os.remove(out / f"{name}.rank{r}.pt")
-        if "npz" in args.formats:
-            np.savez(out / f"{name}.npz", arr_0=arr.numpy(), arr_1=labels.numpy())
-        if "png" in args.formats:
-            grid = arr[:64].permute(0, 3, 1, 2).float() / 255
-            data.save_image_grid(grid, out / f"{name}.png", nrow=math.ceil(math.sqrt(len(grid))))
-        info = dict(vars(args), name=name, num_samples=n, classes=classes, world_size=world, method=ck["method"],
-                    generator=ck["path"], generator_step=ck.get("step"), tokenizer=ck["tokenizer"]["path"],
-                    decoder=args.decoder_from or ck["tokenizer"]["path"], seconds=round(time.time() - t0, 1))
-        (out / f"{name}.json").write_text(json.dumps(info, indent=2))
-        print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")
+    with cli.lock(out / f".{name}.lock", f"--out-dir {out} --name {name}") if rank == 0 else contextlib.nullcontext():
+        batches = [range(s, min(s + args.batch, n)) for s in range(0, n, args.batch)][rank::world]
+        t0 = time.time()
+        images = [generate(net, tok, b, labels[b.start:b.stop].to(device), args, guide)
+                  for b in tqdm(batches, desc=f"sampling {name}", disable=rank != 0)]
+        mine = torch.cat([torch.arange(b.start, b.stop) for b in batches] or [torch.zeros(0, dtype=torch.long)])
+        shard = out / f"{name}.rank{rank}.pt"
+        torch.save({"index": mine, "images": torch.cat(images) if images else None}, shard)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            arr = None
+            for r in range(world):
+                part = torch.load(out / f"{name}.rank{r}.pt", weights_only=True)
+                if part["images"] is not None:
+                    arr = torch.zeros((n, *part["images"].shape[1:]), dtype=torch.uint8) if arr is None else arr
+                    arr[part["index"]] = part["images"]
+                os.remove(out / f"{name}.rank{r}.pt")
+            if "npz" in args.formats:
+                np.savez(out / f"{name}.npz", arr_0=arr.numpy(), arr_1=labels.numpy())
+            if "png" in args.formats:
+                grid = arr[:64].permute(0, 3, 1, 2).float() / 255
+                data.save_image_grid(grid, out / f"{name}.png", nrow=math.ceil(math.sqrt(len(grid))))
+            info = dict(vars(args), name=name, num_samples=n, classes=classes, world_size=world, method=ck["method"],
+                        generator=ck["path"], generator_step=ck.get("step"), tokenizer=ck["tokenizer"]["path"],
+                        decoder=args.decoder_from or ck["tokenizer"]["path"], seconds=round(time.time() - t0, 1))
+            (out / f"{name}.json").write_text(json.dumps(info, indent=2))
+            print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -625,14 +625,14 @@ class GeneratorTrainer(Trainer):
                               identity=checkpoint.identity(tck["ema"], tck["config"]))  # hashed once, here
         if resume is not None and resume["tokenizer"].get("identity") not in (None, self.tokenizer["identity"]):
             raise SystemExit(f"--tokenizer {tck['path']}: not the tokenizer this run was trained with")
-        self.token_grid = self.tok.decoder.grid
-        self.stats = None
+        self.token_grid, self.stats = self.tok.decoder.grid, None
+        self.encode = torch.no_grad()(self.tok.encode)  # normalised tokens (B, N [+ k], C) or codes: what a cache holds
         if not self.tok.num_codes:
             if resume is not None or args.stats:
                 self.stats = resume["stats"] if resume is not None else checkpoint.load_stats(args.stats)
             else:
-                crops = data.make_loader(data.ImageFolder(args.data_path, size=self.tok.image_size), args.micro_batch,
-                                         shuffle=False, drop_last=False, num_workers=args.workers)
+                crops = data.Loader(data.ImageFolder(args.data_path, size=self.tok.image_size), args.micro_batch,
+                                    shuffle=False, drop_last=False, num_workers=args.workers)
                 self.stats = model.compute_latent_stats(self.tok, crops, args.stats_batches)
             self.tok.set_stats(self.stats)
         if args.latent_cache:  # a cache records what made it: this tokenizer, these statistics, these images
@@ -665,11 +665,6 @@ class GeneratorTrainer(Trainer):
         if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
         self.clipped = self.setup(self.gen, resume, device)  # in the generator's order
-
-    @torch.no_grad()
-    def encode(self, x01):
-        """Normalised latent tokens (B, N [+ Q], C) or codes (B, N): what the latent cache stores."""
-        return self.tok.encode(x01)
 
     def loss(self, batch):
         (x, y), a = batch, self.args
@@ -777,48 +772,48 @@ def train(args, rank, world, device, stop):
                GeneratorTrainer(args, schedule, device, world, resume, tck))
     step = resume["step"] if resume is not None else 0
     seed_ranks(args, resume, rank, world)
-    loader = data.make_loader(dataset, args.micro_batch, seed=args.seed, num_workers=args.workers)
+    loader = data.Loader(dataset, args.micro_batch, seed=args.seed, num_workers=args.workers)
     steps_per_epoch, total_steps = schedule.steps_per_epoch, schedule.total_steps
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(settings(args), indent=1))
-        grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
-        print(f"{args.method} phase {args.phase}: {sum(p.numel() for p in trainer.clipped):,} trained parameters; "
-              f"{len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} process(es) × "
-              f"{schedule.accum} micro-batches of {args.micro_batch}")
-    end = min(total_steps, args.max_steps or total_steps,
-              round(args.stop_epoch * steps_per_epoch) if args.stop_epoch else total_steps)
-    with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
-        t0, seen = time.time(), 0
-        for batches in global_batches(loader, schedule, step, end, device):
-            epoch = step // steps_per_epoch
-            logs = trainer.step(batches, step, out)
-            step, seen = step + 1, seen + args.global_batch
-            bar.update(1)
-            if due(step, args.log_every) or step == end:
-                logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # skipped: total over ranks
-                if rank == 0:
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                    with open(out / "log.jsonl", "a") as f:
-                        rate = seen / (time.time() - t0)
-                        f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=rate)) + "\n")
-                t0, seen = time.time(), 0
-            if rank == 0 and due(step, args.grid_every) and not args.fsdp:
-                trainer.grid(grid_x, out / f"grid-{step:07d}.png")
-            signalled = any_rank("signal" in stop, world, device)
-            for name in checkpoints_due(args, step, end, steps_per_epoch, signalled):
-                save(out / name, trainer, args, step, rank, world)
-            if signalled:
-                break
-    if step != total_steps:
+    with cli.lock(out / ".lock", f"--out-dir {out}") if rank == 0 else contextlib.nullcontext():  # one run a folder
         if rank == 0:
-            print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
-        if step != end:  # a signal, not --max-steps / --stop-epoch: not finished, exit 128 + the signal as a shell does
-            raise SystemExit(128 + stop.get("signal", signal.SIGTERM))
-        return
-    save(out / f"{trainer.kind}.pt", trainer, args, step, rank, world, final=True)
-    if rank == 0:
-        print(f"done: {out / trainer.kind}.pt")
+            (out / "args.json").write_text(json.dumps(settings(args), indent=1))
+            grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
+            print(f"{args.method} phase {args.phase}: {sum(p.numel() for p in trainer.clipped):,} trained parameters; "
+                  f"{len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} "
+                  f"process(es) × {schedule.accum} micro-batches of {args.micro_batch}")
+        end = min(total_steps, args.max_steps or total_steps,
+                  round(args.stop_epoch * steps_per_epoch) if args.stop_epoch else total_steps)
+        with tqdm(total=end, initial=step, disable=rank != 0, dynamic_ncols=True) as bar:
+            t0, seen = time.time(), 0
+            for batches in global_batches(loader, schedule, step, end, device):
+                epoch = step // steps_per_epoch
+                logs = trainer.step(batches, step, out)
+                step, seen = step + 1, seen + args.global_batch
+                bar.update(1)
+                if due(step, args.log_every) or step == end:
+                    logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # summed over ranks
+                    if rank == 0:
+                        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                        with open(out / "log.jsonl", "a") as f:
+                            rate = seen / (time.time() - t0)
+                            f.write(json.dumps(dict(step=step, epoch=epoch, **logs, img_s=rate)) + "\n")
+                    t0, seen = time.time(), 0
+                if rank == 0 and due(step, args.grid_every) and not args.fsdp:
+                    trainer.grid(grid_x, out / f"grid-{step:07d}.png")
+                signalled = any_rank("signal" in stop, world, device)
+                for name in checkpoints_due(args, step, end, steps_per_epoch, signalled):
+                    save(out / name, trainer, args, step, rank, world)
+                if signalled:
+                    break
+        if step != total_steps:
+            if rank == 0:
+                print(f"stopped at step {step} of {total_steps}; continue with --resume {out}")
+            if step != end:  # a signal, not --max-steps / --stop-epoch: unfinished, exit 128 + the signal as a shell
+                raise SystemExit(128 + stop.get("signal", signal.SIGTERM))
+            return
+        save(out / f"{trainer.kind}.pt", trainer, args, step, rank, world, final=True)
+        if rank == 0:
+            print(f"done: {out / trainer.kind}.pt")
 
 DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",  # a download → the flag
              "LPIPS lin": "--loss lpips_weights=", "DINO weights": "--loss disc_weights="}  # that takes a local file

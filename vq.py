@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import RAE, Attention, Block, Mlp, checked_heads, ln0
+from model import RAE, Attention, Block, Mlp, arguments, checked_heads, ln0
 
 # ---- AttnFuse (Eq. 6) ------------------------------------------------------------------------------------
 
@@ -227,13 +227,7 @@ class Ideal(RAE):
                  shallow_weight=1.0, fuse_heads=12, feat_depth=6, feat_heads=12, mlp_ratio=2.0, num_registers=4,
                  drop=0.1, deep_layer=None):
         super().__init__(encoder, encoder_weights, decoder, decoder_weights, image_size, encoder_size, noise_tau=0.0)
-        self.config = dict(method=self.method, encoder=encoder, encoder_weights=encoder_weights, decoder=decoder,
-                           decoder_weights=decoder_weights, image_size=image_size, encoder_size=encoder_size,
-                           shallow_layer=shallow_layer, fuse=fuse, codebook_size=codebook_size, code_dim=code_dim,
-                           beta=beta, entropy_weight=entropy_weight, entropy_temperature=entropy_temperature,
-                           usage_window=usage_window, restart_dead=restart_dead, shallow_weight=shallow_weight,
-                           fuse_heads=fuse_heads, feat_depth=feat_depth, feat_heads=feat_heads, mlp_ratio=mlp_ratio,
-                           num_registers=num_registers, drop=drop, deep_layer=deep_layer)
+        self.config = dict(method=self.method, **arguments(locals()))
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
         if not 0 <= shallow_layer < depth:
             raise ValueError(f"shallow_layer must be a block of {encoder} in [0, {depth - 1}], got {shallow_layer}")

@@ -46,7 +46,7 @@ def test_labels_from_folder_names(folder):
 
 def test_corrupt_jpeg_skipped_and_counted(folder):
     ds = data.ImageFolder(folder, size=32, resize=36)
-    loader = data.make_loader(ds, batch_size=4, shuffle=False, drop_last=False)
+    loader = data.Loader(ds, batch_size=4, shuffle=False, drop_last=False)
     loader.set_epoch(0)
     with pytest.warns(UserWarning, match="skipping unreadable image .*broken.JPEG"):
         batches = list(loader)
@@ -118,7 +118,7 @@ def test_center_mode_and_flip(folder):
     assert any(torch.equal(o, ref.flip(-1)) for o in outs) and any(torch.equal(o, ref) for o in outs)
 
 def epoch_batches(ds, epoch, seed=0, skip=0, **kw):
-    loader = data.make_loader(ds, batch_size=2, seed=seed, **kw)
+    loader = data.Loader(ds, batch_size=2, seed=seed, **kw)
     loader.set_epoch(epoch, skip_batches=skip)
     return list(loader)
 
@@ -136,14 +136,14 @@ def test_loader_deterministic_and_resumable(folder):
 def test_global_batch_same_for_any_world_size(folder, monkeypatch):
     """Two ranks × batch 2 see exactly the samples (and crops) of one process with batch 4."""
     ds = data.ImageFolder(folder, size=32, resize=36)
-    single = data.make_loader(ds, batch_size=4, distributed=False)
+    single = data.Loader(ds, batch_size=4, distributed=False)
     single.set_epoch(2)
     x_single = next(iter(single))[0]
     parts = []
     monkeypatch.setattr(data.dist, "get_world_size", lambda: 2)
     for rank in range(2):
         monkeypatch.setattr(data.dist, "get_rank", lambda: rank)
-        loader = data.make_loader(ds, batch_size=2, distributed=True)
+        loader = data.Loader(ds, batch_size=2, distributed=True)
         loader.set_epoch(2)
         parts.append(next(iter(loader))[0])
     x_dist = torch.stack([parts[0][0], parts[1][0], parts[0][1], parts[1][1]])

@@ -51,6 +51,34 @@ def test_scaling_at_full_scale_from_a_given_phase_1(tmp_path, capsys):
         experiments.main(["drorae-scaling", "--init-from", p1, "--out-dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
 
+def test_sigterm_to_the_runner_stops_its_runs_and_says_so(tmp_path):
+    """SIGTERM to the scheduler alone (experiments.py / toy.py): it passes SIGTERM to the runs it started, waits for
+    them, names them and exits 143, orphaning nothing; a second scheduler on the same folder is refused meanwhile."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import os, sys, time\nopen(sys.argv[2], 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    code = ("import sys, runs; runs.run_jobs([runs.Run('nap', sys.argv[1], dict(pid=sys.argv[2]))], "
+            "runs.Path(sys.argv[3]), 1)")
+    pid_file = tmp_path / "pid"
+    p = subprocess.Popen([sys.executable, "-c", code, str(sleeper), str(pid_file), str(tmp_path / "study")],
+                         cwd=Path(experiments.__file__).parent, stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    with pytest.raises(SystemExit, match="another process is running there now"):
+        runs.run_jobs([runs.Run("other", str(sleeper), {})], tmp_path / "study", 1)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "stopped nap" in p.stderr.read()
+    with pytest.raises(ProcessLookupError):  # the run is gone, not orphaned
+        os.kill(int(pid_file.read_text()), 0)
+
 def test_list_and_unknown_study(capsys):
     experiments.main(["--list"])
     assert "drorae-scaling" in capsys.readouterr().out

@@ -185,6 +185,27 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(images, tmp_path
     assert a["step"] == b["step"] == step + 2
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
+def hold_lock(path):
+    """Another process that owns `path` (cli.lock) until killed."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time, cli; h = cli.lock(sys.argv[1], 'x'); print(1, "
+                          "flush=True); time.sleep(120)", str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "1"
+    return p
+
+def test_a_run_folder_has_one_owner_and_a_killed_owner_leaves_no_stale_lock(images, tmp_path):
+    """Two train.py on one --out-dir at once: the second is refused in one line and writes nothing (no args.json, no
+    log); a SIGKILLed owner leaves no stuck lock."""
+    out = tmp_path / "run"
+    holder = hold_lock(out / ".lock")
+    argv = ["--method", "rae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(out)]
+    with pytest.raises(SystemExit, match=f"--out-dir {out}: another process is running there now"):
+        train.main(argv)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    holder.kill()
+    holder.wait()
+    train.main(argv)  # the OS released the killed owner's lock
+    assert checkpoint.load_checkpoint(out)["step"] == 1
+
 def test_every_method_and_phase_runs_and_init_from_is_checked(images, tmp_path):
     common = ["--recipe", "tiny", "--device", "cpu", "--workers", "0", "--resize", "64", "--data-path", images,
               "--loss", "lpips_weight=0", "--loss", "gan_weight=0", "--max-steps", "1"]
