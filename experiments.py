@@ -115,6 +115,8 @@ def study_args(name, argv):
     p.add_argument("--init-from", help="imagenet world: an RAE phase-1 tokenizer checkpoint used as the study's RAE "
                    "(evaluated, and the start of every run that starts from RAE) instead of training one")
     args, extra = p.parse_known_args(argv)
+    if len(set(args.seeds)) < len(args.seeds):  # each seed's runs would be trained twice at once, on one folder
+        p.error(f"argument --seeds: {' '.join(map(str, args.seeds))} repeats a seed")
     if args.init_from and args.world == "toy":
         p.error("--init-from: the toy world trains its own RAE on each seed's toy VFM (--world imagenet takes one)")
     if args.world == "imagenet" and not (args.data_path and args.eval_path):

@@ -84,6 +84,8 @@ def test_list_and_unknown_study(capsys):
     assert "drorae-scaling" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown study 'nope'"):
         experiments.main(["nope"])
+    with pytest.raises(SystemExit, match="argument --seeds: 0 1 0 repeats a seed"):
+        experiments.main(["main", "--seeds", "0", "1", "0", "--dry-run"])
 
 # ---------------------------------------------------------------------------------------------------- studies over seeds
 
