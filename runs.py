@@ -27,8 +27,7 @@ class Run(NamedTuple):
 GROUPS = ("tok", "loss", "gen")
 
 def merge(settings, *changes):
-    """settings with each dict of changes applied in turn: a key keeps its place, a new one goes last; the GROUPS merge
-    keyword by keyword."""
+    """settings with each dict of changes applied in turn: a key keeps its place, a new one goes last; GROUPS by key."""
     out = dict(settings)
     for change in changes:
         out.update({k: {**out.get(k, {}), **v} if k in GROUPS else v for k, v in change.items()})
@@ -68,13 +67,14 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     todo, done = [], set()
     for run in jobs:  # dependencies come first
         run_dir = Path(run.settings["out_dir"]) if run.script == "train.py" and "out_dir" in run.settings else None
-        if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done:
+        kept = run_dir is None or run_dir.exists()  # a deleted run folder: trained again
+        if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done and kept:
             done.add(run.name)
             continue
-        if run.name in finished and run_dir is not None:  # a finished training run would be trained again
+        if run.name in finished and run_dir is not None and kept:  # a finished training run would be trained again
             why = "with another command" if finished[run.name] != cmd[run.name] else "on inputs that are made again"
-            raise SystemExit(f"{run.name}: finished earlier {why} (see {record}); delete {run_dir} and its entry "
-                             "there, or choose another --out-dir")
+            raise SystemExit(f"{run.name}: finished earlier {why} (see {record}); delete {run_dir} to train it "
+                             "again, or choose another --out-dir")
         resume = reuse and run_dir is not None and (run_dir / "ckpt-last.pt").exists()
         todo.append(run._replace(settings=merge(run.settings, dict(resume=run_dir))) if resume else run)
     owner = cli.lock(out / ".lock", f"{out}")  # one scheduler a folder; a refused rerun (above) writes nothing

@@ -140,6 +140,9 @@ def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "rae")
     with pytest.raises(SystemExit, match="gen: finished earlier on inputs that are made again"):
         runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+    shutil.rmtree(tmp_path / "gen")  # deleting a finished run's folder (what the line says) trains it again
+    runs.run_jobs(jobs, tmp_path, lanes=1, reuse=True)
+    assert (tmp_path / "gen" / "ckpt-last.pt").exists() and (tmp_path / "rae" / "tokenizer.pt").exists()
 
 def test_full_scale_dry_run_commands_parse(capsys):
     """--world imagenet --dry-run prints torchrun commands that train.py / sample.py / evaluate.py accept."""
