@@ -15,7 +15,7 @@ def setup_distributed(device=None, tf32=False):
     training and sampling scripts set (train.py, sample.py; evaluate.py keeps full fp32 for ADM parity)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ and not dist.is_initialized():
         return 0, 1, device
     if device.type == "cuda":

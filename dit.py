@@ -110,6 +110,10 @@ class DiTDH(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(d1, num_heads[0], mlp_ratio) for _ in range(n1)] +
                                     [DiTBlock(d2, num_heads[1], mlp_ratio) for _ in range(n2)])
         self.final_layer = FinalLayer(out_width, in_channels)
+        for name, i in [("rope_body", 0)] + [("rope_head", n1)] * bool(n2):  # EVA 2-D RoPE (cos, sin) of the grid
+            cos, sin = rope_2d(self.blocks[i].attn.head_dim, input_size, input_size)  # extra tokens: identity
+            rope = torch.stack([F.pad(cos, (0, 0, 0, num_extra), value=1.0), F.pad(sin, (0, 0, 0, num_extra))])
+            self.register_buffer(name, rope, persistent=False)  # derived, not saved
         if num_extra:  # the output projection: README, Decisions
             self.extra_s_embedder = nn.Linear(in_channels, d1)
             self.extra_pos_embed = nn.Parameter(torch.zeros(num_extra, d1))
@@ -138,11 +142,6 @@ class DiTDH(nn.Module):
         if self.num_extra:
             nn.init.normal_(self.extra_pos_embed, std=0.02)
 
-    def rope(self, block, h, w, device):
-        """EVA 2-D RoPE tables for the h×w patch grid of a block; extra tokens get the identity rotation."""
-        cos, sin = rope_2d(block.attn.head_dim, h, w, device=device)
-        return F.pad(cos, (0, 0, 0, self.num_extra), value=1.0), F.pad(sin, (0, 0, 0, self.num_extra))
-
     def forward(self, x, t, y, e=None):
         """x (B, C, h, w), t (B,), y (B,) [, extra tokens e (B, k, C)] → v (B, C, h, w) [, v_e (B, k, C)]."""
         B, C, h, w = x.shape
@@ -152,17 +151,15 @@ class DiTDH(nn.Module):
         s = self.s_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         if self.num_extra:
             s = torch.cat([s, self.extra_s_embedder(e) + self.extra_pos_embed], dim=1)
-        rope = self.rope(self.blocks[0], h, w, x.device)
         for block in self.blocks[:n1]:
-            s = block(s, c, rope)
+            s = block(s, c, self.rope_body.unbind())
         if n2:
             s = self.s_projector(F.silu(t + s))  # per-token condition of the head
             xh = self.x_embedder(x).flatten(2).transpose(1, 2)
             if self.num_extra:
                 xh = torch.cat([xh, self.extra_x_embedder(e)], dim=1)
-            rope = self.rope(self.blocks[n1], h, w, x.device)
             for block in self.blocks[n1:]:
-                xh = block(xh, s, rope)
+                xh = block(xh, s, self.rope_head.unbind())
             out = self.final_layer(xh, s)
         else:
             out = self.final_layer(s, c)

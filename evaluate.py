@@ -349,24 +349,21 @@ class NpzWriter:
 
 # ---- 6. CLI ------------------------------------------------------------------------------------------------
 
+GAUSSIANS = {"pool": ("", "FID"), "spatial": ("_s", "sFID"), "dino": ("_dino", "FD-DINOv2")}  # → stats suffix, metric
+
 def statistics(f):
-    """Fréchet statistics of extracted features (+ the pool features themselves, for precision/recall)."""
-    st = dict(zip(("mu", "sigma"), gaussian(f["pool"])), pool=f["pool"].numpy())
-    if "spatial" in f:
-        st["mu_s"], st["sigma_s"] = gaussian(f["spatial"])
-    if "dino" in f:
-        st["mu_dino"], st["sigma_dino"] = gaussian(f["dino"])
-    return st
+    """Fréchet statistics (mu, sigma + GAUSSIANS' suffix) of extracted features, with the pool features themselves
+    (for precision/recall)."""
+    return dict({f"{k}{s}": v for name, (s, _) in GAUSSIANS.items() if name in f
+                 for k, v in zip(("mu", "sigma"), gaussian(f[name]))}, pool=f["pool"].numpy())
 
 def compare(st, ref, prefix="g"):
-    """FID / sFID / precision / recall / FD-DINOv2 of sample statistics against reference statistics."""
-    res = {f"{prefix}FID": frechet_distance(st["mu"], st["sigma"], ref["mu"], ref["sigma"])}
-    if "mu_s" in st and "mu_s" in ref:
-        res["sFID"] = frechet_distance(st["mu_s"], st["sigma_s"], ref["mu_s"], ref["sigma_s"])
+    """FID / sFID / FD-DINOv2 / precision / recall of sample statistics against reference statistics."""
+    res = {prefix + metric if name == "pool" else metric: frechet_distance(st[f"mu{s}"], st[f"sigma{s}"],
+                                                                             ref[f"mu{s}"], ref[f"sigma{s}"])
+           for name, (s, metric) in GAUSSIANS.items() if f"mu{s}" in st and f"mu{s}" in ref}
     if "pool" in ref:
         res["precision"], res["recall"] = precision_recall(ref["pool"], st["pool"])
-    if "mu_dino" in st and "mu_dino" in ref:
-        res["FD-DINOv2"] = frechet_distance(st["mu_dino"], st["sigma_dino"], ref["mu_dino"], ref["sigma_dino"])
     return res
 
 def reference(path, extract, size):

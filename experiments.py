@@ -334,8 +334,8 @@ CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-conv
 IDEAL_LADDER = {  # ideal-scaling's GPT sizes per world → (their settings over the world's GPT, the CFG scales sampled)
     "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0))  # the toy's
             for i in (1, 2, 3, 4)},  # best is near 3 (ideal-generation), so the sweep brackets it
-    "imagenet": {size: (dict(gen=dict(gpt=size), global_batch=batch, epochs=epochs, **shard),
-                        (ar.GPT_PRESETS[size]["cfg_scale"],))  # the official scripts' batch and epochs per size
+    "imagenet": {size: (dict(gen=dict(gpt=size), global_batch=batch, micro_batch=batch // 8, epochs=epochs, **shard),
+                        (ar.GPT_PRESETS[size]["cfg_scale"],))  # the official scripts' batch and epochs; 8 GPUs
                  for size, batch, epochs, shard in (("B", 512, 300, {}), ("L", 512, 300, {}), ("XXL", 256, 200, {}),
                                                     ("3B", 128, 200, dict(fsdp=True)))}}
 GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the world's generator, given the world recipe)
@@ -640,11 +640,9 @@ def ideal_scaling(argv):
 
 # ---- 6. Command line ---------------------------------------------------------------------------------------------
 
-STUDIES = {  # name → (the study, a function of its flags; what it mirrors, for --list)
-    # joint training (fusion and decoder at once) is the ablation the paper reports failing
-    "drorae-phases": (lambda argv: tokenizer_study("drorae-phases", argv, ("rae", "drorae_p2", "drorae_p3",
-                                                                            "drorae_joint"), "drorae_p3",
-                                                   PHASES_METRICS, (UNGUIDED, AG)),
+STUDIES = {  # name → (the study, a function of its flags, or tokenizer_study's rows, base, metrics [, samplings]; what
+    # it mirrors, for --list). Joint training (fusion and decoder at once) is the ablation the paper reports failing
+    "drorae-phases": ((("rae", "drorae_p2", "drorae_p3", "drorae_joint"), "drorae_p3", PHASES_METRICS, (UNGUIDED, AG)),
                       "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation without guidance "
                       "and with AutoGuidance"),
     "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
@@ -654,36 +652,27 @@ STUDIES = {  # name → (the study, a function of its flags; what it mirrors, fo
                                    "with λ = 0"),
     # on DecQ's training budget (paper: unfreezing buys reconstruction and costs generation, distillation softens
     # both, concat costs generation; DecQ improves both)
-    "decq-tradeoff": (lambda argv: tokenizer_study("decq-tradeoff", argv, ("rae", "unfreeze", "unfreeze_distill",
-                                                                            "concat", "decq"), "rae", DECQ_METRICS),
+    "decq-tradeoff": ((("rae", "unfreeze", "unfreeze_distill", "concat", "decq"), "rae", DECQ_METRICS),
                       "DecQ Table 3: frozen (RAE), unfreeze, unfreeze + distill, feature concat, DecQ"),
-    "decq-queries": (lambda argv: tokenizer_study("decq-queries", argv, ("rae", "decq_q1", "decq_q2", "decq_q4", "decq",
-                                                                          "decq_q16"), "decq", DECQ_METRICS),
+    "decq-queries": ((("rae", "decq_q1", "decq_q2", "decq_q4", "decq", "decq_q16"), "decq", DECQ_METRICS),
                      "DecQ Table 5: 1, 2, 4, 8, 16 queries"),
     # paper: shallow helps reconstruction, deep helps generation, both (the default) is best
-    "decq-layers": (lambda argv: tokenizer_study("decq-layers", argv, ("rae", "decq_shallow", "decq_deep", "decq"),
-                                                 "decq", DECQ_METRICS),
+    "decq-layers": ((("rae", "decq_shallow", "decq_deep", "decq"), "decq", DECQ_METRICS),
                     "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
     "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
                                            "RAE and DecQ, unguided; a line chart"),
-    "ideal-fusion": (lambda argv: tokenizer_study("ideal-fusion", argv, ("ideal", "ideal_linear", "ideal_deep_only"),
-                                                  "ideal", IDEAL_RECON, samplings=()),
+    "ideal-fusion": ((("ideal", "ideal_linear", "ideal_deep_only"), "ideal", IDEAL_RECON, ()),
                      "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, codebook usage, "
                      "code probe"),
-    "ideal-shallow": (lambda argv: tokenizer_study("ideal-shallow", argv, ("ideal", "ideal_no_shallow", "ideal_s0",
-                                                                            "ideal_s2", "ideal_s3"), "ideal",
-                                                   IDEAL_RECON, samplings=()),
+    "ideal-shallow": ((("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2", "ideal_s3"), "ideal", IDEAL_RECON, ()),
                       "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
     # paper: shallow blocks reconstruct better, deep blocks carry more class information (the code probe)
-    "ideal-layers": (lambda argv: tokenizer_study("ideal-layers", argv, ("ideal_b0", "ideal_b1", "ideal_b3",
-                                                                          "ideal_blast"), "ideal_blast",
-                                                  IDEAL_RECON, samplings=()),
+    "ideal-layers": ((("ideal_b0", "ideal_b1", "ideal_b3", "ideal_blast"), "ideal_blast", IDEAL_RECON, ()),
                      "Ideal Table 1: one block's feature quantised at several depths; reconstruction and a class "
                      "probe of the codes"),
     # paper: 100% of 16,384 codes; the published 768 → 64 code lookup is 12× narrower than the width (toy: d8)
-    "ideal-codebook": (lambda argv: tokenizer_study("ideal-codebook", argv, ("ideal", "ideal_d8", "ideal_k256",
-                                                                              "ideal_h0", "ideal_h0.1", "ideal_t1"),
-                                                    "ideal", IDEAL_RECON, samplings=()),
+    "ideal-codebook": ((("ideal", "ideal_d8", "ideal_k256", "ideal_h0", "ideal_h0.1", "ideal_t1"), "ideal",
+                        IDEAL_RECON, ()),
                        "Ideal's codebook usage: code dimension, codebook size, entropy weight and temperature"),
     "ideal-scaling": (ideal_scaling, "Ideal Table 5: the GPT at four sizes, each over a CFG sweep; does the best scale "
                       "fall as the model grows?"),
@@ -704,8 +693,9 @@ def main(argv=None):
         return None
     if argv[0] not in STUDIES:
         raise SystemExit(f"experiments.py: unknown study '{argv[0]}' (python experiments.py --list names them)")
+    study = STUDIES[argv[0]][0]
     try:
-        return STUDIES[argv[0]][0](argv[1:])
+        return study(argv[1:]) if callable(study) else tokenizer_study(argv[0], argv[1:], *study)
     except DryRun:
         return None
 

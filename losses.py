@@ -163,7 +163,7 @@ def diff_augment(x, policy="color,translation", generator=None, prob=1.0):
         return torch.rand(*shape, dtype=x.dtype, device=x.device, generator=generator)
 
     for p in policy.split(",") if policy else ():
-        if prob < 1 and rand(()) >= prob:
+        if prob < 1 and torch.rand((), generator=generator if x.is_cpu else None) >= prob:  # a CPU coin: no sync
             continue
         if p == "color":
             x = x + (rand(B, 1, 1, 1) - 0.5)
@@ -205,9 +205,8 @@ class LeCAM:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)
             means /= dist.get_world_size()
-        self.ema = self.ema * self.decay + means.cpu() * (1 - self.decay)
-        real, fake = self.ema.tolist()
-        return F.relu(logits_real - fake).pow(2).mean() + F.relu(real - logits_fake).pow(2).mean()
+        self.ema = self.ema.to(means) * self.decay + means * (1 - self.decay)  # on the device: no host read
+        return F.relu(logits_real - self.ema[1]).pow(2).mean() + F.relu(self.ema[0] - logits_fake).pow(2).mean()
 
 # ---- 4. GAN losses and the adaptive weight (VQGAN / RAE) -------------------------------------------------
 

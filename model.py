@@ -78,12 +78,12 @@ def apply_rope(x, cos, sin):
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
     return (x.float() * cos + rotated * sin).type_as(x)
 
-def rope_2d(head_dim, h, w, theta=10000.0, device=None):
+def rope_2d(head_dim, h, w, theta=10000.0):
     """2-D RoPE tables cos, sin (h·w, head_dim) for an h×w grid (EVA `VisionRotaryEmbeddingFast` as used by RAE's
     DiT-DH): half of the head dim encodes the row, half the column; frequencies θ^(−2i/(d/2)), each repeated twice."""
     half = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(0, half, 2, device=device)[: half // 2].float() / half)
-    fh, fw = (torch.outer(torch.arange(n, device=device).float(), freqs).repeat_interleave(2, -1) for n in (h, w))
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)
+    fh, fw = (torch.outer(torch.arange(n).float(), freqs).repeat_interleave(2, -1) for n in (h, w))
     f = torch.cat([fh[:, None].expand(h, w, half), fw[None].expand(h, w, half)], dim=-1).reshape(h * w, 2 * half)
     return f.cos(), f.sin()
 
@@ -170,14 +170,15 @@ def _listing(keys, limit=10):
 
 def load_strict(module, state_dict, what):
     """`module.load_state_dict(state_dict, strict=True)` whose one error names `what` and lists the missing keys,
-    unexpected keys and shape mismatches. Returns the module."""
+    unexpected keys, shape mismatches and non-finite tensors (a diverged run's). Returns the module."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    errors = [f"{name}: {_listing(keys)}" for name, keys in
-              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    errors = [f"{name}: {_listing(keys)}" for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+              ("shape mismatches", shapes), ("non-finite tensors", bad)) if keys]
     if errors:
         raise ValueError(f"cannot load {what}: " + "; ".join(errors))
     module.load_state_dict(state_dict, strict=True)

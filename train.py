@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -51,9 +51,9 @@ import model
 # is what --init-from must hold ((accepted methods), phase), absent for a fresh tokenizer. The tokenizer's own knobs
 # are its constructor's keywords with the paper's defaults (--tok key=value, checked against its signature), so a
 # row names only the ones it changes (`tok`). A new method adds its rows here and its class to checkpoint.TOKENIZERS.
-RUN = dict(workers=8, log_every=50, ckpt_every=1000, keep_every=0, keep_every_epochs=0, grid_every=1000)
+RUN = dict(workers=8, log_every=50, ckpt_every=5000, keep_every=0, keep_every_epochs=0, grid_every=1000)
 RAE_DECODER = dict(  # RAE stage 1: the ViT decoder on a frozen encoder (released RAE code; DECISIONS.md)
-    **RUN, epochs=16, global_batch=512, micro_batch=32, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
+    **RUN, epochs=16, global_batch=512, micro_batch=64, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
     warmup_epochs=1.0, schedule="cosine", decay_start_epoch=40, clip_grad=0.0, ema=0.9978, precision="fp32",
     crop="resize", resize=384, flip=False,
     loss=dict(rec_loss="l1", lpips_weight=1.0, lpips_weights="official", vgg_weights="official", gan_weight=0.75,
@@ -61,18 +61,18 @@ RAE_DECODER = dict(  # RAE stage 1: the ViT decoder on a frozen encoder (release
               disc_start_step=None, gan_start_step=None, diffaug="color,translation", diffaug_prob=1.0, disc_cr=0.0,
               lecam=0.0, d_adv_weight=1.0))
 IDEAL_TOKENIZER = dict(  # Ideal App. A.1, Table 8 and its official code (bf16 autocast; DECISIONS.md)
-    RAE_DECODER, epochs=50, global_batch=256, lr=1e-4, lr_min=1e-5, weight_decay=0.05, warmup_epochs=4,
+    RAE_DECODER, epochs=50, global_batch=256, micro_batch=32, lr=1e-4, lr_min=1e-5, weight_decay=0.05, warmup_epochs=4,
     clip_grad=1.0, ema=0.9999, precision="bf16", crop="random", flip=True,
     loss=dict(RAE_DECODER["loss"], rec_loss="l2", gan_weight=0.5, adaptive_gan=False,
               diffaug="color,translation,cutout_0.2", diffaug_prob=0.5, disc_cr=4.0, lecam=0.001, d_adv_weight=0.5,
               disc_start_step=20000, gan_start_step=20000))
 DIT_DH = dict(  # RAE stage 2: DiT-DH by flow matching (released RAE code)
-    **RUN, epochs=800, global_batch=1024, micro_batch=32, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
+    **RUN, epochs=800, global_batch=1024, micro_batch=128, lr=2e-4, lr_min=2e-5, betas=(0.9, 0.95), weight_decay=0.0,
     warmup_epochs=0, schedule="linear", decay_start_epoch=40, clip_grad=1.0, ema=0.9995, precision="fp32",
     num_classes=1000, stats_batches=None,
     gen=dict(dit="XL", dit_head=True, t_dist="logit-normal", p_uncond=0.1, query_weight=1.0, query_out="shared"))
 GPT = dict(  # Ideal Table 9: the LlamaGen-style GPT on codes (bf16 autocast, official code)
-    DIT_DH, epochs=300, global_batch=512, lr=1e-4, weight_decay=0.05, schedule="constant", ema=0.9999,
+    DIT_DH, epochs=300, global_batch=512, micro_batch=64, lr=1e-4, weight_decay=0.05, schedule="constant", ema=0.9999,
     precision="bf16", gen=dict(gpt="B", p_uncond=0.1))
 RECIPES = {
     **{(m, "1"): RAE_DECODER for m in ("rae", "drorae", "decq", "unfreeze", "concat")},  # the last two: DecQ Table 3
@@ -158,7 +158,8 @@ def parse_args(argv=None):
     a("--seed", type=cli.number(int, 0), help="default 0")
     a("--fsdp", action="store_true", default=None, help="generator phase: shard parameters, gradients, AdamW state "
       "and EMA over the processes (torch FSDP2, a unit per block; no grids) — for GPT-3B")
-    a("--compile", action="store_true", default=None)
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the trained networks, LPIPS and the "
+      "discriminator (default: on CUDA)")
     a("--tok", **knobs, help="tokenizer constructor keywords (model.RAE, fusion.DRoRAE, queries.DecQ, vq.Ideal …), "
       "e.g. --tok beta=0.5 fusion_layers=[3,7,11]")
     a("--loss", **knobs, help="tokenizer objective (the row's `loss`), e.g. gan_weight=0")
@@ -246,8 +247,9 @@ def resolve(given):
     values.update(flags)
     sources.update(dict.fromkeys(flags, "flag"))
     values["seed"], values["recipe"] = values["seed"] or 0, name
-    values.update({k: bool(values[k]) for k in ("fsdp", "compile", "print_config")})
     on_cuda = (values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    values.update({k: bool(on_cuda if values[k] is None and k == "compile" else values[k])
+                   for k in ("fsdp", "compile", "print_config")})
     if values["precision"] == "bf16" and sources["precision"] != "flag" and not on_cuda:
         values["precision"], sources["precision"] = "fp32", "recipe (bf16 on CUDA only)"
     args = argparse.Namespace(**{k.split(".")[-1]: v for k, v in values.items() if not k.startswith("tok.")})
@@ -366,18 +368,11 @@ def accumulate(net, micro_batches, loss_fn):
     return logs
 
 def all_mean(logs, world, device):
-    """Logged scalars (tensors or numbers) as floats averaged over ranks (keys are identical on every rank)."""
-    t = torch.tensor([float(v) for v in logs.values()], dtype=torch.float64, device=device)
+    """Logged scalars (tensors or numbers) as floats averaged over ranks (keys identical on every rank): one host read."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in logs.values()])
     if world > 1:
         dist.all_reduce(t)
     return dict(zip(logs, (t / world).tolist()))
-
-def any_rank(flag, world, device):
-    """True on every rank if `flag` is true on any rank."""
-    t = torch.tensor(float(flag), device=device)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
 
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: whole tensors, on rank 0's CPU
 
@@ -388,15 +383,19 @@ class Trainer:
 
     def setup(self, net, resume, device):
         """EMA copy, FSDP units (--fsdp), AdamW over the trainable tensors (returned), restored on resume."""
-        self.trained, self.ema = net, copy.deepcopy(net).eval().requires_grad_(False)
+        self.device = device
+        self.trained, self.ema, self.pending = net, copy.deepcopy(net).eval().requires_grad_(False), {}
         if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
+        bf16 = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)  # LlamaGen: bf16 gathers, fp32 reduce
+        mp = dict(mp_policy=bf16) if self.args.precision == "bf16" else {}
         for unit in [net, self.ema] if self.args.fsdp else []:  # the EMA sharded alike: its update stays local
             for blocks in [m for m in unit.modules() if isinstance(m, torch.nn.ModuleList)]:
                 for block in blocks:  # FSDP2: each block (DiT-DH body and head, GPT) its own unit, then the rest
-                    fully_shard(block)
-            fully_shard(unit)
+                    fully_shard(block, **mp)
+            fully_shard(unit, **mp)
         params = [p for p in net.parameters() if p.requires_grad]
+        self.pairs = [(e, p) for e, p in zip(self.ema.parameters(), net.parameters()) if p.requires_grad]
         self.opt, self.sched = make_optimizer(params, self.args, self.plan, device)
         if resume is not None:
             if self.args.fsdp:  # saved whole, keyed by parameter name (world size free)
@@ -404,13 +403,13 @@ class Trainer:
             else:
                 self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
-        self.net = self.wrap(net, device, self.args.compile)
+        self.net = self.wrap(net, device)
         return params
 
-    def wrap(self, net, device, compile=False):
-        """--compile, then DDP over the processes (FSDP shards in place instead)."""
-        net = torch.compile(net) if compile else net
-        if self.world == 1 or self.args.fsdp or net is None:
+    def wrap(self, net, device, ddp=True):
+        """--compile (the default on CUDA), then with `ddp` DDP over the processes (FSDP shards in place instead)."""
+        net = torch.compile(net) if self.args.compile and net is not None else net
+        if not ddp or self.world == 1 or self.args.fsdp or net is None:
             return net
         return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
@@ -421,27 +420,40 @@ class Trainer:
         return self.optimize(dict(logs, **getattr(self.trained, "last_stats", {})), step, out)  # Ideal's codebook use
 
     def optimize(self, logs, step, out):
-        """After the backward of one global batch: stop every rank on a non-finite loss (before any weight changes, the
-        last checkpoint kept), clip the gradient norm, AdamW step, schedule, zero the gradients, EMA."""
-        a, loss = self.args, logs["loss"]
-        if any_rank(not math.isfinite(loss), self.world, loss.device):
-            kept = (f"last good checkpoint kept in {out}" if (Path(out) / "ckpt-last.pt").exists() else
-                    f"no checkpoint was written yet ({out})")
-            hint = "; it ran under --precision bf16: try --precision fp32" if a.precision == "bf16" else ""
-            raise SystemExit(f"non-finite loss {float(loss)} at step {step}: stopped; {kept}{hint}")
+        """After the backward of one global batch: keep the loss for check() (on the device: no host read per step),
+        clip the gradient norm, AdamW step, schedule, zero the gradients, EMA."""
+        a = self.args
+        self.pending[step] = logs["loss"].detach()
         if a.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.clipped, a.clip_grad)
             logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # EMA of the trained tensors: e ← ema·e + (1 − ema)·p; buffers are copied
-            for e, p in zip(self.ema.parameters(), self.trained.parameters()):
-                if p.requires_grad:
-                    e.mul_(a.ema).add_(p.detach(), alpha=1 - a.ema)
+        with torch.no_grad():  # EMA of the trained tensors: e ← ema·e + (1 − ema)·p, one kernel a step; buffers copied
+            ema, trained = [e for e, _ in self.pairs], [p.detach() for _, p in self.pairs]
+            torch._foreach_mul_(ema, a.ema)
+            torch._foreach_add_(ema, trained, alpha=1 - a.ema)
             for e, b in zip(self.ema.buffers(), self.trained.buffers()):
                 e.copy_(b)
         return dict(logs, lr=self.sched.get_last_lr()[0])
+
+    def check(self, step, out, signal=False):
+        """At log and checkpoint steps, one host read and one reduction over ranks: stop every rank on a non-finite loss
+        since the last check or a non-finite trained tensor (so the last checkpoint written is good); returns whether
+        any rank got a stop `signal`."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.clipped]  # FSDP: this rank's shard
+        finite = torch.stack([torch.isfinite(p).all() for p in local]).all()
+        pending, self.pending = dict(self.pending, weights=torch.where(finite, 0, math.inf), signal=float(signal)), {}
+        values = all_mean(pending, self.world, self.device)
+        bad = [f"non-finite loss {v} at step {s}" if s != "weights" else f"non-finite weights after step {step}"
+               for s, v in values.items() if not math.isfinite(v)]
+        if bad:
+            kept = (f"last good checkpoint kept in {out}" if (Path(out) / "ckpt-last.pt").exists() else
+                    f"no checkpoint was written yet ({out})")
+            hint = "; it ran under --precision bf16: try --precision fp32" if self.args.precision == "bf16" else ""
+            raise SystemExit(f"{bad[0]}: stopped; {kept}{hint}")
+        return values["signal"] > 0
 
     def whole(self, net):
         return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
@@ -552,6 +564,7 @@ class TokenizerTrainer(Trainer):
         self.clipped = [p for g in self.opt.param_groups for p in g["params"]]  # in AdamW's group order
         self.lpips = None if not args.lpips_weight else losses.LPIPS(
             weights(args.vgg_weights, losses.VGG16_URL), weights(args.lpips_weights, losses.LPIPS_VGG_URL)).to(device)
+        self.lpips_fn = self.wrap(self.lpips, device, ddp=False)
         self.disc = self.d_opt = self.d_sched = self.lecam = None
         if args.gan_weight > 0:  # no discriminator (nor its download) without a GAN term
             dino = weights(args.disc_weights, losses.DINO_S8_URL)
@@ -571,6 +584,7 @@ class TokenizerTrainer(Trainer):
         self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
         self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
         self.d_net = self.wrap(self.disc, device)
+        self.d_fn = self.d_net.module if isinstance(self.d_net, DDP) else self.d_net  # the G loss: no DDP
         self.last_layer = self.tok.last_layer()
         if args.gan_weight > 0 and args.adaptive_gan and not self.last_layer.requires_grad:
             raise SystemExit(f"--method {args.method} --phase {args.phase}: the layer of the adaptive GAN weight "
@@ -578,7 +592,7 @@ class TokenizerTrainer(Trainer):
                              "gan_weight=0")
 
     def loss(self, batch):
-        return tokenizer_loss(self.net, batch[0], self.args, self.lpips, self.disc if self.gan else None,
+        return tokenizer_loss(self.net, batch[0], self.args, self.lpips_fn, self.d_fn if self.gan else None,
                               self.last_layer)
 
     def step(self, batches, step, out):
@@ -590,7 +604,7 @@ class TokenizerTrainer(Trainer):
         if step >= self.d_start and a.gan_weight > 0:  # fakes from the updated decoder, eval mode, 8 bit
             tok.eval()
             with torch.no_grad(), torch.autocast(xs[0].device.type, torch.bfloat16, enabled=a.precision == "bf16"):
-                fakes = [losses.quantize_fake(tok(x)[0].float()) for x in xs]
+                fakes = [losses.quantize_fake(self.net(x)[0].float()) for x in xs]
             disc.train()
             self.d_opt.zero_grad(set_to_none=True)  # drop the generator update's gradients on the heads
             d_loss = lambda rf: discriminator_loss(self.d_net, *rf, a, self.lecam)  # noqa: E731
@@ -619,7 +633,7 @@ class GeneratorTrainer(Trainer):
     kind = "generator"
 
     def __init__(self, args, plan, device, world, resume, tck):
-        self.args, self.plan, self.world, self.device = args, plan, world, device
+        self.args, self.plan, self.world = args, plan, world
         self.tok = checkpoint.load_tokenizer(tck, device)
         self.tokenizer = dict(path=str(Path(tck["path"]).resolve()), config=tck["config"],
                               identity=checkpoint.identity(tck["ema"], tck["config"]))  # hashed once, here
@@ -790,7 +804,12 @@ def train(args, rank, world, device, stop):
                 logs = trainer.step(batches, step, out)
                 step, seen = step + 1, seen + args.global_batch
                 bar.update(1)
-                if due(step, args.log_every) or step == end:
+                logged = due(step, args.log_every) or step == end
+                signalled = "signal" in stop and (world == 1 or logged)  # polled each step on one process, else logged
+                if logged or signalled or checkpoints_due(args, step, end, steps_per_epoch, False):
+                    signalled = trainer.check(step, out, signalled)  # the same steps on every rank
+                names = checkpoints_due(args, step, end, steps_per_epoch, signalled)
+                if logged:
                     logs = all_mean(dict(logs, skipped=loader.skipped * world), world, device)  # summed over ranks
                     if rank == 0:
                         bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -800,8 +819,7 @@ def train(args, rank, world, device, stop):
                     t0, seen = time.time(), 0
                 if rank == 0 and due(step, args.grid_every) and not args.fsdp:
                     trainer.grid(grid_x, out / f"grid-{step:07d}.png")
-                signalled = any_rank("signal" in stop, world, device)
-                for name in checkpoints_due(args, step, end, steps_per_epoch, signalled):
+                for name in names:
                     save(out / name, trainer, args, step, rank, world)
                 if signalled:
                     break

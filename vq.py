@@ -118,10 +118,8 @@ class VectorQuantizer(nn.Module):
         self.tokens_seen += indices.numel()
         self.last_seen[indices.reshape(-1)] = self.tokens_seen
         p = torch.bincount(indices.reshape(-1), minlength=len(self.last_seen)).float() / indices.numel()
-        self.last_stats = {"usage": self.usage(), "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()).item()}
-
-    def usage(self):
-        return (self.last_seen > self.tokens_seen - self.usage_window).float().mean().item()
+        usage = (self.last_seen > self.tokens_seen - self.usage_window).float().mean()  # tensors: read when logged
+        self.last_stats = {"usage": usage, "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
 
     @torch.no_grad()
     def restart(self):
@@ -149,7 +147,7 @@ class VectorQuantizer(nn.Module):
             self.update_usage(indices)
             if self.entropy_weight:
                 h = entropy_loss(flat, codes, self.entropy_temperature, self.chunk)
-                self.last_stats["entropy"] = h.item()
+                self.last_stats["entropy"] = h.detach()
                 loss = loss + self.entropy_weight * h
             q = z + (q - z).detach()  # straight-through: identity gradient w.r.t. the normalised z
         return q, indices.view(z.shape[:-1]), loss

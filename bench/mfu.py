@@ -64,7 +64,7 @@ def generator_step(kind, size, batch, a, device):
 def tokenizer_step(method, batch, a, device):
     """One train.py tokenizer step (reconstruction + LPIPS + adaptive GAN term + discriminator update)."""
     args = train.parse_args(["--method", method, "--phase", "1", *RANDOM, "--micro-batch", str(batch), "--precision",
-                             a.precision, "--device", str(device), *(["--compile"] if a.compile else [])])
+                             a.precision, "--device", str(device), "--compile" if a.compile else "--no-compile"])
     args.gan_start_step = args.disc_start_step = 0
     trainer = train.TokenizerTrainer(args, train.Plan(1, 1, 1000, 0), device, 1, None)
     x = torch.rand(batch, 3, args.tok["image_size"], args.tok["image_size"], device=device)

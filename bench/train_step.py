@@ -33,7 +33,7 @@ def peak_mb(device):
 def bench(name, gan, a):
     device = torch.device(a.device)
     args = train.parse_args(["--method", "rae", "--phase", "1", *CONFIGS[name], "--micro-batch", str(a.batch),
-                             "--precision", a.precision, *(["--compile"] if a.compile else [])])
+                             "--precision", a.precision, "--compile" if a.compile else "--no-compile"])
     args.gan_start_step = args.disc_start_step = 0 if gan else 10**9
     if device.type == "cuda":
         torch.cuda.empty_cache()

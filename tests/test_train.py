@@ -560,6 +560,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
                  "--global-batch", "4", "--micro-batch", "2", "--loss", "lpips_weight=0"])
     assert "no checkpoint was written yet" in msg and not (tmp_path / "new" / "ckpt-last.pt").exists()
 
+def test_non_finite_weights_are_never_checkpointed_nor_loaded(images, tmp_path, monkeypatch):
+    """Issue 31 #5: with a finite loss and an infinite learning rate the weights go non-finite: the run stops before
+    any checkpoint holds them (the trained tensors are checked, not only the loss), and a checkpoint that holds
+    non-finite tensors anyway is refused at load, naming them."""
+    real = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda params, args, *a: real(params, argparse.Namespace(
+        **{**vars(args), "lr": math.inf}), *a))
+    out = tmp_path / "run"
+    msg = error(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
+                 "--global-batch", "4", "--micro-batch", "2", "--loss", "lpips_weight=0", "--ckpt-every", "1"])
+    assert "non-finite weights after step 1" in msg and "no checkpoint was written yet" in msg, msg
+    assert not (out / "ckpt-last.pt").exists()
+    monkeypatch.setattr(train, "make_optimizer", real)
+    train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(tmp_path / "ok"),
+                "--global-batch", "4", "--micro-batch", "2", "--loss", "lpips_weight=0", "--max-steps", "1"])
+    ck = torch.load(tmp_path / "ok" / "ckpt-last.pt", weights_only=True)
+    name = next(k for k, v in ck["ema"].items() if v.is_floating_point())
+    ck["ema"][name] = torch.full_like(ck["ema"][name], math.nan)
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=f"non-finite tensors: {name}"):
+        checkpoint.load_tokenizer(tmp_path / "bad.pt")
+
 def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
     (Path(images) / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     out = tmp_path / "run"
