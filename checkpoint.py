@@ -83,8 +83,7 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
     """Load a depthrae checkpoint (a file, or a run directory → its ckpt-last.pt) on CPU. Each expectation is a
     value or a tuple of accepted values; a mismatch exits with one line saying what the file holds and what was
     expected. The dict gets the file's "path"; DiT-DH's names of old (num_queries, query_*) become today's."""
-    path = Path(path)
-    path = path / "ckpt-last.pt" if path.is_dir() else path
+    path = Path(path) / "ckpt-last.pt" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: no such checkpoint")
     try:

@@ -4,6 +4,7 @@ import contextlib
 import fcntl
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -11,9 +12,12 @@ import torch.distributed as dist
 
 def setup_distributed(device=None, tf32=False):
     """(rank, world size, device): under torchrun one process per device (NCCL on CUDA, gloo on CPU), else one process
-    or the group the caller already made. tf32: fp32 matmuls and convolutions on TF32 units, as the official RAE
-    training and sampling scripts set (train.py, sample.py; evaluate.py keeps full fp32 for ADM parity)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    or the caller's group; a bad device is one line. tf32: fp32 matmuls and convolutions on TF32 units, with cuDNN's
+    autotuner, as the official RAE training and sampling scripts (evaluate.py keeps full fp32 for ADM parity)."""
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name) or name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: not a device here (cpu, or cuda / cuda:N with a GPU)")
+    device = torch.device(name)
     if tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if "RANK" not in os.environ and not dist.is_initialized():
@@ -59,14 +63,19 @@ def user_errors(script, downloads):
         yield
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
-    except RuntimeError as e:
+    except RuntimeError as e:  # an allocator's failure (a size knob too large): one line too
+        if "can't allocate memory" in str(e) or isinstance(e, torch.OutOfMemoryError):
+            raise SystemExit(f"{script}: out of memory ({str(e).splitlines()[0][:160]}): is a size setting too large?") from None
         if not str(e).startswith("could not download"):
             raise
         flag = next(f for what, f in downloads.items() if what in str(e))
         raise SystemExit(f"{e} ({script} {flag}{'' if flag.endswith('=') else ' '}PATH)") from None
 
-def number(kind=int, low=None, high=None, above=False):
-    """An argparse type: a finite `kind` ≥ low (> low with `above`) and ≤ high, else the parser's one-line error."""
+SEED = 2**32 - 1  # the largest seed: numpy's limit, and sample.py's per-sample seeds (seed · 2³² + index) stay in 64 bits
+
+def number(kind=int, low=None, high=None, above=False, below=False):
+    """An argparse type: a finite `kind` ≥ low (> low with `above`) and ≤ high (< with `below`), else the parser's
+    one-line error."""
     def parse(text):
         try:
             value = kind(text)
@@ -74,8 +83,9 @@ def number(kind=int, low=None, high=None, above=False):
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if low is not None and (value < low or above and value == low) or high is not None and value > high:
-            bounds = [f"{'>' if above else '≥'} {low}"] * (low is not None) + [f"≤ {high}"] * (high is not None)
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}, got {text}")
+        bounds = [f"{'>' if above else '≥'} {low}"] * (low is not None and (value < low or above and value == low))
+        bounds += [f"{'<' if below else '≤'} {high}"] * (high is not None and (value > high or below and value == high))
+        if bounds:  # the bound it breaks
+            raise argparse.ArgumentTypeError(f"must be {bounds[0]}, got {text}")
         return value
     return parse

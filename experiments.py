@@ -103,7 +103,7 @@ for _s, _label in ((UNGUIDED, " unguided"), (AG, " AG"), (RAE_DECODER, " RAE dec
 def study_args(name, argv):
     """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
     p = cli.ArgumentParser(prog=f"experiments.py {name}")
-    p.add_argument("--seeds", type=cli.number(int, 0), nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=cli.number(int, 0, cli.SEED - 1000), nargs="+", default=[0, 1, 2])
     p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
     p.add_argument("--lanes", type=cli.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -296,11 +296,6 @@ def imagenet_world(seed, root, args, toy_flags=()):
 
 WORLDS = {"toy": toy_world, "imagenet": imagenet_world}
 
-def decq_layer_halves(depth):
-    """DecQ's default condenser blocks (every quarter of the depth: 0, 3, 6, 9 of 12) split into shallow and deep."""
-    layers = list(range(0, depth, depth // 4))
-    return layers[:len(layers) // 2], layers[len(layers) // 2:]
-
 # drorae-scaling's grid per world: the encoder width C, expert widths (2C: the default), numbers of fused blocks
 SCALING = {"toy": (toy.VFM_CONFIG["embed_dim"], (32, 64, 128), (2, 3, 6)),
            "imagenet": (768, (384, 768, 1536, 3072), (3, 6, 12))}
@@ -316,8 +311,8 @@ ABLATION_RUNS = {  # tokenizer key → (method, phase, the key it starts from or
         fusion_hidden=h, fusion_layers=spread_layers(depth, n))) for _, hs, ns in SCALING.values() for h in hs
        for n in ns},  # DecQ: 8 queries, condensers every quarter of the depth (toy: every block)
     **{f"decq_q{n}": ("decq", "1", None, tok(num_queries=n)) for n in (1, 2, 4, 16)},
-    **{f"decq_{half}": ("decq", "1", None,  # the first / second half of DecQ's default condenser blocks
-                        lambda depth, h=h: tok(query_layers=decq_layer_halves(depth)[h]))
+    **{f"decq_{half}": ("decq", "1", None,  # the shallow / deep half of DecQ's default blocks: 0, 3 / 6, 9 of 12
+                        lambda depth, h=h: tok(query_layers=list(range(h * depth // 2, (h + 1) * depth // 2, depth // 4))))
        for h, half in enumerate(("shallow", "deep"))},
     "unfreeze": ("unfreeze", "1", None, {}),  # DecQ Table 3's baselines, on the budget of DecQ's own run
     "unfreeze_distill": ("unfreeze", "1", None, tok(distill=1)), "concat": ("concat", "1", None, {}),
@@ -643,13 +638,11 @@ def ideal_scaling(argv):
 STUDIES = {  # name → (the study, a function of its flags, or tokenizer_study's rows, base, metrics [, samplings]; what
     # it mirrors, for --list). Joint training (fusion and decoder at once) is the ablation the paper reports failing
     "drorae-phases": ((("rae", "drorae_p2", "drorae_p3", "drorae_joint"), "drorae_p3", PHASES_METRICS, (UNGUIDED, AG)),
-                      "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint, reconstruction and generation without guidance "
-                      "and with AutoGuidance"),
+                      "DRoRAE §3.3: RAE / phase 2 / phase 3 / joint; generation unguided and with AutoGuidance"),
     "drorae-routing": (drorae_routing, "DRoRAE §3.2: energy vs softmax vs mean routing, β 0.1 / 0.2 / 0.5 / 1"),
     "drorae-routing-maps": (drorae_routing_maps, "PNG of the per-block routing weights on held-out toy images, "
                                                  "mean weight on background / edges / interiors"),
-    "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patch tokens through the RAE decoder; the same "
-                                   "with λ = 0"),
+    "decq-decoder": (decq_decoder, "DecQ Table 4: RAE, DecQ, DecQ's patches through the RAE decoder; also at λ = 0"),
     # on DecQ's training budget (paper: unfreezing buys reconstruction and costs generation, distillation softens
     # both, concat costs generation; DecQ improves both)
     "decq-tradeoff": ((("rae", "unfreeze", "unfreeze_distill", "concat", "decq"), "rae", DECQ_METRICS),
@@ -659,29 +652,24 @@ STUDIES = {  # name → (the study, a function of its flags, or tokenizer_study'
     # paper: shallow helps reconstruction, deep helps generation, both (the default) is best
     "decq-layers": ((("rae", "decq_shallow", "decq_deep", "decq"), "decq", DECQ_METRICS),
                     "DecQ §4.3: condensers on shallow blocks, deep blocks, both"),
-    "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: generation against generator epochs, "
-                                           "RAE and DecQ, unguided; a line chart"),
+    "decq-convergence": (decq_convergence, "DecQ's 3.3× faster convergence: unguided generation against generator "
+                                           "epochs, RAE and DecQ (a line chart)"),
     "ideal-fusion": ((("ideal", "ideal_linear", "ideal_deep_only"), "ideal", IDEAL_RECON, ()),
-                     "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion; reconstruction, codebook usage, "
-                     "code probe"),
+                     "Ideal Table 7a: AttnFuse vs one linear layer vs no fusion (codebook usage, code probe)"),
     "ideal-shallow": ((("ideal", "ideal_no_shallow", "ideal_s0", "ideal_s2", "ideal_s3"), "ideal", IDEAL_RECON, ()),
                       "Ideal Table 7b: without L_shallow; which shallow block feeds the fusion"),
     # paper: shallow blocks reconstruct better, deep blocks carry more class information (the code probe)
     "ideal-layers": ((("ideal_b0", "ideal_b1", "ideal_b3", "ideal_blast"), "ideal_blast", IDEAL_RECON, ()),
-                     "Ideal Table 1: one block's feature quantised at several depths; reconstruction and a class "
-                     "probe of the codes"),
+                     "Ideal Table 1: one block's feature quantised at several depths (recon, code probe)"),
     # paper: 100% of 16,384 codes; the published 768 → 64 code lookup is 12× narrower than the width (toy: d8)
     "ideal-codebook": ((("ideal", "ideal_d8", "ideal_k256", "ideal_h0", "ideal_h0.1", "ideal_t1"), "ideal",
-                        IDEAL_RECON, ()),
-                       "Ideal's codebook usage: code dimension, codebook size, entropy weight and temperature"),
-    "ideal-scaling": (ideal_scaling, "Ideal Table 5: the GPT at four sizes, each over a CFG sweep; does the best scale "
-                      "fall as the model grows?"),
+                        IDEAL_RECON, ()), "Ideal's codebook usage: code dimension, size, entropy weight, temperature"),
+    "ideal-scaling": (ideal_scaling, "Ideal Table 5: the GPT at four sizes over a CFG sweep (does the best CFG fall?)"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
-    "main": (main_study, "toy.py's table over seeds: every method's reconstruction (PSNR, SSIM, recon acc) and "
-                         "generation (sample acc, FD, precision, recall); rFID / gFID at full scale"),
-    "drorae-scaling": (drorae_scaling, "DRoRAE §4.4 (capacity scaling): phase-2 grid of expert width × fused blocks, "
-                                       "reconstruction vs log(fusion parameters) with R² (full scale from a given "
-                                       "phase 1: --world imagenet --init-from P1)"),
+    "main": (main_study, "toy.py's table over seeds: every method's reconstruction and generation (toy VFM scores; "
+                         "rFID / gFID at full scale)"),
+    "drorae-scaling": (drorae_scaling, "DRoRAE §4.4: phase-2 grid of expert width × fused blocks, reconstruction vs "
+                                       "log(fusion parameters), R² (full scale: --init-from P1)"),
 }
 
 def main(argv=None):

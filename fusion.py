@@ -106,9 +106,7 @@ class DRoRAE(model.RAE):
         super().__init__(**rae)
         self.config.update(model.arguments(locals(), "rae", "fuse"))  # `fuse`: set by the phase (set_phase)
         depth = len(self.encoder.blocks)
-        if fusion_layers is not None and not all(0 <= k < depth for k in fusion_layers):
-            raise ValueError(f"fusion_layers must be block indices in [0, {depth - 1}] of {self.config['encoder']}, "
-                             f"got {list(fusion_layers)}")
+        fusion_layers = None if fusion_layers is None else model.checked_blocks(fusion_layers, self.encoder, "fusion_layers")
         self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden, fusion_layers, beta,
                                         route_eps, router)
         self.smoothness = smoothness

@@ -33,7 +33,8 @@ def load_weights(src, what):
 class LPIPS(nn.Module):
     """LPIPS-VGG v0.1, frozen: scale to the VGG input range, features after relu1_2/2_2/3_3/4_3/5_3,
     unit-normalise channels (eps 1e-10), squared difference, 1×1 "lin" conv, spatial mean, sum over taps.
-    forward(x, y) takes images in [0, 1] (mapped to [−1, 1] inside) and returns the distance per image (B,).
+    forward(x, y) takes images in [0, 1] (mapped to [−1, 1] inside) and returns the distance per image (B,); x and y
+    pass VGG apart, so a backward runs through x's features alone (RAE keeps the real image out of the graph too).
     vgg: torchvision VGG16 state dict (`features.*`; `classifier.*` is ignored); lin: the LPIPS v0.1 `vgg.pth`
     (`lin{k}.model.1.weight`). Each a URL, a local path, or None (random)."""
 
@@ -61,12 +62,10 @@ class LPIPS(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, x, y):
-        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale
-        d, start = 0, 0
+        d, start, hx, hy = 0, 0, *((t * 2 - 1 - self.shift) / self.scale for t in (x, y))
         for k, end in enumerate(self.TAPS):
-            h, start = self.features[start:end](h), end
-            f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            fx, fy = f.chunk(2)
+            hx, hy, start = self.features[start:end](hx), self.features[start:end](hy), end
+            fx, fy = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for h in (hx, hy))
             d = d + self.lin[f"lin{k}"]["model"]((fx - fy) ** 2).mean((2, 3))
         return d.flatten()
 
@@ -218,8 +217,8 @@ def generator_loss(logits_fake):
     """L_G = −mean D(x̂)."""
     return -logits_fake.mean()
 
-def adaptive_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
-    """λ_adapt = ‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-6), clamped to [0, max_weight], detached; W = last decoder weight."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + 1e-6)).clamp(0, max_weight).detach()
+def adaptive_weight(g_rec, g_gan, out, last_layer, max_weight=1e4):
+    """λ_adapt = ‖∇_W L_rec‖ / (‖∇_W L_G‖ + 1e-6), clamped to [0, max_weight], detached; W = last decoder weight, from
+    the losses' gradients w.r.t. the decoder output `out` (g_rec, g_gan) taken back to W alone."""
+    norm = lambda g: torch.autograd.grad(out, last_layer, g, retain_graph=True)[0].norm()  # noqa: E731
+    return (norm(g_rec) / (norm(g_gan) + 1e-6)).clamp(0, max_weight).detach()

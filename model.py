@@ -164,6 +164,13 @@ def checked_heads(dim, num_heads, name):
         raise ValueError(f"{name} must divide the width {dim}, got {num_heads}")
     return num_heads
 
+def checked_blocks(blocks, encoder, name):
+    """`blocks` as a list if they are distinct block indices of the DINOv2 `encoder`, else a ValueError naming `name`."""
+    depth = len(encoder.blocks)
+    if not all(0 <= k < depth for k in blocks) or len(set(blocks)) < len(blocks):
+        raise ValueError(f"{name} must be distinct block indices in [0, {depth - 1}] of the encoder, got {list(blocks)}")
+    return list(blocks)
+
 def _listing(keys, limit=10):
     keys = list(keys)
     return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -279,19 +286,12 @@ class DINOv2(nn.Module):
         return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1:r],
                 "x_norm_patchtokens": x_norm[:, r:], "x_prenorm": x}
 
-    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
-        """Official semantics: n int → the last n blocks, else the given 0-based block indices; each output
-        through the shared final norm when norm=True; registers dropped; reshape → (B, D, H/p, W/p)."""
+    def get_intermediate_layers(self, x, n=1, norm=True):
+        """Official semantics (without reshape and class tokens): n int → the last n blocks, else the given 0-based
+        block indices; each output's patch tokens through the shared final norm when norm=True."""
         depth = len(self.blocks)
-        take = range(depth - n, depth) if isinstance(n, int) else n
-        outs = self._run(x, set(take))
-        outs = [self.norm(o) for o in outs] if norm else outs
-        cls = [o[:, 0] for o in outs]
-        outs = [o[:, 1 + self.num_register_tokens:] for o in outs]
-        if reshape:
-            h, w = (s // self.patch_size for s in x.shape[2:])
-            outs = [o.reshape(len(o), h, w, -1).permute(0, 3, 1, 2).contiguous() for o in outs]
-        return tuple(zip(outs, cls)) if return_class_token else tuple(outs)
+        outs = self._run(x, set(range(depth - n, depth) if isinstance(n, int) else n))
+        return tuple((self.norm(o) if norm else o)[:, 1 + self.num_register_tokens:] for o in outs)
 
     def forward_blocks(self, x):
         """Every block's output (B, h·w, D) from one pass: pre-norm, cls and registers dropped."""
@@ -526,6 +526,9 @@ class RAE(nn.Module):
             torch.manual_seed(0)
             self.encoder = dinov2(encoder, encoder_weights).eval().requires_grad_(False)
         grid = self.encoder_size // self.encoder.patch_size
+        if self.encoder_size % self.encoder.patch_size or image_size % grid:
+            raise ValueError(f"image_size {image_size}, encoder_size {self.encoder_size}: the encoder size must be a multiple "
+                             f"of the encoder's patch ({self.encoder.patch_size}), the image size of its grid ({grid})")
         self.decoder = decoder_class(latent_dim=self.encoder.embed_dim, patch_size=image_size // grid, grid=grid,
                                      **DECODERS[decoder])  # a ViTDecoder subclass takes extra tokens
         if decoder_weights:
@@ -579,8 +582,7 @@ class RAE(nn.Module):
         """z_n = (z − mean) / sqrt(var + 1e-5) per (token, channel) element; identity without statistics."""
         if self.stats_var is None:
             return z
-        z = z - self.stats_mean if self.stats_mean is not None else z
-        return z / torch.sqrt(self.stats_var + 1e-5)
+        return (z - self.stats_mean if self.stats_mean is not None else z) / torch.sqrt(self.stats_var + 1e-5)
 
     def denormalize(self, z):
         if self.stats_var is None:

@@ -47,12 +47,16 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=cli.number(int, 0), default=0, help="AR only: 0 = off")
     ap.add_argument("--top-p", type=cli.number(float, 0, 1, above=True), default=1.0, help="AR only: 1 = off")
     ap.add_argument("--interval", type=cli.number(float, 0, 1), nargs=2, default=(0.0, 1.0), metavar=("T_MIN", "T_MAX"))
-    ap.add_argument("--seed", type=cli.number(int, 0), default=0)
-    ap.add_argument("--batch", type=cli.number(int, 1), default=32, help="samples per forward (fixed slices of the index range)")
+    ap.add_argument("--seed", type=cli.number(int, 0, cli.SEED), default=0)
+    ap.add_argument("--batch", type=cli.number(int, 1), default=128, help="samples per forward (fixed slices of the index range)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (CUDA), as RAE's sampler")
     ap.add_argument("--formats", nargs="+", choices=("npz", "png"), default=["npz", "png"])
     ap.add_argument("--name", help="output file name without extension (default: from the checkpoint and options)")
     ap.add_argument("--device", help="default: cuda if available, else cpu")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.interval[0] < args.interval[1]:  # an empty range would silently turn guidance off
+        ap.error(f"argument --interval: {args.interval[0]:g} {args.interval[1]:g} is empty or inverted (T_MIN < T_MAX)")
+    return args
 
 def noise_for(index, seed, net):
     """Noise of sample `index`: patches (C, h, w) [+ DecQ queries (Q, C)] from a generator seeded by (seed, index)."""
@@ -130,6 +134,8 @@ def main(argv=None):
     if not all(0 <= c < net.num_classes for c in classes):
         raise SystemExit(f"--classes: labels must be in [0, {net.num_classes})")
     n = args.num_samples if args.num_samples is not None else args.per_class * len(classes)
+    if n * tok.image_size ** 2 * 3 > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):  # the uint8 images
+        raise SystemExit(f"--num-samples {n}: {n * tok.image_size ** 2 * 3 / 2**30:.0f} GiB of images exceed this machine's memory")
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
     name = args.name or run_name(ck, tok, args, n)
     out = Path(args.out_dir)
@@ -138,8 +144,9 @@ def main(argv=None):
     with cli.lock(out / f".{name}.lock", f"--out-dir {out} --name {name}") if rank == 0 else contextlib.nullcontext():
         batches = [range(s, min(s + args.batch, n)) for s in range(0, n, args.batch)][rank::world]
         t0 = time.time()
-        images = [generate(net, tok, b, labels[b.start:b.stop].to(device), args, guide)
-                  for b in tqdm(batches, desc=f"sampling {name}", disable=rank != 0)]
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            images = [generate(net, tok, b, labels[b.start:b.stop].to(device), args, guide)
+                      for b in tqdm(batches, desc=f"sampling {name}", disable=rank != 0)]
         mine = torch.cat([torch.arange(b.start, b.stop) for b in batches] or [torch.zeros(0, dtype=torch.long)])
         shard = out / f"{name}.rank{rank}.pt"
         torch.save({"index": mine, "images": torch.cat(images) if images else None}, shard)

@@ -264,7 +264,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(prog="toy.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     count, rate = cli.number(int, 1), cli.number(float, 0, above=True)
     p.add_argument("--out-dir", default="runs/toy")
-    p.add_argument("--seed", type=cli.number(int, 0), default=0)
+    p.add_argument("--seed", type=cli.number(int, 0, cli.SEED - 1000), default=0)  # + 1000: the held-out images
     p.add_argument("--stage", choices=("all", "world", "score"), default="all",
                    help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
     p.add_argument("--vfm-steps", type=count, default=1500)
@@ -378,6 +378,9 @@ def score(args, out, seconds=None):
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
     out = Path(args.out_dir)
+    cli.writable("--out-dir", out)
+    if args.stage == "score" and not (out / "world.json").exists():
+        raise SystemExit(f"--out-dir {out}: no toy world there to score (run toy.py --stage world or all first)")
     if args.stage == "world":
         return world(args, out)
     if args.stage == "score":

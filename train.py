@@ -155,7 +155,7 @@ def parse_args(argv=None):
     a("--stop-epoch", type=cli.number(float, 0, above=True), help="stop after this many epochs, the --epochs "
       "schedule unchanged (the papers' 80-epoch generators: --epochs 800 --stop-epoch 80)")
     a("--device", help="cpu | cuda (default: cuda if available)")
-    a("--seed", type=cli.number(int, 0), help="default 0")
+    a("--seed", type=cli.number(int, 0, cli.SEED), help="default 0")
     a("--fsdp", action="store_true", default=None, help="generator phase: shard parameters, gradients, AdamW state "
       "and EMA over the processes (torch FSDP2, a unit per block; no grids) — for GPT-3B")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the trained networks, LPIPS and the "
@@ -171,7 +171,7 @@ def parse_args(argv=None):
     a("--micro-batch", type=n(int, 1), help="per-process batch of one forward/backward")
     a("--lr", type=n(float, 0, above=True))
     a("--lr-min", **r, help="end value of the cosine / linear decay")
-    a("--betas", type=n(float, 0, 1), nargs=2)
+    a("--betas", type=n(float, 0, 1, below=True), nargs=2)
     a("--weight-decay", **r)
     a("--warmup-epochs", **r)
     a("--schedule", choices=("cosine", "linear", "constant"), help="after warm-up: make_optimizer")
@@ -276,6 +276,8 @@ def check(args):
     if args.method == "drorae" and args.tok.get("router") == "mean" and args.phase == "2":
         raise SystemExit("--tok router=mean has no parameters, so phase 2 has nothing to train: run --phase 3 "
                          "--init-from the phase-1 checkpoint")
+    if args.phase != "gen" and args.crop == "resize" and args.resize < args.tok["image_size"]:
+        raise SystemExit(f"--resize {args.resize}: smaller than the crop it is cut to (--tok image_size={args.tok['image_size']})")
     if args.fsdp and args.phase != "gen":
         raise SystemExit("--fsdp shards generators (--phase gen); tokenizers train under DDP")
     if args.init_from and args.init is None:
@@ -306,7 +308,7 @@ def seed_ranks(args, resume, rank, world):
     when the run is resumed on as many processes, else seeded per rank."""
     if resume is None or len(resume["rng"]) != world:
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-            seed_fn(args.seed * world + rank)
+            seed_fn((args.seed * world + rank) % 2**32)
         return
     s = resume["rng"][rank]
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in s["python"]))
@@ -387,15 +389,14 @@ class Trainer:
         self.trained, self.ema, self.pending = net, copy.deepcopy(net).eval().requires_grad_(False), {}
         if resume is not None:  # whole state dicts, loaded before any sharding
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
-        bf16 = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)  # LlamaGen: bf16 gathers, fp32 reduce
-        mp = dict(mp_policy=bf16) if self.args.precision == "bf16" else {}
-        for unit in [net, self.ema] if self.args.fsdp else []:  # the EMA sharded alike: its update stays local
+        mp = {} if self.args.precision != "bf16" else dict(mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+        for unit in [net, self.ema] if self.args.fsdp else []:  # the EMA sharded alike; bf16 gathers, fp32 reductions
             for blocks in [m for m in unit.modules() if isinstance(m, torch.nn.ModuleList)]:
                 for block in blocks:  # FSDP2: each block (DiT-DH body and head, GPT) its own unit, then the rest
                     fully_shard(block, **mp)
             fully_shard(unit, **mp)
-        params = [p for p in net.parameters() if p.requires_grad]
-        self.pairs = [(e, p) for e, p in zip(self.ema.parameters(), net.parameters()) if p.requires_grad]
+        self.averaged, params = map(list, zip(*[(e, p) for e, p in zip(self.ema.parameters(), net.parameters())
+                                                 if p.requires_grad]))  # the EMA of each trained tensor, and it
         self.opt, self.sched = make_optimizer(params, self.args, self.plan, device)
         if resume is not None:
             if self.args.fsdp:  # saved whole, keyed by parameter name (world size free)
@@ -403,7 +404,7 @@ class Trainer:
             else:
                 self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
-        self.net = self.wrap(net, device)
+        self.net, self.params = self.wrap(net, device), params
         return params
 
     def wrap(self, net, device, ddp=True):
@@ -431,19 +432,17 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # EMA of the trained tensors: e ← ema·e + (1 − ema)·p, one kernel a step; buffers copied
-            ema, trained = [e for e, _ in self.pairs], [p.detach() for _, p in self.pairs]
-            torch._foreach_mul_(ema, a.ema)
-            torch._foreach_add_(ema, trained, alpha=1 - a.ema)
+            torch._foreach_mul_(self.averaged, a.ema)
+            torch._foreach_add_(self.averaged, self.params, alpha=1 - a.ema)
             for e, b in zip(self.ema.buffers(), self.trained.buffers()):
                 e.copy_(b)
         return dict(logs, lr=self.sched.get_last_lr()[0])
 
     def check(self, step, out, signal=False):
         """At log and checkpoint steps, one host read and one reduction over ranks: stop every rank on a non-finite loss
-        since the last check or a non-finite trained tensor (so the last checkpoint written is good); returns whether
-        any rank got a stop `signal`."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.clipped]  # FSDP: this rank's shard
-        finite = torch.stack([torch.isfinite(p).all() for p in local]).all()
+        since the last check or trained tensor (the last checkpoint written stays good); whether a rank got a `signal`."""
+        finite = torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()  # FSDP: the shard
+                              for p in self.params]).all()
         pending, self.pending = dict(self.pending, weights=torch.where(finite, 0, math.inf), signal=float(signal)), {}
         values = all_mean(pending, self.world, self.device)
         bad = [f"non-finite loss {v} at step {s}" if s != "weights" else f"non-finite weights after step {step}"
@@ -514,7 +513,8 @@ def build_tokenizer(args, resume):
 
 def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
     """One micro-batch of the tokenizer objective: rec + w·LPIPS + aux, plus, given the discriminator,
-    gan_weight·λ·L_G (λ = λ_adapt on the decoder's last layer, or 1). Returns (loss, logged terms)."""
+    gan_weight·λ·L_G (λ = λ_adapt on the decoder's last layer, or 1). Returns (loss, logged terms); with the GAN term
+    a loss with the objective's gradient, LPIPS and D backpropagated once (to the reconstruction)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         recon, aux = net(x)
         recon = recon.float()
@@ -525,9 +525,10 @@ def tokenizer_loss(net, x, args, lpips=None, disc=None, last_layer=None):
              if disc is not None else None)
     loss, terms = nll + sum(aux.values()), dict(rec=rec, lpips=p, **aux)
     if g is not None:
-        w = losses.adaptive_weight(nll, g, last_layer) if args.adaptive_gan else 1.0
-        loss = loss + args.gan_weight * w * g
-        terms.update(gan=g, gan_w=w)
+        d_nll, d_g = (torch.autograd.grad(t, recon, retain_graph=True)[0] for t in (nll, g))
+        w = losses.adaptive_weight(d_nll, d_g, recon, last_layer) if args.adaptive_gan else 1.0
+        terms.update(gan=g, gan_w=w, loss=loss + args.gan_weight * w * g)
+        return (recon * (d_nll + args.gan_weight * w * d_g)).sum() + sum(aux.values()), terms
     return loss, dict(terms, loss=loss)
 
 def discriminator_loss(d_net, real, fake, args, lecam=None):
@@ -580,9 +581,8 @@ class TokenizerTrainer(Trainer):
                 obj.load_state_dict(resume[key])
             if self.lecam is not None and resume.get("lecam") is not None:
                 self.lecam.ema = torch.tensor(resume["lecam"], dtype=torch.float64)
-        by_epoch = lambda s, e: s if s is not None else e * plan.steps_per_epoch  # noqa: E731
-        self.d_start = by_epoch(args.disc_start_step, args.disc_start_epoch)
-        self.g_start = by_epoch(args.gan_start_step, args.gan_start_epoch)
+        self.d_start, self.g_start = (s if s is not None else e * plan.steps_per_epoch for s, e in (  # a step wins
+            (args.disc_start_step, args.disc_start_epoch), (args.gan_start_step, args.gan_start_epoch)))
         self.d_net = self.wrap(self.disc, device)
         self.d_fn = self.d_net.module if isinstance(self.d_net, DDP) else self.d_net  # the G loss: no DDP
         self.last_layer = self.tok.last_layer()
@@ -758,12 +758,10 @@ def due(step, every):
 def checkpoints_due(args, step, end, steps_per_epoch, signalled):
     """The checkpoint files to write after `step`: ckpt-last.pt (every --ckpt-every, at the end, on a signal), and
     those kept every --keep-every steps and every --keep-every-epochs epochs."""
-    names = ["ckpt-last.pt"] if signalled or step == end or due(step, args.ckpt_every) else []
-    if due(step, args.keep_every):
-        names.append(f"ckpt-{step:07d}.pt")
-    if args.keep_every_epochs and due(step, max(1, round(args.keep_every_epochs * steps_per_epoch))):
-        names.append(f"ckpt-epoch{step / steps_per_epoch:g}.pt")
-    return names
+    keep = max(1, round(args.keep_every_epochs * steps_per_epoch)) if args.keep_every_epochs else 0
+    return [name for now, name in ((signalled or step == end or due(step, args.ckpt_every), "ckpt-last.pt"),
+                                   (due(step, args.keep_every), f"ckpt-{step:07d}.pt"),
+                                   (due(step, keep), f"ckpt-epoch{step / steps_per_epoch:g}.pt")) if now]
 
 def save(path, trainer, args, step, rank, world, final=False):
     """A checkpoint: the trainer's state and every rank's RNG state, or (`final`) its export. Every rank calls it (under

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import RAE, Attention, Block, Mlp, arguments, checked_heads, ln0
+from model import RAE, Attention, Block, Mlp, arguments, checked_blocks, checked_heads, ln0
 
 # ---- AttnFuse (Eq. 6) ------------------------------------------------------------------------------------
 
@@ -227,15 +227,13 @@ class Ideal(RAE):
         super().__init__(encoder, encoder_weights, decoder, decoder_weights, image_size, encoder_size, noise_tau=0.0)
         self.config = dict(method=self.method, **arguments(locals()))
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
-        if not 0 <= shallow_layer < depth:
-            raise ValueError(f"shallow_layer must be a block of {encoder} in [0, {depth - 1}], got {shallow_layer}")
+        checked_blocks([shallow_layer], self.encoder, "shallow_layer")
+        checked_blocks([] if deep_layer is None else [deep_layer], self.encoder, "deep_layer")
         fuse_heads, feat_heads = checked_heads(C, fuse_heads, "fuse_heads"), checked_heads(C, feat_heads, "feat_heads")
         self.shallow_layer, self.shallow_weight, self.num_codes = shallow_layer, shallow_weight, codebook_size
         fuse = {True: "attn", False: "none"}.get(fuse, fuse)  # configs of earlier versions
         if fuse not in ("attn", "linear", "none"):
             raise ValueError(f"fuse must be attn, linear or none, got {fuse}")
-        if deep_layer is not None and not 0 <= deep_layer < depth:
-            raise ValueError(f"deep_layer must be a block of {encoder} in [0, {depth - 1}], got {deep_layer}")
         self.deep_layer = depth - 1 if deep_layer is None else deep_layer
         self.fusion = {"attn": lambda: AttnFuse(C, fuse_heads, mlp_ratio, drop), "linear": lambda: LinearFuse(C),
                        "none": lambda: None}[fuse]()

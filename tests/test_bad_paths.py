@@ -111,3 +111,38 @@ def test_bad_path_is_one_line_and_writes_nothing(world, script, flag, monkeypatc
             pytest.fail(f"{script} {flag} {value}: accepted")
         assert sorted(p.name for p in world.iterdir()) == before  # nothing made, nothing overwritten
         assert (world / "junk").read_bytes() == b"not what you think"
+
+def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch):
+    """Issue 31 #4, #10, #12, #13: a device that is no device (or CUDA without a GPU) in all three tools, seeds past
+    2³² − 1, β = 1, an empty or inverted guidance interval, sizes the encoder's patch or the token grid cannot take, a
+    resize below the crop, repeated fused blocks, a size that cannot be allocated, toy.py on a folder with no world or
+    on a file: one line naming the flag (nothing written)."""
+    import toy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    images = write_images(tmp_path / "data")
+    out = tmp_path / "run"
+    base = ["--method", "rae", "--phase", "1", *GEN, *P1, "--data-path", images, "--out-dir", str(out)]
+    cases = [(train.main, base + ["--device", "foo"], "--device foo: not a device"),
+             (train.main, base + ["--device", "cuda"], "--device cuda: not a device here"),
+             (sample.main, ["--ckpt", "x", "--device", "cuda:0"], "--device cuda:0: not a device here"),
+             (evaluate.main, ["--samples", "x.npz", "--device", "foo"], "--device foo: not a device"),
+             (train.main, base + ["--seed", str(2**32)], "argument --seed: must be ≤ 4294967295"),
+             (sample.main, ["--ckpt", "x", "--seed", str(2**32)], "argument --seed: must be ≤"),
+             (toy.main, ["--seed", str(2**32)], "argument --seed: must be ≤"),
+             (train.main, base + ["--betas", "0.9", "1"], "argument --betas: must be < 1"),
+             (sample.main, ["--ckpt", "x", "--interval", "0.9", "0.1"], "argument --interval: 0.9 0.1 is empty"),
+             (sample.main, ["--ckpt", "x", "--interval", "0.5", "0.5"], "argument --interval: 0.5 0.5 is empty"),
+             (train.main, base + ["--tok", "encoder_size=33"], "--tok: image_size 64, encoder_size 33"),
+             (train.main, base + ["--resize", "80", "--tok", "image_size=65"], "--tok: image_size 65, encoder_size 56"),
+             (train.main, base + ["--tok", "image_size=72"], "--resize 64: smaller than the crop"),
+             (train.main, ["--method", "drorae", *base[2:], "--tok", "fusion_layers=[1,1,1]"],
+              "fusion_layers must be distinct block indices"),
+             (train.main, ["--method", "ideal", *base[2:], "--tok", "codebook_size=100000000000"], "out of memory"),
+             (toy.main, ["--stage", "score", "--out-dir", str(tmp_path / "empty")], "no toy world there"),
+             (toy.main, ["--out-dir", images + "/class0/img0.png"], "is not a folder")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert message in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+        assert not out.exists() and not (tmp_path / "empty").exists() and not (tmp_path / "samples").exists(), argv

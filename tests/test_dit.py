@@ -251,6 +251,12 @@ def test_sample_writes_adm_npz_grid_and_sidecar(generator_ckpt, tmp_path):
                  "--scale", "1.5", "--out-dir", str(tmp_path / "b5"), "--formats", "npz", "--device", "cpu"])
     again = np.load(tmp_path / "b5" / f"{name}.npz")["arr_0"]
     assert np.abs(again.astype(int) - npz["arr_0"].astype(int)).max() <= 1
+    # --precision bf16 (RAE's sampler): bf16 autocast, the same images to bf16 rounding, recorded in the sidecar
+    sample.main(["--ckpt", str(generator_ckpt / "generator.pt"), "--num-samples", "6", "--steps", "3", "--scale", "1.5",
+                 "--precision", "bf16", "--out-dir", str(tmp_path / "bf16"), "--device", "cpu"])
+    bf16 = np.load(tmp_path / "bf16" / f"{name}.npz")["arr_0"].astype(int)
+    assert 0 < np.abs(bf16 - npz["arr_0"].astype(int)).mean() < 4, np.abs(bf16 - npz["arr_0"].astype(int)).mean()
+    assert json.loads((tmp_path / "bf16" / f"{name}.json").read_text())["precision"] == "bf16"
 
 def test_sample_is_bit_identical_under_torchrun(generator_ckpt, tmp_path):
     """Two gloo processes give the same file, byte for byte, as one process."""

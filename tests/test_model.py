@@ -70,11 +70,11 @@ def test_get_intermediate_layers_options():
     x = g["outputs"][224]["x"]
     with torch.no_grad():
         blocks = m.forward_blocks(x)
-        outs = m.get_intermediate_layers(x, n=[0, 2], reshape=True, return_class_token=True, norm=False)
+        outs = m.get_intermediate_layers(x, n=[0, 2], norm=False)
         full = m.forward_features(x)
-    assert outs[0][0].shape == (1, 48, 16, 16)
-    torch.testing.assert_close(outs[0][0].flatten(2).transpose(1, 2), blocks[0], atol=0, rtol=0)
-    torch.testing.assert_close(outs[1][1], full["x_prenorm"][:, 0], atol=0, rtol=0)
+    assert outs[0].shape == (1, 256, 48)
+    torch.testing.assert_close(outs[0], blocks[0], atol=0, rtol=0)
+    torch.testing.assert_close(outs[1], blocks[2], atol=0, rtol=0)
     assert torch.equal(m(x), full["x_norm_clstoken"]) and full["x_norm_regtokens"].shape == (1, 4, 48)
 
 TIMM_CASES = [("vit_small_patch14_dinov2", "reg0", 518),  # timm antialiases: non-register parity only at 518

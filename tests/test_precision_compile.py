@@ -127,6 +127,9 @@ def test_tf32_on_cuda_for_training_and_sampling_only(tmp_path, monkeypatch):
     for module in (torch.backends.cuda.matmul, torch.backends.cudnn):
         monkeypatch.setattr(module, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # cuDNN's autotuner: with TF32 (EDM2 sets it)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, as far as the device check asks
+    with pytest.raises(SystemExit, match="--device cuda:x: not a device here"):
+        cli.setup_distributed("cuda:x")
     cli.setup_distributed("cpu", tf32=True)
     cli.setup_distributed("cuda")  # evaluate.py's call
     assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 or torch.backends.cudnn.benchmark)

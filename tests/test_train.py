@@ -84,6 +84,36 @@ def global_batch_grads(world, micro_batches):
     assert logs["gan_w"] > 0
     return {n: p.grad.clone() for n, p in t.tok.named_parameters() if p.requires_grad}
 
+def test_gan_term_backpropagates_lpips_and_the_discriminator_once():
+    """Issue 30 #4: with the GAN term the tokenizer's loss takes the image terms' gradients w.r.t. the reconstruction
+    once and λ_adapt from the decoder's last layer alone; every trained tensor's gradient and λ equal the direct
+    formula's (λ by autograd through LPIPS and D, one backward of the whole loss) within 1e-6 of their largest entry."""
+    args = train.parse_args(["--method", "rae", "--phase", "1", *TINY, "--tok", "noise_tau=0"])
+    t = train.TokenizerTrainer(args, train.Plan(1, 1, 10, 0), torch.device("cpu"), 1, None)
+    assert args.lpips_weight > 0 and args.adaptive_gan
+    x, d = torch.rand(2, 3, 64, 64), t.disc.eval()
+    grads = []
+    with unittest.mock.patch.object(losses, "diff_augment", lambda x, *a, **k: x):
+        for direct in (False, True):
+            t.opt.zero_grad(set_to_none=True)
+            if direct:
+                recon, _ = t.net(x)
+                nll = train.REC_LOSSES[args.rec_loss](recon, x) + args.lpips_weight * t.lpips(recon, x).mean()
+                g = losses.generator_loss(d(recon * 2 - 1))
+                g_w = [torch.autograd.grad(v, t.last_layer, retain_graph=True)[0].norm() for v in (nll, g)]
+                lam = (g_w[0] / (g_w[1] + 1e-6)).clamp(0, 1e4)
+                (nll + args.gan_weight * lam * g).backward()
+            else:
+                loss, terms = train.tokenizer_loss(t.net, x, args, t.lpips, d, t.last_layer)
+                loss.backward()
+                lam = terms["gan_w"]
+                assert all(p.grad is None for p in d.parameters())  # D is not backpropagated a second time
+            grads.append((lam, {n: p.grad.clone() for n, p in t.tok.named_parameters() if p.requires_grad}))
+    (lam, new), (lam_direct, old) = grads
+    assert abs(lam - lam_direct) <= 1e-6 * lam_direct and lam > 0
+    for n, g in old.items():
+        assert (new[n] - g).abs().max() <= 1e-6 * g.abs().max(), n  # fp32 rounding: ≤ 4e-7 of the largest entry
+
 def _ddp_worker(rank, port, xs, path):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
