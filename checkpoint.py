@@ -10,12 +10,13 @@ the only one that knows every method. A checkpoint is a dict written atomically 
 import hashlib
 import inspect
 import json
-import os
+import zipfile
 from pathlib import Path
 
 import torch
 
 import ar
+import cli
 import dit
 import fusion
 import model
@@ -42,27 +43,14 @@ def build_tokenizer(config, **overrides):
     when a state dict is loaded next): its class takes the config minus "method" and keeps it as `tok.config`."""
     config = {**(model.TOKENIZER_PRESETS[config] if isinstance(config, str) else config), **overrides}
     method = config.pop("method", None)
+    config.pop("restart_dead", None)  # a removed training-only knob of Ideal (a run with it on has a `pool` to refuse)
     if method not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer method '{method}': expected one of {sorted(TOKENIZERS)}")
     return TOKENIZERS[method](**config)
 
 def save_checkpoint(path, **state):
-    """torch.save of the dict `state` to `path`.tmp, fsync, os.replace: a crash (kill -9) leaves at most the .tmp, which
-    the next save overwrites, never a half-written file; a failed write (disk full) is one line, the old file kept."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
-            raise SystemExit(f"{path}: could not write ({why}); the previous file is kept") from None
-        raise
+    """torch.save of the dict `state`, atomically (cli.write_atomic: never a half-written file)."""
+    cli.write_atomic(path, lambda f: torch.save(state, f))
 
 def load_stats(path):
     """A stats file: compute_latent_stats's dict, by save_checkpoint(path, **stats), or RAE's `stat.pt` (mean: None)."""
@@ -87,9 +75,12 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
     if not path.is_file():
         raise SystemExit(f"{path}: no such checkpoint")
     try:
+        bad = zipfile.ZipFile(path).testzip()  # torch.save's zip holds a CRC per record: a flipped bit fails it
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: cheap to inspect
     except Exception as e:  # noqa: BLE001 — any unreadable file gets the same one-line answer
         raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__})")
+    if bad:
+        raise SystemExit(f"{path}: corrupt ({bad} fails its checksum); resume from another checkpoint or retrain")
     if not isinstance(ck, dict) or not {"kind", "method", "phase"} <= ck.keys():
         raise SystemExit(f"{path}: not a depthrae checkpoint (no kind/method/phase)")
     wanted = {k: (w,) if isinstance(w, str) else tuple(w) for k, w in

@@ -45,6 +45,24 @@ def writable(flag, folder):
                 raise SystemExit(f"{flag} {folder}: {parent} is {what}")
             return
 
+def write_atomic(path, data):
+    """Write `data` (text, or a function writing to a binary file) to `path`.tmp, fsync, os.replace: a crash (kill -9)
+    leaves at most the .tmp, which the next write replaces; a failure (a full disk, which torch.save reports as a
+    RuntimeError) is one line, the previous file kept and no empty one left."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise SystemExit(f"{path}: could not write ({why}); the previous file is kept") from None
+        raise
+
 def lock(path, what):
     """Own the lock file `path` while this process lives (another is refused); the OS drops it however the process ends."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +92,7 @@ def user_errors(script, downloads):
 SEED = 2**32 - 1  # the largest seed: numpy's limit, and sample.py's per-sample seeds (seed · 2³² + index) stay in 64 bits
 
 def number(kind=int, low=None, high=None, above=False, below=False):
-    """An argparse type: a finite `kind` ≥ low (> low with `above`) and ≤ high (< with `below`), else the parser's
-    one-line error."""
+    """An argparse type: a finite `kind` ≥ low (> with `above`) and ≤ high (< with `below`), else the parser's error."""
     def parse(text):
         try:
             value = kind(text)

@@ -60,6 +60,14 @@ def save_image_grid(x01, path, nrow=8):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)
 
+def walk(folder):
+    """os.walk(folder) following links, but into no folder that holds the current one: a link loop (class/loop -> ..)
+    would repeat images without end, under the wrong label."""
+    for d, subdirs, files in os.walk(folder, followlinks=True):
+        here = os.path.realpath(d) + os.sep
+        subdirs[:] = [s for s in subdirs if not here.startswith(os.path.realpath(os.path.join(d, s)) + os.sep)]
+        yield d, subdirs, files
+
 class ImageFolder(Dataset):
     """Images in class subfolders (ImageNet layout, labels = sorted folder index) or directly in `root` (label 0).
     resize=R: Resize(R, bicubic) → RandomCrop(size) (RAE decoder training: R=384, size=256); min_frac=F: ADM
@@ -74,7 +82,7 @@ class ImageFolder(Dataset):
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         dirs = [(root / c, i) for i, c in enumerate(self.classes)] or [(root, 0)]
         self.samples = [(os.path.join(d, f), label) for folder, label in dirs
-                        for d, _, files in sorted(os.walk(folder, followlinks=True)) for f in sorted(files)
+                        for d, _, files in sorted(walk(folder)) for f in sorted(files)
                         if f.lower().endswith(IMG_EXTENSIONS)]
         if not self.samples:
             raise SystemExit(f"no images found in {root}: expected {'/'.join(IMG_EXTENSIONS)} files "

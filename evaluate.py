@@ -426,7 +426,7 @@ def main(argv=None):
     if rank == 0:
         print("\n".join(f"{k:>12}  {v:.6g}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in res.items()))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+        cli.write_atomic(out, json.dumps(res, indent=1))
         print(f"wrote {out}")
     return res
 
@@ -456,7 +456,7 @@ def run(args):
         res.update(compare(st, ref) if rank_world()[0] == 0 else {})
     if args.save_stats and rank_world()[0] == 0:
         Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.save_stats, **st)
+        cli.write_atomic(args.save_stats, lambda f: np.savez(f, **st))  # the name as given (np.savez adds .npz)
     return res
 
 def reconstruct(args, features, device):

@@ -260,7 +260,7 @@ def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, m
          metrics)
     res = dict(study=name, world=args.world, seeds=args.seeds, table=table, comparisons=cmp,
                **(extra(table) if callable(extra) else extra or {}))
-    (root / "results.json").write_text(json.dumps(res, indent=1))
+    cli.write_atomic(root / "results.json", json.dumps(res, indent=1))
     print(f"wrote {root}/results.json, chart.png")
     return res
 
@@ -536,7 +536,7 @@ def drorae_routing_maps(argv):
             w = torch.tensor([res[key][s][region] for s in args.seeds])
             print(f"{key:<12}{region:<12}" + " ".join(f"{m:.3f}±{s:.3f}" for m, s in
                                                    zip(w.mean(0).tolist(), (w.max(0)[0] - w.min(0)[0]).tolist())))
-    (root / "results.json").write_text(json.dumps(dict(study="drorae-routing-maps", seeds=args.seeds, weights=res),
+    cli.write_atomic(root / "results.json", json.dumps(dict(study="drorae-routing-maps", seeds=args.seeds, weights=res),
                                                   indent=1))
     print(f"wrote {root}/results.json and seed*-*.png (rows: image, then one map per block; blue −, white 0, red +)")
     return res

@@ -106,9 +106,8 @@ class DRoRAE(model.RAE):
         super().__init__(**rae)
         self.config.update(model.arguments(locals(), "rae", "fuse"))  # `fuse`: set by the phase (set_phase)
         depth = len(self.encoder.blocks)
-        fusion_layers = None if fusion_layers is None else model.checked_blocks(fusion_layers, self.encoder, "fusion_layers")
-        self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden, fusion_layers, beta,
-                                        route_eps, router)
+        layers = model.checked_blocks(range(depth) if fusion_layers is None else fusion_layers, depth, "fusion_layers")
+        self.fusion = DepthRoutedFusion(self.encoder.embed_dim, depth, fusion_hidden, layers, beta, route_eps, router)
         self.smoothness = smoothness
         self.set_phase("3" if fuse else "1")
 

@@ -164,9 +164,8 @@ def checked_heads(dim, num_heads, name):
         raise ValueError(f"{name} must divide the width {dim}, got {num_heads}")
     return num_heads
 
-def checked_blocks(blocks, encoder, name):
-    """`blocks` as a list if they are distinct block indices of the DINOv2 `encoder`, else a ValueError naming `name`."""
-    depth = len(encoder.blocks)
+def checked_blocks(blocks, depth, name):
+    """`blocks` as a list if they are distinct block indices of an encoder of `depth`, else a ValueError naming `name`."""
     if not all(0 <= k < depth for k in blocks) or len(set(blocks)) < len(blocks):
         raise ValueError(f"{name} must be distinct block indices in [0, {depth - 1}] of the encoder, got {list(blocks)}")
     return list(blocks)

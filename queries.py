@@ -84,7 +84,7 @@ class DecQ(model.RAE):
         C, depth, self.num_extra = self.encoder.embed_dim, len(self.encoder.blocks), num_queries
         query_layers = list(range(0, depth, depth // 4)) if query_layers is None else query_layers  # B: 0, 3, 6, 9
         query_heads = model.checked_heads(C, query_heads or C // 64, "query_heads")  # head dim 64: 12 on DINOv2-B
-        query_layers = model.checked_blocks(query_layers, self.encoder, "query_layers")
+        query_layers = model.checked_blocks(query_layers, depth, "query_layers")
         self.condenser = DetailQueries(C, num_queries, query_layers, query_heads, query_mlp_ratio)
         self.register_buffer("query_mean", None, persistent=False)  # (Q, C) or None, see set_stats
         self.register_buffer("query_var", None, persistent=False)

@@ -66,8 +66,9 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     finished = json.loads(record.read_text()) if reuse and record.exists() else {}
     todo, done = [], set()
     for run in jobs:  # dependencies come first
-        run_dir = Path(run.settings["out_dir"]) if run.script == "train.py" and "out_dir" in run.settings else None
-        kept = run_dir is None or run_dir.exists()  # a deleted run folder: trained again
+        output = run.settings.get("out_dir", run.settings.get("out"))  # any script's: deleted, the run runs again
+        run_dir = Path(output) if run.script == "train.py" and output else None
+        kept = output is None or Path(output).exists()
         if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done and kept:
             done.add(run.name)
             continue
@@ -79,7 +80,7 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
         todo.append(run._replace(settings=merge(run.settings, dict(resume=run_dir))) if resume else run)
     owner = cli.lock(out / ".lock", f"{out}")  # one scheduler a folder; a refused rerun (above) writes nothing
     logs.mkdir(parents=True, exist_ok=True)
-    (out / "commands.sh").write_text("".join(c + "\n" for c in cmd.values()))
+    cli.write_atomic(out / "commands.sh", "".join(c + "\n" for c in cmd.values()))
     env = {**os.environ, "TQDM_MININTERVAL": "5", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
     running = {}
@@ -102,9 +103,7 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
                     raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {logs / name}.log")
                 done.add(name)
                 finished[name] = cmd[name]
-                tmp = record.with_suffix(".tmp")
-                tmp.write_text(json.dumps(finished, indent=1))
-                os.replace(tmp, record)
+                cli.write_atomic(record, json.dumps(finished, indent=1))
                 bar.update(1)
     finally:  # a failed run, SIGTERM or Ctrl-C (exit 128 + signal): the running ones get SIGTERM (train.py saves first)
         for s, handler in previous.items():

@@ -149,7 +149,7 @@ def main(argv=None):
                       for b in tqdm(batches, desc=f"sampling {name}", disable=rank != 0)]
         mine = torch.cat([torch.arange(b.start, b.stop) for b in batches] or [torch.zeros(0, dtype=torch.long)])
         shard = out / f"{name}.rank{rank}.pt"
-        torch.save({"index": mine, "images": torch.cat(images) if images else None}, shard)
+        checkpoint.save_checkpoint(shard, index=mine, images=torch.cat(images) if images else None)
         if world > 1:
             dist.barrier()
         if rank == 0:
@@ -161,14 +161,14 @@ def main(argv=None):
                     arr[part["index"]] = part["images"]
                 os.remove(out / f"{name}.rank{r}.pt")
             if "npz" in args.formats:
-                np.savez(out / f"{name}.npz", arr_0=arr.numpy(), arr_1=labels.numpy())
+                cli.write_atomic(out / f"{name}.npz", lambda f: np.savez(f, arr_0=arr.numpy(), arr_1=labels.numpy()))
             if "png" in args.formats:
                 grid = arr[:64].permute(0, 3, 1, 2).float() / 255
                 data.save_image_grid(grid, out / f"{name}.png", nrow=math.ceil(math.sqrt(len(grid))))
             info = dict(vars(args), name=name, num_samples=n, classes=classes, world_size=world, method=ck["method"],
                         generator=ck["path"], generator_step=ck.get("step"), tokenizer=ck["tokenizer"]["path"],
                         decoder=args.decoder_from or ck["tokenizer"]["path"], seconds=round(time.time() - t0, 1))
-            (out / f"{name}.json").write_text(json.dumps(info, indent=2))
+            cli.write_atomic(out / f"{name}.json", json.dumps(info, indent=2))
             print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")
     if world > 1:
         dist.barrier()

@@ -296,8 +296,8 @@ def world(args, out):
                               log=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
     torch.set_num_threads(threads)
     bar.close()
-    torch.save(vfm.state_dict(), out / "vfm.pth")
-    torch.save(heads.state_dict(), out / "vfm_heads.pth")
+    cli.write_atomic(out / "vfm.pth", lambda f: torch.save(vfm.state_dict(), f))
+    cli.write_atomic(out / "vfm_heads.pth", lambda f: torch.save(heads.state_dict(), f))
     vfm, heads = load_vfm(out)  # from here on the VFM is the one loaded from the file, as the runs see it
     x_test, y_test, _ = test_set(args)
     acc = (vfm_classify(vfm, heads, x_test) == y_test).float().mean().item()
@@ -308,7 +308,7 @@ def world(args, out):
     x_train, y_train, _ = make_world(args.train_images, args.seed)
     write_folder(x_train, y_train, out / "data" / "train")
     write_folder(x_test, y_test, out / "data" / "test")  # the held-out images, for evaluate.py and the studies
-    (out / "world.json").write_text(json.dumps(dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), indent=1))
+    cli.write_atomic(out / "world.json", json.dumps(dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), indent=1))
 
 def load_vfm(out):
     vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()
@@ -360,7 +360,7 @@ def score(args, out, seconds=None):
     fd_real = fd(vfm_features(vfm, x_train[:len(labels)]), f_test)
     vfm_res = json.loads((out / "world.json").read_text())
     results.update(vfm=vfm_res, fd_real_train_vs_test=fd_real, seconds=seconds, args=vars(args))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    cli.write_atomic(out / "results.json", json.dumps(results, indent=1))
 
     columns = dict(psnr=("PSNR", 8, ".2f"), ssim=("SSIM", 8, ".3f"), recon_accuracy=("recon acc", 11, ".3f"),
                    sample_accuracy=("sample acc", 12, ".3f"), fd=("FD (VFM)", 10, ".3f"), precision=("P", 7, ".3f"),

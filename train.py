@@ -317,7 +317,7 @@ def seed_ranks(args, resume, rank, world):
     if s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
 
-Plan = collections.namedtuple("Plan", "accum steps_per_epoch total_steps warmup_steps")
+Plan = collections.namedtuple("Plan", "accum steps_per_epoch total_steps warmup_steps images", defaults=(None,))
 
 def plan(args, dataset, world):
     """Micro-batches per process per global batch (accum), optimizer steps per epoch (drop_last), total, warm-up."""
@@ -329,7 +329,8 @@ def plan(args, dataset, world):
     if steps_per_epoch == 0:
         raise SystemExit(f"--data-path {args.data_path}: {len(dataset)} images, fewer than one global batch "
                          f"({args.global_batch})")
-    return Plan(accum, steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch))
+    return Plan(accum, steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
+                len(dataset))
 
 def make_optimizer(params, args, plan, device):
     """AdamW (fused on CUDA) and its per-step LambdaLR: linear warm-up, then `cosine` to lr_min at the end
@@ -640,7 +641,8 @@ class GeneratorTrainer(Trainer):
         if resume is not None and resume["tokenizer"].get("identity") not in (None, self.tokenizer["identity"]):
             raise SystemExit(f"--tokenizer {tck['path']}: not the tokenizer this run was trained with")
         self.token_grid, self.stats = self.tok.decoder.grid, None
-        self.encode = torch.no_grad()(self.tok.encode)  # normalised tokens (B, N [+ k], C) or codes: what a cache holds
+        encode = torch.compile(self.tok.encode) if args.compile else self.tok.encode  # fp32, as the latent cache's:
+        self.encode = torch.no_grad()(encode)  # normalised tokens (B, N [+ k], C) or codes, what a cache holds
         if not self.tok.num_codes:
             if resume is not None or args.stats:
                 self.stats = resume["stats"] if resume is not None else checkpoint.load_stats(args.stats)
@@ -657,7 +659,7 @@ class GeneratorTrainer(Trainer):
             if not (Path(args.latent_cache) / "labels.npy").exists():
                 data.fill_cache(args.latent_cache, self.encode, crops, args.micro_batch, args.workers, device)
                 if world == 1 or dist.get_rank() == 0:
-                    record.write_text(json.dumps(made_by))
+                    cli.write_atomic(record, json.dumps(made_by))
             else:
                 old = json.loads(record.read_text()) if record.exists() else {}
                 differ = [k for k in made_by if old.get(k) != made_by[k]]
@@ -772,7 +774,7 @@ def save(path, trainer, args, step, rank, world, final=False):
         rngs = [rng_state()] * world
         if world > 1:
             dist.all_gather_object(rngs, rngs[0])
-        state = dict(trainer.state(), epoch=step // trainer.plan.steps_per_epoch, rng=rngs)
+        state = dict(trainer.state(), epoch=step // trainer.plan.steps_per_epoch, rng=rngs, images=trainer.plan.images)
     if rank == 0:
         checkpoint.save_checkpoint(path, kind=trainer.kind, method=args.method, phase=args.phase, step=step,
                                    args=settings(args), **state)
@@ -780,6 +782,9 @@ def save(path, trainer, args, step, rank, world, final=False):
 def train(args, rank, world, device, stop):
     out, (resume, dataset, tck) = Path(args.out_dir), open_run(args)
     schedule = plan(args, dataset, world)
+    if resume is not None and resume.get("images", schedule.images) != schedule.images:  # another data order
+        raise SystemExit(f"--data-path {args.data_path}: {schedule.images} images now, {resume['images']} when "
+                         f"{resume['path']} was saved; restore the folder, or start a new run")
     trainer = (TokenizerTrainer(args, schedule, device, world, resume) if tck is None else
                GeneratorTrainer(args, schedule, device, world, resume, tck))
     step = resume["step"] if resume is not None else 0
@@ -788,7 +793,7 @@ def train(args, rank, world, device, stop):
     steps_per_epoch, total_steps = schedule.steps_per_epoch, schedule.total_steps
     with cli.lock(out / ".lock", f"--out-dir {out}") if rank == 0 else contextlib.nullcontext():  # one run a folder
         if rank == 0:
-            (out / "args.json").write_text(json.dumps(settings(args), indent=1))
+            cli.write_atomic(out / "args.json", json.dumps(settings(args), indent=1))
             grid_x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
             print(f"{args.method} phase {args.phase}: {sum(p.numel() for p in trainer.clipped):,} trained parameters; "
                   f"{len(dataset)} images, {steps_per_epoch} steps/epoch × {args.epochs} epochs, {world} "

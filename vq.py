@@ -84,21 +84,18 @@ class VectorQuantizer(nn.Module):
     ‖sg(z) − q‖² + β‖z − sg(q)‖² + w_H·entropy. Runs in fp32 under autocast.
     Usage = fraction of codes assigned in the last `usage_window` tokens (batch granularity; assignments are
     all-gathered under DDP, so every rank sees the global usage); perplexity = exp(entropy of this batch's
-    code histogram). `restart_dead` moves codes unused for a whole window onto random encoder outputs of the
-    previous step (off by default; not in the paper)."""
+    code histogram)."""
 
     def __init__(self, dim, codebook_size=16384, code_dim=64, beta=0.25, entropy_weight=0.01,
-                 entropy_temperature=0.01, usage_window=65536 * 8, restart_dead=False, chunk=2048):
+                 entropy_temperature=0.01, usage_window=65536 * 8, chunk=2048):
         super().__init__()
         self.beta, self.entropy_weight, self.entropy_temperature = beta, entropy_weight, entropy_temperature
-        self.usage_window, self.restart_dead, self.chunk = usage_window, restart_dead, chunk
+        self.usage_window, self.chunk = usage_window, chunk
         self.down, self.up = nn.Linear(dim, code_dim), nn.Linear(code_dim, dim)
         codebook = torch.empty(codebook_size, code_dim).uniform_(-1 / codebook_size, 1 / codebook_size)
         self.codebook = nn.Parameter(F.normalize(codebook, dim=-1))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_seen", torch.full((codebook_size,), -usage_window, dtype=torch.long))
-        if restart_dead:  # K random normalised encoder outputs of the last step, the restart candidates
-            self.register_buffer("pool", torch.zeros(codebook_size, code_dim))
         self.last_stats = {}
 
     def codes(self):
@@ -121,24 +118,9 @@ class VectorQuantizer(nn.Module):
         usage = (self.last_seen > self.tokens_seen - self.usage_window).float().mean()  # tensors: read when logged
         self.last_stats = {"usage": usage, "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum())}
 
-    @torch.no_grad()
-    def restart(self):
-        """Dead-code restart: codes unused for a full window move to random encoder outputs of the previous
-        step (rank 0's choice), so they must win assignments on new data to count as used."""
-        dead = (self.last_seen <= self.tokens_seen - self.usage_window).nonzero().squeeze(1)
-        if self.tokens_seen < self.usage_window or len(dead) == 0:
-            return
-        new = self.pool[:len(dead)].to(self.codebook.dtype)
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(new, 0)
-        self.codebook[dead] = new
-
     def quantize(self, z):
         """Normalised z (B, N, d) → (straight-through q in training / q in eval, indices (B, N), loss)."""
         flat = z.reshape(-1, z.shape[-1])
-        if self.training and self.restart_dead:
-            self.restart()
-            self.pool.copy_(flat.detach()[torch.randint(len(flat), (len(self.pool),), device=flat.device)])
         codes = self.codes()
         indices = nearest_code(flat, codes, self.chunk)
         q = codes[indices].view_as(z)
@@ -221,14 +203,14 @@ class Ideal(RAE):
 
     def __init__(self, encoder="vitb14_reg", encoder_weights="official", decoder="XL", decoder_weights=None,
                  image_size=256, encoder_size=None, shallow_layer=3, fuse="attn", codebook_size=16384, code_dim=64,
-                 beta=0.25, entropy_weight=0.01, entropy_temperature=0.01, usage_window=65536 * 8, restart_dead=False,
+                 beta=0.25, entropy_weight=0.01, entropy_temperature=0.01, usage_window=65536 * 8,
                  shallow_weight=1.0, fuse_heads=12, feat_depth=6, feat_heads=12, mlp_ratio=2.0, num_registers=4,
                  drop=0.1, deep_layer=None):
         super().__init__(encoder, encoder_weights, decoder, decoder_weights, image_size, encoder_size, noise_tau=0.0)
         self.config = dict(method=self.method, **arguments(locals()))
         depth, C = len(self.encoder.blocks), self.encoder.embed_dim
-        checked_blocks([shallow_layer], self.encoder, "shallow_layer")
-        checked_blocks([] if deep_layer is None else [deep_layer], self.encoder, "deep_layer")
+        checked_blocks([shallow_layer], depth, "shallow_layer")
+        checked_blocks([] if deep_layer is None else [deep_layer], depth, "deep_layer")
         fuse_heads, feat_heads = checked_heads(C, fuse_heads, "fuse_heads"), checked_heads(C, feat_heads, "feat_heads")
         self.shallow_layer, self.shallow_weight, self.num_codes = shallow_layer, shallow_weight, codebook_size
         fuse = {True: "attn", False: "none"}.get(fuse, fuse)  # configs of earlier versions
@@ -238,7 +220,7 @@ class Ideal(RAE):
         self.fusion = {"attn": lambda: AttnFuse(C, fuse_heads, mlp_ratio, drop), "linear": lambda: LinearFuse(C),
                        "none": lambda: None}[fuse]()
         self.quantizer = VectorQuantizer(C, codebook_size, code_dim, beta, entropy_weight, entropy_temperature,
-                                         usage_window, restart_dead)
+                                         usage_window)
         self.feature_decoder = FeatureDecoder(C, (self.encoder_size // self.encoder.patch_size) ** 2, feat_depth,
                                               feat_heads, mlp_ratio, num_registers, drop)
         self.set_phase("1")

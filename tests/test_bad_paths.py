@@ -146,3 +146,33 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch):
             main(argv)
         assert message in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
         assert not out.exists() and not (tmp_path / "empty").exists() and not (tmp_path / "samples").exists(), argv
+
+def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Issue 31 #11: every file a tool writes (checkpoints, args.json, samples, statistics, evaluation results, a
+    study's records, the toy world) goes through cli.write_atomic: a full disk (OSError, or torch.save's RuntimeError)
+    is one line, the previous file kept, no empty or temporary file left. A source scan keeps new writes on it."""
+    import errno
+    import os
+    import re
+    from pathlib import Path
+
+    path = tmp_path / "x.json"
+    cli.write_atomic(path, "old")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit, match=r"x.json: could not write \(No space left on device\); the previous file is"):
+        cli.write_atomic(path, "new")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("file write failed")))
+    with pytest.raises(SystemExit, match=r"x.json: could not write \(file write failed\)"):
+        checkpoint.save_checkpoint(path, a=1)
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    monkeypatch.undo()
+    cli.write_atomic(tmp_path / "stats", lambda f: np.savez(f, mu=np.zeros(2)))  # the name as given: no .npz added
+    assert np.load(tmp_path / "stats")["mu"].shape == (2,)
+    root = Path(cli.__file__).parent
+    for script in root.glob("*.py"):
+        writes = re.findall(r".*(?:\.write_text\(|torch\.save\(|np\.savez\(|json\.dump\().*", script.read_text())
+        assert all("lambda f:" in w for w in writes), (script.name, writes)

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import checkpoint
 import experiments
@@ -314,9 +313,28 @@ def test_a_runs_settings_render_as_its_scripts_flags():
         "--method", "drorae", "--tok", "beta=0.5"]
     import train
     args = train.parse_args(runs.argv(run._replace(settings=dict(run.settings, tok=dict(beta=0.5, encoder={
-        "depth": 6}, restart_dead=True, deep_layer=None)))))
-    assert (args.tok["beta"], args.tok["encoder"], args.tok["restart_dead"], args.tok["deep_layer"]) == (
-        0.5, {"depth": 6}, True, None)  # read back as they were written
+        "depth": 6}, fuse="none", deep_layer=None)))))
+    assert (args.tok["beta"], args.tok["encoder"], args.tok["fuse"], args.tok["deep_layer"]) == (
+        0.5, {"depth": 6}, "none", None)  # read back as they were written
     merged = runs.merge(run.settings, dict(phase="2", tok=dict(fuse="none"), seed=1))
     assert list(merged) == [*run.settings, "seed"] and merged["tok"]["beta"] == 0.5 and merged["tok"]["fuse"] == "none"
     assert runs.command(run, gpus=8).startswith("torchrun --nproc_per_node=8 train.py --method ideal")
+
+def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
+    """Issue 31 #8: a study rerun trusts finished.json only while the run's output is there (train.py's run folder,
+    sample.py's folder, evaluate.py's file): a sample set deleted since is sampled again, one still there is reused."""
+    from test_dit import make_generator_ckpt
+
+    ckpt = make_generator_ckpt(tmp_path)
+    job = runs.Run("s", "sample.py", dict(ckpt=ckpt / "generator.pt", num_samples=2, steps=2, out_dir=tmp_path / "s",
+                                          formats=["npz"], device="cpu"))
+    runs.run_jobs([job], tmp_path / "study", lanes=1, reuse=True)
+    (npz,) = (tmp_path / "s").glob("*.npz")
+    first = npz.stat().st_mtime_ns
+    runs.run_jobs([job], tmp_path / "study", lanes=1, reuse=True)
+    assert npz.stat().st_mtime_ns == first  # reused, not sampled again
+    for f in (tmp_path / "s").iterdir():
+        f.unlink()
+    (tmp_path / "s").rmdir()
+    runs.run_jobs([job], tmp_path / "study", lanes=1, reuse=True)
+    assert list((tmp_path / "s").glob("*.npz"))

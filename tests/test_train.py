@@ -612,6 +612,32 @@ def test_non_finite_weights_are_never_checkpointed_nor_loaded(images, tmp_path, 
     with pytest.raises(ValueError, match=f"non-finite tensors: {name}"):
         checkpoint.load_tokenizer(tmp_path / "bad.pt")
 
+def test_data_folder_link_loops_and_changes_under_a_resume(images, tmp_path):
+    """Issue 31 #7: a link back up the data folder (class0/loop -> ..) adds no image (it repeated the whole folder,
+    class1's images under label 0, until the paths grew too long); a run resumed after its data folder changed is
+    refused in one line (another schedule and data order)."""
+    (Path(images) / "class0" / "loop").symlink_to("..")
+    ds = data.ImageFolder(images, size=64)
+    assert len(ds) == 8 and [label for _, label in ds.samples].count(0) == 4
+    run = ["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--global-batch", "4", "--micro-batch", "2",
+           "--loss", "lpips_weight=0"]
+    train.main(run + ["--out-dir", str(tmp_path / "run"), "--max-steps", "1"])
+    (Path(images) / "class0" / "copy.png").write_bytes((Path(images) / "class0" / "img0.png").read_bytes())
+    msg = error(run + ["--resume", str(tmp_path / "run"), "--max-steps", "2"])
+    assert f"--data-path {images}: 9 images now, 8 when" in msg and "\n" not in msg, msg
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
+    """Issue 31 #8: torch.load reads a checkpoint with a flipped bit in a tensor without a word; load_checkpoint checks
+    the CRC of every record of torch.save's zip and refuses it in one line."""
+    checkpoint.save_checkpoint(tmp_path / "c.pt", kind="tokenizer", method="rae", phase="1", ema={"w": torch.randn(4096)})
+    raw = bytearray((tmp_path / "c.pt").read_bytes())
+    start = raw.index(torch.load(tmp_path / "c.pt", weights_only=True)["ema"]["w"][:4].numpy().tobytes())
+    raw[start + 8000] ^= 1
+    (tmp_path / "c.pt").write_bytes(raw)
+    torch.load(tmp_path / "c.pt", weights_only=True)  # silently
+    with pytest.raises(SystemExit, match=r"c.pt: corrupt \(.*data/0 fails its checksum\)"):
+        checkpoint.load_checkpoint(tmp_path / "c.pt")
+
 def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
     (Path(images) / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     out = tmp_path / "run"
@@ -621,30 +647,41 @@ def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
     assert log(out)[-1]["skipped"] == 1
 
 def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
-    """Every flag of train.py, sample.py and evaluate.py that takes a number, given a negative number, a word, nan or
-    ±inf: exit with one line naming the flag, no traceback (argparse's usage dump replaced by cli.ArgumentParser.error)."""
+    """Issue 31: every flag of train.py, sample.py, evaluate.py, toy.py and experiments.py that takes a number, given a
+    negative number, a word, nan, ±inf or 0: exit with one line naming the flag (0: or run), no traceback (argparse's
+    usage dump replaced by cli.ArgumentParser.error); a number flag not parsed by cli.number fails the test."""
     import evaluate
     import sample
 
-    parsers, parse = [], cli.ArgumentParser.parse_args
-    monkeypatch.setattr(cli.ArgumentParser, "parse_args",
-                        lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))  # keeps each parser
+    import experiments
+    import toy
+
+    parsers = []
+    for kind in (cli.ArgumentParser.parse_args, cli.ArgumentParser.parse_known_args):  # keeps each parser
+        monkeypatch.setattr(cli.ArgumentParser, kind.__name__,
+                            lambda self, *a, kind=kind, **k: parsers.append(self) or kind(self, *a, **k))
+    parse = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args,
+             "toy.py": toy.parse_args, "experiments.py": lambda argv: experiments.study_args("main", argv)}
     base = {"train.py": ["--method", "rae", "--phase", "1"], "sample.py": ["--ckpt", "x"],
-            "evaluate.py": ["--samples", "x.npz"]}
+            "evaluate.py": ["--samples", "x.npz"], "toy.py": [], "experiments.py": []}
     for script, argv in base.items():
         parsers.clear()
-        {"train.py": train, "sample.py": sample, "evaluate.py": evaluate}[script].parse_args(argv)
-        numeric = [a for a in parsers[-1]._actions if getattr(a.type, "__qualname__", "").startswith("number.")]
-        assert len(numeric) >= {"train.py": 20, "sample.py": 10, "evaluate.py": 2}[script]
+        parse[script](argv)
+        prog, actions = parsers[-1].prog, parsers[-1]._actions
+        assert not [a.dest for a in actions if a.type in (int, float)], script  # every number through cli.number
+        numeric = [a for a in actions if getattr(a.type, "__qualname__", "").startswith("number.")]
+        assert len(numeric) >= {"train.py": 20, "sample.py": 10, "evaluate.py": 2, "toy.py": 12,
+                                "experiments.py": 3}[script]
         for action in numeric:
             flag = action.option_strings[0]
-            for bad in ("-5", "x", "nan", "inf", "-inf"):
+            for bad in ("-5", "x", "nan", "inf", "-inf", "0"):
                 values = [bad] * (action.nargs if isinstance(action.nargs, int) else 1)
-                with pytest.raises(SystemExit) as e:
-                    {"train.py": train, "sample.py": sample, "evaluate.py": evaluate}[script].parse_args(
-                        argv + [flag, *values])
-                msg = str(e.value)
-                assert msg.startswith(f"{script}: error: argument {flag}") and "\n" not in msg, msg
+                try:  # 0: a valid value of some flags (--seed 0), refused in one line by the others
+                    parse[script](argv + [flag, *values])
+                    assert bad == "0", (script, flag, bad)
+                except SystemExit as e:
+                    msg = str(e)
+                    assert msg.startswith(f"{prog}: error: argument {flag}") and "\n" not in msg, msg
     # the knobs: every number a tokenizer (of every method), the tokenizer objective or a generator takes
     knobs = [(m, "1", "--tok", k, v) for m in checkpoint.TOKENIZERS for k, v in checkpoint.tokenizer_knobs(m).items()]
     knobs += [("rae", "1", "--loss", k, v) for k, v in train.RAE_DECODER["loss"].items()]

@@ -86,41 +86,19 @@ def test_usage_and_perplexity_on_constructed_assignments():
     q.update_usage(torch.tensor([[7, 7], [7, 2]]))
     assert q.last_stats["usage"] == 3 / 8 and q.last_stats["perplexity"] == pytest.approx(4 / 3 ** 0.75)
 
-def test_dead_code_restart_moves_only_unused_codes_onto_encoder_outputs():
-    q = vq.VectorQuantizer(8, codebook_size=16, code_dim=4, usage_window=16, restart_dead=True,
-                           entropy_weight=0.0).train()
-    x = torch.randn(1, 8, 8)
-    _, idx, _ = q(x)  # step 1 fills the pool; no restart before a full window has passed
-    _, idx2, _ = q(x)
-    assert torch.equal(idx, idx2)
-    used = idx.unique()
-    before = q.codebook.detach().clone()
-    pool = q.pool.clone()
-    q(x)  # 16 tokens seen: codes unused for the window move onto pool rows (last step's normalised z)
-    dead = torch.tensor([k for k in range(16) if k not in used])
-    assert torch.equal(q.codebook[used], before[used])
-    assert torch.equal(q.codebook.detach()[dead], pool[: len(dead)])
-    z = F.normalize(q.down(x), dim=-1).reshape(-1, 4)
-    assert all(torch.isclose(z, r, atol=1e-6).all(-1).any() for r in pool)
-
 def _ddp_usage_worker(rank, port, path):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    q = vq.VectorQuantizer(8, codebook_size=16, code_dim=4, usage_window=16, restart_dead=True).train()
+    q = vq.VectorQuantizer(8, codebook_size=16, code_dim=4, usage_window=16).train()
     q.update_usage(torch.tensor([rank, rank, rank, rank]))  # rank 0 uses code 0, rank 1 code 1
-    stats = dict(q.last_stats)
-    torch.manual_seed(rank)  # different data and RNG per rank, as under DDP
-    for _ in range(3):
-        q(torch.randn(1, 4, 8))  # the third step restarts dead codes
-    torch.save(dict(stats=stats, codebook=q.codebook.detach()), path / f"{rank}.pt")
+    torch.save(dict(stats={k: v.item() for k, v in q.last_stats.items()}), path / f"{rank}.pt")
     torch.distributed.destroy_process_group()
 
-def test_ddp_usage_is_global_and_restarts_agree(tmp_path):
+def test_ddp_usage_is_global(tmp_path):
     mp.spawn(_ddp_usage_worker, args=(29500 + (os.getpid() + 500) % 1000, tmp_path), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert r0["stats"] == r1["stats"] == {"usage": 2 / 16, "perplexity": pytest.approx(2.0)}
-    assert torch.equal(r0["codebook"], r1["codebook"])  # rank 0's restart choice is broadcast
 
 def test_tokenizer_decode_from_indices_equals_forward():
     tok = tiny().eval()
@@ -185,12 +163,13 @@ def test_published_configuration_sizes():
     assert sum(p.numel() for p in tok.decoder.parameters()) == 415_056_640  # ViT-XL pixel decoder
     assert tok.shallow_layer == 3
 
-def test_tiny_tokenizer_trains_to_full_codebook_usage():
-    """L2 + aux losses, Adam, random-colour blobs; dead-code restart on (a random tiny encoder's features are
-    too concentrated for 64 codes without it). Usage counts assignments in the last 4 steps' tokens only."""
+def test_tiny_tokenizer_trains_without_codebook_collapse():
+    """L2 + aux losses, Adam, random-colour blobs: the reconstruction and the deep-feature loss fall and the codebook
+    does not collapse (a quarter of the 64 codes or more in use over the last 4 steps' tokens; measured 0.41: a random
+    tiny encoder's features are too concentrated to fill it)."""
     torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and robust on a busy machine
     try:
-        tok = tiny(restart_dead=True, drop=0.0).train()
+        tok = tiny(drop=0.0).train()
         opt = torch.optim.Adam([p for p in tok.parameters() if p.requires_grad], lr=1e-3)
         gen = torch.Generator().manual_seed(0)
         log = []
@@ -201,8 +180,8 @@ def test_tiny_tokenizer_trains_to_full_codebook_usage():
             opt.zero_grad()
             (rec + sum(aux.values())).backward()
             opt.step()
-            log.append((rec.item(), aux["deep"].item()))
-        assert tok.last_stats["usage"] >= 0.9, tok.last_stats
+            log.append((rec.item(), aux["deep"].item(), tok.last_stats["usage"].item()))
+        assert log[-1][2] >= 0.25, log
         assert log[-1][0] < log[0][0] and log[-1][1] < 0.7 * log[0][1], log
     finally:
         torch.set_num_threads(2)
