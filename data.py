@@ -110,7 +110,7 @@ class ImageFolder(Dataset):
             i = (index + skipped) % len(self)
             try:
                 return self.load(i, np.random.default_rng(key)), self.samples[i][1], skipped
-            except (OSError, ValueError, SyntaxError) as e:  # PIL: unreadable, truncated or corrupt files
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # unreadable, corrupt, huge
                 warnings.warn(f"skipping unreadable image {self.samples[i][0]}: {e}")
         raise SystemExit(f"no readable image in {len(self)} files under {Path(self.samples[0][0]).parent}")
 

@@ -638,13 +638,17 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"c.pt: corrupt \(.*data/0 fails its checksum\)"):
         checkpoint.load_checkpoint(tmp_path / "c.pt")
 
-def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path):
+def test_corrupt_jpeg_is_skipped_and_counted(images, tmp_path, monkeypatch):
+    """A corrupt JPEG and an image past PIL's decompression-bomb limit (issue 31 #13: 182 megapixels; here the limit
+    lowered) are skipped and counted."""
     (Path(images) / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    Image.new("RGB", (100, 100)).save(Path(images) / "class1" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # 100² > twice the limit: DecompressionBombError
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="broken.jpg"):
         train.main(["--method", "rae", "--phase", "1", *TINY, "--data-path", images, "--out-dir", str(out),
-                    "--global-batch", "9", "--micro-batch", "9", "--max-steps", "1"])
-    assert log(out)[-1]["skipped"] == 1
+                    "--global-batch", "10", "--micro-batch", "10", "--max-steps", "1"])
+    assert log(out)[-1]["skipped"] == 2
 
 def test_bad_number_sweep_over_train_sample_and_evaluate(monkeypatch):
     """Issue 31: every flag of train.py, sample.py, evaluate.py, toy.py and experiments.py that takes a number, given a
