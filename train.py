@@ -204,7 +204,7 @@ def resolve(given):
     if (method, phase) not in RECIPES:
         raise SystemExit(f"--method {method} has no phase {phase} (valid: "
                          f"{', '.join(f for m, f in RECIPES if m == method)})")
-    ck = checkpoint.load_checkpoint(given.resume) if given.resume else {}
+    ck = checkpoint.load_checkpoint(given.resume, verify=False) if given.resume else {}  # its settings; open_run verifies
     saved = ck.get("args", {})
     name = saved.get("recipe", saved.get("preset", given.recipe)) or "published"  # old runs said --preset
     row = recipe(method, phase, name)
@@ -397,7 +397,7 @@ class Trainer:
                     fully_shard(block, **mp)
             fully_shard(unit, **mp)
         self.averaged, params = map(list, zip(*[(e, p) for e, p in zip(self.ema.parameters(), net.parameters())
-                                                 if p.requires_grad]))  # the EMA of each trained tensor, and it
+                                                 if p.requires_grad]))  # each trained tensor and its EMA
         self.opt, self.sched = make_optimizer(params, self.args, self.plan, device)
         if resume is not None:
             if self.args.fsdp:  # saved whole, keyed by parameter name (world size free)
@@ -415,13 +415,13 @@ class Trainer:
             return net
         return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    def step(self, batches, step, out):
+    def step(self, batches, step):
         """One global batch: the backward of `loss` over this rank's micro-batches, then the optimisation step."""
         self.trained.train()
         logs = accumulate(self.net, batches, self.loss)
-        return self.optimize(dict(logs, **getattr(self.trained, "last_stats", {})), step, out)  # Ideal's codebook use
+        return self.optimize(dict(logs, **getattr(self.trained, "last_stats", {})), step)  # Ideal's codebook use
 
-    def optimize(self, logs, step, out):
+    def optimize(self, logs, step):
         """After the backward of one global batch: keep the loss for check() (on the device: no host read per step),
         clip the gradient norm, AdamW step, schedule, zero the gradients, EMA."""
         a = self.args
@@ -596,12 +596,12 @@ class TokenizerTrainer(Trainer):
         return tokenizer_loss(self.net, batch[0], self.args, self.lpips_fn, self.d_fn if self.gan else None,
                               self.last_layer)
 
-    def step(self, batches, step, out):
+    def step(self, batches, step):
         a, tok, disc, xs = self.args, self.tok, self.disc, [x for x, _ in batches]
         self.gan = step >= self.g_start and a.gan_weight > 0
         if self.gan:
             disc.eval()  # D is fixed during the tokenizer's update
-        logs = super().step(batches, step, out)
+        logs = super().step(batches, step)
         if step >= self.d_start and a.gan_weight > 0:  # fakes from the updated decoder, eval mode, 8 bit
             tok.eval()
             with torch.no_grad(), torch.autocast(xs[0].device.type, torch.bfloat16, enabled=a.precision == "bf16"):
@@ -804,7 +804,7 @@ def train(args, rank, world, device, stop):
             t0, seen = time.time(), 0
             for batches in global_batches(loader, schedule, step, end, device):
                 epoch = step // steps_per_epoch
-                logs = trainer.step(batches, step, out)
+                logs = trainer.step(batches, step)
                 step, seen = step + 1, seen + args.global_batch
                 bar.update(1)
                 logged = due(step, args.log_every) or step == end

@@ -71,7 +71,7 @@ def tokenizer_step(method, batch, a, device):
 
     def step(eager=False):
         net, trainer.net = trainer.net, trainer.tok if eager else trainer.net
-        trainer.step([(x, None)], 1, "bench")
+        trainer.step([(x, None)], 1)
         trainer.net = net
     return step, trainer.tok
 

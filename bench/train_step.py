@@ -45,7 +45,7 @@ def bench(name, gan, a):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
-        trainer.step([(x, None)], i, "bench")
+        trainer.step([(x, None)], i)
     if device.type == "cuda":
         torch.cuda.synchronize()
     ips = a.batch * a.steps / (time.time() - t0)

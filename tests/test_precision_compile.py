@@ -239,7 +239,7 @@ def test_ema_update_is_the_per_tensor_formula_bitwise():
     before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
     loss = net(torch.randn(5, 4)).square().mean()
     loss.backward()
-    trainer.optimize(dict(loss=loss.detach()), 0, "unused")
+    trainer.optimize(dict(loss=loss.detach()), 0)
     ema, d = trainer.ema.state_dict(), trainer.args.ema
     for k, p in net.state_dict().items():
         trained = dict(net.named_parameters()).get(k)
