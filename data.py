@@ -174,12 +174,13 @@ class Loader:
 # ---- The latent cache: a training set encoded once by a frozen tokenizer -------------------------------------
 
 class LatentCache(Dataset):
-    """The training set encoded once (each centre crop and its mirror: entries 2i, 2i + 1) by a frozen tokenizer:
-    `latents.npy` (fp16 normalised tokens, or int codes) and `labels.npy`, memory-mapped. Items follow ImageFolder's
-    (index, key) protocol: (tokens or codes, label, 0)."""
+    """The training set encoded once (each centre crop and its mirror: rows 2i, 2i + 1) by a frozen tokenizer:
+    `latents.npy` (fp16 normalised tokens, or int codes) and `labels.npy`, memory-mapped. An epoch is the N images,
+    each as itself or its mirror, drawn from the loader's (seed, epoch, position) key (RAE's and LlamaGen's random
+    flip per item). Items follow ImageFolder's (index, key) protocol: (tokens or codes, label, 0)."""
 
     def __init__(self, root, images):
-        self.root, self.n = Path(root), 2 * len(images)
+        self.root, self.n = Path(root), len(images)
 
     def __len__(self):
         return self.n
@@ -190,9 +191,9 @@ class LatentCache(Dataset):
     def __getitem__(self, item):
         if not hasattr(self, "z"):  # opened lazily: the cache may be filled after this object is made
             self.z, self.y = np.load(self.root / "latents.npy", mmap_mode="r"), np.load(self.root / "labels.npy")
-        i = item[0] if isinstance(item, tuple) else item
-        z = torch.from_numpy(np.array(self.z[i]))
-        return (z.long() if z.dtype in (torch.int16, torch.int32) else z.float()), int(self.y[i]), 0
+        i, key = item if isinstance(item, tuple) else (item, (item,))
+        z = torch.from_numpy(np.array(self.z[2 * i + (np.random.default_rng(key).random() < 0.5)]))
+        return (z.long() if z.dtype in (torch.int16, torch.int32) else z.float()), int(self.y[2 * i]), 0
 
 @torch.no_grad()
 def fill_cache(root, encode, images, batch_size, num_workers, device):

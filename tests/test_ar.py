@@ -173,24 +173,40 @@ class FakeTokenizer(nn.Module):
         return (F.avg_pool2d(x[:, :1], x.shape[-1] // 2).flatten(1) * self.scale).round().long()
 
 def test_latent_cache_holds_the_codes_of_each_image_and_its_mirror(tmp_path):
-    """data.fill_cache + data.LatentCache with a discrete tokenizer (what the GPT trains on): int16 codes, entry 2i
-    is image i, 2i + 1 its mirror, labels from the folders."""
+    """data.fill_cache + data.LatentCache with a discrete tokenizer (what the GPT trains on): int16 codes, row 2i is
+    image i, 2i + 1 its mirror, labels from the folders. An epoch is N items (not 2N: issue 30 #1), each image once,
+    as itself or its mirror by the loader's (seed, epoch, position) key: ⌊N / batch⌋ steps (drop_last, as RAE's and
+    DiT's loaders), a coin that differs between epochs and is the same on a rerun."""
     from PIL import Image
 
     import data
     tok, rng = FakeTokenizer(), np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "img" / c).mkdir(parents=True)
-        for i in range(3):
+        for i in range(5):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
     images = data.ImageFolder(tmp_path / "img", size=8)
     data.fill_cache(tmp_path / "cache", tok.encode, images, 4, 0, "cpu")
     assert np.load(tmp_path / "cache" / "latents.npy").dtype == np.int16
     ds = data.LatentCache(tmp_path / "cache", images)
     x = torch.stack([images[i][0] for i in range(len(images))])
-    want = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1).flatten(0, 1)
-    assert len(ds) == 12 and torch.equal(torch.stack([ds[i][0] for i in range(12)]), want)
-    assert ds[0][0].dtype == torch.long and [ds[i][1] for i in range(12)] == [0] * 6 + [1] * 6
+    both = torch.stack([tok.encode(x), tok.encode(x.flip(-1))], 1)  # (image, mirror)
+    assert len(ds) == 10 and torch.equal(torch.from_numpy(np.load(tmp_path / "cache" / "latents.npy")).long(),
+                                         both.flatten(0, 1))
+    assert ds[0][0].dtype == torch.long and [ds[i][1] for i in range(10)] == [0] * 5 + [1] * 5
+
+    def epoch(e):  # (images seen, mirrored or not) over one epoch of a loader with global batch 4
+        loader = data.Loader(ds, 4, seed=3, distributed=False)
+        loader.set_epoch(e)
+        seen = list(loader.sampler)[:4 * len(loader)]  # what the loader's batches hold (the last part batch dropped)
+        assert len(loader) == 10 // 4 and sum(len(y) for _, y in loader) == len(seen)
+        for i, key in seen:
+            assert torch.equal(ds[i, key][0], both[i, 0]) or torch.equal(ds[i, key][0], both[i, 1])
+        return [i for i, _ in seen], [torch.equal(ds[i, key][0], both[i, 1]) for i, key in seen]
+    seen, flips = epoch(0)
+    assert len(set(seen)) == len(seen) == 8 and epoch(0) == (seen, flips)  # each image at most once; keyed
+    coins = [f for e in range(6) for f in epoch(e)[1]]
+    assert 0 < sum(coins) < len(coins)  # both views occur
 
 def test_latent_cache_rows_of_an_unreadable_image_and_a_full_disk(tmp_path, monkeypatch):
     """An unreadable image's rows hold its replacement (the next readable image) with the replacement's label, never
@@ -210,8 +226,9 @@ def test_latent_cache_rows_of_an_unreadable_image_and_a_full_disk(tmp_path, monk
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         data.fill_cache(tmp_path / "cache", tok.encode, images, 4, 0, "cpu")
     ds = data.LatentCache(tmp_path / "cache", images)
-    assert [ds[i][1] for i in range(8)] == [0, 0, 1, 1, 1, 1, 1, 1]
-    assert all(torch.equal(ds[2 + k][0], ds[4 + k][0]) for k in (0, 1))
+    assert [ds[i][1] for i in range(4)] == [0, 1, 1, 1]
+    z = np.load(tmp_path / "cache" / "latents.npy")
+    assert (z[2:4] == z[4:6]).all()  # rows 2, 3: image 1's view and mirror, both image 2's
     assert not (tmp_path / "cache" / "labels.tmp.npy").exists()
 
     def full(fd, offset, size):
