@@ -200,6 +200,18 @@ def precision_recall(ref_features, sample_features, k=3, block=2048, device=None
 
     return covered(smp, ref, radii(ref)), covered(ref, smp, radii(smp))
 
+def kid(f1, f2, subsets=100, size=1000, seed=2020):
+    """Kernel Inception Distance (Bińkowski et al. 2018): the unbiased MMD² with the cubic kernel (x·y / d + 1)³,
+    averaged over `subsets` random pairs of subsets of `size` (capped at the smaller set) drawn without replacement
+    by np.random.RandomState(seed): (mean, standard deviation over subsets), as torch-fidelity's defaults."""
+    f1, f2 = (np.asarray(f, dtype=np.float64) for f in (f1, f2))
+    m, rng, mmd = min(size, len(f1), len(f2)), np.random.RandomState(seed), []
+    for _ in range(subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        mmd.append((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(mmd)), float(np.std(mmd))
+
 def psnr(a, b):
     """Per-image PSNR (dB, peak 255) of uint8 NHWC batches over all pixels and channels (inf if identical)."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
@@ -358,12 +370,13 @@ def statistics(f):
                  for k, v in zip(("mu", "sigma"), gaussian(f[name]))}, pool=f["pool"].numpy())
 
 def compare(st, ref, prefix="g"):
-    """FID / sFID / FD-DINOv2 / precision / recall of sample statistics against reference statistics."""
+    """FID / sFID / FD-DINOv2 / precision / recall / KID of sample statistics against reference statistics."""
     res = {prefix + metric if name == "pool" else metric: frechet_distance(st[f"mu{s}"], st[f"sigma{s}"],
                                                                              ref[f"mu{s}"], ref[f"sigma{s}"])
            for name, (s, metric) in GAUSSIANS.items() if f"mu{s}" in st and f"mu{s}" in ref}
     if "pool" in ref:
         res["precision"], res["recall"] = precision_recall(ref["pool"], st["pool"])
+        res["KID"], res["KID_std"] = kid(st["pool"], ref["pool"])
     return res
 
 def reference(path, extract, size):

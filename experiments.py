@@ -14,15 +14,19 @@ output in <out-dir>/<study>/logs/), a scoring step, and a table in the paper's l
     python experiments.py drorae-routing --seeds 0 1 2     # a paper's ablations share <out-dir>/drorae (decq, ideal)
 
 Read top to bottom: (1) DRoRAE capacity scaling: grid and log-linear fit, (2) tables and charts over seeds,
-(3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) STUDIES.
+(3) the worlds and a study's runs (seed_runs), (4) the main table and the scaling study, (5) the ablations, (6) the
+yardstick's own check, (7) STUDIES.
 """
+import itertools
 import json
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import scipy.stats
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 import ar
@@ -74,11 +78,12 @@ def scaling_table(rows, metrics):
 
 METRICS = {  # key in a run's results → (column, +1 higher is better / −1 lower, format)
     "psnr": ("PSNR", 1, ".2f"), "psnr_p2": ("PSNR phase 2", 1, ".2f"), "ssim": ("SSIM", 1, ".3f"),
-    "recon_accuracy": ("recon acc", 1, ".3f"), "fd_recon": ("rFD (VFM)", -1, ".3f"), "rFID": ("rFID", -1, ".3f"),
-    "sample_accuracy": ("sample acc", 1, ".3f"), "fd": ("FD (VFM)", -1, ".2f"), "gFID": ("gFID", -1, ".2f"),
-    "IS": ("IS", 1, ".1f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f"),
+    "recon_accuracy": ("recon acc", 1, ".3f"), "rFID": ("rFID", -1, ".3f"), "rIS": ("rIS", 1, ".2f"),
+    "sample_accuracy": ("sample acc", 1, ".3f"), "gFID": ("gFID", -1, ".2f"), "KID": ("KID", -1, ".4f"),
+    "IS": ("IS", 1, ".2f"), "precision": ("precision", 1, ".3f"), "recall": ("recall", 1, ".3f"),
     "usage": ("code usage", 1, ".3f"), "perplexity": ("perplexity", 1, ".1f"), "probe": ("code probe acc", 1, ".3f")}
-GENERATION = ("sample_accuracy", "fd", "gFID", "IS", "precision", "recall")
+GENERATION = ("sample_accuracy", "gFID", "KID", "IS", "precision", "recall")
+RECONSTRUCTION = ("psnr", "ssim", "rFID", "rIS", "recon_accuracy")
 
 class Sampling(NamedTuple):
     """How an ablation samples a generator: `name` (folder samples_NAME, metrics <metric>_NAME; the main table's CFG:
@@ -100,10 +105,10 @@ CFG, UNGUIDED, AG, RAE_DECODER = (Sampling("cfg"), Sampling("none", 1.0), Sampli
 for _s, _label in ((UNGUIDED, " unguided"), (AG, " AG"), (RAE_DECODER, " RAE dec.")):  # their metrics' columns
     METRICS.update({k + _s.suffix: (METRICS[k][0] + _label, *METRICS[k][1:]) for k in GENERATION})
 
-def study_args(name, argv):
-    """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 10."""
+def study_args(name, argv, seeds=(0, 1, 2)):
+    """The flags every study over seeds shares; unknown flags go to toy.py (toy world), e.g. --gen-epochs 20."""
     p = cli.ArgumentParser(prog=f"experiments.py {name}")
-    p.add_argument("--seeds", type=cli.number(int, 0, cli.SEED - 1000), nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=cli.number(int, 0, cli.SEED - 1000), nargs="+", default=list(seeds))
     p.add_argument("--out-dir", default="runs/experiments", help="the study writes to OUT_DIR/NAME")
     p.add_argument("--lanes", type=cli.number(int, 1), default=2, help="runs at a time (toy world: one per core)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -136,21 +141,39 @@ def aggregate(per_seed, rows):
                                                          spread=max(values) - min(values))
     return table
 
+TIE = 0.1  # a comparison is a tie when its whole 95 % interval lies within ±10 % of the baseline's mean
+
+def interval(d):
+    """Mean and half-width of the 95 % Student-t interval of paired per-seed differences d (None: fewer than 2)."""
+    n, mean = len(d), sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else None
+    return mean, None if sd is None else scipy.stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+
+def verdict(d, base_mean, sign):
+    """better / worse: the 95 % interval of the paired differences d excludes 0; tie: it lies within ±TIE of the
+    baseline's mean; undecided otherwise (and with one seed)."""
+    mean, half = interval(d)
+    if half is None or (abs(mean) <= half and abs(mean) + half > TIE * abs(base_mean)):
+        return "undecided"
+    return "tie" if abs(mean) <= half else "better" if mean * sign > 0 else "worse"
+
 def comparisons(table, base, others, metrics=GENERATION):
-    """For every metric: each row's difference of means from `base` (a row, or {row: its own base row}); whether it
-    exceeds the larger of the two spreads over seeds (resolved in this world); and the per-seed (paired) differences,
-    which count even where the seeds' worlds differ in scale (in the toy, each seed has its own VFM and FD space)."""
+    """For every metric, each row against `base` (a row, or {row: its own base row}) on the paired per-seed
+    differences (each seed's runs share a world): their mean, 95 % interval and verdict, and with ≥ 4 seeds how many
+    of the subsets of 3 seeds give the same verdict."""
     out = []
     for metric in metrics:
         for row in others:
             ref = base[row] if isinstance(base, dict) else base
             if metric in table.get(ref, {}) and metric in table.get(row, {}):
-                a, b = table[ref][metric], table[row][metric]
-                diff, paired = b["mean"] - a["mean"], [y - x for x, y in zip(a["values"], b["values"])]
-                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=diff, spread_base=a["spread"],
-                                spread=b["spread"], resolved=abs(diff) > max(a["spread"], b["spread"]),
-                                better=diff * METRICS[metric][1] > 0, per_seed=paired,
-                                same_sign=all(d > 0 for d in paired) or all(d < 0 for d in paired)))
+                a, b, sign = table[ref][metric], table[row][metric], METRICS[metric][1]
+                paired = [y - x for x, y in zip(a["values"], b["values"])]
+                mean, half = interval(paired)
+                full = verdict(paired, a["mean"], sign)
+                subsets = [verdict([paired[i] for i in c], sum(a["values"][i] for i in c) / 3, sign) == full
+                           for c in itertools.combinations(range(len(paired)), 3)] if len(paired) > 3 else []
+                out.append(dict(metric=metric, tokenizer=row, base=ref, diff=mean, half_width=half, per_seed=paired,
+                                verdict=full, subsets_agree=[sum(subsets), len(subsets)]))
     return out
 
 def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=GENERATION):
@@ -163,14 +186,20 @@ def print_table(table, rows, seeds, base=None, others=(), metrics=None, compare=
         cells = [format(table[r][m]["mean"], METRICS[m][2]) + " ± " + format(table[r][m]["spread"], METRICS[m][2])
                  if m in table.get(r, {}) else "—" for m in metrics]
         print(f"{r:<16}" + "".join(f"{c:>17}" for c in cells))
-    cmp = comparisons(table, base, others, compare) if base else []
+    return report(comparisons(table, base, others, compare) if base else [])
+
+def report(cmp):
+    """Print comparisons (comparisons()): each with its interval and verdict, then the count of each verdict."""
     for c in cmp:
-        verdict = "exceeds" if c["resolved"] else "is inside"
-        better = "better" if c["better"] else "worse" if c["diff"] else "equal"
-        paired = "/".join(f"{d:+.3f}" for d in c["per_seed"])
-        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.3f} ({better}); "
-              f"{verdict} the spreads ({c['base']} {c['spread_base']:.3f}, {c['tokenizer']} {c['spread']:.3f}); "
-              f"per seed {paired}{', one sign' if c['same_sign'] else ''}")
+        half = "—" if c["half_width"] is None else f"{c['half_width']:.4g}"
+        agree = f"; {c['subsets_agree'][0]}/{c['subsets_agree'][1]} subsets of 3 seeds agree" * bool(c["subsets_agree"][1])
+        print(f"{METRICS[c['metric']][0]:>11}: {c['tokenizer']} − {c['base']} = {c['diff']:+.4g} ± {half} (95 %, "
+              f"{len(c['per_seed'])} seeds): {c['verdict']}{agree}; per seed "
+              + "/".join(f"{d:+.3g}" for d in c["per_seed"]))
+    if cmp:
+        counts = {v: sum(c["verdict"] == v for c in cmp) for v in ("better", "worse", "tie", "undecided")}
+        print("verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + f" (tie: the interval within ±{TIE:.0%}"
+              " of the baseline's mean)")
     return cmp
 
 COLOURS = [(86, 119, 164), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
@@ -209,10 +238,10 @@ def chart(table, rows, path, title, metrics=None):
         d.text((lx + 18, ly_i), r, fill="black")
     img.save(path)
 
-def curve_chart(table, rows, path, title, metrics=None):
-    """A PNG panel per metric of rows named "SERIES @EPOCH": a line per series through the means over seeds against
-    the epoch, a whisker from the lowest to the highest seed at each epoch (drawn with Pillow alone)."""
-    series = {}
+def curve_chart(table, rows, path, title, metrics=None, x_label="generator epochs"):
+    """A PNG panel per metric of rows named "SERIES @EPOCH" (others are left out): a line per series through the
+    means over seeds against the epoch, a whisker from the lowest to the highest seed at each epoch (Pillow alone)."""
+    series, rows = {}, [r for r in rows if " @" in r]
     for r in rows:
         name, _, epoch = r.rpartition(" @")
         series.setdefault(name, []).append((float(epoch), r))
@@ -220,7 +249,7 @@ def curve_chart(table, rows, path, title, metrics=None):
     pw, ph, cols = 360, 260, min(3, len(metrics))
     img = Image.new("RGB", (pw * cols, 40 + ph * -(-len(metrics) // cols) + 20 * len(series)), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), f"{title}; x: generator epochs", fill="black")
+    d.text((10, 10), f"{title}; x: {x_label}", fill="black")
     epochs = [e for points in series.values() for e, _ in points]
     for k, m in enumerate(metrics):
         x0, y0 = pw * (k % cols), 40 + ph * (k // cols)
@@ -268,14 +297,14 @@ def finish(name, root, per_seed, rows, args, base=None, others=(), extra=None, m
 
 def toy_world(seed, root, args, toy_flags):
     """One seed of the toy world: toy.recipe on the world a toy.py run makes first (toy VFM, data), changed by toy.py
-    flags (e.g. --gen-epochs 10); AutoGuidance's guide: one epoch; decq-convergence: twice the budget, every epoch."""
+    flags (e.g. --gen-epochs 20); AutoGuidance's guide: 2 epochs; decq-convergence: twice the budget, every 2 epochs."""
     out = root / f"seed{seed}"
     own = dict(seed=seed, out_dir=out, extra=toy_flags)  # toy.py's settings of this seed
     world = runs.Run("world", "toy.py", dict(own, stage="world"))
     targs = toy.parse_args(runs.argv(world))
     return dict(toy.recipe(targs, out), out=out, args=targs, depth=toy.VFM_CONFIG["depth"], start=[world],
                 score=dict(own, stage="score"), scores=toy_scores, generator_file="generator.pt", budget={},
-                guide=dict(epochs="1"), curve=dict(epochs=10, keep_every_epochs=1))
+                guide=dict(epochs="2"), curve=dict(epochs=20, keep_every_epochs=2))
 
 def imagenet_world(seed, root, args, toy_flags=()):
     """One seed at full scale: train.py's defaults (the published recipes), an evaluate.py run per tokenizer and sample
@@ -325,7 +354,7 @@ ABLATION_RUNS = {  # tokenizer key → (method, phase, the key it starts from or
     **{f"ideal_{name}": ("ideal", "1", None, tok(**{key: value})) for name, key, value in (  # the codebook's knobs
         ("d8", "code_dim", 8), ("k256", "codebook_size", 256), ("h0", "entropy_weight", 0),
         ("h0.1", "entropy_weight", 0.1), ("t1", "entropy_temperature", 1))}}
-CURVE_EPOCHS = {"toy": range(1, 11), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
+CURVE_EPOCHS = {"toy": range(2, 21, 2), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
 IDEAL_LADDER = {  # ideal-scaling's GPT sizes per world → (their settings over the world's GPT, the CFG scales sampled)
     "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0))  # the toy's
             for i in (1, 2, 3, 4)},  # best is near 3 (ideal-generation), so the sweep brackets it
@@ -337,7 +366,7 @@ GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the wo
     "decq_l0": ("decq", lambda w: dict(gen=dict(query_weight=0))),
     **{f"gpt_{size}": ("ideal", lambda w, own=own: own) for sizes in IDEAL_LADDER.values()
        for size, (own, _) in sizes.items()},
-    **{f"{k}_curve": (k, lambda w: w["curve"]) for k in ("rae", "decq")}}
+    **{f"{k}_curve": (k, lambda w: w["curve"]) for k in ("rae", "drorae_p3", "decq")}}
 
 def seed_runs(w, tokenizers, samplings):
     """One seed's runs under the world recipe w: its start, RAE and the ABLATION_RUNS `tokenizers` with what they start
@@ -382,16 +411,17 @@ def toy_scores(w, tokenizers, samplings):
     threads, res = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # as toy.py's scoring: the same digits
     vfm, heads = toy.load_vfm(w["out"])
+    ev = toy.load_evaluator(w["args"].evaluator, w["args"].evaluator_steps)[0]
     x_test, y_test, _ = toy.test_set(w["args"])
-    f_test = toy.vfm_features(vfm, x_test)
+    ref = ev(x_test)[0]
     for key in ("rae", *tokenizers):
         tok = checkpoint.load_tokenizer(w["out"] / key / "tokenizer.pt")
-        res[key] = toy.recon_scores(tok, x_test, y_test, vfm, heads, f_test)[1]
+        res[key] = toy.recon_scores(tok, x_test, y_test, vfm, heads, ev, ref)[1]
         res[key].update(code_scores(tok, x_test, y_test) if tok.num_codes else {})
     for key, s in samplings:
         x, labels = toy.read_samples(w["out"] / f"{key}_gen" / f"samples_{s.name}")
         res.setdefault(key, {}).update({k + s.suffix: v for k, v in
-                                        toy.sample_scores(x, labels, vfm, heads, f_test).items()})
+                                        toy.sample_scores(x, labels, vfm, heads, ev, ref).items()})
     torch.set_num_threads(threads)
     return res
 
@@ -399,8 +429,8 @@ def evaluated(path, suffix=None):
     """A tokenizer's evaluate.py result as metrics; given a suffix, a sample set's (keys + suffix)."""
     r = json.loads(Path(path).read_text())
     if suffix is None:
-        return dict(rFID=r["rFID"], psnr=r["PSNR"], ssim=r["SSIM"])
-    return {k + suffix: r.get(k) for k in ("gFID", "IS", "precision", "recall")}
+        return dict(rFID=r["rFID"], rIS=r["rIS"], psnr=r["PSNR"], ssim=r["SSIM"])
+    return {k + suffix: r.get(k) for k in ("gFID", "KID", "IS", "precision", "recall")}
 
 def imagenet_scores(w, tokenizers, samplings):
     """One full-scale seed's metrics from its evaluate.py runs."""
@@ -425,11 +455,11 @@ def code_scores(tok, x, y):
 class DryRun(Exception):
     """--dry-run: the commands are printed, there is nothing to score (main returns None)."""
 
-def run_seeds(name, argv, plan, folder=None):
+def run_seeds(name, argv, plan, folder=None, seeds=(0, 1, 2)):
     """Run plan(w), a study's runs under each seed's world recipe w, in <out-dir>/<folder>, by default the paper's (e.g.
     <out-dir>/drorae), which its other studies share, so a run two of them need is trained once: (args, folder,
     {seed: w}). --dry-run: print the commands and stop the study (DryRun)."""
-    args, toy_flags = study_args(name, argv)
+    args, toy_flags = study_args(name, argv, seeds)
     root, gpus = Path(args.out_dir) / (folder or name.split("-")[0]), args.gpus if args.world == "imagenet" else 0
     worlds = {s: WORLDS[args.world](s, root, args, toy_flags) for s in args.seeds}
     jobs = [r._replace(name=f"s{s}-{r.name}", deps=tuple(f"s{s}-{d}" for d in r.deps))
@@ -456,15 +486,18 @@ def main_runs(w):
     return w["start"] + plan + [runs.Run("score", "toy.py", w["score"], tuple(r.name for r in plan))] * bool(w["score"])
 
 def main_study(argv):
-    """toy.py's main table (every method's reconstruction, every generator's samples) over seeds (main_runs)."""
-    args, root, worlds = run_seeds("main", argv, main_runs)  # scores: toy.py's scoring stage; full scale: evaluate.py
+    """toy.py's main table (every method's reconstruction, every generator's samples) over seeds (main_runs; 5 by
+    default: enough for the paired intervals to decide); full scale: evaluate.py's scores."""
+    args, root, worlds = run_seeds("main", argv, main_runs, seeds=range(5))  # scores: toy.py's scoring stage
     per_seed = {s: json.loads((w["out"] / "results.json").read_text()) if args.world == "toy" else {
         k: {**evaluated(w["out"] / k / "eval.json"), **(evaluated(w["out"] / f"{k}_gen" / "eval.json", "")
                                                         if k in toy.GENERATORS else {})} for k in MAIN_ROWS}
                 for s, w in worlds.items()}
     vfm = {s: per_seed[s]["vfm"] for s in args.seeds} if args.world == "toy" else None
-    return finish("main", root, per_seed, MAIN_ROWS, args, "rae", [g for g in toy.GENERATORS if g != "rae"],
-                  dict(vfm=vfm))
+    shallow = lambda table: dict(vfm=vfm, ideal_shallow=report(comparisons(  # noqa: E731 — Ideal Table 7a
+        table, "ideal_deep_only", ["ideal"], RECONSTRUCTION)))
+    return finish("main", root, per_seed, MAIN_ROWS, args, "rae", MAIN_ROWS[1:-1], shallow,
+                  compare=RECONSTRUCTION + GENERATION)
 
 def drorae_scaling(argv):
     """DRoRAE §4.4 (capacity scaling): phase 2 for every (expert width × fused blocks) of the world's SCALING grid
@@ -500,9 +533,9 @@ def drorae_routing(argv):
     for seed in args.seeds:
         for k, k2 in p2.items():
             per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
-    metrics = ["psnr_p2", "psnr", "ssim", "fd_recon", "rFID", "fd", "gFID", "sample_accuracy", "precision", "recall"]
+    metrics = ["psnr_p2", "psnr", "ssim", "rFID", "gFID", "KID", "sample_accuracy", "precision", "recall"]
     return finish("drorae-routing", root / "drorae-routing", per_seed, ROUTING_ROWS, args, "drorae_p3",
-                  ROUTING_ROWS[1:], metrics=metrics, compare=metrics[:5] + ["fd", "gFID"])
+                  ROUTING_ROWS[1:], metrics=metrics, compare=metrics[:6])
 
 def region_weights(tok, x01, masks):
     """Mean absolute routing weight per fused block on background tokens (object coverage < 5 %), object edges and
@@ -555,10 +588,10 @@ def decq_decoder(argv):
             "decq λ=0 (RAE decoder)": ("decq_l0", RAE_DECODER), "decq λ=0": ("decq_l0", CFG)}
     return sampling_study("decq-decoder", argv, ("decq",), rows, "rae", tuple(rows)[1:])
 
-DECQ_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "sample_accuracy", "fd", "gFID", "precision", "recall"]
-IDEAL_RECON = ["psnr", "ssim", "fd_recon", "rFID", "recon_accuracy", "usage", "perplexity", "probe"]
-PHASES_METRICS = ["psnr", "ssim", "fd_recon", "rFID", "fd_none", "fd_ag", "gFID_none", "gFID_ag",
-                  "sample_accuracy_none", "sample_accuracy_ag"]  # drorae-phases: unguided and AutoGuidance 1.5
+DECQ_METRICS = ["psnr", "ssim", "rFID", "sample_accuracy", "gFID", "KID", "IS", "precision", "recall"]
+IDEAL_RECON = ["psnr", "ssim", "rFID", "rIS", "recon_accuracy", "usage", "perplexity", "probe"]
+PHASES_METRICS = ["psnr", "ssim", "rFID", "gFID_none", "gFID_ag", "KID_none", "KID_ag", "sample_accuracy_none",
+                  "sample_accuracy_ag"]  # drorae-phases: unguided and AutoGuidance 1.5
 
 def tokenizer_study(name, argv, rows, base, metrics, samplings=(CFG,)):
     """A study over the ABLATION_RUNS `rows` (RAE is always trained): each one's reconstruction and a generator on its
@@ -586,16 +619,24 @@ def decq_convergence(argv):
     """DecQ §4.2 (3.3× faster convergence than RAE): a generator on the RAE and on the DecQ latent (toy: twice the
     main budget), each kept checkpoint (CURVE_EPOCHS) sampled without guidance; a line chart and the speed-up."""
     args = study_args("decq-convergence", argv)[0]
-    epochs, metric = list(CURVE_EPOCHS[args.world]), "gFID" if args.world == "imagenet" else "fd"
+    epochs, metric = list(CURVE_EPOCHS[args.world]), "gFID"
     rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"none@{e}", 1.0, epoch=e)) for k in ("rae", "decq") for e in epochs}
     speed_ups = lambda table: dict(speed_up={m: speed_up(table, epochs, m, args.seeds)  # noqa: E731
                                              for m in (metric, "sample_accuracy")})
     res = sampling_study("decq-convergence", argv, ("decq",), rows, extra=speed_ups, draw=curve_chart,
-                         metrics=[metric, "sample_accuracy", "IS", "precision", "recall"])
+                         metrics=[metric, "KID", "sample_accuracy", "IS", "precision", "recall"])
     for m, s in res["speed_up"].items():
         print(f"{METRICS[m][0]}: RAE's epoch-{epochs[-1]} score reached by DecQ " + ", ".join(
             f"{k} {f'{v:.2f}× sooner' if v else 'not for good within the epochs'}" for k, v in s.items()))
     return res
+
+def main_budget(argv):
+    """The main table's generator budget: its RAE and DRoRAE phase-3 generators kept at every CURVE_EPOCHS checkpoint
+    (toy: to twice the budget) and sampled as in `main`; a line chart shows where the curve flattens."""
+    epochs = list(CURVE_EPOCHS[study_args("main-budget", argv)[0].world])
+    rows = {f"{k} @{e}": (f"{k}_curve", Sampling(f"cfg@{e}", epoch=e)) for k in ("rae", "drorae_p3") for e in epochs}
+    return sampling_study("main-budget", argv, ("drorae_p3",), rows, draw=curve_chart,
+                          metrics=["gFID", "KID", "sample_accuracy", "IS", "precision", "recall"])
 
 def ideal_generation(argv):
     """Ideal's generation claim: the GPT on Ideal's codes against the GPT on deep-only codes, CFG 1 to 5."""
@@ -611,7 +652,7 @@ def ideal_scaling(argv):
     FD (full scale gFID) and its scores. The paper's claims: the best scale falls as the model grows (1.75 for B,
     1.25 above) and generation improves with size."""
     world = study_args("ideal-scaling", argv)[0].world
-    ladder, metric = IDEAL_LADDER[world], "gFID" if world == "imagenet" else "fd"
+    ladder, metric = IDEAL_LADDER[world], "gFID"
     rows = {f"{size} CFG {s:g}": (f"gpt_{size}", Sampling(f"cfg{s:g}", s)) for size, (_, scales) in ladder.items()
             for s in scales}
 
@@ -626,14 +667,68 @@ def ideal_scaling(argv):
                                                                                                "sample_accuracy")})
         return dict(best=out)
     res = sampling_study("ideal-scaling", argv, ("ideal",), rows, extra=best,
-                         metrics=[metric, "sample_accuracy", "IS", "precision", "recall"])
+                         metrics=[metric, "KID", "sample_accuracy", "IS", "precision", "recall"])
     for size, b in res["best"].items():
         there = {m: " ".join(f"{v:.3f}" for v in b[m]) for m in (metric, "sample_accuracy")}
         print(f"{size}: best CFG per seed {b['best_scale']}; there {METRICS[metric][0]} {there[metric]}, sample acc "
               f"{there['sample_accuracy']}")
     return res
 
-# ---- 6. Command line ---------------------------------------------------------------------------------------------
+# ---- 6. The yardstick's own check ------------------------------------------------------------------------------
+
+def occlude(x, n, g, side=8):
+    """n rectangles of side × side pixels of one random colour each, at random places, over every image."""
+    rows = torch.arange(x.shape[-1])
+    for _ in range(n):
+        (top, left), colour = torch.randint(0, x.shape[-1] - side + 1, (2, len(x), 1), generator=g), torch.rand(
+            len(x), 3, 1, 1, generator=g)
+        inside = ((rows >= top) & (rows < top + side))[:, :, None] & ((rows >= left) & (rows < left + side))[:, None]
+        x = torch.where(inside[:, None], colour, x)
+    return x
+
+DISTURBANCES = {  # Heusel et al. 2017's check: level l = 1..4 of each, on images x in [0, 1] (g: the random ones')
+    "noise": lambda x, l, g: (x + 0.04 * l * torch.randn(x.shape, generator=g)).clamp(0, 1),
+    "blur": lambda x, l, g: TF.gaussian_blur(x, 2 * l + 1, 0.5 * l),
+    "colour shift": lambda x, l, g: (x + 0.04 * l * torch.tensor([1.0, -1.0, 0.0])[:, None, None]).clamp(0, 1),
+    "rectangles": lambda x, l, g: occlude(x, l, g)}
+SET_SIZES = (256, 512, 1024, 2048)
+
+def yardstick_study(argv):
+    """The toy Inception checked before it is used (toy world only; a "seed" is a draw): held-out images against a
+    disjoint reference set (both the size of a generator's samples, from seeds above any toy world's), toy-FID and KID
+    at levels 0-4 of each DISTURBANCE (they must rise monotonically), of the images' greyscale copies (RAE's failure in
+    the grids: must stand far above the floor), and of the first N undisturbed images (the floor's spread against N)."""
+    args, toy_flags = study_args("yardstick", argv, seeds=range(5))
+    if args.world == "imagenet":
+        raise SystemExit("yardstick checks the toy world's evaluator; Inception's own check is Heusel et al. 2017")
+    targs = toy.parse_args(toy_flags)
+    ev, ev_id = toy.load_evaluator(targs.evaluator, targs.evaluator_steps)
+    n, per_seed = targs.samples_per_class * len(toy.SHAPES), {}
+    for d in args.seeds:
+        g = torch.Generator().manual_seed(d)
+        ref = ev(toy.make_world(n, toy.EVALUATOR_SEED + 1 + 2 * d)[0])[0]
+        x = toy.make_world(n, toy.EVALUATOR_SEED + 2 + 2 * d)[0]
+
+        def score(y):
+            return {k: v for k, v in toy.yardstick(ev, y, ref).items() if k in ("gFID", "KID")}
+        per_seed[d] = {f"{name} @{l}": score(f(x, l, g) if l else x) for name, f in DISTURBANCES.items()
+                       for l in range(5)}
+        per_seed[d].update({"greyscale": score(x.mean(1, keepdim=True).expand_as(x)),
+                            **{f"real, first {m}": score(x[:m]) for m in SET_SIZES if m < n}})
+    rows = list(per_seed[args.seeds[0]])
+
+    def checks(table):
+        rises = {m: {name: all(table[f"{name} @{l + 1}"][m]["values"][i] > table[f"{name} @{l}"][m]["values"][i]
+                               for l in range(4) for i in range(len(args.seeds))) for name in DISTURBANCES}
+                 for m in ("gFID", "KID")}
+        for m in rises:
+            print(f"{m}: rises at every level on every draw: " + ", ".join(f"{k} {v}" for k, v in rises[m].items())
+                  + f"; greyscale {table['greyscale'][m]['mean']:.4g} vs real floor {table['noise @0'][m]['mean']:.4g}")
+        return dict(evaluator=ev_id, images=n, monotone=rises)
+    return finish("yardstick", Path(args.out_dir) / "yardstick", per_seed, rows, args, extra=checks,
+                  metrics=["gFID", "KID"], draw=lambda *a: curve_chart(*a, x_label="disturbance level (0: none)"))
+
+# ---- 7. Command line ---------------------------------------------------------------------------------------------
 
 STUDIES = {  # name → (the study, a function of its flags, or tokenizer_study's rows, base, metrics [, samplings]; what
     # it mirrors, for --list). Joint training (fusion and decoder at once) is the ablation the paper reports failing
@@ -666,8 +761,11 @@ STUDIES = {  # name → (the study, a function of its flags, or tokenizer_study'
                         IDEAL_RECON, ()), "Ideal's codebook usage: code dimension, size, entropy weight, temperature"),
     "ideal-scaling": (ideal_scaling, "Ideal Table 5: the GPT at four sizes over a CFG sweep (does the best CFG fall?)"),
     "ideal-generation": (ideal_generation, "the GPT on Ideal vs deep-only codes, CFG 1 / 1.5 / 2 / 3 / 5"),
-    "main": (main_study, "toy.py's table over seeds: every method's reconstruction and generation (toy VFM scores; "
-                         "rFID / gFID at full scale)"),
+    "yardstick": (yardstick_study, "the toy Inception's own check (Heusel et al. 2017): 4 disturbances × 4 levels, "
+                                   "greyscale copies, the real floor against the set size"),
+    "main": (main_study, "toy.py's table over seeds: every method's reconstruction and generation (toy Inception "
+                         "and toy VFM scores; evaluate.py at full scale)"),
+    "main-budget": (main_budget, "the main table's generators against their epochs (RAE, DRoRAE phase 3): the budget"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4: phase-2 grid of expert width × fused blocks, reconstruction vs "
                                        "log(fusion parameters), R² (full scale: --init-from P1)"),
 }

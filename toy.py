@@ -6,15 +6,17 @@ Here the world is procedurally generated 32×32 images whose class is a shape an
 background gradient and pose are random; the "VFM" is a small ViT in DINOv2's layout pretrained on this world with
 a semantic, colour-invariant objective (class + per-patch shape segmentation, plus DINO-style invariance of the
 last block to recolouring). Every method then runs as the normal `python train.py …` / `python sample.py …`
-commands (written to <out-dir>/commands.sh; two at a time, one per core) and is scored with evaluate.py's
-PSNR / SSIM / Fréchet distance in the toy VFM's feature space, and by the toy VFM's classifier on reconstructions
-and on class-conditional samples.
+commands (written to <out-dir>/commands.sh; two at a time, one per core) and is scored as the papers score it:
+PSNR / SSIM, and rFID / gFID, KID, IS, precision / recall in a toy Inception (a CNN trained once on images of its
+own seed to name each image's shape and appearance; no tokenizer sees it), and by the toy VFM's classifier (is the
+class in a reconstruction, in a class-conditional sample?).
 
     python toy.py                 # everything, ~11-14 min on 2 CPU cores; table + runs/toy/results.json
     python toy.py --stage world   # the toy VFM and the data only; --stage score: the table of finished runs
                                   # (experiments.py runs the stages as commands, one seed or many)
 """
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -172,17 +174,101 @@ def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
     return scores
 
 @torch.no_grad()
-def vfm_features(vfm, x01, batch=256):
-    """The toy VFM's normed cls token (its 'FD-DINOv2' feature space)."""
-    return torch.cat([vfm.forward_features(vfm_input(x01[i:i + batch]))["x_norm_clstoken"]
+def vfm_classify(vfm, heads, x01, batch=256):
+    """The toy VFM's class of each image, from its normed class token (is the class in a reconstruction, a sample?)."""
+    return torch.cat([heads.cls(vfm.forward_features(vfm_input(x01[i:i + batch]))["x_norm_clstoken"]).argmax(-1)
                       for i in range(0, len(x01), batch)])
 
-@torch.no_grad()
-def vfm_classify(vfm, heads, x01):
-    """The toy VFM's classifier (used to score class-conditional samples)."""
-    return heads.cls(vfm_features(vfm, x01)).argmax(-1)
+# ---- 3. The yardstick: a toy Inception, of another family than the VFM, that no tokenizer ever sees -------------
 
-# ---- 3. The pipeline: every tokenizer phase and generator a train.py run, the samples a sample.py run ------------
+EVALUATOR_SEED = 2**32  # its training images: a seed no toy world draws (toy.py --seed, and + 1000, stay below)
+FACTORS = (len(SHAPES), 2, 3, 3, 2)  # its classes: the shape; a light or dark object; the strongest channel of the
+# object's and the background's colour; stripes or none. The world's factors, as Inception's 1000 classes carry colour
+# and texture; trained on the shape alone it was measured colour-blind (greyscale copies scored at the real floor).
+
+def factor_labels(scenes, looks):
+    return np.stack([scenes["label"], looks["fg1"].mean(1) > 0.5, looks["fg1"].argmax(1), looks["bg"].argmax(1),
+                     looks["stripes"]], 1).astype(np.int64)
+
+class ToyInception(nn.Module):
+    """A small VGG-style CNN: three stages of two 3×3 conv + BatchNorm + ReLU and a 2× max-pool (widths 32, 64, 128),
+    global average pooling (the 128-d `pool` features: toy-FID, KID, precision / recall) and a linear head over the
+    FACTORS' classes (the first 8, the shape: the Inception Score)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        c, layers = (3, width, 2 * width, 4 * width), []
+        for a, b in zip(c, c[1:]):
+            layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(),
+                       nn.Conv2d(b, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c[-1], sum(FACTORS))
+
+    @torch.no_grad()
+    def forward(self, x01, batch=256):
+        """Images in [0, 1] → (pool features (N, 128), shape logits (N, 8))."""
+        f = torch.cat([self.body(x01[i:i + batch]) for i in range(0, len(x01), batch)])
+        return f, self.head(f)[:, :len(SHAPES)]
+
+def train_evaluator(steps, images=16384, batch=64, lr=2e-3):
+    """The toy Inception trained on `images` world images of EVALUATOR_SEED (at most the steps' batches): cross-entropy
+    of every factor, random flips and random 32-px crops of the 2-px reflect-padded image; AdamW, one-cycle."""
+    torch.manual_seed(0)
+    images = min(images, steps * batch)
+    rng, g = np.random.default_rng(EVALUATOR_SEED), torch.Generator().manual_seed(0)
+    scenes, looks = sample_scenes(images, rng), sample_appearance(images, rng)
+    x, y = torch.from_numpy(render(scenes, looks)[0]), torch.from_numpy(factor_labels(scenes, looks))
+    net = ToyInception()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    for _ in tqdm(range(steps), desc="toy Inception", dynamic_ncols=True):
+        i = torch.randint(images, (batch,), generator=g)
+        xb = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < 0.5, x[i].flip(-1), x[i])
+        dx, dy = torch.randint(5, (2,), generator=g).tolist()
+        logits = net.head(net.body(F.pad(xb, (2,) * 4, mode="reflect")[..., dy:dy + 32, dx:dx + 32]))
+        loss = sum(F.cross_entropy(l, t) for l, t in zip(logits.split(FACTORS, 1), y[i].T))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+def load_evaluator(path, steps):
+    """The toy Inception at `path` (trained there first if absent, once for every seed and study) and its file id."""
+    path = Path(path)
+    if not path.exists():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same network on every machine's core count
+        net = train_evaluator(steps)
+        torch.set_num_threads(threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cli.write_atomic(path, lambda f: torch.save(dict(kind="toy-evaluator", method="toy", phase="-", steps=steps,
+                                                           state=net.state_dict()), f))
+    ck = checkpoint.load_checkpoint(path, expect_kind="toy-evaluator")
+    if ck["steps"] != steps:
+        raise SystemExit(f"--evaluator {path}: trained for {ck['steps']} steps, not --evaluator-steps {steps} (delete "
+                         "it or give another path)")
+    net = ToyInception()
+    model.load_strict(net, ck["state"], path)
+    return net.eval(), f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
+
+def fd(f1, f2):
+    with warnings.catch_warnings():  # small sets (tests, the sample-size curve) are meant: no warning
+        warnings.simplefilter("ignore")
+        (m1, s1), (m2, s2) = (evaluate.gaussian(f.double().numpy()) for f in (f1, f2))
+        return evaluate.frechet_distance(m1, s1, m2, s2)
+
+def yardstick(ev, x01, ref, recon=False):
+    """The papers' metrics of images x01 in the toy Inception against the reference images' pool features `ref`:
+    reconstructions rFID and rIS (one score over all images, as evaluate.py); samples gFID, KID (and its standard
+    deviation over subsets), IS (10 splits), precision and recall."""
+    f, logits = ev(x01)
+    if recon:
+        return dict(rFID=fd(f, ref), rIS=evaluate.inception_score(logits, splits=1))
+    (p, r), k = evaluate.precision_recall(ref, f, device="cpu"), evaluate.kid(f, ref)
+    return dict(gFID=fd(f, ref), KID=k[0], KID_std=k[1], IS=evaluate.inception_score(logits), precision=p, recall=r)
+
+# ---- 4. The pipeline: every tokenizer phase and generator a train.py run, the samples a sample.py run ------------
 
 TOKENIZERS = {  # the main table's tokenizers: key → (method, phase, the tokenizer it starts from, its own settings)
     "rae": ("rae", "1", None, {}), "drorae_p2": ("drorae", "2", "rae", {}),
@@ -254,12 +340,6 @@ def read_samples(out):
     arr = np.load(next(Path(out).glob("*.npz")))
     return torch.from_numpy(arr["arr_0"]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(arr["arr_1"])
 
-def fd(f1, f2):
-    with warnings.catch_warnings():  # the toy FD uses < 2048 images on purpose (64-d features)
-        warnings.simplefilter("ignore")
-        (m1, s1), (m2, s2) = (evaluate.gaussian(f.double().numpy()) for f in (f1, f2))
-        return evaluate.frechet_distance(m1, s1, m2, s2)
-
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="toy.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     count, rate = cli.number(int, 1), cli.number(float, 0, above=True)
@@ -271,16 +351,19 @@ def parse_args(argv=None):
     p.add_argument("--vfm-pool", type=count, default=4096, help="scenes rendered for VFM pretraining")
     p.add_argument("--probe-images", type=count, default=2000, help="images of the colour probe (half fit, half test)")
     p.add_argument("--train-images", type=count, default=4096)
-    p.add_argument("--test-images", type=count, default=1000, help="held-out images for PSNR / SSIM / FD")
+    p.add_argument("--test-images", type=count, default=2048, help="held-out images: the reference of every metric")
     p.add_argument("--tok-epochs", type=count, default=12, help="epochs of every tokenizer run")
-    p.add_argument("--gen-epochs", type=count, default=5,
-                   help="epochs of every generator run (an epoch of its latent cache is every image and its flip)")
+    p.add_argument("--gen-epochs", type=count, default=10,
+                   help="epochs of every generator run (an epoch: every image once, as itself or its mirror)")
     p.add_argument("--batch", type=count, default=64)
     p.add_argument("--lr", type=rate, default=2e-3, help="peak learning rate of the tokenizers")
     p.add_argument("--gen-lr", type=rate, default=4e-3, help="peak learning rate of the generators")
-    p.add_argument("--samples-per-class", type=count, default=64)
+    p.add_argument("--samples-per-class", type=count, default=256, help="2,048 samples per generator in all")
     p.add_argument("--scale", type=cli.number(float, 0), default=3.0,
                    help="classifier-free guidance scale of the samples")
+    p.add_argument("--evaluator", default="runs/toy_evaluator.pt",
+                   help="the toy Inception (trained here on first use; every seed and study shares it)")
+    p.add_argument("--evaluator-steps", type=count, default=1500)
     p.add_argument("--lanes", type=count, default=2, help="train.py / sample.py runs at a time (one per core)")
     return p.parse_args(argv)
 
@@ -322,55 +405,54 @@ def test_set(args):
     return data.to_uint8(x).permute(0, 3, 1, 2).float() / 255, y, masks
 
 @torch.no_grad()
-def recon_scores(tok, x_test, y_test, vfm, heads, f_test):
-    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's accuracy on them and their FD."""
+def recon_scores(tok, x_test, y_test, vfm, heads, ev, ref):
+    """(reconstructions, scores): PSNR / SSIM on 8-bit images, the toy VFM's class accuracy on them, and the toy
+    Inception's rFID and rIS against the held-out images (pool features `ref`)."""
     r = torch.cat([tok.decode(tok.encode(x_test[i:i + 256])) for i in range(0, len(x_test), 256)])
     a, b = data.to_uint8(x_test), data.to_uint8(r)
     return r, dict(psnr=evaluate.psnr(a, b).mean().item(), ssim=evaluate.ssim(a, b).mean().item(),
                    recon_accuracy=(vfm_classify(vfm, heads, r) == y_test).float().mean().item(),
-                   fd_recon=fd(vfm_features(vfm, r), f_test))
+                   **yardstick(ev, b.permute(0, 3, 1, 2).float() / 255, ref, recon=True))
 
-def sample_scores(s, labels, vfm, heads, f_test):
-    """The toy VFM's accuracy on class-conditional samples; FD, precision and recall against the held-out images."""
-    f_s = vfm_features(vfm, s)
-    p, r = evaluate.precision_recall(f_test, f_s, device="cpu")
-    return dict(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(), fd=fd(f_s, f_test),
-                precision=p, recall=r)
+def sample_scores(s, labels, vfm, heads, ev, ref):
+    """The toy VFM's class accuracy on class-conditional samples; the toy Inception's gFID, KID, IS, precision and
+    recall against the held-out images."""
+    return dict(sample_accuracy=(vfm_classify(vfm, heads, s) == labels).float().mean().item(), **yardstick(ev, s, ref))
 
 def score(args, out, seconds=None):
     """Score the finished runs of one seed (recon_scores, sample_scores): results.json, the grids, the table."""
     vfm, heads = load_vfm(out)
+    ev, ev_id = load_evaluator(args.evaluator, args.evaluator_steps)
     x_test, y_test, _ = test_set(args)
     labels = torch.arange(len(SHAPES) * args.samples_per_class) % len(SHAPES)
     samples, results = {}, {}
     for key in GENERATORS:
         samples[key], sample_labels = read_samples(out / f"{key}_gen" / "samples")
         assert torch.equal(sample_labels, labels)
-    f_test = vfm_features(vfm, x_test)
+    ref = ev(x_test)[0]
     recons = [x_test[:16]]
     for key in TOKENIZERS:
         tok = checkpoint.load_tokenizer(out / key / "tokenizer.pt")
-        r, results[key] = recon_scores(tok, x_test, y_test, vfm, heads, f_test)
+        r, results[key] = recon_scores(tok, x_test, y_test, vfm, heads, ev, ref)
         recons.append(r[:16])
-        results[key].update(sample_scores(samples[key], labels, vfm, heads, f_test) if key in samples else
-                            dict.fromkeys(("sample_accuracy", "fd", "precision", "recall")))
+        results[key].update(sample_scores(samples[key], labels, vfm, heads, ev, ref) if key in samples else {})
     data.save_image_grid(torch.cat(recons), out / "reconstructions.png", nrow=16)
     data.save_image_grid(torch.cat([s[:16] for s in samples.values()]), out / "samples.png", nrow=16)
-    x_train = make_world(args.train_images, args.seed)[0]
-    fd_real = fd(vfm_features(vfm, x_train[:len(labels)]), f_test)
+    real = yardstick(ev, make_world(len(labels), args.seed)[0], ref)  # training images: the floor of the samples'
     vfm_res = json.loads((out / "world.json").read_text())
-    results.update(vfm=vfm_res, fd_real_train_vs_test=fd_real, seconds=seconds, args=vars(args))
-    cli.write_atomic(out / "results.json", json.dumps(results, indent=1))
+    results.update(vfm=vfm_res, real_train_vs_test=real, evaluator=ev_id, seconds=seconds, args=vars(args))
+    cli.write_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
 
-    columns = dict(psnr=("PSNR", 8, ".2f"), ssim=("SSIM", 8, ".3f"), recon_accuracy=("recon acc", 11, ".3f"),
-                   sample_accuracy=("sample acc", 12, ".3f"), fd=("FD (VFM)", 10, ".3f"), precision=("P", 7, ".3f"),
-                   recall=("R", 7, ".3f"))  # result key → (heading, width, format)
+    columns = dict(psnr=("PSNR", 8, ".2f"), ssim=("SSIM", 7, ".3f"), rFID=("rFID", 8, ".2f"),
+                   recon_accuracy=("rec acc", 9, ".3f"), sample_accuracy=("smp acc", 9, ".3f"), gFID=("gFID", 8, ".2f"),
+                   KID=("KID", 8, ".4f"), IS=("IS", 7, ".2f"), precision=("P", 7, ".3f"), recall=("R", 7, ".3f"))
     print(f"\n{'method':<16}" + "".join(f"{head:>{width}}" for head, width, _ in columns.values()))
     for key in TOKENIZERS:
-        print(f"{key:<16}" + "".join(f"{'—' if results[key][k] is None else format(results[key][k], spec):>{width}}"
+        print(f"{key:<16}" + "".join(f"{format(results[key][k], spec) if k in results[key] else '—':>{width}}"
                                      for k, (_, width, spec) in columns.items()))
-    print(f"(— = no generator trained for this tokenizer; samples at CFG scale {args.scale:g}; chance accuracy "
-          f"{1 / len(SHAPES):.3f}; FD of {len(labels)} real training vs held-out images {fd_real:.3f})")
+    print(f"(— = no generator for this tokenizer; {len(labels)} samples at CFG {args.scale:g}, {len(x_test)} held-out "
+          f"images; toy Inception {ev_id}; {len(labels)} real training images score gFID {real['gFID']:.2f}, KID "
+          f"{real['KID']:.4f}, IS {real['IS']:.2f}; chance accuracy {1 / len(SHAPES):.3f})")
     print(f"toy VFM accuracy {vfm_res['accuracy']:.3f}; colour R² shallow block {vfm_res['shallow_block']} "
           f"{vfm_res['colour_r2'][vfm_res['shallow_block']]:.3f} vs last block {vfm_res['colour_r2'][-1]:.3f}")
     return results

@@ -10,6 +10,7 @@ import experiments
 import fusion
 import model
 import runs
+from conftest import TINY_EVALUATOR
 
 TINY = dict(model.TOKENIZER_PRESETS["tiny"])
 
@@ -89,7 +90,44 @@ def test_list_and_unknown_study(capsys):
 # ---------------------------------------------------------------------------------------------------- studies over seeds
 
 TOY_TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train-images", "64", "--test-images",
-            "16", "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2"]
+            "16", "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2", *TINY_EVALUATOR]
+
+def test_verdicts_come_from_the_paired_95_percent_interval():
+    """A comparison is decided on the paired per-seed differences: better / worse when the Student-t 95 % interval
+    excludes 0 (the sign says which, by the metric's direction), a tie when the interval lies within ±10 % of the
+    baseline's mean, undecided otherwise and with one seed; with 5 seeds, the 10 subsets of 3 are each judged too."""
+    import scipy.stats
+    d = [1.0, 1.3, 0.8, 1.1, 0.9]
+    mean, half = experiments.interval(d)
+    lo, hi = scipy.stats.t.interval(0.95, 4, loc=np.mean(d), scale=scipy.stats.sem(d))
+    assert mean == pytest.approx(np.mean(d)) and half == pytest.approx((hi - lo) / 2)
+    assert experiments.verdict(d, 10.0, -1) == "worse" and experiments.verdict(d, 10.0, 1) == "better"
+    assert experiments.verdict([0.1, -0.1, 0.05, -0.05, 0.0], 10.0, -1) == "tie"  # |interval| ≤ 0.1 < 1.0
+    assert experiments.verdict([0.1, -0.1, 0.05, -0.05, 0.0], 0.5, -1) == "undecided"  # 0.1 > 10 % of 0.5
+    assert experiments.verdict([2.0], 1.0, 1) == "undecided" and experiments.verdict([3, -1, 2, -2, 4], 100, 1) == "tie"
+    table = {"a": {"gFID": dict(values=[10.0, 11, 12, 9, 10])}, "b": {"gFID": dict(values=[9.0, 10, 11, 8, 9.5])}}
+    table["a"]["gFID"]["mean"] = 10.4
+    (c,) = experiments.comparisons(table, "a", ["b"], ["gFID"])
+    assert c["verdict"] == "better" and c["per_seed"] == [-1, -1, -1, -1, -0.5] and c["subsets_agree"] == [10, 10]
+
+def test_yardstick_study_on_tiny_settings(tmp_path, monkeypatch):
+    """The toy Inception's check: toy-FID and KID at levels 0-4 of every disturbance, greyscale copies, the floor's
+    rows against the set size, whether each disturbance rises on every draw, a line chart; disturbances are seeded."""
+    from PIL import Image
+    monkeypatch.setattr(experiments, "SET_SIZES", (16, 32, 64))
+    res = experiments.main(["yardstick", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--samples-per-class", "6",
+                            *TINY_EVALUATOR])
+    rows = [f"{d} @{l}" for d in experiments.DISTURBANCES for l in range(5)] + ["greyscale", "real, first 16",
+                                                                               "real, first 32"]
+    assert list(res["table"]) == rows and set(res["monotone"]) == {"gFID", "KID"}
+    assert res["images"] == 48 and res["table"]["noise @0"] == res["table"]["blur @0"]  # level 0: the same images
+    assert set(res["monotone"]["KID"]) == set(experiments.DISTURBANCES) and Image.open(
+        tmp_path / "yardstick" / "chart.png").size[0] == 2 * 360
+    x, g = torch.rand(4, 3, 32, 32), lambda: torch.Generator().manual_seed(0)
+    for name, f in experiments.DISTURBANCES.items():
+        y = f(x, 2, g())
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1 and not torch.equal(y, x)
+        assert torch.equal(y, f(x, 2, g())), name
 
 def test_miniature_main_study_and_reuse(tmp_path, capsys):
     """experiments.py main on tiny settings: every run a plain command, a table with mean ± spread, comparisons,
@@ -103,7 +141,8 @@ def test_miniature_main_study_and_reuse(tmp_path, capsys):
     assert commands[0].startswith("python toy.py ") and commands[0].endswith("--stage world")
     assert commands[-1].endswith("--stage score") and len(commands) == 2 + 6 + 2 * 4
     assert set(res["table"]) == set(experiments.MAIN_ROWS) and res["table"]["rae"]["psnr"]["spread"] == 0
-    assert {c["tokenizer"] for c in res["comparisons"]} == {"drorae_p3", "decq", "ideal"}
+    assert {c["tokenizer"] for c in res["comparisons"]} == {"drorae_p2", "drorae_p3", "decq", "ideal"}
+    assert {c["metric"] for c in res["ideal_shallow"]} == set(experiments.RECONSTRUCTION)  # against deep-only
     assert "mean ± spread" in capsys.readouterr().out and (root / "chart.png").exists()
     finished = json.loads((root / "finished.json").read_text())
     assert len(finished) == len(commands)
@@ -188,7 +227,7 @@ def test_drorae_studies_on_tiny_settings_share_their_runs(tmp_path, capsys):
     phases = experiments.main(["drorae-phases", *base])
     runs = tmp_path / "drorae"
     assert set(phases["table"]) == {"rae", "drorae_p2", "drorae_p3", "drorae_joint"}
-    assert {"psnr", "fd_recon", "fd_none", "fd_ag"} <= set(phases["table"]["drorae_joint"])
+    assert {"psnr", "rFID", "gFID_none", "gFID_ag"} <= set(phases["table"]["drorae_joint"])
     commands = (runs / "commands.sh").read_text()
     assert "--phase joint" in commands and "--guide" in commands and "--scale 1.5" in commands
     reused = {p: p.stat().st_mtime_ns for p in (runs / "logs").iterdir()}
@@ -217,7 +256,7 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
     for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers", "decq-tradeoff",
                   "decq-convergence", "ideal-fusion", "ideal-shallow", "ideal-layers", "ideal-codebook",
-                  "ideal-generation"):
+                  "ideal-generation", "main-budget"):
         experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
                           "--eval-path", "in/val"])
         for line in capsys.readouterr().out.strip().splitlines():
@@ -229,10 +268,12 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
                 assert args.epochs == 800 and args.stop_epoch == (14 if "_guide" in args.out_dir else 80)
                 assert args.dit == ("S" if "_guide" in args.out_dir else "XL")
                 assert args.keep_every_epochs == (10 if "_curve" in args.out_dir else 0)
-            if words[2] == "sample.py" and "_curve" in args.ckpt:  # decq-convergence: epochs 10, 20, …, 80
+            if words[2] == "sample.py" and "_curve" in args.ckpt:  # decq-convergence, main-budget: 10, 20, …, 80
                 assert args.ckpt.endswith(tuple(f"ckpt-epoch{e}.pt" for e in range(10, 81, 10))) and args.scale == 1
     with pytest.raises(SystemExit, match="toy world"):
         experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
+    with pytest.raises(SystemExit, match="toy world's evaluator"):
+        experiments.main(["yardstick", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
 
 def test_ideal_scaling_and_generation_full_scale_commands(capsys):
     """ideal-scaling --world imagenet: one torchrun per GPT size with the official batch and epochs (3B under FSDP),
@@ -262,13 +303,13 @@ def test_decq_decoder_study_on_tiny_settings(tmp_path):
     λ = 0 generator; one table row each, compared against RAE."""
     res = experiments.main(["decq-decoder", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     assert list(res["table"]) == ["rae", "decq (RAE decoder)", "decq", "decq λ=0 (RAE decoder)", "decq λ=0"]
-    assert all({"fd", "sample_accuracy"} <= set(row) for row in res["table"].values())
+    assert all({"gFID", "sample_accuracy"} <= set(row) for row in res["table"].values())
     commands = (tmp_path / "decq" / "commands.sh").read_text()
     assert commands.count("--decoder-from") == 2 and commands.count("query_weight=0") == 1
-    assert res["table"]["decq"]["fd"]["mean"] != res["table"]["decq (RAE decoder)"]["fd"]["mean"]
+    assert res["table"]["decq"]["gFID"]["mean"] != res["table"]["decq (RAE decoder)"]["gFID"]["mean"]
     layers = experiments.main(["decq-layers", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     assert list(layers["table"]) == ["rae", "decq_shallow", "decq_deep", "decq"]
-    assert layers["table"]["decq"]["fd"] == res["table"]["decq"]["fd"]  # the same runs, reused
+    assert layers["table"]["decq"]["gFID"] == res["table"]["decq"]["gFID"]  # the same runs, reused
     commands = (tmp_path / "decq" / "commands.sh").read_text()
     assert "query_layers=[0,1,2]" in commands and "query_layers=[3,4,5]" in commands
 
@@ -280,15 +321,15 @@ def test_decq_tradeoff_and_convergence_on_tiny_settings(tmp_path, monkeypatch):
     res = experiments.main(["decq-tradeoff", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
     assert list(res["table"]) == ["rae", "unfreeze", "unfreeze_distill", "concat", "decq"]
     assert {c["tokenizer"] for c in res["comparisons"]} == {"unfreeze", "unfreeze_distill", "concat", "decq"}
-    assert all({"psnr", "fd", "sample_accuracy"} <= set(row) for row in res["table"].values())
+    assert all({"psnr", "gFID", "sample_accuracy"} <= set(row) for row in res["table"].values())
     commands = (tmp_path / "decq" / "commands.sh").read_text()
     assert "--method unfreeze --phase 1" in commands and "distill=1" in commands and "--method concat --phase gen" in commands
-    monkeypatch.setitem(experiments.CURVE_EPOCHS, "toy", (1, 2))
+    monkeypatch.setitem(experiments.CURVE_EPOCHS, "toy", (2, 4))
     curve = experiments.main(["decq-convergence", "--seeds", "0", "--out-dir", str(tmp_path), *TOY_TINY])
-    assert list(curve["table"]) == ["rae @1", "rae @2", "decq @1", "decq @2"]
+    assert list(curve["table"]) == ["rae @2", "rae @4", "decq @2", "decq @4"]
     run = tmp_path / "decq" / "seed0" / "decq_curve_gen"
-    assert sorted(p.name for p in run.glob("ckpt-epoch*.pt")) == sorted(f"ckpt-epoch{e}.pt" for e in range(1, 11))
-    assert set(curve["speed_up"]) == {"fd", "sample_accuracy"} and set(curve["speed_up"]["fd"]) == {"mean", "seed 0"}
+    assert sorted(p.name for p in run.glob("ckpt-epoch*.pt")) == sorted(f"ckpt-epoch{e}.pt" for e in range(2, 21, 2))
+    assert set(curve["speed_up"]) == {"gFID", "sample_accuracy"} and set(curve["speed_up"]["gFID"]) == {"mean", "seed 0"}
     assert Image.open(tmp_path / "decq" / "decq-convergence" / "chart.png").size[0] == 3 * 360
 
 def test_ideal_fusion_study_on_tiny_settings(tmp_path):

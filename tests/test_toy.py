@@ -7,9 +7,10 @@ import torch
 import model
 import runs
 import toy
+from conftest import TINY_EVALUATOR
 
 TINY = ["--vfm-steps", "2", "--vfm-pool", "16", "--probe-images", "16", "--train-images", "64", "--test-images", "16",
-        "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2"]
+        "--tok-epochs", "1", "--gen-epochs", "1", "--batch", "32", "--samples-per-class", "2", *TINY_EVALUATOR]
 KEYS = {"rae", "drorae_p2", "drorae_p3", "decq", "ideal", "ideal_deep_only"}
 
 def test_world_is_deterministic_in_the_seed():
@@ -38,10 +39,9 @@ def test_miniature_end_to_end(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert KEYS <= saved.keys() and KEYS <= res.keys()
     for k in KEYS:
-        assert set(saved[k]) == {"psnr", "ssim", "recon_accuracy", "fd_recon", "sample_accuracy", "fd", "precision",
-                                 "recall"}
-        assert saved[k]["psnr"] > 0 and 0 < saved[k]["ssim"] <= 1
-        assert (saved[k]["fd"] is None) == (k not in toy.GENERATORS)
+        gen = {"sample_accuracy", "gFID", "KID", "KID_std", "IS", "precision", "recall"}
+        assert set(saved[k]) == {"psnr", "ssim", "recon_accuracy", "rFID", "rIS"} | (gen if k in toy.GENERATORS else set())
+        assert saved[k]["psnr"] > 0 and 0 < saved[k]["ssim"] <= 1 and 1 <= saved[k]["rIS"] <= len(toy.SHAPES)
     assert (out / "reconstructions.png").is_file() and (out / "samples.png").is_file()
     commands = (out / "commands.sh").read_text().splitlines()  # every run is a plain train.py / sample.py command
     assert len(commands) == len(KEYS) + 2 * len(toy.GENERATORS)
