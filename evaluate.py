@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models.inception as tvi
+from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
@@ -250,6 +251,7 @@ class NpzImages:
     """`arr_0` of an npz (ADM sample/reference layout: uint8 N×H×W×3), streamed from the zip, never loaded whole."""
 
     def __init__(self, path):
+        self.path = path
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError):
@@ -274,7 +276,10 @@ class NpzImages:
 
     def read(self, i, j):
         self.f.seek(self.offset + i * self.item)
-        return np.frombuffer(self.f.read((j - i) * self.item), np.uint8).reshape(j - i, *self.shape[1:])
+        buf = self.f.read((j - i) * self.item)
+        if len(buf) < (j - i) * self.item:
+            raise SystemExit(f"{self.path}: arr_0 is shorter than its header's {self.shape[0]} images (a truncated file)")
+        return np.frombuffer(buf, np.uint8).reshape(j - i, *self.shape[1:])
 
 class FolderImages:
     """Image files under a folder (sorted, recursive) as uint8 RGB, optionally through `transform` (PIL → PIL),
@@ -290,7 +295,7 @@ class FolderImages:
     def _load(self, i):
         try:
             x = np.asarray(self.transform(data.open_rgb(self.files[i])))
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: empty, truncated or corrupt files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # empty, corrupt or huge files
             raise SystemExit(f"{self.files[i]}: unreadable image ({type(e).__name__})") from None
         if i and x.shape[:2] != self.size:
             raise SystemExit(f"{self.files[i]} is {x.shape[1]}×{x.shape[0]}; the other images are "
@@ -371,6 +376,13 @@ def statistics(f):
 
 def compare(st, ref, prefix="g"):
     """FID / sFID / FD-DINOv2 / precision / recall / KID of sample statistics against reference statistics."""
+    for s in (s for s, _ in GAUSSIANS.values() if f"mu{s}" in st and f"mu{s}" in ref):
+        if np.shape(st[f"mu{s}"]) != np.shape(ref[f"mu{s}"]):
+            raise SystemExit(f"--ref: its mu{s} is {np.shape(ref[f'mu{s}'])[0]}-d, the samples' "
+                             f"{np.shape(st[f'mu{s}'])[0]}-d (statistics of another feature extractor)")
+    if "pool" in ref and min(len(ref["pool"]), len(st["pool"])) < 4:
+        raise SystemExit(f"--samples / --ref: {len(st['pool'])} and {len(ref['pool'])} images; precision and recall "
+                         "need at least 4 each (k = 3 neighbours)")
     res = {prefix + metric if name == "pool" else metric: frechet_distance(st[f"mu{s}"], st[f"sigma{s}"],
                                                                              ref[f"mu{s}"], ref[f"sigma{s}"])
            for name, (s, metric) in GAUSSIANS.items() if f"mu{s}" in st and f"mu{s}" in ref}
@@ -390,8 +402,9 @@ def reference(path, extract, size):
             raise SystemExit(f"{path}: not an npz (expected an ADM reference batch, a sample npz or a stats file)")
         if "mu" not in keys and "arr_0" not in keys:
             raise SystemExit(f"{path}: a reference needs statistics (mu, sigma) or images (arr_0); found {sorted(keys)}")
-        if "mu" in keys and "sigma" not in keys:
-            raise SystemExit(f"{path}: has mu but no sigma")
+        for s, _ in GAUSSIANS.values():
+            if f"mu{s}" in keys and f"sigma{s}" not in keys:
+                raise SystemExit(f"{path}: has mu{s} but no sigma{s}")
         if "mu" in keys:
             st = {k: z[k] for k in keys - {"arr_0", "arr_1"}}
             if "pool" not in st and "arr_0" in keys:  # P/R (and FD-DINOv2) features from the images
@@ -429,6 +442,8 @@ def main(argv=None):
     out = Path(args.out or f"{Path(args.samples or args.tokenizer).with_suffix('')}_eval.json")
     for flag, path in (("--out", out), ("--save-stats", args.save_stats), ("--save-recon", args.save_recon)):
         if path:  # before any work: a bad output path never wastes a run
+            if Path(path).is_dir():
+                raise SystemExit(f"{flag} {path} is a folder: give a file name")
             cli.writable(flag, Path(path).parent)
     with cli.user_errors("evaluate.py", {"DINOv2 weights": "--dinov2-weights", "VGG16": "--lpips-vgg",
                                           "LPIPS lin": "--lpips-lin", "FID Inception": "--inception-weights"}):

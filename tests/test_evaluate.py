@@ -388,9 +388,19 @@ def test_offline_weights_are_one_line_naming_the_flag(monkeypatch, tmp_path):
     assert str(e.value).startswith("could not download the FID Inception weights")
     assert str(e.value).endswith("(evaluate.py --inception-weights PATH)") and "\n" not in str(e.value)
 
-def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
-    """A .npy, a text file or an empty npz as --samples, an unreadable image in a folder, a reference with mu but no
-    sigma, a truncated weights file: each one line naming the file."""
+def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path, monkeypatch):
+    """A .npy, a text file, an empty npz or one whose header promises more images than it holds as --samples, an
+    unreadable image in a folder, a reference with mu (or mu_s) but no sigma, statistics of another width, too few
+    images for precision / recall, an output path that is a folder, a truncated weights file: each one line."""
+    import io
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, dict(descr="|u1", fortran_order=False, shape=(10, 16, 16, 3)))
+    with zipfile.ZipFile(tmp_path / "lying.npz", "w") as z:  # 10 images promised, 4 given
+        z.writestr("arr_0.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + images(4, 0).tobytes())
+    np.savez(tmp_path / "refs.npz", mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(6))
+    np.savez(tmp_path / "r64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "three.npz", arr_0=images(3, 1))
     np.save(tmp_path / "x.npy", images(2, 0))
     (tmp_path / "t.txt").write_text("hello")
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
@@ -402,7 +412,12 @@ def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
     cases = {("--samples", "x.npy"): "x.npy: not an .npz", ("--samples", "t.txt"): "t.txt: not an .npz",
              ("--samples", "empty.npz"): "empty.npz: arr_0 holds no images",
              ("--samples", "val"): "zero.png: unreadable image",
-             ("--samples", "s.npz", "--ref", "ref.npz"): "ref.npz: has mu but no sigma"}
+             ("--samples", "s.npz", "--ref", "ref.npz"): "ref.npz: has mu but no sigma",
+             ("--samples", "s.npz", "--ref", "refs.npz"): "refs.npz: has mu_s but no sigma_s",
+             ("--samples", "s.npz", "--ref", "r64.npz"): "its mu is 64-d, the samples' 6-d",
+             ("--samples", "three.npz", "--ref", "s.npz"): "3 and 4 images; precision and recall need at least 4",
+             ("--samples", "lying.npz"): "lying.npz: arr_0 is shorter than its header's 10 images",
+             ("--samples", "s.npz", "--out", "val"): "val is a folder: give a file name"}
     for argv, want in cases.items():
         with pytest.raises(SystemExit) as e:
             cli(*[tmp_path / a if not a.startswith("--") else a for a in argv])
@@ -410,6 +425,12 @@ def test_bad_sample_reference_and_weight_files_are_one_line(fake_net, tmp_path):
     import model
     with pytest.raises(ValueError, match="w.pth: not a readable weights file"):
         model.read_state_dict(tmp_path / "w.pth")
+    from PIL import Image
+    (tmp_path / "big").mkdir()
+    Image.fromarray(images(1, 0, size=64)[0]).save(tmp_path / "big" / "b.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4,096 pixels: past twice the limit, a decompression bomb
+    with pytest.raises(SystemExit, match=r"b\.png: unreadable image \(DecompressionBombError\)"):
+        cli("--samples", tmp_path / "big")
 
 def test_ris_does_not_depend_on_a_class_sorted_folder(monkeypatch, tmp_path):
     """ImageNet val read as sorted class folders: ADM's 10 contiguous splits would each hold one class here and give
