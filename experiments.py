@@ -354,6 +354,13 @@ ABLATION_RUNS = {  # tokenizer key → (method, phase, the key it starts from or
     **{f"ideal_{name}": ("ideal", "1", None, tok(**{key: value})) for name, key, value in (  # the codebook's knobs
         ("d8", "code_dim", 8), ("k256", "codebook_size", 256), ("h0", "entropy_weight", 0),
         ("h0.1", "entropy_weight", 0.1), ("t1", "entropy_temperature", 1))}}
+BACKBONES = {  # vfm-backbones: the other encoders of each tokenizer → (name, weights; DINOv3's: the licensed file)
+    "dinov3": ("dinov3_vitb16", "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"), "siglip2": ("siglip2_b16_256", "official"),
+    "mae": ("mae_vitb16", "official")}
+ABLATION_RUNS.update({f"{key}@{f}": (m, p, init and f"{init}@{f}", own if init else tok(encoder=enc, encoder_weights=w))
+                      for f, (enc, w) in BACKBONES.items() for key, (m, p, init, own) in toy.TOKENIZERS.items()},
+                     ideal_main=("ideal", "1", None, tok(encoder="siglip2_l16_384", encoder_weights="official",
+                                                         image_size=384, shallow_layer=7)))  # Ideal §4.1, Table 8
 CURVE_EPOCHS = {"toy": range(2, 21, 2), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
 IDEAL_LADDER = {  # ideal-scaling's GPT sizes per world → (their settings over the world's GPT, the CFG scales sampled)
     "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0))  # the toy's
@@ -630,6 +637,20 @@ def decq_convergence(argv):
             f"{k} {f'{v:.2f}× sooner' if v else 'not for good within the epochs'}" for k, v in s.items()))
     return res
 
+def vfm_backbones(argv):
+    """RAE, DRoRAE (phase 3), DecQ and Ideal on DINOv2-B (the main table's), DINOv3-B, SigLIP2-B and (RAE's encoder
+    ablation) MAE-B, all at 256 px with a 16×16 latent, and Ideal's main configuration (SigLIP2-L/16 at 384 px, f_s
+    the 8th block, f_d the 24th): reconstruction, and generation on each latent. Full scale only: the toy world has
+    one toy VFM, and a second of another training style (e.g. contrastive) is not built."""
+    if study_args("vfm-backbones", argv)[0].world == "toy":
+        raise SystemExit("vfm-backbones runs at full scale (--world imagenet); the toy world has one toy VFM")
+    rows = [f"{k}@{f}" if f else k for f in ("", *BACKBONES) for k in ("rae", "drorae_p3", "decq", "ideal")
+            if f != "mae" or k == "rae"] + ["ideal_main"]
+    base = {r: "rae" + r[r.find("@"):] if "@" in r and not r.startswith("rae") else "rae" for r in rows if r != "rae"}  # each tokenizer against RAE on its own encoder; RAE against DINOv2's
+    args, root, per_seed = ablation_study("vfm-backbones", argv, rows[1:], [(k, CFG) for k in rows])
+    return finish("vfm-backbones", root / "vfm-backbones", per_seed, rows, args, base, list(base),
+                  metrics=DECQ_METRICS, compare=DECQ_METRICS)
+
 def main_budget(argv):
     """The main table's generator budget: its RAE and DRoRAE phase-3 generators kept at every CURVE_EPOCHS checkpoint
     (toy: to twice the budget) and sampled as in `main`; a line chart shows where the curve flattens."""
@@ -765,6 +786,8 @@ STUDIES = {  # name → (the study, a function of its flags, or tokenizer_study'
                                    "greyscale copies, the real floor against the set size"),
     "main": (main_study, "toy.py's table over seeds: every method's reconstruction and generation (toy Inception "
                          "and toy VFM scores; evaluate.py at full scale)"),
+    "vfm-backbones": (vfm_backbones, "every tokenizer on DINOv2 / DINOv3 / SigLIP2 (+ MAE for RAE): Ideal Table 7c, "
+                                     "RAE's encoder ablation (full scale)"),
     "main-budget": (main_budget, "the main table's generators against their epochs (RAE, DRoRAE phase 3): the budget"),
     "drorae-scaling": (drorae_scaling, "DRoRAE §4.4: phase-2 grid of expert width × fused blocks, reconstruction vs "
                                        "log(fusion parameters), R² (full scale: --init-from P1)"),

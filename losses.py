@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import IMAGENET_MEAN, IMAGENET_STD, DINOv2, load_strict, read_state_dict
+from model import IMAGENET_MEAN, IMAGENET_STD, ViT, load_strict, read_state_dict
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision ImageNet VGG16
 LPIPS_VGG_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -119,7 +119,7 @@ class Discriminator(nn.Module):
                  key_depths=(2, 5, 8, 11), kernel_size=9):
         super().__init__()
         self.img_size, self.key_depths = img_size, tuple(key_depths)
-        self.backbone = DINOv2(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+        self.backbone = ViT(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                num_heads=num_heads, layer_scale=False, mask_token=False,
                                gelu="tanh")  # RAE's frozen DINO (`FrozenDINONoDrop`) uses tanh-GELU
         if weights is not None:

@@ -5,6 +5,7 @@ This file imports no other file of the project: it knows no method and no genera
 import itertools
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -71,11 +72,12 @@ class SwiGLU(nn.Module):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(self.drop(F.silu(x1) * x2))
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x0, x1) → (x0·cos − x1·sin, x1·cos + x0·sin) (EVA / RAE 2-D RoPE).
-    x: (B, H, N, d); cos, sin: (N, d) with each frequency repeated for the two members of a pair."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+def apply_rope(x, cos, sin, half=False):
+    """Rotate pairs of channels by the angles in cos, sin (N, d): interleaved pairs (x0, x1) → (x0·cos − x1·sin,
+    x1·cos + x0·sin) (EVA / RAE 2-D RoPE), or with half=True the pairs (x_i, x_{i+d/2}) (rotate-half: DINOv3).
+    x: (B, H, N, d); each angle is repeated for the two members of its pair."""
+    x1, x2 = x.float().chunk(2, -1) if half else x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.cat((-x2, x1), -1) if half else torch.stack((-x2, x1), dim=-1).flatten(-2)
     return (x.float() * cos + rotated * sin).type_as(x)
 
 def rope_2d(head_dim, h, w, theta=10000.0):
@@ -137,8 +139,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden, drop=drop) if ffn == "swiglu" else Mlp(dim, mlp_hidden, drop, gelu)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
 
-    def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x, rope=None):
+        x = x + self.ls1(self.attn(self.norm1(x), rope=rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 def sincos_1d(dim, pos):
@@ -160,7 +162,7 @@ def sincos_2d(dim, h, cls_token=False):
 
 def checked_heads(dim, num_heads, name):
     """`num_heads` if it divides the width `dim`, else a ValueError naming the keyword `name` (a user's setting)."""
-    if num_heads < 1 or dim % num_heads:
+    if num_heads < 1 or dim < 1 or dim % num_heads:
         raise ValueError(f"{name} must divide the width {dim}, got {num_heads}")
     return num_heads
 
@@ -206,38 +208,56 @@ def read_state_dict(path):
     except Exception as e:  # noqa: BLE001 — truncated, corrupt or not a weights file at all: one ValueError
         raise ValueError(f"{path}: not a readable weights file ({type(e).__name__})") from None
 
-# ---- 2. DINOv2 (facebookresearch/dinov2 `DinoVisionTransformer`, inference) --------------------------------
+# ---- 2. The encoders: one ViT family (DINOv2, SigLIP2, DINOv3, MAE) in the official names, loaded strictly ----
 
-class DINOv2(nn.Module):
-    """DINOv2 ViT with the official parameter names, so official checkpoints load strictly as they are. Tokens are
-    [cls, registers, patches]; registers get no position embedding. `layer_scale=False, mask_token=False,
-    patch_size=8, img_size=224` gives the DINO (v1) ViT (positions interpolated as the non-register DINOv2 models)."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+class ViT(nn.Module):
+    """The frozen encoders' ViT in DINOv2's parameter names, so official DINOv2, DINOv3 and MAE files load as they are.
+    Tokens are [cls, registers, patches]; a position embedding (learned, or MAE's fixed sin-cos, loaded with the
+    weights) covers cls and patches, not registers. What a tokenizer uses (every family meets it): forward_blocks,
+    norm, patch_size, embed_dim, blocks and the input normalisation mean / std. The families (ENCODERS): DINOv2
+    (`layer_scale=False, mask_token=False, patch_size=8` gives DINO v1); SigLIP2 (class_token=False, tanh GELU for
+    Hugging Face's towers, exact for timm's, positions resized by size without antialias); DINOv3 (rope=100: no
+    position embedding, 2-D RoPE on the patch tokens' queries and keys, LayerScale, LN eps 1e-5); MAE (no LayerScale)."""
 
     def __init__(self, img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1, ffn_layer="mlp",
-                 layer_scale=True, mask_token=True, gelu="none"):
+                 layer_scale=True, mask_token=True, gelu="none", class_token=True, rope=None, eps=1e-6,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
+        if depth < 1 or patch_size < 1 or img_size < patch_size:
+            raise ValueError(f"encoder depth {depth}, patch_size {patch_size}, img_size {img_size}: a ViT needs at "
+                             "least one block and one patch")
+        checked_heads(embed_dim, num_heads, "the encoder's num_heads")
         D = self.embed_dim = embed_dim
         self.patch_size, self.num_register_tokens = patch_size, num_register_tokens
         self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, D))
+        self.mean, self.std, self.num_prefix = mean, std, int(class_token) + num_register_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if class_token else None
+        grid = (img_size // patch_size) ** 2
+        self.pos_embed = None if rope else nn.Parameter(torch.zeros(1, int(class_token) + grid, D))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, D)) if num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, D)) if mask_token else None  # iBOT training only; kept to load
         self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, D, patch_size, patch_size)})
+        if rope:  # DINOv3's periods rope^(2j / (d/2)), j < d/4 of the head dim d: a buffer, as its files store them
+            d = D // num_heads
+            self.rope_embed = nn.Module()
+            self.rope_embed.register_buffer("periods", rope ** (2 * torch.arange(d // 4, dtype=torch.float32) / (d // 2)))
         # g: SwiGLUFFNFused hidden = (int(4·1536·2/3) + 7) // 8 · 8 = 4096
         hidden = (int(D * mlp_ratio * 2 / 3) + 7) // 8 * 8 if ffn_layer == "swiglu" else int(D * mlp_ratio)
-        self.blocks = nn.ModuleList(Block(D, num_heads, hidden, eps=1e-6, layer_scale=1.0 if layer_scale else None,
+        self.blocks = nn.ModuleList(Block(D, num_heads, hidden, eps=eps, layer_scale=1.0 if layer_scale else None,
                                           ffn=ffn_layer, gelu=gelu) for _ in range(depth))
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.LayerNorm(D, eps=eps)
         self.init_weights()
 
     def init_weights(self):
         """Official random init: pos trunc-normal 0.02, cls/registers N(0, 1e-6), Linear trunc-normal 0.02, zero bias."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+        for p, init in ((self.pos_embed, lambda t: nn.init.trunc_normal_(t, std=0.02)),
+                        (self.cls_token, lambda t: nn.init.normal_(t, std=1e-6)),
+                        (self.register_tokens, lambda t: nn.init.normal_(t, std=1e-6))):
+            if p is not None:
+                init(p)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -246,58 +266,127 @@ class DINOv2(nn.Module):
     def interpolate_pos_encoding(self, h, w):
         """Position embedding for an h×w patch grid, exactly as the official code: in fp32, bicubic; with an
         offset (plain models: 0.1) scale_factor=((h+off)/M, (w+off)/M), else size=(h, w); antialias per model."""
-        pos = self.pos_embed
-        M = math.isqrt(pos.shape[1] - 1)
+        pos, c = self.pos_embed, int(self.cls_token is not None)
+        M = math.isqrt(pos.shape[1] - c)
         if h == w == M:
             return pos
-        grid = pos[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        grid = pos[:, c:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
         off = self.interpolate_offset
         size = dict(scale_factor=((h + off) / M, (w + off) / M)) if off else dict(size=(h, w))
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
         grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
+        return torch.cat([pos[:, :c].float(), grid], dim=1).to(pos.dtype)
+
+    def rope_tables(self, h, w):
+        """DINOv3's RoPE for an h×w patch grid: angles 2π·c / period of the patch centres c in [−1, 1] per axis
+        (rows' angles, then columns', repeated for the two halves of the head), as (cos, sin, rotate-half) over every
+        token, the cls and registers unrotated (cos 1, sin 0); fp32, as the official code."""
+        periods = self.rope_embed.periods.float()
+        cy, cx = torch.meshgrid(*[torch.arange(0.5, n, device=periods.device) / n * 2 - 1 for n in (h, w)], indexing="ij")
+        angles = (2 * math.pi * torch.stack([cy, cx], -1).reshape(-1, 2, 1) / periods).flatten(1).tile(2)
+        angles = torch.cat([angles.new_zeros(self.num_prefix, angles.shape[1]), angles])
+        return angles.cos(), angles.sin(), True
 
     def prepare_tokens(self, x):
         B, _, H, W = x.shape
-        p = self.patch_size
+        p, c = self.patch_size, int(self.cls_token is not None)
         if H % p or W % p:
-            raise ValueError(f"DINOv2 input {H}x{W} is not a multiple of the patch size {p}")
+            raise ValueError(f"encoder input {H}x{W} is not a multiple of the patch size {p}")
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
+        if c:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
         if self.register_tokens is not None:
-            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :c], self.register_tokens.expand(B, -1, -1), x[:, c:]], dim=1)
         return x
 
     def _run(self, x, take):
         """Run the blocks up to max(take); return the full token sequences after the blocks in `take`."""
+        p = self.patch_size
+        rope = self.rope_tables(x.shape[-2] // p, x.shape[-1] // p) if self.pos_embed is None else None
         x, out = self.prepare_tokens(x), []
         for i, blk in enumerate(self.blocks[: max(take) + 1]):
-            x = blk(x)
+            x = blk(x, rope)
             if i in take:
                 out.append(x)
         return out
 
     def forward_features(self, x):
-        """Official dict: final-normed cls / register / patch tokens and the pre-norm sequence."""
+        """Official dict: final-normed cls (None without one) / register / patch tokens and the pre-norm sequence."""
         x = self._run(x, {len(self.blocks) - 1})[0]
-        x_norm, r = self.norm(x), 1 + self.num_register_tokens
-        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1:r],
-                "x_norm_patchtokens": x_norm[:, r:], "x_prenorm": x}
+        x_norm, r = self.norm(x), self.num_prefix
+        return {"x_norm_clstoken": x_norm[:, 0] if self.cls_token is not None else None,
+                "x_norm_regtokens": x_norm[:, r - self.num_register_tokens:r], "x_norm_patchtokens": x_norm[:, r:],
+                "x_prenorm": x}
 
     def get_intermediate_layers(self, x, n=1, norm=True):
         """Official semantics (without reshape and class tokens): n int → the last n blocks, else the given 0-based
         block indices; each output's patch tokens through the shared final norm when norm=True."""
         depth = len(self.blocks)
         outs = self._run(x, set(range(depth - n, depth) if isinstance(n, int) else n))
-        return tuple((self.norm(o) if norm else o)[:, 1 + self.num_register_tokens:] for o in outs)
+        return tuple((self.norm(o) if norm else o)[:, self.num_prefix:] for o in outs)
 
     def forward_blocks(self, x):
         """Every block's output (B, h·w, D) from one pass: pre-norm, cls and registers dropped."""
-        return [o[:, 1 + self.num_register_tokens:] for o in self._run(x, set(range(len(self.blocks))))]
+        return [o[:, self.num_prefix:] for o in self._run(x, set(range(len(self.blocks))))]
 
     def forward(self, x):
         return self.forward_features(x)["x_norm_clstoken"]
+
+HF_NAMES = [  # Hugging Face names (hub files and transformers-5 memory) → the official ones, in this order
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("embeddings.patch_embeddings.", "patch_embed.proj."),
+    ("embeddings.patch_embedding.", "patch_embed.proj."), ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.position_embedding.weight", "pos_embed"), ("embeddings.", ""), ("post_layernorm.", "norm."),
+    ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."), ("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
+    ("layernorm.", "norm."), ("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
+    ("self_attn.out_proj.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."), ("output.dense.", "mlp.fc2."),
+    ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"), ("mlp.weights_in.", "mlp.w12."),
+    ("mlp.weights_out.", "mlp.w3."), ("storage_tokens", "register_tokens"), *((f"{a}{q}", f"attn.{q[0]}.") for a in ("attention.attention.", "attention.",
+    "self_attn.") for q in ("query.", "key.", "value.", "q_proj.", "k_proj.", "v_proj."))]
+UNUSED = ("head.", "text_model.", "logit_", "attn_pool.", "decoder", "local_cls_norm.")  # files' heads and decoders
+
+def convert_vit(sd, vit):
+    """Any public layout of a ViT encoder → the names of `vit` (its state dict completes what a layout omits):
+    official DINOv2 / DINOv3 / MAE as they are (DINOv3's key-bias mask applied), Hugging Face's (`Dinov2*Model`,
+    `SiglipVisionModel` or `SiglipModel`, `DINOv3ViTModel`, `ViTMAEModel` or `ViTMAEForPreTraining`; hub files and
+    transformers-5 memory), timm's (`reg_token`, SigLIP towers); heads, text towers and MAE's decoder dropped."""
+    sd = sd.get("model", sd) if isinstance(sd.get("model"), dict) else sd
+    out, own = {}, vit.state_dict()
+    for k, v in sd.items():
+        for prefix in ("module.", "dinov2_with_registers.", "dinov2.", "vision_model.", "vit.", "model."):
+            k = k.removeprefix(prefix)
+        if not k.startswith(UNUSED):
+            for a, b in HF_NAMES:
+                k = k.replace(a, b)
+            out[re.sub(r"^(encoder\.)?layers?\.", "blocks.", k)] = v
+    gated = any(".mlp.gate_proj." in k for k in out)  # DINOv2-g in transformers 5; DINOv3's up / down are an Mlp
+    out = {k.replace("mlp.up_proj.", "mlp.up." if gated else "mlp.fc1.").replace(
+        "mlp.down_proj.", "mlp.w3." if gated else "mlp.fc2.").replace("mlp.gate_proj.", "mlp.gate."): v
+        for k, v in out.items()}
+    for k in [k for k in out if ".attn.q." in k]:  # q, k, v → qkv (DINOv3's key has no bias: a zero one)
+        pre, _, suf = k.partition(".attn.q.")
+        q = out.pop(k)
+        out[f"{pre}.attn.qkv.{suf}"] = torch.cat([q, out.pop(f"{pre}.attn.k.{suf}", torch.zeros_like(q)),
+                                                  out.pop(f"{pre}.attn.v.{suf}")])
+    for k in [k for k in out if ".mlp.gate." in k]:  # gate, up → w12
+        pre, _, suf = k.partition(".mlp.gate.")
+        out[f"{pre}.mlp.w12.{suf}"] = torch.cat([out.pop(k), out.pop(f"{pre}.mlp.up.{suf}")])
+    for k in [k for k in out if k.endswith("qkv.bias_mask")]:
+        out[k[:-5]] = out[k[:-5]] * out.pop(k)
+    if "reg_token" in out:  # timm: registers apart, the cls position folded into cls_token: a zero cls slot back
+        out["register_tokens"] = out.pop("reg_token")
+        if out["pos_embed"].shape[1] < own["pos_embed"].shape[1]:
+            out["pos_embed"] = torch.cat([torch.zeros_like(out["pos_embed"][:, :1]), out["pos_embed"]], dim=1)
+    if "blocks.0.mlp.fc1.weight" in out and "blocks.0.mlp.w12.weight" in own:  # timm's packed SwiGLU
+        out = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3."): v for k, v in out.items()}
+    for k in ("mask_token", "rope_embed.periods"):  # layouts without them: a zero mask token, exact fp32 periods
+        if k in own and k not in out:
+            out[k] = own[k] if k != "mask_token" else torch.zeros_like(own[k])
+        elif k in out and k not in own:
+            out.pop(k)
+    squeeze = lambda t: [d for d in t.shape if d != 1]  # noqa: E731 — [1, 1, D] mask token, [N, D] positions
+    return {k: v.reshape(own[k].shape) if k in own and squeeze(v) == squeeze(own[k]) else v for k, v in out.items()}
 
 DINOV2_ARCHS = {
     "vits14": dict(embed_dim=384, depth=12, num_heads=6),
@@ -307,60 +396,25 @@ DINOV2_ARCHS = {
     "vitt14": dict(embed_dim=64, depth=4, num_heads=4),  # tiny test preset, no official weights
 }
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
-
-def convert_hf_dinov2(sd):
-    """Hugging Face Dinov2Model / Dinov2WithRegistersModel state dict → official names. Accepts the file names
-    (`attention.attention.{query,key,value}`, `attention.output.dense`, g: `mlp.weights_in/out`) and the
-    transformers-5 in-memory names (`attention.{q,k,v,o}_proj`, g: `mlp.{gate,up,down}_proj`)."""
-    renames = [("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
-               ("embeddings.position_embeddings", "pos_embed"), ("embeddings.", ""), ("encoder.layer.", "blocks."),
-               ("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
-               ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
-               ("mlp.weights_in.", "mlp.w12."), ("mlp.weights_out.", "mlp.w3."), ("mlp.down_proj.", "mlp.w3."),
-               ("attention.attention.query.", "attn.q."), ("attention.attention.key.", "attn.k."),
-               ("attention.attention.value.", "attn.v."), ("attention.q_proj.", "attn.q."),
-               ("attention.k_proj.", "attn.k."), ("attention.v_proj.", "attn.v."), ("layernorm.", "norm.")]
-    out = {}
-    for k, v in sd.items():
-        for a, b in renames:
-            k = k.replace(a, b)
-        out[k] = v
-    for mod, parts, fused in ((".attn.", ("q.", "k.", "v."), "qkv."), (".mlp.", ("gate_proj.", "up_proj."), "w12.")):
-        for k in [k for k in out if mod + parts[0] in k]:  # fuse q, k, v → qkv; gate, up → w12
-            pre, _, suf = k.partition(mod + parts[0])
-            out[pre + mod + fused + suf] = torch.cat([out.pop(pre + mod + p + suf) for p in parts])
-    return out
-
-def convert_timm_dinov2(sd):
-    """timm DINOv2 state dict → official names: `reg_token` → `register_tokens` with the cls position folded
-    into cls_token (restore a zero cls slot in pos_embed), SwiGLU `fc1/fc2` → `w12/w3`, zero `mask_token`."""
-    out = dict(sd)
-    if "reg_token" in out:
-        out["register_tokens"] = out.pop("reg_token")
-        pos = out["pos_embed"]
-        out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-    if out["blocks.0.mlp.fc1.weight"].shape[0] == 2 * out["blocks.0.mlp.fc2.weight"].shape[1]:  # packed SwiGLU
-        out = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3."): v for k, v in out.items()}
-    out.setdefault("mask_token", torch.zeros_like(out["cls_token"][0]))
-    return out
-
-def convert_dinov2(sd):
-    """Any public DINOv2 layout → official names, detected from the keys (prefixes `dinov2.`, `dinov2_with_registers.`,
-    `module.` stripped): HF has `embeddings.position_embeddings`; timm `reg_token` or no `mask_token`."""
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "dinov2_with_registers.", "dinov2."):
-            k = k.removeprefix(prefix)
-        out[k] = v
-    if "embeddings.position_embeddings" in out:
-        return convert_hf_dinov2(out)
-    if "reg_token" in out or ("mask_token" not in out and "blocks.0.mlp.fc1.weight" in out):
-        return convert_timm_dinov2(out)
-    return out
+SIGLIP2 = dict(patch_size=16, class_token=False, layer_scale=False, mask_token=False, gelu="tanh",
+               interpolate_offset=0.0, mean=(0.5,) * 3, std=(0.5,) * 3)  # Hugging Face's towers (timm's: exact GELU)
+DINOV3 = dict(patch_size=16, num_register_tokens=4, rope=100.0, eps=1e-5)  # eval only: no RoPE jitter
+MAE = dict(img_size=224, patch_size=16, layer_scale=False, mask_token=False, interpolate_offset=0.0)
+HF_FILE = "https://huggingface.co/google/{}/resolve/main/model.safetensors"
+DINOV3_FILES = "the license must be accepted at https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+ENCODERS = {  # the other families by name → (ViT keywords, their released weights: a download URL, or where they are)
+    "siglip2_b16_256": (dict(SIGLIP2, img_size=256), HF_FILE.format("siglip2-base-patch16-256")),
+    "siglip2_l16_384": (dict(SIGLIP2, img_size=384, embed_dim=1024, depth=24, num_heads=16),
+                        HF_FILE.format("siglip2-large-patch16-384")),
+    **{f"dinov3_vit{s}16": (dict(DINOV3, embed_dim=D, depth=L, num_heads=H), DINOV3_FILES)
+       for s, D, L, H in (("s", 384, 12, 6), ("b", 768, 12, 12), ("l", 1024, 24, 16))},
+    "mae_vitb16": (MAE, "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"),
+    **{f"{f}_tiny": (dict(kw, img_size=64, embed_dim=64, depth=4, num_heads=4), None)  # tests: no weights
+       for f, kw in (("siglip2", SIGLIP2), ("dinov3", DINOV3), ("mae", MAE))}}
 
 def dinov2(name, weights="official", **overrides):
     """DINOv2 by hub name: vits14 vitb14 vitl14 vitg14 (+ `_reg`: 4 registers, antialiased size-based position
-    interpolation), the tiny test preset vitt14[_reg], or a dict of `DINOv2` keyword arguments (e.g. the toy VFM).
+    interpolation), the tiny test preset vitt14[_reg], or a dict of `ViT` keyword arguments (e.g. the toy VFM).
     weights: "official" (torch hub cache), a local file in official / HF / timm layout, or None (random init)."""
     if isinstance(name, dict):
         arch, reg, kw = "custom", False, dict(name)
@@ -371,21 +425,51 @@ def dinov2(name, weights="official", **overrides):
         kw = dict(img_size=518, patch_size=14, **DINOV2_ARCHS[arch])
     if reg:
         kw.update(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
-    model = DINOv2(**{**kw, **overrides})
+    model = ViT(**{**kw, **overrides})
     if weights is None:
         return model
     if weights == "official":
         if arch in ("vitt14", "custom"):
             raise ValueError(f"DINOv2 '{name}' has no official weights: pass a local file or weights=None")
-        url = DINOV2_URL.format(arch=arch, reg="_reg4" if reg else "")
-        try:
-            sd = torch.hub.load_state_dict_from_url(url, map_location="cpu")
-        except Exception as e:
-            raise RuntimeError(f"could not download DINOv2 weights from {url} ({type(e).__name__}: {e}); "
-                               "download the file yourself and pass its local path") from None
+        sd = download(DINOV2_URL.format(arch=arch, reg="_reg4" if reg else ""), "DINOv2")
     else:
         sd = read_state_dict(weights)
-    return load_strict(model, convert_dinov2(sd), f"DINOv2 {name} weights '{weights}'")
+    return load_strict(model, convert_vit(sd, model), f"DINOv2 {name} weights '{weights}'")
+
+def download(url, what, file_name=None):
+    """The tensors of a released file of `what` (its error names it), downloaded once into the torch hub cache
+    (`file_name`: a .safetensors's)."""
+    try:
+        if url.endswith(".safetensors"):
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+            if not os.path.isfile(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(url, path)
+            return read_state_dict(path)
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu")
+    except Exception as e:
+        raise RuntimeError(f"could not download {what} weights from {url} ({type(e).__name__}: {e}); "
+                           "download the file yourself and pass its local path") from None
+
+def build_encoder(name, weights="official"):
+    """A frozen encoder by name: DINOv2's (dinov2()), one of ENCODERS, or a dict of ViT keywords (the toy VFM).
+    weights: "official" (downloaded once where the license allows it), a local file in any layout convert_vit reads,
+    or None (random init). A SigLIP2 file in timm's layout (blocks.*) gets timm's exact GELU."""
+    if isinstance(name, dict) or name.removesuffix("_reg") in DINOV2_ARCHS:
+        return dinov2(name, weights)
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder '{name}': expected a DINOv2 name ({', '.join(sorted(DINOV2_ARCHS))}, "
+                         f"optionally with _reg) or one of {', '.join(ENCODERS)}")
+    kw, source = ENCODERS[name]
+    if weights is None:
+        return ViT(**kw)
+    if weights == "official" and not (source or "").startswith("https://"):
+        raise ValueError(f"encoder '{name}' has no automatic download" + (f" ({source})" if source else "")
+                         + ": pass the local file as encoder_weights")
+    sd = download(source, "encoder", f"{name}.safetensors") if weights == "official" else read_state_dict(weights)
+    timm_siglip = not kw.get("class_token", True) and any(k.startswith("blocks.") for k in sd)
+    vit = ViT(**{**kw, **({"gelu": "none"} if timm_siglip else {})})
+    return load_strict(vit, convert_vit(sd, vit), f"encoder {name} weights '{weights}'")
 
 # ---- 3. ViT pixel decoder (RAE `GeneralDecoder`, HF ViT-MAE decoder style) ---------------------------------
 
@@ -493,18 +577,17 @@ def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
 #   phases / set_phase    → which submodules each training phase trains (a table per class);
 #   last_layer()          → the weight of the GAN's adaptive weight; config → the constructor's keywords + method.
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 TOKENIZER_PRESETS = {
-    "tiny": dict(method="rae", encoder="vitt14_reg", encoder_weights=None, decoder="tiny", image_size=64,
-                 encoder_size=56),  # 4×4 tokens of width 64, decoder patch 16
+    "tiny": dict(method="rae", encoder="vitt14_reg", encoder_weights=None, decoder="tiny",
+                 image_size=64),  # 56 px to the encoder: 4×4 tokens of width 64, decoder patch 16
     "published": dict(method="rae", encoder="vitb14_reg", encoder_weights="official", decoder="XL", image_size=256),
 }
 
 class RAE(nn.Module):
-    """Representation autoencoder: x01 → bicubic resize to encoder_size → ImageNet normalise → frozen DINOv2 →
-    z = LN₀(last block), cls and registers dropped, (B, h·w, C) → ViT decoder → image. encoder_size defaults to
-    image_size·7/8 (256 → 224, 512 → 448); the decoder's pixel patch is image_size / grid. A random frozen
+    """Representation autoencoder: x01 → bicubic resize to encoder_size → the encoder's normalisation → frozen encoder
+    (build_encoder: DINOv2 by default, or SigLIP2, DINOv3, MAE) → z = LN₀(last block), cls and registers dropped,
+    (B, h·w, C) → ViT decoder → image. encoder_size defaults to a 16-pixel latent patch, image_size · patch / 16
+    (DINOv2: 256 → 224, 512 → 448; patch-16 encoders: the image size); the decoder's pixel patch is image_size / grid. A random frozen
     encoder (encoder_weights=None) is seeded with 0, so rebuilding from `config` gives the same encoder."""
 
     method = "rae"
@@ -519,11 +602,11 @@ class RAE(nn.Module):
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder '{decoder}': expected one of {sorted(DECODERS)}")
         self.config = dict(method=self.method, **arguments(locals(), "decoder_class"))
-        self.image_size, self.encoder_size = image_size, encoder_size or image_size * 7 // 8
         self.noise_tau, self.noise = noise_tau, noise
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            self.encoder = dinov2(encoder, encoder_weights).eval().requires_grad_(False)
+            self.encoder = build_encoder(encoder, encoder_weights).eval().requires_grad_(False)
+        self.image_size, self.encoder_size = image_size, encoder_size or image_size * self.encoder.patch_size // 16
         grid = self.encoder_size // self.encoder.patch_size
         if self.encoder_size % self.encoder.patch_size or image_size % grid:
             raise ValueError(f"image_size {image_size}, encoder_size {self.encoder_size}: the encoder size must be a multiple "
@@ -532,8 +615,8 @@ class RAE(nn.Module):
                                      **DECODERS[decoder])  # a ViTDecoder subclass takes extra tokens
         if decoder_weights:
             load_strict(self.decoder, rae_decoder_state_dict(decoder_weights), f"decoder '{decoder_weights}'")
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(self.encoder.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.encoder.std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("stats_mean", None, persistent=False)  # (h·w, C) or None, see set_stats
         self.register_buffer("stats_var", None, persistent=False)  # trainable now: the decoder (phase "1")
 
@@ -545,11 +628,11 @@ class RAE(nn.Module):
     def encoder_features(self, x01):
         """Every encoder block's patch tokens (B, h·w, C), pre-norm, from one pass; gradient only if the encoder is
         trained (a method that fine-tunes it)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.cls_token.requires_grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder.patch_embed.proj.weight.requires_grad):
             return self.encoder.forward_blocks(self.encoder_input(x01))
 
     def encoder_input(self, x01):
-        """x01 → bicubic resize to encoder_size → ImageNet normalisation."""
+        """x01 → bicubic resize to encoder_size → the encoder's normalisation (ImageNet's; SigLIP2: 0.5, 0.5)."""
         s = self.encoder_size
         if x01.shape[-2:] != (s, s):
             x01 = F.interpolate(x01, size=(s, s), mode="bicubic", align_corners=False)
@@ -590,7 +673,7 @@ class RAE(nn.Module):
         return z + self.stats_mean if self.stats_mean is not None else z
 
     def to01(self, x):
-        """Decoder output (ImageNet-normalised space) → [0, 1] space, unclamped."""
+        """Decoder output (the encoder-normalised space) → [0, 1] space, unclamped."""
         return x * self.pixel_std + self.pixel_mean
 
     def encode(self, x01):

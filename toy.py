@@ -128,7 +128,7 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=
     (x1, masks), (x2, _) = (render(scenes, sample_appearance(pool, rng)) for _ in range(2))
     x1, x2, masks, labels = map(torch.from_numpy, (x1, x2, masks, scenes["label"]))
     targets = patch_targets(masks, labels, VFM_CONFIG["patch_size"])
-    vfm = model.DINOv2(**VFM_CONFIG)
+    vfm = model.ViT(**VFM_CONFIG)
     heads = vfm_heads()
     params = list(vfm.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)

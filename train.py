@@ -836,8 +836,9 @@ def train(args, rank, world, device, stop):
         if rank == 0:
             print(f"done: {out / trainer.kind}.pt")
 
-DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "VGG16": "--loss vgg_weights=",  # a download → the flag
-             "LPIPS lin": "--loss lpips_weights=", "DINO weights": "--loss disc_weights="}  # that takes a local file
+DOWNLOADS = {"DINOv2 weights": "--tok encoder_weights=", "encoder weights": "--tok encoder_weights=",  # a download →
+             "VGG16": "--loss vgg_weights=", "LPIPS lin": "--loss lpips_weights=",  # the flag that takes a local file
+             "DINO weights": "--loss disc_weights="}
 
 def main(argv=None):
     args = parse_args(argv)

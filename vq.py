@@ -182,7 +182,7 @@ def alignment_loss(pred, target):
 
 IDEAL_PRESETS = {
     "tiny": dict(method="ideal", encoder="vitt14_reg", encoder_weights=None, decoder="tiny", image_size=64,
-                 encoder_size=56, shallow_layer=1, codebook_size=64, code_dim=8, usage_window=1024, fuse_heads=4,
+                 shallow_layer=1, codebook_size=64, code_dim=8, usage_window=1024, fuse_heads=4,
                  feat_depth=2, feat_heads=4),  # 4×4 tokens of width 64; tests and toy runs
     "published": dict(method="ideal", encoder="vitb14_reg", encoder_weights="official", decoder="XL", image_size=256),
 }

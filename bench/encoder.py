@@ -30,14 +30,14 @@ def main():
     theirs = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=224).eval()
     theirs.load_state_dict(checkpoint_filter_fn(dict(ours.state_dict()), theirs))
     x = torch.randn(args.batch, 3, 224, 224)
-    run = {"ours (model.DINOv2)": lambda: ours.forward_features(x)["x_norm_patchtokens"],
+    run = {"ours (model.ViT)": lambda: ours.forward_features(x)["x_norm_patchtokens"],
            "timm VisionTransformer": lambda: theirs.forward_features(x)[:, 5:]}
 
     with torch.inference_mode():
         out = [f() for f in run.values()]
         err = (out[0] - out[1]).abs().max().item()
         with FlopCounterMode(display=False) as counter:
-            run["ours (model.DINOv2)"]()
+            run["ours (model.ViT)"]()
         flops = counter.get_total_flops()
         times = {name: [] for name in run}
         for _ in range(args.iters):

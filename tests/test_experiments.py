@@ -256,7 +256,7 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args}
     for study in ("drorae-phases", "drorae-routing", "decq-decoder", "decq-queries", "decq-layers", "decq-tradeoff",
                   "decq-convergence", "ideal-fusion", "ideal-shallow", "ideal-layers", "ideal-codebook",
-                  "ideal-generation", "main-budget"):
+                  "ideal-generation", "main-budget", "vfm-backbones"):
         experiments.main([study, "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "in/train",
                           "--eval-path", "in/val"])
         for line in capsys.readouterr().out.strip().splitlines():
@@ -272,6 +272,16 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
                 assert args.ckpt.endswith(tuple(f"ckpt-epoch{e}.pt" for e in range(10, 81, 10))) and args.scale == 1
     with pytest.raises(SystemExit, match="toy world"):
         experiments.main(["drorae-routing-maps", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
+    experiments.main(["vfm-backbones", "--seeds", "0", "--dry-run", "--world", "imagenet", "--data-path", "a",
+                      "--eval-path", "b"])
+    commands = capsys.readouterr().out  # every tokenizer on every family; Ideal's main configuration
+    assert commands.count("--method rae --phase 1 --out-dir runs/experiments/vfm/seed0/rae@") == 3
+    for enc in ("dinov3_vitb16 encoder_weights=dinov3_vitb16_pretrain", "siglip2_b16_256", "mae_vitb16"):
+        assert f"encoder={enc}" in commands
+    assert "--init-from runs/experiments/vfm/seed0/drorae_p2@siglip2/tokenizer.pt" in commands
+    assert "encoder=siglip2_l16_384 encoder_weights=official image_size=384 shallow_layer=7" in commands
+    with pytest.raises(SystemExit, match="full scale"):
+        experiments.main(["vfm-backbones"])
     with pytest.raises(SystemExit, match="toy world's evaluator"):
         experiments.main(["yardstick", "--world", "imagenet", "--data-path", "a", "--eval-path", "b"])
 

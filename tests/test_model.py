@@ -6,7 +6,7 @@ from conftest import reference
 
 import checkpoint
 import model
-from model import DINOv2, ViTDecoder, load_rae_decoder, load_strict
+from model import ViT, ViTDecoder, load_rae_decoder, load_strict
 
 GOLDEN = {}
 
@@ -21,7 +21,7 @@ def golden_dinov2(variant):
     kw = dict(g["config"], num_register_tokens=g["num_register_tokens"])
     if g["num_register_tokens"]:
         kw.update(interpolate_antialias=True, interpolate_offset=0.0)
-    return load_strict(DINOv2(**kw), g["state_dict"], variant).eval(), g
+    return load_strict(ViT(**kw), g["state_dict"], variant).eval(), g
 
 def official_to_hf(sd):
     """Official → HF file layout, as transformers' convert_dinov2_to_hf.py does (test-side reference)."""
@@ -93,8 +93,8 @@ def test_timm_parity_and_round_trip(name, variant, res):
         theirs = ref.forward_features(x)[:, ref.num_prefix_tokens:]
         mine = ours.forward_features(x)["x_norm_patchtokens"]
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
-        back = DINOv2(**{**g["config"], **_family(variant)})  # official → timm → ours: same outputs, exactly
-        load_strict(back, model.convert_dinov2(ref.state_dict()), "timm").eval()
+        back = ViT(**{**g["config"], **_family(variant)})  # official → timm → ours: same outputs, exactly
+        load_strict(back, model.convert_vit(ref.state_dict(), back), "timm").eval()
         assert torch.equal(back.forward_features(x)["x_norm_patchtokens"], mine)
 
 def _family(variant):
@@ -103,7 +103,7 @@ def _family(variant):
 def test_timm_giant_swiglu_parity():
     timm = pytest.importorskip("timm")
     from timm.models.vision_transformer import checkpoint_filter_fn
-    ours = DINOv2(embed_dim=48, depth=2, num_heads=4, ffn_layer="swiglu").eval()
+    ours = ViT(embed_dim=48, depth=2, num_heads=4, ffn_layer="swiglu").eval()
     ref = timm.create_model("vit_giant_patch14_dinov2", pretrained=False, num_classes=0, embed_dim=48, depth=2,
                             num_heads=4).eval()
     ref.load_state_dict(checkpoint_filter_fn(dict(ours.state_dict()), ref))
@@ -111,8 +111,8 @@ def test_timm_giant_swiglu_parity():
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x)["x_norm_patchtokens"], ref.forward_features(x)[:, 1:],
                                    atol=1e-4, rtol=0)
-    back = load_strict(DINOv2(embed_dim=48, depth=2, num_heads=4, ffn_layer="swiglu"),
-                       model.convert_dinov2(ref.state_dict()), "timm giant")
+    back = ViT(embed_dim=48, depth=2, num_heads=4, ffn_layer="swiglu")
+    load_strict(back, model.convert_vit(ref.state_dict(), back), "timm giant")
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in back.state_dict().items() if k != "mask_token")
 
 # Dinov2Model interpolates positions by size without antialias or the 0.1 offset, so it differs from the official
@@ -127,7 +127,7 @@ def test_transformers_parity_and_round_trip(cls, cfg, variant, res, tmp_path):
     ours, g = golden_dinov2(variant)
     sd = g["state_dict"]
     hf_sd = official_to_hf(sd)
-    assert same_state(model.convert_hf_dinov2(hf_sd), sd)  # official → HF → ours: exact
+    assert same_state(model.convert_vit(hf_sd, ours), sd)  # official → HF → ours: exact
     config = getattr(transformers, cfg)(hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
                                         intermediate_size=192, image_size=518, patch_size=14, layer_norm_eps=1e-6)
     config.save_pretrained(tmp_path)
@@ -138,7 +138,7 @@ def test_transformers_parity_and_round_trip(cls, cfg, variant, res, tmp_path):
     with torch.no_grad():
         theirs = ref.eval()(pixel_values=x).last_hidden_state[:, 1 + g["num_register_tokens"]:]
         torch.testing.assert_close(ours.forward_features(x)["x_norm_patchtokens"], theirs, atol=1e-4, rtol=0)
-    assert same_state(model.convert_dinov2(ref.state_dict()), sd)  # transformers-5 in-memory names
+    assert same_state(model.convert_vit(ref.state_dict(), ours), sd)  # transformers-5 in-memory names
     name = "vitt14_reg" if variant == "reg4" else "vitt14"  # the loader from files: .safetensors and .bin
     torch.save({"dinov2." + k: v for k, v in hf_sd.items()}, tmp_path / "pytorch_model.bin")
     for path in (tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin"):
@@ -155,7 +155,7 @@ def test_transformers_giant_swiglu(tmp_path):
     for weights in (str(tmp_path / "model.safetensors"), None):
         ours = model.dinov2("vitg14_reg", weights=weights, embed_dim=48, depth=2, num_heads=4)
         if weights is None:  # transformers-5 in-memory names: mlp.gate_proj / up_proj / down_proj
-            load_strict(ours, model.convert_dinov2(ref.state_dict()), "HF giant")
+            load_strict(ours, model.convert_vit(ref.state_dict(), ours), "HF giant")
         with torch.no_grad():
             torch.testing.assert_close(ours.eval().forward_features(x)["x_norm_patchtokens"],
                                        ref(pixel_values=x).last_hidden_state[:, 5:], atol=1e-4, rtol=0)
@@ -181,7 +181,7 @@ def test_parameter_counts_meta():
         assert count(model.dinov2("vits14", weights=None)) == 22_056_576
         dec = ViTDecoder(**model.DECODERS["XL"])
         assert sum(p.numel() for p in dec.parameters() if p.requires_grad) == 415_056_640
-        dino_v1 = DINOv2(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6, layer_scale=False,
+        dino_v1 = ViT(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6, layer_scale=False,
                          mask_token=False)
         assert count(dino_v1) == 21_670_272  # DINO ViT-S/8
         tok = checkpoint.build_tokenizer("published", encoder_weights=None)  # DINOv2-B reg4 + ViT-XL, 256 px
