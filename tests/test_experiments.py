@@ -115,7 +115,7 @@ def test_yardstick_study_on_tiny_settings(tmp_path, monkeypatch):
     rows against the set size, whether each disturbance rises on every draw, a line chart; disturbances are seeded."""
     from PIL import Image
     monkeypatch.setattr(experiments, "SET_SIZES", (16, 32, 64))
-    res = experiments.main(["yardstick", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--samples-per-class", "6",
+    res = experiments.main(["yardstick", "--seeds", "0", "--out-dir", str(tmp_path), "--samples-per-class", "6",
                             *TINY_EVALUATOR])
     rows = [f"{d} @{l}" for d in experiments.DISTURBANCES for l in range(5)] + ["greyscale", "real, first 16",
                                                                                "real, first 32"]
