@@ -123,7 +123,7 @@ class GPT(nn.Module):
     def generate(self, cond, num_tokens=None, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, generator=None):
         """Sample codes (B, num_tokens) for labels cond (B,) with a KV cache (call in eval mode).
         CFG: ℓ = ℓ_u + s·(ℓ_c − ℓ_u) with the null class batched alongside; s = 1 runs the conditional pass only.
-        temperature 0 = greedy. generator: a torch.Generator or a list of one per sample (see `sample_logits`)."""
+        temperature 0 = greedy. generator: a torch.Generator or a list of one per sample (see `uniforms`)."""
         num_tokens = num_tokens or self.num_tokens
         if num_tokens > self.num_tokens:
             raise ValueError(f"num_tokens {num_tokens} exceeds the model's {self.num_tokens}-token grid")
@@ -131,13 +131,16 @@ class GPT(nn.Module):
         if guided:
             cond = torch.cat([cond, torch.full_like(cond, self.num_classes)])
         cache = [KVCache(num_tokens) for _ in self.blocks]
-        h, out = self.class_emb(cond)[:, None], []
+        h, out, batch = self.class_emb(cond)[:, None], [], len(cond) // (1 + guided)
+        chunk = max(1, DRAWS_AT_ONCE // (batch * self.head.out_features))  # tokens whose draws are made at once
         for pos in range(num_tokens):
+            if temperature and pos % chunk == 0:
+                u = uniforms(generator, min(chunk, num_tokens - pos), batch, self.head.out_features, cond.device)
             logits = self.run(h, pos, cache)[:, -1]
             if guided:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
-            out.append(sample_logits(logits, temperature, top_k, top_p, generator))
+            out.append(sample_logits(logits, temperature, top_k, top_p, u[pos % chunk] if temperature else None))
             h = self.tok_emb(out[-1].repeat(2 if guided else 1))[:, None]
         return torch.stack(out, dim=1)
 
@@ -154,16 +157,23 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         logits = logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
     return logits
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+DRAWS_AT_ONCE = 2**26  # uniforms drawn per call of `uniforms` in generate (256 MiB of float32)
+
+def uniforms(generator, steps, batch, vocab, device):
+    """The Gumbel-max draws of `steps` tokens at once, (steps, batch, vocab): one call per generator, not one per
+    token and sample. `generator`: one torch.Generator for the batch or a list with one per row (then each row's
+    draws are independent of the batch composition). On CPU a generator's stream does not depend on how it is cut,
+    so the draws equal one call per token; a CUDA (Philox) generator cuts its stream otherwise."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(steps, vocab, generator=g, device=device) for g in generator], 1)
+    return torch.rand(steps, batch, vocab, generator=generator, device=device)
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, u=None):
     """Next codes (B,) from logits (B, V): argmax if temperature == 0, else a sample of
-    softmax(filter_logits(logits / temperature)) by the Gumbel-max trick. `generator` is one torch.Generator
-    for the batch or a list with one per row (then each row's draw is independent of the batch composition)."""
+    softmax(filter_logits(logits / temperature)) by the Gumbel-max trick on the uniforms u (B, V) (default: fresh)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
-    if isinstance(generator, (list, tuple)):
-        u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
-    else:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    u = torch.rand_like(logits) if u is None else u
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # u = 0 would give −inf
     return (logits + gumbel).argmax(dim=-1)

@@ -1,6 +1,8 @@
-"""Tokens/s of KV-cached vs uncached AR generation (random weights; default GPT-B on CPU).
+"""Tokens/s of AR generation with one generator per sample, as sample.py (random weights; default GPT-B on CPU):
+the KV-cached sampler drawing its uniforms for many tokens in one call per sample (ar.generate), the same with one
+call per token and sample (ar.DRAWS_AT_ONCE = 1: the sampler before the batched draw), and uncached.
 
-    python3 bench/ar_sample.py [--preset B] [--batch 2] [--tokens 64] [--cfg 1.0] [--device cpu]
+    python3 bench/ar_sample.py [--preset B] [--batch 2] [--tokens 64] [--cfg 1.0] [--device cpu] [--uncached]
 
 Uncached = recompute the teacher-forced forward over the whole prefix for every new token (O(n²)); it is slow
 on CPU, so --tokens defaults to a prefix of the 256-token grid.
@@ -13,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ar import GPT, GPT_PRESETS, sample_logits  # noqa: E402
+import ar  # noqa: E402
+from ar import GPT, GPT_PRESETS, sample_logits, uniforms  # noqa: E402
 
 @torch.no_grad()
 def uncached_generate(model, cond, num_tokens, cfg_scale, generator):
@@ -23,7 +26,8 @@ def uncached_generate(model, cond, num_tokens, cfg_scale, generator):
         if cfg_scale != 1.0:
             uncond = model(seq, torch.full_like(cond, model.num_classes))[:, -1]
             logits = uncond + cfg_scale * (logits - uncond)
-        seq = torch.cat([seq, sample_logits(logits, generator=generator)[:, None]], dim=1)
+        u = uniforms(generator, 1, *logits.shape, cond.device)[0]
+        seq = torch.cat([seq, sample_logits(logits, u=u)[:, None]], dim=1)
     return seq
 
 def timed(fn, device):
@@ -43,6 +47,7 @@ def main():
     p.add_argument("--cfg", type=float, default=1.0, help="CFG scale (≠ 1 doubles the batch)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    p.add_argument("--uncached", action="store_true", help="also time the uncached sampler")
     args = p.parse_args()
     if not 1 <= args.tokens <= 256:
         raise SystemExit(f"--tokens must be in 1..256, got {args.tokens}")
@@ -53,18 +58,30 @@ def main():
     model = GPT(**GPT_PRESETS[args.preset]).to(device).eval()
     torch.nn.init.normal_(model.head.weight, std=0.02)  # the zero-initialised head would make every logit equal
     cond = torch.arange(args.batch, device=device)
-    gen = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+    gen = lambda: [torch.Generator(device).manual_seed(i) for i in range(args.batch)]  # noqa: E731
+    generate = lambda: model.generate(cond, args.tokens, cfg_scale=args.cfg, generator=gen())  # noqa: E731
 
     model.generate(cond, num_tokens=2, cfg_scale=args.cfg, generator=gen())  # warm-up
-    cached, t_cached = timed(lambda: model.generate(cond, args.tokens, cfg_scale=args.cfg, generator=gen()), device)
-    plain, t_plain = timed(lambda: uncached_generate(model, cond, args.tokens, args.cfg, gen()), device)
+    t_at_once, t_per_token, default = float("inf"), float("inf"), ar.DRAWS_AT_ONCE
+    for _ in range(3):  # interleaved, the best of three of each
+        ar.DRAWS_AT_ONCE = default
+        at_once, t = timed(generate, device)
+        t_at_once = min(t, t_at_once)
+        ar.DRAWS_AT_ONCE = 1
+        per_token, t = timed(generate, device)
+        t_per_token = min(t, t_per_token)
+    rows = [("cached, draws at once", t_at_once), ("cached, a draw per token", t_per_token)]
+    same = torch.equal(at_once, per_token)
+    if args.uncached:
+        plain, t_plain = timed(lambda: uncached_generate(model, cond, args.tokens, args.cfg, gen()), device)
+        rows.append(("uncached", t_plain))
+        same = same and torch.equal(at_once, plain)
     n = args.batch * args.tokens
     print(f"GPT-{args.preset}, batch {args.batch}, {args.tokens} tokens, cfg {args.cfg}, {device}, "
-          f"{torch.get_num_threads()} threads; same tokens: {torch.equal(cached, plain)}")
-    print(f"{'mode':<10}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'cached':<10}{t_cached:>10.2f}{n / t_cached:>12.1f}")
-    print(f"{'uncached':<10}{t_plain:>10.2f}{n / t_plain:>12.1f}")
-    print(f"speed-up ×{t_plain / t_cached:.1f}")
+          f"{torch.get_num_threads()} threads; same tokens: {same}")
+    print(f"{'sampler':<26}{'seconds':>10}{'tokens/s':>12}{'× at once':>11}")
+    for name, t in rows:
+        print(f"{name:<26}{t:>10.2f}{n / t:>12.1f}{t / t_at_once:>11.2f}")
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import apply_rope, load_strict
-from ar import GPT, GPT_PRESETS, KVCache, filter_logits, sample_logits
+import ar
+from ar import GPT, GPT_PRESETS, KVCache, filter_logits, sample_logits, uniforms
 
 TINY = dict(GPT_PRESETS["tiny"], vocab_size=32, num_classes=4, grid=4)
 
@@ -19,15 +20,17 @@ def tiny_gpt(**kw):
     nn.init.normal_(model.head.weight, std=0.5)
     return model
 
-def uncached_generate(model, cond, cfg_scale=1.0, **sampling):
-    """Reference sampler: recompute the whole prefix with the teacher-forced forward at every step."""
+def uncached_generate(model, cond, cfg_scale=1.0, generator=None, **sampling):
+    """Reference sampler: recompute the whole prefix with the teacher-forced forward at every step, drawing each
+    step's uniforms in its own call."""
     seq = torch.zeros(len(cond), 0, dtype=torch.long)
     for _ in range(model.num_tokens):
         logits = model(seq, cond)[:, -1]
         if cfg_scale != 1.0:
             uncond = model(seq, torch.full_like(cond, model.num_classes))[:, -1]
             logits = uncond + cfg_scale * (logits - uncond)
-        seq = torch.cat([seq, sample_logits(logits, **sampling)[:, None]], dim=1)
+        u = uniforms(generator, 1, *logits.shape, "cpu")[0] if sampling.get("temperature", 1) else None
+        seq = torch.cat([seq, sample_logits(logits, u=u, **sampling)[:, None]], dim=1)
     return seq
 
 def test_param_counts_match_llamagen():
@@ -116,12 +119,18 @@ def test_sampling_cfg_and_determinism():
     null = torch.full_like(cond, 4)
     assert torch.equal(both(0.0)[0], both(1.0, labels=null)[0])  # scale 0 = unconditional
 
-def test_per_sample_generators_independent_of_batch():
+def test_per_sample_generators_independent_of_batch_and_of_how_the_draws_are_cut(monkeypatch):
+    """sample.py's per-sample generators: a row's codes do not depend on its batch; drawing the uniforms of many
+    tokens in one call (here 3 tokens a call, so the cut falls inside the 16-token grid) gives the codes of one
+    call per token (a CPU generator's stream)."""
     model, cond = tiny_gpt(), torch.tensor([2, 0, 1])
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     batch = model.generate(cond, cfg_scale=2.0, generator=gens([10, 11, 12]))
     for i, seed in enumerate([10, 11, 12]):
         assert torch.equal(model.generate(cond[i:i + 1], cfg_scale=2.0, generator=gens([seed]))[0], batch[i])
+    assert torch.equal(batch, uncached_generate(model, cond, 2.0, gens([10, 11, 12])))
+    monkeypatch.setattr(ar, "DRAWS_AT_ONCE", 3 * 3 * 32)
+    assert torch.equal(model.generate(cond, cfg_scale=2.0, generator=gens([10, 11, 12])), batch)
 
 def test_top_k_top_p_keep_exactly_the_nucleus():
     probs = torch.tensor([0.06, 0.5, 0.04, 0.3, 0.1])
@@ -133,13 +142,14 @@ def test_top_k_top_p_keep_exactly_the_nucleus():
     assert kept(top_p=0.95) == {0, 1, 3, 4}
     assert kept(top_k=2) == {1, 3}
     assert kept(top_k=3, top_p=0.85) == {1, 3}  # top-p renormalises over the top-k survivors
-    draws = sample_logits(logits.expand(4000, 5), top_p=0.75, generator=torch.Generator().manual_seed(0))
+    draws = sample_logits(logits.expand(4000, 5), top_p=0.75, u=torch.rand(4000, 5, generator=torch.Generator().manual_seed(0)))
     assert set(draws.tolist()) == {1, 3}
     torch.testing.assert_close((draws == 1).float().mean(), torch.tensor(0.5 / 0.8), atol=0.03, rtol=0)
 
 def test_gumbel_sampling_matches_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    draws = sample_logits(logits.expand(20000, 4), temperature=0.7, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(20000, 4, generator=torch.Generator().manual_seed(0))
+    draws = sample_logits(logits.expand(20000, 4), temperature=0.7, u=u)
     freq = torch.bincount(draws, minlength=4).float() / 20000
     torch.testing.assert_close(freq, (logits[0] / 0.7).softmax(0), atol=0.012, rtol=0)
 
