@@ -131,11 +131,11 @@ class GPT(nn.Module):
         if guided:
             cond = torch.cat([cond, torch.full_like(cond, self.num_classes)])
         cache = [KVCache(num_tokens) for _ in self.blocks]
-        h, out, batch = self.class_emb(cond)[:, None], [], len(cond) // (1 + guided)
-        chunk = max(1, DRAWS_AT_ONCE // (batch * self.head.out_features))  # tokens whose draws are made at once
+        h, out, batch, vocab = self.class_emb(cond)[:, None], [], len(cond) // (1 + guided), self.head.out_features
+        chunk = max(1, DRAWS_AT_ONCE // (batch * vocab))  # tokens whose draws are made at once
         for pos in range(num_tokens):
             if temperature and pos % chunk == 0:
-                u = uniforms(generator, min(chunk, num_tokens - pos), batch, self.head.out_features, cond.device)
+                u = uniforms(generator, min(chunk, num_tokens - pos), batch, vocab, cond.device)
             logits = self.run(h, pos, cache)[:, -1]
             if guided:
                 cond_logits, uncond_logits = logits.chunk(2)
@@ -174,6 +174,6 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, u=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
-    u = torch.rand_like(logits) if u is None else u
+    u = torch.rand(logits.shape, device=logits.device) if u is None else u  # float32 under autocast too
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # u = 0 would give −inf
     return (logits + gumbel).argmax(dim=-1)
