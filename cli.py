@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import fcntl
+import json
 import math
 import os
 import re
@@ -62,6 +63,23 @@ def write_atomic(path, data):
             why = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise SystemExit(f"{path}: could not write ({why}); the previous file is kept") from None
         raise
+
+def mark_complete(folder, argv):
+    """A script's last write once it did all its command line `argv` asked (less a --resume, which changes how, not
+    what): `argv` joins the commands <folder>/complete.json lists. The study runner reuses a run only when it is listed."""
+    argv = [str(a) for a in argv]
+    argv = [a for i, a in enumerate(argv) if not (a.startswith("--resume") or i and argv[i - 1] == "--resume")]
+    path = Path(folder) / "complete.json"
+    done = json.loads(path.read_text()) if path.exists() else []
+    write_atomic(path, json.dumps([a for a in done if a != argv] + [argv]))
+
+def is_complete(output, argv):
+    """Whether `output` says its command `argv` completed: a folder lists it in complete.json (mark_complete); a file
+    (written atomically, last) exists."""
+    path = Path(output)
+    if not path.is_dir():
+        return path.exists()
+    return (path / "complete.json").exists() and [str(a) for a in argv] in json.loads((path / "complete.json").read_text())
 
 def lock(path, what):
     """Own the lock file `path` while this process lives (another is refused); the OS drops it however the process ends."""

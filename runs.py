@@ -1,7 +1,7 @@
 """The run scheduler. A run is data: a name, a script (train.py, sample.py, evaluate.py, toy.py), its settings (a dict,
 never a command line) and the runs it depends on. `argv` renders a run's settings as its script's command line, the one
 place that knows flag spellings; `run_jobs` runs them as `python script …` subprocesses, `lanes` at a time, reusing
-finished runs and continuing interrupted ones. Used by toy.py's main job and by experiments.py's studies."""
+finished runs (the record and the run's own complete.json agree) and continuing interrupted ones. Used by toy.py's main job and by experiments.py's studies."""
 import json
 import os
 import shlex
@@ -68,11 +68,11 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
     for run in jobs:  # dependencies come first
         output = run.settings.get("out_dir", run.settings.get("out"))  # any script's: deleted, the run runs again
         run_dir = Path(output) if run.script == "train.py" and output else None
-        kept = output is None or Path(output).exists()
-        if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done and kept:
+        complete = output is None or cli.is_complete(output, argv(run))  # its output says so, not only the record
+        if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done and complete:
             done.add(run.name)
             continue
-        if run.name in finished and run_dir is not None and kept:  # a finished training run would be trained again
+        if run.name in finished and run_dir is not None and Path(output).exists():  # a finished training run would be trained again
             why = "with another command" if finished[run.name] != cmd[run.name] else "on inputs that are made again"
             raise SystemExit(f"{run.name}: finished earlier {why} (see {record}); delete {run_dir} to train it "
                              "again, or choose another --out-dir")

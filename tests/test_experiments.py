@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import experiments
 import fusion
 import model
@@ -162,7 +163,10 @@ def test_an_interrupted_run_resumes_and_a_changed_command_is_refused(tmp_path):
                loss=dict(lpips_weight=0, gan_weight=0), epochs=2)
     import train
     train.main(runs.argv(runs.Run("rae", "train.py", dict(run, max_steps=1))))  # as if stopped: a checkpoint
+    full = runs.argv(runs.Run("rae", "train.py", run))
+    assert not cli.is_complete(tmp_path / "rae", full)  # complete.json lists the 1-step command only
     runs.run_jobs([runs.Run("rae", "train.py", run)], tmp_path, lanes=1, reuse=True)  # without --resume: would refuse
+    assert cli.is_complete(tmp_path / "rae", full)  # resumed to its end: the command less --resume listed
     assert (tmp_path / "rae" / "tokenizer.pt").exists() and checkpoint.load_checkpoint(tmp_path / "rae")["step"] == 2
     with pytest.raises(SystemExit, match="finished earlier with another command"):
         runs.run_jobs([runs.Run("rae", "train.py", dict(run, seed=1))], tmp_path, lanes=1, reuse=True)
@@ -372,8 +376,9 @@ def test_a_runs_settings_render_as_its_scripts_flags():
     assert runs.command(run, gpus=8).startswith("torchrun --nproc_per_node=8 train.py --method ideal")
 
 def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
-    """Issue 31 #8: a study rerun trusts finished.json only while the run's output is there (train.py's run folder,
-    sample.py's folder, evaluate.py's file): a sample set deleted since is sampled again, one still there is reused."""
+    """Issue 31 #3, #8: a study rerun trusts finished.json only while the run's output says it completed (the folder's
+    complete.json lists the command, evaluate.py's file exists): a sample set deleted since, or whose marker is gone,
+    is sampled again; one still there is reused."""
     from test_dit import make_generator_ckpt
 
     ckpt = make_generator_ckpt(tmp_path)
@@ -384,6 +389,9 @@ def test_a_finished_run_whose_output_was_deleted_runs_again(tmp_path):
     first = npz.stat().st_mtime_ns
     runs.run_jobs([job], tmp_path / "study", lanes=1, reuse=True)
     assert npz.stat().st_mtime_ns == first  # reused, not sampled again
+    (tmp_path / "s" / "complete.json").unlink()  # its files there, but the run's own marker gone: sampled again
+    runs.run_jobs([job], tmp_path / "study", lanes=1, reuse=True)
+    assert npz.stat().st_mtime_ns != first and cli.is_complete(tmp_path / "s", runs.argv(job))
     for f in (tmp_path / "s").iterdir():
         f.unlink()
     (tmp_path / "s").rmdir()
