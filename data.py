@@ -60,10 +60,11 @@ def save_image_grid(x01, path, nrow=8):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(x01.detach().float().clamp(0, 1).cpu(), path, nrow=nrow)
 
-def walk(folder):
+def walk(folder, unreadable):
     """os.walk(folder) following links, but into no folder that holds the current one: a link loop (class/loop -> ..)
-    would repeat images without end, under the wrong label."""
-    for d, subdirs, files in os.walk(folder, followlinks=True):
+    would repeat images without end, under the wrong label. Folders that cannot be listed are appended to
+    `unreadable` (os.walk would drop them without a word)."""
+    for d, subdirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
         here = os.path.realpath(d) + os.sep
         subdirs[:] = [s for s in subdirs if not here.startswith(os.path.realpath(os.path.join(d, s)) + os.sep)]
         yield d, subdirs, files
@@ -81,9 +82,13 @@ class ImageFolder(Dataset):
             raise SystemExit(f"data folder {root} not found: expected a folder of class subfolders of images")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         dirs = [(root / c, i) for i, c in enumerate(self.classes)] or [(root, 0)]
+        unreadable = []
         self.samples = [(os.path.join(d, f), label) for folder, label in dirs
-                        for d, _, files in sorted(walk(folder)) for f in sorted(files)
+                        for d, _, files in sorted(walk(folder, unreadable)) for f in sorted(files)
                         if f.lower().endswith(IMG_EXTENSIONS)]
+        if unreadable:
+            warnings.warn(f"skipping {len(unreadable)} unreadable folder(s) in {root}, their images not used: "
+                          + "; ".join(f"{e.filename}: {e.strerror}" for e in unreadable[:3]))
         if not self.samples:
             raise SystemExit(f"no images found in {root}: expected {'/'.join(IMG_EXTENSIONS)} files "
                              f"in class subfolders (e.g. {root}/n01440764/img.JPEG)")

@@ -626,6 +626,19 @@ def test_data_folder_link_loops_and_changes_under_a_resume(images, tmp_path):
     msg = error(run + ["--resume", str(tmp_path / "run"), "--max-steps", "2"])
     assert f"--data-path {images}: 9 images now, 8 when" in msg and "\n" not in msg, msg
 
+def test_an_unreadable_class_folder_is_counted(images, monkeypatch):
+    """Issue 31 #8: a class folder that cannot be listed (chmod 000; faked here, root reads everything) was dropped
+    without a word by os.walk; the dataset warns with the count and the folder."""
+    real, blocked = os.scandir, os.path.join(images, "class1")
+    def scandir(path="."):
+        if os.fspath(path) == blocked:
+            raise PermissionError(13, "Permission denied", blocked)
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable folder\(s\) .*class1: Permission denied"):
+        ds = data.ImageFolder(images, size=64)
+    assert len(ds) == 4 and {label for _, label in ds.samples} == {0}
+
 def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
     """Issue 31 #8: torch.load reads a checkpoint with a flipped bit in a tensor without a word; load_checkpoint checks
     the CRC of every record of torch.save's zip and refuses it in one line."""
