@@ -359,8 +359,7 @@ BACKBONES = {  # vfm-backbones: the other encoders of each tokenizer → (name, 
     "mae": ("mae_vitb16", "official")}
 ABLATION_RUNS.update({f"{key}@{f}": (m, p, init and f"{init}@{f}", own if init else tok(encoder=enc, encoder_weights=w))
                       for f, (enc, w) in BACKBONES.items() for key, (m, p, init, own) in toy.TOKENIZERS.items()},
-                     ideal_main=("ideal", "1", None, tok(encoder="siglip2_l16_384", encoder_weights="official",
-                                                         image_size=384, shallow_layer=7)))  # Ideal §4.1, Table 8
+                     ideal_main=("ideal", "1", None, dict(recipe="ideal-main")))  # Ideal §4.1, Table 8
 CURVE_EPOCHS = {"toy": range(2, 21, 2), "imagenet": range(10, 81, 10)}  # decq-convergence: kept generator checkpoints
 IDEAL_LADDER = {  # ideal-scaling's GPT sizes per world → (their settings over the world's GPT, the CFG scales sampled)
     "toy": {f"toy{i}": (dict(gen=dict(gpt=f"toy{i}")), (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0))  # the toy's

@@ -90,6 +90,10 @@ TINY = dict(  # --recipe tiny, over any row: CPU smoke runs and tests, no downlo
     loss=dict(disc_start_epoch=2, gan_start_epoch=3, lpips_weights="random", vgg_weights="random",
               disc_weights="random", disc="tiny"),
     gen=dict(dit="tiny", gpt="tiny"))
+IDEAL_MAIN = dict(  # --recipe ideal-main over Ideal's rows: its main configuration (§4.1, Table 8; the official
+    methods=("ideal",),  # ideal-transformer.yaml): SigLIP2-L/16 at 384 px (24×24 codes), f_s = block 8 of 24 (index 7),
+    tok=dict(encoder="siglip2_l16_384", image_size=384, shallow_layer=7, fuse_heads=8, feat_heads=8))  # f_d the 24th
+VARIANTS = {"published": {}, "tiny": TINY, "ideal-main": IDEAL_MAIN}  # --recipe NAME: what it changes in a row
 DISCRIMINATORS = {"S8": {},  # DINO ViT-S/8 at 224 (losses.Discriminator defaults); tiny: random, for tests
                   "tiny": dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, key_depths=(0, 1))}
 REC_LOSSES = {"l1": F.l1_loss, "l2": lambda recon, x: F.mse_loss(recon * 2 - 1, x * 2 - 1)}  # L2: on [−1, 1]
@@ -101,11 +105,16 @@ PER_INVOCATION = ("resume", "out_dir", "max_steps", "stop_epoch", "device", "wor
                   "print_config")  # --resume may change these
 
 def recipe(method, phase, name="published"):
-    """The complete row of (method, phase), with --recipe tiny's values over it (and the tiny tokenizer)."""
-    row = copy.deepcopy(RECIPES[(method, phase)])
+    """The complete row of (method, phase), with the values of --recipe `name` (VARIANTS) over it; tiny brings the
+    method's tiny tokenizer (checkpoint.TINY), a variant's `tok` the tokenizer keywords it changes."""
+    row, over = copy.deepcopy(RECIPES[(method, phase)]), copy.deepcopy(VARIANTS[name])
+    if method not in over.pop("methods", (method,)):
+        raise SystemExit(f"--recipe {name}: a recipe of --method {', '.join(VARIANTS[name]['methods'])} only")
+    row.update({k: {**row[k], **v} if isinstance(v, dict) else v for k, v in over.items() if k in row})
     if name == "tiny":
-        row.update({k: {**row[k], **v} if isinstance(v, dict) else v for k, v in TINY.items() if k in row})
         row["tok"] = {k: v for k, v in checkpoint.TINY[method].items() if k != "method"}
+    elif "tok" in over and phase != "gen":  # a generator's tokenizer is the frozen --tokenizer
+        row["tok"] = over["tok"]
     return row
 
 def literal(key, text, default):
@@ -141,7 +150,8 @@ def parse_args(argv=None):
     a, knobs = p.add_argument, dict(nargs="+", action="extend", metavar="KEY=VALUE")
     a("--method", choices=tuple(checkpoint.TOKENIZERS), required=True)
     a("--phase", choices=("1", "2", "3", "joint", "gen"), required=True)
-    a("--recipe", choices=("published", "tiny"), help="tiny: CPU smoke runs, random tiny models")
+    a("--recipe", choices=tuple(VARIANTS), help="over the row (VARIANTS): tiny = CPU smoke runs, random tiny "
+      "models; ideal-main = Ideal's SigLIP2-L/16-384 configuration")
     a("--print-config", action="store_true", default=None, help="print every resolved value and its source, exit")
     a("--data-path", help="ImageFolder root (class sub-folders of images)")
     a("--out-dir", help="run directory (checkpoints, log.jsonl, grids); default: the --resume directory")

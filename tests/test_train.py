@@ -736,6 +736,23 @@ def test_print_config_is_the_recipe_row_with_each_source(capsys):
     assert printed["precision"] == ("bf16", "recipe")  # Ideal's official bf16, on CUDA
     assert set(printed) >= {f"tok.{k}" for k in checkpoint.tokenizer_knobs("ideal")}
 
+def test_ideal_main_recipe_is_siglip2_l_at_384_and_builds(capsys):
+    """Issue 33 #3: --recipe ideal-main is Ideal's main configuration over its row (SigLIP2-L/16-384, f_s block 8 of
+    24, 8-head fusion and feature decoder as Table 8: 12 heads do not divide SigLIP2-L's 1024); the tokenizer it
+    resolves builds (random weights) and codes a 384-px image as 24×24 indices; other methods refuse the recipe."""
+    train.main(["--method", "ideal", "--phase", "1", "--recipe", "ideal-main", "--print-config"])
+    printed = {line.split()[0]: (json.loads(line.split()[1]), " ".join(line.split()[2:]))
+               for line in capsys.readouterr().out.splitlines()}
+    assert printed["tok.encoder"] == ("siglip2_l16_384", "recipe") and printed["tok.shallow_layer"] == (7, "recipe")
+    assert printed["lr"] == (1e-4, "recipe") and printed["loss.lecam"] == (0.001, "recipe")  # the Ideal row beneath
+    args = train.parse_args(["--method", "ideal", "--phase", "1", "--recipe", "ideal-main"])
+    tok = checkpoint.build_tokenizer(dict(args.tok, method="ideal"), encoder_weights=None, decoder="tiny").eval()
+    assert len(tok.encoder.blocks) == 24 and tok.encoder.embed_dim == 1024
+    with torch.no_grad():
+        assert tok.encode(torch.rand(1, 3, 384, 384)).shape == (1, 576)
+    assert "--recipe ideal-main: a recipe of --method ideal only" in error(
+        ["--method", "rae", "--phase", "1", "--recipe", "ideal-main"])
+
 def test_a_new_keyword_of_a_tokenizer_reaches_the_command_line_without_train_py(images, tmp_path, monkeypatch):
     """A forker's knob: a keyword argument added to a tokenizer class (here a subclass) is set by --tok, type-checked
     from its default and recorded in the checkpoint's config; train.py is not edited."""
