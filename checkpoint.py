@@ -10,6 +10,7 @@ the only one that knows every method. A checkpoint is a dict written atomically 
 import hashlib
 import inspect
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -46,7 +47,19 @@ def build_tokenizer(config, **overrides):
     config.pop("restart_dead", None)  # a removed training-only knob of Ideal (a run with it on has a `pool` to refuse)
     if method not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer method '{method}': expected one of {sorted(TOKENIZERS)}")
+    fits(lambda: TOKENIZERS[method](**{**config, "encoder_weights": None, "decoder_weights": None}), "tokenizer")
     return TOKENIZERS[method](**config)
+
+def fits(build, what):
+    """Count the parameters of build() on the meta device (nothing allocated, no weights read) and refuse in one line
+    a network whose fp32 weights alone exceed this machine's memory: an absurd size knob (a codebook of 1e9 codes)
+    would otherwise be allocated first, or overcommitted and killed."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build().parameters())
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n > have:
+        raise SystemExit(f"the {what}'s {n / 1e9:.1f}B parameters need {4 * n / 2**30:.0f} GiB for their fp32 weights "
+                         f"alone; this machine has {have / 2**30:.0f} GiB: is a size setting too large?")
 
 def save_checkpoint(path, **state):
     """torch.save of the dict `state`, atomically (cli.write_atomic: never a half-written file)."""
@@ -116,6 +129,7 @@ def load_tokenizer(src, device="cpu", method=None):
 
 def build_generator(config, tok):
     """The generator of a config: the AR GPT over a discrete tokenizer's codes (`tok.num_codes`), else DiT-DH."""
+    fits(lambda: (ar.GPT if tok.num_codes else dit.DiTDH)(**config), "generator")
     return (ar.GPT if tok.num_codes else dit.DiTDH)(**config)
 
 def load_generator(path, device="cpu", tok=None, tokenizer=None):

@@ -141,7 +141,10 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch):
              (train.main, base + ["--tok", "encoder=siglip3"], "unknown encoder 'siglip3'"),
              (train.main, ["--method", "drorae", *base[2:], "--tok", "fusion_layers=[1,1,1]"],
               "fusion_layers must be distinct block indices"),
-             (train.main, ["--method", "ideal", *base[2:], "--tok", "codebook_size=100000000000"], "out of memory"),
+             (train.main, ["--method", "ideal", *base[2:], "--tok", "codebook_size=100000000000"],
+              "the tokenizer's 800.0B parameters need"),  # counted on the meta device, before allocating (#12)
+             (train.main, ["--method", "drorae", *base[2:], "--tok", "fusion_hidden=1000000000"],
+              "is a size setting too large?"),
              (toy.main, ["--stage", "score", "--out-dir", str(tmp_path / "empty")], "no toy world there"),
              (toy.main, ["--out-dir", images + "/class0/img0.png"], "is not a folder")]
     for main, argv, message in cases:
@@ -179,3 +182,14 @@ def test_a_failed_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkey
     for script in root.glob("*.py"):
         writes = re.findall(r".*(?:\.write_text\(|torch\.save\(|np\.savez\(|json\.dump\().*", script.read_text())
         assert all("lambda f:" in w for w in writes), (script.name, writes)
+
+def test_a_network_too_large_for_this_machine_is_refused_before_allocating():
+    """Issue 31 #12: the parameters are counted on the meta device first, so --num-classes 1e9 (a 64B-parameter
+    embedding) is one line naming the generator, not an allocator's traceback or the OOM killer."""
+    import dit
+    tok = checkpoint.build_tokenizer(checkpoint.TINY["rae"])
+    config = dit.dit_config("tiny", head=True, input_size=tok.decoder.grid, in_channels=tok.latent_dim,
+                            num_classes=10**9, num_extra=0)
+    with pytest.raises(SystemExit, match=r"the generator's 64.0B parameters need 238 GiB .* too large\?$"):
+        checkpoint.build_generator(config, tok)
+    assert type(checkpoint.build_generator(dict(config, num_classes=10), tok)).__name__ == "DiTDH"
