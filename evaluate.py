@@ -423,7 +423,8 @@ def parse_args(argv=None):
     p.add_argument("--save-recon", help="write the reconstructions here as an ADM-layout npz")
     p.add_argument("--inception-weights", default=FID_WEIGHTS_URL)
     p.add_argument("--preprocess", choices=["adm", "pytorch-fid"], default="adm")
-    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0), help="gIS: shuffle before the 10 splits")
+    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0, cli.SEED), help="gIS: shuffle before the 10 "
+                   "splits")
     p.add_argument("--ssim", choices=["wang", "skimage"], default="wang", help="SSIM window convention")
     p.add_argument("--lpips-vgg", default=VGG16_URL, help="LPIPS VGG16 weights (URL or path)")
     p.add_argument("--lpips-lin", default=LPIPS_VGG_URL, help="LPIPS v0.1 lin weights (URL or path)")

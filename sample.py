@@ -57,6 +57,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.interval[0] < args.interval[1]:  # an empty range would silently turn guidance off
         ap.error(f"argument --interval: {args.interval[0]:g} {args.interval[1]:g} is empty or inverted (T_MIN < T_MAX)")
+    if args.name is not None and (not args.name or "/" in args.name or args.name.startswith(".")):
+        ap.error(f"argument --name: {args.name!r} is not a file name (no folders; --out-dir says where)")
     return args
 
 def noise_for(index, seed, net):

@@ -130,6 +130,8 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, monkeypatch):
              (train.main, base + ["--seed", str(2**32)], "argument --seed: must be ≤ 4294967295"),
              (sample.main, ["--ckpt", "x", "--seed", str(2**32)], "argument --seed: must be ≤"),
              (toy.main, ["--seed", str(2**32)], "argument --seed: must be ≤"),
+             (evaluate.main, ["--samples", "x.npz", "--is-shuffle-seed", "10" * 12], "argument --is-shuffle-seed: must be ≤"),
+             (sample.main, ["--ckpt", "x", "--name", "sub/x"], "argument --name: 'sub/x' is not a file name"),
              (train.main, base + ["--betas", "0.9", "1"], "argument --betas: must be < 1"),
              (sample.main, ["--ckpt", "x", "--interval", "0.9", "0.1"], "argument --interval: 0.9 0.1 is empty"),
              (sample.main, ["--ckpt", "x", "--interval", "0.5", "0.5"], "argument --interval: 0.5 0.5 is empty"),
