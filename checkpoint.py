@@ -134,8 +134,9 @@ def build_generator(config, tok):
 
 def load_generator(path, device="cpu", tok=None, tokenizer=None):
     """(frozen EMA generator, its frozen tokenizer with the latent statistics, the checkpoint). `tok`: one already
-    loaded (a guide's); `tokenizer`: where it is now if it moved. Another tokenizer (identity) is refused."""
-    ck = load_checkpoint(path, "generator")
+    loaded (a guide's: the generator must be of its method); `tokenizer`: where it is now if it moved. Another
+    tokenizer (identity) is refused."""
+    ck = load_checkpoint(path, "generator", None if tok is None else tok.config["method"])
     if tok is None:
         where = tokenizer or ck["tokenizer"]["path"]
         if not Path(where).exists():

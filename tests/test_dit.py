@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import ar
 import checkpoint
 import data
 import dit
@@ -297,7 +298,9 @@ def test_guide_of_other_latents_is_refused(generator_ckpt, tmp_path):
     other_tok = {**ck["tokenizer"]["config"], "noise_tau": 0.5}
     variants = {"tok": dict(ck, tokenizer=dict(ck["tokenizer"], config=other_tok)),
                 "stats": dict(ck, stats={**ck["stats"], "var": ck["stats"]["var"] * 2}),
-                "classes": dict(ck, config={**ck["config"], "num_classes": 5})}
+                "classes": dict(ck, config={**ck["config"], "num_classes": 5}),
+                "family": dict(ck, method="ideal", config=dict(ar.GPT_PRESETS["tiny"], vocab_size=32, num_classes=3,
+                                                               grid=4))}  # a GPT's file: it was a TypeError
     run = ["--ckpt", str(generator_ckpt / "generator.pt"), "--num-samples", "2", "--steps", "2", "--scale", "1.5",
            "--out-dir", str(tmp_path), "--device", "cpu"]
     for name, g in variants.items():
@@ -305,7 +308,9 @@ def test_guide_of_other_latents_is_refused(generator_ckpt, tmp_path):
             net = tiny(**{k: ck["config"][k] for k in ("input_size", "in_channels", "num_extra")}, num_classes=5)
             g = dict(g, ema=net.state_dict())
         torch.save(g, tmp_path / f"{name}.pt")
-        with pytest.raises(SystemExit, match="--guide .*(another tokenizer or other statistics|num_classes 5 vs 3)"):
+        with pytest.raises(SystemExit, match="--guide .*(another tokenizer or other statistics|num_classes 5 vs 3)"
+                           "|family.pt holds a generator checkpoint of method ideal phase gen; expected kind "
+                           "generator, method rae"):
             sample.main(run + ["--guide", str(tmp_path / f"{name}.pt")])
     sample.main(run + ["--guide", str(generator_ckpt / "generator.pt")])  # the same latents: accepted
 
