@@ -47,8 +47,9 @@ def build_tokenizer(config, **overrides):
     config.pop("restart_dead", None)  # a removed training-only knob of Ideal (a run with it on has a `pool` to refuse)
     if method not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer method '{method}': expected one of {sorted(TOKENIZERS)}")
-    fits(lambda: TOKENIZERS[method](**{**config, "encoder_weights": None, "decoder_weights": None}), "tokenizer")
-    return TOKENIZERS[method](**config)
+    cls = TOKENIZERS[method]
+    fits(lambda: cls(**{**config, "encoder_weights": None, "decoder_weights": None}), "tokenizer")
+    return cls(**config)
 
 def fits(build, what):
     """Count the parameters of build() on the meta device (nothing allocated, no weights read) and refuse in one line
@@ -129,8 +130,9 @@ def load_tokenizer(src, device="cpu", method=None):
 
 def build_generator(config, tok):
     """The generator of a config: the AR GPT over a discrete tokenizer's codes (`tok.num_codes`), else DiT-DH."""
-    fits(lambda: (ar.GPT if tok.num_codes else dit.DiTDH)(**config), "generator")
-    return (ar.GPT if tok.num_codes else dit.DiTDH)(**config)
+    cls = ar.GPT if tok.num_codes else dit.DiTDH
+    fits(lambda: cls(**config), "generator")
+    return cls(**config)
 
 def load_generator(path, device="cpu", tok=None, tokenizer=None):
     """(frozen EMA generator, its frozen tokenizer with the latent statistics, the checkpoint). `tok`: one already

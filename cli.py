@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -64,10 +65,11 @@ def write_atomic(path, data):
             raise SystemExit(f"{path}: could not write ({why}); the previous file is kept") from None
         raise
 
-def mark_complete(folder, argv):
-    """A script's last write once it did all its command line `argv` asked (less a --resume, which changes how, not
-    what): `argv` joins the commands <folder>/complete.json lists. The study runner reuses a run only when it is listed."""
-    argv = [str(a) for a in argv]
+def mark_complete(folder, argv=None):
+    """A script's last write once it did all its command line `argv` (default sys.argv[1:]) asked, less a --resume
+    (which changes how, not what): it joins the commands <folder>/complete.json lists. The study runner reuses a run
+    only when it is listed."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     argv = [a for i, a in enumerate(argv) if not (a.startswith("--resume") or i and argv[i - 1] == "--resume")]
     path = Path(folder) / "complete.json"
     done = json.loads(path.read_text()) if path.exists() else []
@@ -76,10 +78,10 @@ def mark_complete(folder, argv):
 def is_complete(output, argv):
     """Whether `output` says its command `argv` completed: a folder lists it in complete.json (mark_complete); a file
     (written atomically, last) exists."""
-    path = Path(output)
+    path, marker = Path(output), Path(output) / "complete.json"
     if not path.is_dir():
         return path.exists()
-    return (path / "complete.json").exists() and [str(a) for a in argv] in json.loads((path / "complete.json").read_text())
+    return marker.exists() and [str(a) for a in argv] in json.loads(marker.read_text())
 
 def lock(path, what):
     """Own the lock file `path` while this process lives (another is refused); the OS drops it however the process ends."""

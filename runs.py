@@ -1,7 +1,8 @@
 """The run scheduler. A run is data: a name, a script (train.py, sample.py, evaluate.py, toy.py), its settings (a dict,
 never a command line) and the runs it depends on. `argv` renders a run's settings as its script's command line, the one
 place that knows flag spellings; `run_jobs` runs them as `python script …` subprocesses, `lanes` at a time, reusing
-finished runs (the record and the run's own complete.json agree) and continuing interrupted ones. Used by toy.py's main job and by experiments.py's studies."""
+finished runs (the record and the run's own complete.json agree) and continuing interrupted ones. Used by toy.py's
+main job and by experiments.py's studies."""
 import json
 import os
 import shlex
@@ -72,7 +73,7 @@ def run_jobs(jobs, out, lanes, threads=1, reuse=False, gpus=0):
         if finished.get(run.name) == cmd[run.name] and set(run.deps) <= done and complete:
             done.add(run.name)
             continue
-        if run.name in finished and run_dir is not None and Path(output).exists():  # a finished training run would be trained again
+        if run.name in finished and run_dir is not None and Path(output).exists():  # it would be trained again
             why = "with another command" if finished[run.name] != cmd[run.name] else "on inputs that are made again"
             raise SystemExit(f"{run.name}: finished earlier {why} (see {record}); delete {run_dir} to train it "
                              "again, or choose another --out-dir")

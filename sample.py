@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -173,7 +172,7 @@ def main(argv=None):
                         decoder=args.decoder_from or ck["tokenizer"]["path"], seconds=round(time.time() - t0, 1))
             cli.write_atomic(out / f"{name}.json", json.dumps(info, indent=2))
             print(f"wrote {out / name}.{{{','.join(args.formats)},json}}: {n} samples")
-            cli.mark_complete(out, sys.argv[1:] if argv is None else argv)
+            cli.mark_complete(out, argv)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

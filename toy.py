@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -466,7 +465,7 @@ def main(argv=None):
         raise SystemExit(f"--out-dir {out}: no toy world there to score (run toy.py --stage world or all first)")
     if args.stage != "all":
         results = world(args, out) if args.stage == "world" else score(args, out)
-        cli.mark_complete(out, sys.argv[1:] if argv is None else argv)
+        cli.mark_complete(out, argv)
         return results
     if (out / "data").exists():
         raise SystemExit(f"{out} already holds a toy run: choose another --out-dir or delete it")
@@ -474,7 +473,7 @@ def main(argv=None):
     runs.run_jobs(plan_runs(recipe(args, out), out), out, args.lanes)
     results = score(args, out, seconds=round(time.time() - t0, 1))
     print(f"wrote {out}/results.json, reconstructions.png, samples.png in {time.time() - t0:.0f} s")
-    cli.mark_complete(out, sys.argv[1:] if argv is None else argv)
+    cli.mark_complete(out, argv)
     return results
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import math
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -872,7 +871,7 @@ def main(argv=None):
         with cli.user_errors("train.py", DOWNLOADS):
             train(args, rank, world, device, stop)
         if rank == 0:  # it ran to the end its command asked for (a stop by a signal exits non-zero above)
-            cli.mark_complete(args.out_dir, sys.argv[1:] if argv is None else argv)
+            cli.mark_complete(args.out_dir, argv)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

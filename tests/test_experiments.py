@@ -283,7 +283,8 @@ def test_drorae_studies_full_scale_dry_run_commands_parse(capsys):
     for enc in ("dinov3_vitb16 encoder_weights=dinov3_vitb16_pretrain", "siglip2_b16_256", "mae_vitb16"):
         assert f"encoder={enc}" in commands
     assert "--init-from runs/experiments/vfm/seed0/drorae_p2@siglip2/tokenizer.pt" in commands
-    assert "--method ideal --phase 1 --out-dir runs/experiments/vfm/seed0/ideal_main --data-path a --seed 0 --recipe ideal-main" in commands
+    assert ("--method ideal --phase 1 --out-dir runs/experiments/vfm/seed0/ideal_main --data-path a --seed 0 "
+            "--recipe ideal-main") in commands
     with pytest.raises(SystemExit, match="full scale"):
         experiments.main(["vfm-backbones"])
     with pytest.raises(SystemExit, match="toy world's evaluator"):
