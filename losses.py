@@ -59,10 +59,11 @@ class LPIPS(nn.Module):
             load_strict(self.features, sd, f"VGG16 weights '{vgg}'")
         if lin is not None:
             load_strict(self.lin, load_weights(lin, "LPIPS lin"), f"LPIPS lin weights '{lin}'")
-        self.requires_grad_(False).eval()
+        self.requires_grad_(False).eval().to(memory_format=torch.channels_last)  # faster convs (cuDNN and CPU)
 
     def forward(self, x, y):
-        d, start, hx, hy = 0, 0, *((t * 2 - 1 - self.shift) / self.scale for t in (x, y))
+        d, start, hx, hy = 0, 0, *(((t * 2 - 1 - self.shift) / self.scale).contiguous(memory_format=torch.channels_last)
+                                   for t in (x, y))
         for k, end in enumerate(self.TAPS):
             hx, hy, start = self.features[start:end](hx), self.features[start:end](hy), end
             fx, fy = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for h in (hx, hy))
