@@ -61,8 +61,7 @@ def scaling_table(rows, metrics):
     print(" ".join(f"{n:>10}" for n in names))
     for r in rows:
         print(" ".join(f"{r[n]:>10.4g}" if isinstance(r[n], float) else f"{str(r[n]):>10}" for n in names))
-    axes = {"all": rows,
-            "width": [r for r in rows if r["layers"] == max(q["layers"] for q in rows)],
+    axes = {"all": rows, "width": [r for r in rows if r["layers"] == max(q["layers"] for q in rows)],
             "layers": [r for r in rows if r["hidden"] == max(q["hidden"] for q in rows)]}
     fits = {}
     for m in metrics:
@@ -639,13 +638,14 @@ def decq_convergence(argv):
 def vfm_backbones(argv):
     """RAE, DRoRAE (phase 3), DecQ and Ideal on DINOv2-B (the main table's), DINOv3-B, SigLIP2-B and (RAE's encoder
     ablation) MAE-B, all at 256 px with a 16×16 latent, and Ideal's main configuration (SigLIP2-L/16 at 384 px, f_s
-    the 8th block, f_d the 24th): reconstruction, and generation on each latent. Full scale only: the toy world has
-    one toy VFM, and a second of another training style (e.g. contrastive) is not built."""
+    the 8th block, f_d the 24th): reconstruction, and generation on each latent. Full scale only: the toy world's
+    second VFM (SigLIP-style, toy.py --vfm-objective siglip) is a world of its own, so its table is `main`'s."""
     if study_args("vfm-backbones", argv)[0].world == "toy":
-        raise SystemExit("vfm-backbones runs at full scale (--world imagenet); the toy world has one toy VFM")
+        raise SystemExit("vfm-backbones runs at full scale (--world imagenet); in the toy world its table is main's on "
+                         "a SigLIP-style toy VFM: experiments.py main --vfm-objective siglip --out-dir DIR")
     rows = [f"{k}@{f}" if f else k for f in ("", *BACKBONES) for k in ("rae", "drorae_p3", "decq", "ideal")
-            if f != "mae" or k == "rae"] + ["ideal_main"]
-    base = {r: "rae" + r[r.find("@"):] if "@" in r and not r.startswith("rae") else "rae" for r in rows if r != "rae"}  # each tokenizer against RAE on its own encoder; RAE against DINOv2's
+            if f != "mae" or k == "rae"] + ["ideal_main"]  # each against RAE on its encoder; RAE against DINOv2's
+    base = {r: f"rae@{r.split('@')[1]}" if "@" in r and r[:3] != "rae" else "rae" for r in rows[1:]}
     args, root, per_seed = ablation_study("vfm-backbones", argv, rows[1:], [(k, CFG) for k in rows])
     return finish("vfm-backbones", root / "vfm-backbones", per_seed, rows, args, base, list(base),
                   metrics=DECQ_METRICS, compare=DECQ_METRICS)

@@ -119,9 +119,17 @@ def patch_targets(masks, labels, patch):
     frac = F.avg_pool2d(masks[:, None], patch).flatten(1)
     return torch.where(frac > 0.5, labels[:, None] + 1, torch.zeros_like(frac, dtype=torch.long))
 
-def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=None):
-    """Pretrain the toy VFM: CE(class) + CE(patch segmentation) + invariance·MSE between the last block's (LN₀) patch
-    tokens of one scene under two random appearances (DINO-style colour augmentation), from a pool rendered once."""
+def siglip_loss(image, classes, labels, t=10.0, b=-10.0):
+    """SigLIP's sigmoid loss (Zhai et al. 2023, Alg. 1), a learned embedding per class name for the text tower: −(1/B)
+    Σ_i Σ_c log σ(z_ic·(t·cos(image_i, class_c) + b)), z = ±1 (its class or not); t, b fixed at SigLIP's init."""
+    z = 2 * F.one_hot(labels, len(classes)) - 1
+    return -F.logsigmoid(z * (t * F.normalize(image, dim=-1) @ F.normalize(classes, dim=-1).T + b)).sum(-1).mean()
+
+def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, objective="dino", log=None):
+    """Pretrain the toy VFM on scenes rendered once under two random appearances. "dino": CE(class) + CE(patch
+    segmentation) + invariance·MSE between the last block's (LN₀) patch tokens of the two (DINO-style colour
+    invariance); "siglip": siglip_loss of the normed class token alone (SigLIP pools with an attention head; the toy
+    keeps DINOv2's layout), its class head then the unit class embeddings: vfm_classify takes the nearest class."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(pool, rng)
@@ -142,7 +150,8 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=
         last = model.ln0(feats["x_prenorm"][:, r:])
         loss = (F.cross_entropy(cls_logits, labels[i].repeat(2))
                 + F.cross_entropy(seg_logits.flatten(0, 1), targets[i].repeat(2, 1).flatten())
-                + invariance * F.mse_loss(last[:batch], last[batch:]))
+                + invariance * F.mse_loss(last[:batch], last[batch:])) if objective == "dino" else siglip_loss(
+            feats["x_norm_clstoken"], heads.cls.weight, labels[i].repeat(2))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -150,6 +159,8 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, log=
         sched.step()
         if log is not None:
             log(step, loss.item())
+    if objective == "siglip":  # argmax of cos(image, class) = argmax of ⟨image, normalised class⟩
+        heads.cls.weight.data, heads.cls.bias.data = F.normalize(heads.cls.weight.data, dim=-1), heads.cls.bias.data * 0
     return vfm.eval(), heads.eval()
 
 def ridge_fit(a, b, ridge=1e-2):
@@ -349,6 +360,8 @@ def parse_args(argv=None):
                    help="all: everything; world: the toy VFM and the data only; score: the table of finished runs")
     p.add_argument("--vfm-steps", type=count, default=1500)
     p.add_argument("--vfm-pool", type=count, default=4096, help="scenes rendered for VFM pretraining")
+    p.add_argument("--vfm-objective", choices=("dino", "siglip"), default="dino",
+                   help="the toy VFM's training: DINO-style invariance or SigLIP-style image-label alignment")
     p.add_argument("--probe-images", type=count, default=2000, help="images of the colour probe (half fit, half test)")
     p.add_argument("--train-images", type=count, default=4096)
     p.add_argument("--test-images", type=count, default=2048, help="held-out images: the reference of every metric")
@@ -375,7 +388,7 @@ def world(args, out):
     bar = tqdm(total=args.vfm_steps, desc="toy VFM", dynamic_ncols=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like every run: the same VFM whatever the core count or the caller's thread setting
-    vfm, heads = pretrain_vfm(args.vfm_steps, args.seed, pool=args.vfm_pool,
+    vfm, heads = pretrain_vfm(args.vfm_steps, args.seed, pool=args.vfm_pool, objective=args.vfm_objective,
                               log=lambda s, l: (bar.update(1), bar.set_postfix(loss=f"{l:.3f}")))
     torch.set_num_threads(threads)
     bar.close()
@@ -391,7 +404,8 @@ def world(args, out):
     x_train, y_train, _ = make_world(args.train_images, args.seed)
     write_folder(x_train, y_train, out / "data" / "train")
     write_folder(x_test, y_test, out / "data" / "test")  # the held-out images, for evaluate.py and the studies
-    cli.write_atomic(out / "world.json", json.dumps(dict(accuracy=acc, colour_r2=r2, shallow_block=shallow), indent=1))
+    res = dict(accuracy=acc, colour_r2=r2, shallow_block=shallow, objective=args.vfm_objective)
+    cli.write_atomic(out / "world.json", json.dumps(res, indent=1))
 
 def load_vfm(out):
     vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()

@@ -32,6 +32,30 @@ def test_vfm_checkpoint_round_trip(tmp_path):
     assert toy.vfm_classify(loaded, heads, x).shape == (4,)
     assert len(toy.colour_probe(loaded, n=8)) == toy.VFM_CONFIG["depth"]
 
+def test_siglip_loss_is_the_pairwise_sigmoid_loss_and_its_vfm_classifies_by_the_nearest_class():
+    """The contrastive toy VFM (issue 33 #4): SigLIP's loss (Zhai et al. 2023, Alg. 1) term by term; it trains only
+    the class alignment (no patch target), and its class head ends as unit class embeddings without bias."""
+    g = torch.Generator().manual_seed(0)
+    image, classes, labels = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([0, 2, 1, 1, 0])
+    expected = 0.0
+    for i in range(5):
+        for c in range(3):
+            cos = torch.dot(image[i], classes[c]) / (image[i].norm() * classes[c].norm())
+            expected -= torch.log(torch.sigmoid((1 if labels[i] == c else -1) * (10 * cos - 10))) / 5
+    assert torch.allclose(toy.siglip_loss(image, classes, labels), expected, atol=1e-5)
+    torch.manual_seed(0)  # as pretrain_vfm's start: the ViT, then its heads
+    model.ViT(**toy.VFM_CONFIG)
+    seg = toy.vfm_heads().seg.weight.detach().clone()
+    vfm, heads = toy.pretrain_vfm(3, seed=0, batch=4, pool=8, objective="siglip")
+    assert torch.equal(heads.seg.weight, seg) and torch.equal(heads.cls.bias, torch.zeros(len(toy.SHAPES)))
+    assert torch.allclose(heads.cls.weight.norm(dim=1), torch.ones(len(toy.SHAPES)))
+    x = toy.make_world(6, seed=1)[0]
+    cls = vfm.forward_features(toy.vfm_input(x))["x_norm_clstoken"]
+    cos = torch.nn.functional.normalize(cls, dim=-1) @ heads.cls.weight.T
+    assert torch.equal(toy.vfm_classify(vfm, heads, x), cos.argmax(-1))
+    dino = toy.pretrain_vfm(3, seed=0, batch=4, pool=8)[1]
+    assert not torch.equal(dino.seg.weight, seg)  # the DINO-style objective trains the patch head
+
 def test_miniature_end_to_end(tmp_path):
     out, threads = tmp_path / "toy", torch.get_num_threads()
     res = toy.main(["--out-dir", str(out), *TINY])
