@@ -158,9 +158,10 @@ def test_encoder_weights_errors(tmp_path, monkeypatch):
 def test_every_method_trains_on_every_family(family, tmp_path):
     """`train.py --method M --phase 1 --recipe tiny --tok encoder=<family>_tiny` for RAE, DRoRAE, DecQ and Ideal: the
     checkpoint names its encoder, and the tokenizer loads back strictly with the same outputs; the encoder's own
-    normalisation and a 16-pixel latent patch (64 px → 4×4 tokens)."""
+    normalisation and a 16-pixel latent patch (64 px → 4×4 tokens). RAE's decoder, saved in the released RAE layout
+    (HF ViT-MAE names, as RAE's SigLIP2 and MAE decoders are), loads onto a new tokenizer of the family."""
     import train
-    from test_train import GEN, IDEAL, P1, write_images
+    from test_train import GEN, IDEAL, P1, released_layout, write_images
     images = write_images(tmp_path / "data")
     x = torch.rand(2, 3, 64, 64)
     for method in ("rae", "drorae", "decq", "ideal"):
@@ -174,3 +175,9 @@ def test_every_method_trains_on_every_family(family, tmp_path):
             "mean", model.IMAGENET_MEAN))
         with torch.no_grad():
             assert torch.equal(tok.encode(x), checkpoint.load_tokenizer(out).encode(x))
+        if method == "rae":
+            torch.save(released_layout(tok.decoder.state_dict()), tmp_path / "model.pt")
+            new = checkpoint.build_tokenizer(tok.config, decoder_weights=str(tmp_path / "model.pt"))
+            z = tok.encode(x)
+            with torch.no_grad():
+                assert torch.equal(new.decode(z), tok.decode(z))
