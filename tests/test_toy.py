@@ -36,7 +36,8 @@ def test_siglip_loss_is_the_pairwise_sigmoid_loss_and_its_vfm_classifies_by_the_
     """The contrastive toy VFM (issue 33 #4): SigLIP's loss (Zhai et al. 2023, Alg. 1) term by term; it trains only
     the class alignment (no patch target), and its class head ends as unit class embeddings without bias."""
     g = torch.Generator().manual_seed(0)
-    image, classes, labels = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.tensor([0, 2, 1, 1, 0])
+    image, classes = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g)
+    labels = torch.tensor([0, 2, 1, 1, 0])
     expected = 0.0
     for i in range(5):
         for c in range(3):
