@@ -145,13 +145,12 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, obje
     for step in range(steps):
         i = torch.from_numpy(rng.integers(pool, size=batch))
         feats = vfm.forward_features(vfm_input(torch.cat([x1[i], x2[i]])))
-        cls_logits = heads.cls(feats["x_norm_clstoken"])
-        seg_logits = heads.seg(feats["x_norm_patchtokens"])
-        last = model.ln0(feats["x_prenorm"][:, r:])
-        loss = (F.cross_entropy(cls_logits, labels[i].repeat(2))
-                + F.cross_entropy(seg_logits.flatten(0, 1), targets[i].repeat(2, 1).flatten())
-                + invariance * F.mse_loss(last[:batch], last[batch:])) if objective == "dino" else siglip_loss(
-            feats["x_norm_clstoken"], heads.cls.weight, labels[i].repeat(2))
+        if objective == "siglip":  # the class alignment alone: no patch head, no invariance term
+            loss = siglip_loss(feats["x_norm_clstoken"], heads.cls.weight, labels[i].repeat(2))
+        else:
+            cls, seg = heads.cls(feats["x_norm_clstoken"]), heads.seg(feats["x_norm_patchtokens"]).flatten(0, 1)
+            loss = (F.cross_entropy(cls, labels[i].repeat(2)) + F.cross_entropy(seg, targets[i].repeat(2, 1).flatten())
+                    + invariance * F.mse_loss(*model.ln0(feats["x_prenorm"][:, r:]).chunk(2)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
