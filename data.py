@@ -81,8 +81,7 @@ class ImageFolder(Dataset):
         if not root.is_dir():
             raise SystemExit(f"data folder {root} not found: expected a folder of class subfolders of images")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        dirs = [(root / c, i) for i, c in enumerate(self.classes)] or [(root, 0)]
-        unreadable = []
+        dirs, unreadable = [(root / c, i) for i, c in enumerate(self.classes)] or [(root, 0)], []
         self.samples = [(os.path.join(d, f), label) for folder, label in dirs
                         for d, _, files in sorted(walk(folder, unreadable)) for f in sorted(files)
                         if f.lower().endswith(IMG_EXTENSIONS)]
@@ -202,9 +201,8 @@ class LatentCache(Dataset):
 
 @torch.no_grad()
 def fill_cache(root, encode, images, batch_size, num_workers, device):
-    """Encode every image of `images` (an ImageFolder of centre crops) and its mirror with `encode` into `root`;
-    under torch.distributed the ranks write interleaved rows of one memmap. `labels.npy` is written last: it marks
-    the cache complete."""
+    """Encode every image of `images` (an ImageFolder of centre crops) and its mirror with `encode` into `root`; under
+    torch.distributed ranks write interleaved rows of one memmap. `labels.npy`, written last, marks it complete."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank, barrier = (dist.get_rank(), dist.barrier) if world > 1 else (0, lambda: None)
     loader = Loader(images, batch_size, shuffle=False, drop_last=False, num_workers=num_workers)

@@ -54,10 +54,8 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, int(2 / 3 * int(dim * mlp_ratio)))
+        self.norm1, self.attn = RMSNorm(dim), Attention(dim, num_heads)
+        self.norm2, self.mlp = RMSNorm(dim), SwiGLU(dim, int(2 / 3 * int(dim * mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, rope):
@@ -130,13 +128,10 @@ class DiTDH(nn.Module):
             if name.endswith("embedder") and name not in ("t_embedder", "y_embedder"):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in [*self.blocks, self.final_layer]:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for m in [self.final_layer.linear] + ([self.extra_out] if hasattr(self, "extra_out") else []):
+        for m in (self.y_embedder, self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(m.weight, std=0.02)
+        zero = [b.adaLN_modulation[-1] for b in [*self.blocks, self.final_layer]] + [self.final_layer.linear]
+        for m in zero + ([self.extra_out] if hasattr(self, "extra_out") else []):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         if self.num_extra:
@@ -241,8 +236,7 @@ def flow_matching_loss(model, x, y, e=None, lam=1.0, dist="logit-normal", alpha=
     """RAE flow-matching loss: plain MSE on v = ε − x at x_t = (1 − t)x + tε; the net sees the shifted t.
     Labels are dropped to the null class with probability p_uncond. With extra tokens e (B, k, C): the same t and
     an independent ε for them; loss = MSE_patch + λ·MSE_extra."""
-    alpha = alpha or shift_alpha(x[0].numel())
-    t = sample_t(x.shape[0], alpha, dist, device=x.device)
+    t = sample_t(x.shape[0], alpha or shift_alpha(x[0].numel()), dist, device=x.device)
     null = getattr(model, "module", model).num_classes  # the null label (model may be wrapped in DDP)
     y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
     noise = torch.randn_like(x)

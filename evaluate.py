@@ -10,7 +10,6 @@ import json
 import os
 import warnings
 import zipfile
-from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -223,12 +222,9 @@ def ssim(a, b, window="wang"):
     window "wang": 11×11 Gaussian σ 1.5, population covariance (Wang et al. 2004); "skimage": scikit-image's
     default 7×7 uniform window with sample covariance."""
     x, y = (torch.as_tensor(t).permute(0, 3, 1, 2).double() for t in (a, b))
-    if window == "wang":
-        w, cov_norm = torch.exp(-torch.arange(-5.0, 6.0, dtype=torch.float64) ** 2 / (2 * 1.5 ** 2)), 1.0
-    else:
-        w, cov_norm = torch.ones(7, dtype=torch.float64), 49 / 48
-    w = (w / w.sum()).to(x.device)
-    c = x.shape[1]
+    w, cov_norm = ((torch.exp(-torch.arange(-5.0, 6.0, dtype=torch.float64) ** 2 / (2 * 1.5 ** 2)), 1.0)
+                   if window == "wang" else (torch.ones(7, dtype=torch.float64), 49 / 48))
+    w, c = (w / w.sum()).to(x.device), x.shape[1]
 
     def filt(t):  # separable per-channel filter, valid region only
         t = F.conv2d(t, w.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
@@ -236,8 +232,7 @@ def ssim(a, b, window="wang"):
     ux, uy = filt(x), filt(y)
     vx, vy, vxy = (cov_norm * (filt(p * q) - up * uq) for p, q, up, uq in ((x, x, ux, ux), (y, y, uy, uy), (x, y, ux, uy)))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean((1, 2, 3))
+    return ((2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))).mean((1, 2, 3))
 
 def lpips(a, b, net):
     """Per-image LPIPS of uint8 NHWC batches with a `losses.LPIPS` module (VGG, v0.1)."""
@@ -324,8 +319,7 @@ def _gather(t, counts):
     """All-gather each rank's rows (padded to max(counts)) and concatenate the valid ones in rank order."""
     if len(counts) == 1:
         return t
-    buf = t.new_zeros((max(counts), *t.shape[1:]))
-    buf[:len(t)] = t
+    buf = torch.cat([t, t.new_zeros((max(counts) - len(t), *t.shape[1:]))])
     parts = [torch.empty_like(buf) for _ in counts]
     dist.all_gather(parts, buf)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
@@ -342,11 +336,8 @@ def sharded(images, step, batch_size, desc):
         yield {k: _gather(v[:counts[rank]], counts) for k, v in out.items()}
 
 def collect(batches):
-    out = defaultdict(list)
-    for b in batches:
-        for k, v in b.items():
-            out[k].append(v.cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+    batches = [{k: v.cpu() for k, v in b.items()} for b in batches]
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 class NpzWriter:
     """Streams uint8 N×H×W×3 batches into `arr_0` of an npz (the ADM sample layout)."""
@@ -369,8 +360,7 @@ class NpzWriter:
 GAUSSIANS = {"pool": ("", "FID"), "spatial": ("_s", "sFID"), "dino": ("_dino", "FD-DINOv2")}  # → stats suffix, metric
 
 def statistics(f):
-    """Fréchet statistics (mu, sigma + GAUSSIANS' suffix) of extracted features, with the pool features themselves
-    (for precision/recall)."""
+    """Fréchet statistics (mu, sigma + GAUSSIANS' suffix) of features, and the pool features (precision/recall)."""
     return dict({f"{k}{s}": v for name, (s, _) in GAUSSIANS.items() if name in f
                  for k, v in zip(("mu", "sigma"), gaussian(f[name]))}, pool=f["pool"].numpy())
 
@@ -423,8 +413,7 @@ def parse_args(argv=None):
     p.add_argument("--save-recon", help="write the reconstructions here as an ADM-layout npz")
     p.add_argument("--inception-weights", default=FID_WEIGHTS_URL)
     p.add_argument("--preprocess", choices=["adm", "pytorch-fid"], default="adm")
-    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0, cli.SEED), help="gIS: shuffle before the 10 "
-                   "splits")
+    p.add_argument("--is-shuffle-seed", type=cli.number(int, 0, cli.SEED), help="gIS: shuffle before the 10 splits")
     p.add_argument("--ssim", choices=["wang", "skimage"], default="wang", help="SSIM window convention")
     p.add_argument("--lpips-vgg", default=VGG16_URL, help="LPIPS VGG16 weights (URL or path)")
     p.add_argument("--lpips-lin", default=LPIPS_VGG_URL, help="LPIPS v0.1 lin weights (URL or path)")
@@ -492,10 +481,8 @@ def reconstruct(args, features, device):
     """rFID (reconstructions vs the same ADM centre crops), rIS (Inception Score of the reconstructions, Ideal's
     second reconstruction metric: one score over all images, so a class-sorted folder gives what a shuffled one
     does, as IDEAL's in-training evaluator), PSNR, SSIM, LPIPS, codebook usage (Ideal)."""
-    tok = checkpoint.load_tokenizer(args.tokenizer, device)
-    lp = LPIPS(args.lpips_vgg, args.lpips_lin).to(device)
-    codebook = tok.num_codes
-    size = tok.config["image_size"]
+    tok, lp = checkpoint.load_tokenizer(args.tokenizer, device), LPIPS(args.lpips_vgg, args.lpips_lin).to(device)
+    codebook, size = tok.num_codes, tok.config["image_size"]
     images = FolderImages(args.data_path, partial(data.center_crop_arr, image_size=size))
     rank = rank_world()[0]
     writer = NpzWriter(args.save_recon, (len(images), size, size, 3)) if args.save_recon and not rank else None
@@ -532,10 +519,9 @@ def reconstruct(args, features, device):
     if rank:
         return {}
     ref = statistics({k[4:]: v for k, v in f.items() if k.startswith("ref_")})
-    res = {"images": len(images), **compare(statistics(f), ref, "r"),
-           "rIS": inception_score(f["logits"], splits=1), "rIS_convention": "one score over all images"}
-    res.update(PSNR=f["psnr"].mean().item(), SSIM=f["ssim"].mean().item(), ssim_window=args.ssim,
-               LPIPS=f["lpips"].mean().item())
+    res = {"images": len(images), **compare(statistics(f), ref, "r"), "rIS": inception_score(f["logits"], splits=1),
+           "rIS_convention": "one score over all images", "PSNR": f["psnr"].mean().item(),
+           "SSIM": f["ssim"].mean().item(), "ssim_window": args.ssim, "LPIPS": f["lpips"].mean().item()}
     if codebook:
         res["codebook_usage"] = used.double().mean().item()
     return res

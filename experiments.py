@@ -48,11 +48,9 @@ def fusion_params(dim, hidden, n):
 
 def fit_log_linear(capacity, metric):
     """Least-squares fit metric = a + b·log(capacity); returns a, b and R²."""
-    x = torch.tensor(capacity, dtype=torch.float64).log()
-    y = torch.tensor(metric, dtype=torch.float64)
+    x, y = torch.tensor(capacity, dtype=torch.float64).log(), torch.tensor(metric, dtype=torch.float64)
     a, b = torch.linalg.lstsq(torch.stack([torch.ones_like(x), x], 1), y[:, None]).solution.flatten().tolist()
-    r2 = 1 - ((y - a - b * x) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-300)
-    return a, b, r2.item()
+    return a, b, (1 - ((y - a - b * x) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp(min=1e-300)).item()
 
 def scaling_table(rows, metrics):
     """Print the grid (one row per run: hidden, layers, params, metrics) and a log-linear fit per metric over
@@ -265,8 +263,7 @@ def curve_chart(table, rows, path, title, metrics=None, x_label="generator epoch
         for e in sorted(set(epochs)):
             d.text((x(e) - 4, y(lo) + 4), f"{e:g}", fill="grey")
         for i, points in enumerate(series.values()):
-            cells = [(e, table[r][m]) for e, r in points if m in table.get(r, {})]
-            colour = COLOURS[i % len(COLOURS)]
+            cells, colour = [(e, table[r][m]) for e, r in points if m in table.get(r, {})], COLOURS[i % len(COLOURS)]
             d.line([(x(e), y(c["mean"])) for e, c in cells], fill=colour, width=2)
             for e, c in cells:
                 d.line([(x(e), y(min(c["values"]))), (x(e), y(max(c["values"])))], fill=colour, width=1)
@@ -317,10 +314,9 @@ def imagenet_world(seed, root, args, toy_flags=()):
         return [runs.Run(name, "evaluate.py", dict(what, out=path), deps)]
     return dict(out=out, depth=12, start=[], score=None, tokenizer=common, fresh={}, methods={}, generator=common,
                 given={"rae": Path(args.init_from)} if args.init_from else {}, codes=common, evaluate=evaluation,
-                scores=imagenet_scores, generator_file="ckpt-last.pt",
+                scores=imagenet_scores, generator_file="ckpt-last.pt", budget=dict(epochs=800, stop_epoch=80),
                 sample=lambda ckpt, where: dict(ckpt=ckpt, per_class=50, out_dir=where, name="samples", seed=seed),
-                budget=dict(epochs=800, stop_epoch=80), guide=dict(gen=dict(dit="S"), stop_epoch="14"),
-                curve=dict(keep_every_epochs=10))
+                guide=dict(gen=dict(dit="S"), stop_epoch="14"), curve=dict(keep_every_epochs=10))
 
 WORLDS = {"toy": toy_world, "imagenet": imagenet_world}
 
@@ -376,8 +372,7 @@ GENERATOR_RUNS = {  # generator key → (tokenizer key, its settings over the wo
 def seed_runs(w, tokenizers, samplings):
     """One seed's runs under the world recipe w: its start, RAE and the ABLATION_RUNS `tokenizers` with what they start
     from, and for each (key, Sampling) a generator on `key`'s latent (or GENERATOR_RUNS' `key`) and its samples."""
-    out, start = w["out"], tuple(r.name for r in w["start"])
-    jobs = {r.name: r for r in w["start"]}
+    out, start, jobs = w["out"], tuple(r.name for r in w["start"]), {r.name: r for r in w["start"]}
     add = lambda *new: jobs.update({r.name: r for r in new})  # noqa: E731
 
     def tokenizer(key):
@@ -510,8 +505,8 @@ def drorae_scaling(argv):
     the means. At full scale, --init-from P1 starts the grid from a given phase 1 instead of training one."""
     dim, widths, counts = SCALING[study_args("drorae-scaling", argv)[0].world]
     points = [(h, n, f"h{h}-l{n}") for h in widths for n in counts]
-    args, root, per_seed = ablation_study("drorae-scaling", argv, [name for *_, name in points], [],
-                                          folder="drorae-scaling")
+    names = [name for *_, name in points]
+    args, root, per_seed = ablation_study("drorae-scaling", argv, names, [], folder="drorae-scaling")
     metrics = [m for m in ("psnr", "rFID") if m in per_seed[args.seeds[0]]["rae"]]
     grid = lambda value: [dict(hidden=h, layers=n, params=fusion_params(dim, h, n),  # noqa: E731
                                **{m: value(name, m) for m in metrics}) for h, n, name in points]
@@ -522,8 +517,7 @@ def drorae_scaling(argv):
     print("\nthe means over the seeds:")
     mean = grid(lambda name, m: sum(per_seed[s][name][m] for s in args.seeds) / len(args.seeds))
     fits["mean"] = scaling_table(mean, metrics)
-    return finish("drorae-scaling", root, per_seed, [name for *_, name in points], args,
-                  extra=dict(grid=mean, fits=fits))
+    return finish("drorae-scaling", root, per_seed, names, args, extra=dict(grid=mean, fits=fits))
 
 # ---- 5. Ablations: the studies over tokenizer variants (tokenizer_study) and over generators (sampling_study) ----
 
@@ -535,9 +529,8 @@ def drorae_routing(argv):
     p2 = {k: k.replace("_p3", "_p2") for k in ROUTING_ROWS if k != "mean_p3"}
     args, root, per_seed = ablation_study("drorae-routing", argv, ROUTING_ROWS + tuple(p2.values()),
                                           [(k, CFG) for k in ROUTING_ROWS])
-    for seed in args.seeds:
-        for k, k2 in p2.items():
-            per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
+    for seed, (k, k2) in itertools.product(args.seeds, p2.items()):
+        per_seed[seed][k]["psnr_p2"] = per_seed[seed][k2]["psnr"]
     metrics = ["psnr_p2", "psnr", "ssim", "rFID", "gFID", "KID", "sample_accuracy", "precision", "recall"]
     return finish("drorae-routing", root / "drorae-routing", per_seed, ROUTING_ROWS, args, "drorae_p3",
                   ROUTING_ROWS[1:], metrics=metrics, compare=metrics[:6])
@@ -671,8 +664,7 @@ def ideal_scaling(argv):
     sampled at every scale of a CFG sweep (full scale: the size's paper CFG); per size and seed the scale with the best
     FD (full scale gFID) and its scores. The paper's claims: the best scale falls as the model grows (1.75 for B,
     1.25 above) and generation improves with size."""
-    world = study_args("ideal-scaling", argv)[0].world
-    ladder, metric = IDEAL_LADDER[world], "gFID"
+    ladder, metric = IDEAL_LADDER[study_args("ideal-scaling", argv)[0].world], "gFID"
     rows = {f"{size} CFG {s:g}": (f"gpt_{size}", Sampling(f"cfg{s:g}", s)) for size, (_, scales) in ladder.items()
             for s in scales}
 

@@ -29,8 +29,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
@@ -52,8 +51,7 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden, drop=0.0, approximate="none"):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.drop, self.approximate = nn.Dropout(drop), approximate
 
     def forward(self, x):
@@ -64,8 +62,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim, hidden, bias=True, drop=0.0):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, dim, bias=bias)
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden, bias=bias), nn.Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -97,8 +94,7 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} not divisible by num_heads {num_heads}"
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=qkv_bias), nn.Linear(dim, dim, bias=proj_bias)
         self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
 
     def qkv_heads(self, x, context=None):
@@ -180,8 +176,7 @@ def load_strict(module, state_dict, what):
     """`module.load_state_dict(state_dict, strict=True)` whose one error names `what` and lists the missing keys,
     unexpected keys, shape mismatches and non-finite tensors (a diverged run's). Returns the module."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
     shapes = [f"{k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -253,11 +248,10 @@ class ViT(nn.Module):
 
     def init_weights(self):
         """Official random init: pos trunc-normal 0.02, cls/registers N(0, 1e-6), Linear trunc-normal 0.02, zero bias."""
-        for p, init in ((self.pos_embed, lambda t: nn.init.trunc_normal_(t, std=0.02)),
-                        (self.cls_token, lambda t: nn.init.normal_(t, std=1e-6)),
-                        (self.register_tokens, lambda t: nn.init.normal_(t, std=1e-6))):
+        for p, init, std in ((self.pos_embed, nn.init.trunc_normal_, 0.02), (self.cls_token, nn.init.normal_, 1e-6),
+                             (self.register_tokens, nn.init.normal_, 1e-6)):
             if p is not None:
-                init(p)
+                init(p, std=std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -266,16 +260,14 @@ class ViT(nn.Module):
     def interpolate_pos_encoding(self, h, w):
         """Position embedding for an h×w patch grid, exactly as the official code: in fp32, bicubic; with an
         offset (plain models: 0.1) scale_factor=((h+off)/M, (w+off)/M), else size=(h, w); antialias per model."""
-        pos, c = self.pos_embed, int(self.cls_token is not None)
+        pos, c, off = self.pos_embed, int(self.cls_token is not None), self.interpolate_offset
         M = math.isqrt(pos.shape[1] - c)
         if h == w == M:
             return pos
         grid = pos[:, c:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)
-        off = self.interpolate_offset
         size = dict(scale_factor=((h + off) / M, (w + off) / M)) if off else dict(size=(h, w))
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **size)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat([pos[:, :c].float(), grid], dim=1).to(pos.dtype)
+        return torch.cat([pos[:, :c].float(), grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1).to(pos.dtype)
 
     def rope_tables(self, h, w):
         """DINOv3's RoPE for an h×w patch grid: angles 2π·c / period of the patch centres c in [−1, 1] per axis
@@ -555,9 +547,8 @@ def load_rae_decoder(src, num_heads=None, decoder_class=ViTDecoder):
     heads = num_heads or {768: 12, 1024: 16, 1152: 16}.get(dim)
     if heads is None:
         raise ValueError(f"RAE decoder of width {dim}: pass num_heads (known widths: 768, 1024, 1152)")
-    cfg = dict(latent_dim=latent_dim, dim=dim, num_heads=heads,
+    cfg = dict(latent_dim=latent_dim, dim=dim, num_heads=heads, mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
                depth=len([k for k in sd if k.endswith(".norm1.weight")]),
-               mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
                patch_size=math.isqrt(sd["decoder_pred.weight"].shape[0] // 3),
                grid=math.isqrt(sd["decoder_pos_embed"].shape[1] - 1))
     where = f" from {os.fspath(src)}" if isinstance(src, (str, os.PathLike)) else ""

@@ -69,8 +69,7 @@ def render(scenes, looks, size=32, ss=4):
     n, m = len(scenes["label"]), size * ss
     g = (np.arange(m) + 0.5) / m * 2 - 1
     Y, X = np.meshgrid(g, g, indexing="ij")
-    imgs = np.empty((n, 3, size, size), np.float32)
-    masks = np.empty((n, size, size), np.float32)
+    imgs, masks = np.empty((n, 3, size, size), np.float32), np.empty((n, size, size), np.float32)
     for i in range(n):
         c, s = math.cos(scenes["angle"][i]), math.sin(scenes["angle"][i])
         x, y = X - scenes["cx"][i], Y - scenes["cy"][i]
@@ -81,8 +80,7 @@ def render(scenes, looks, size=32, ss=4):
         fg = looks["fg1"][i][:, None, None] * (1 - t) + looks["fg2"][i][:, None, None] * t
         w = (X + 1) / 2
         bg = looks["bg"][i][:, None, None] * (1 - 0.5 * w) + looks["bg2"][i][:, None, None] * 0.5 * w
-        img = fg * inside + bg * (1 - inside)
-        imgs[i] = img.reshape(3, size, ss, size, ss).mean((2, 4))
+        imgs[i] = (fg * inside + bg * (1 - inside)).reshape(3, size, ss, size, ss).mean((2, 4))
         masks[i] = inside.reshape(size, ss, size, ss).mean((1, 3))
     return imgs, masks
 
@@ -136,8 +134,7 @@ def pretrain_vfm(steps, seed, batch=32, lr=2e-3, invariance=1.0, pool=4096, obje
     (x1, masks), (x2, _) = (render(scenes, sample_appearance(pool, rng)) for _ in range(2))
     x1, x2, masks, labels = map(torch.from_numpy, (x1, x2, masks, scenes["label"]))
     targets = patch_targets(masks, labels, VFM_CONFIG["patch_size"])
-    vfm = model.ViT(**VFM_CONFIG)
-    heads = vfm_heads()
+    vfm, heads = model.ViT(**VFM_CONFIG), vfm_heads()
     params = list(vfm.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -172,10 +169,8 @@ def colour_probe(vfm, n=2000, seed=123, ridge=1e-2):
     The premise of the papers: colour is less linearly decodable from the last block than from a shallow one."""
     x, _, _ = make_world(n, seed)
     feats = vfm.forward_blocks(vfm_input(x))
-    p = VFM_CONFIG["patch_size"]
-    target = F.avg_pool2d(x, p).flatten(2).transpose(1, 2).reshape(-1, 3).double()
-    half = target.shape[0] // 2
-    scores = []
+    target = F.avg_pool2d(x, VFM_CONFIG["patch_size"]).flatten(2).transpose(1, 2).reshape(-1, 3).double()
+    half, scores = target.shape[0] // 2, []
     for h in feats:
         f = model.ln0(h).reshape(-1, h.shape[-1]).double()
         f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
@@ -258,8 +253,7 @@ def load_evaluator(path, steps):
     if ck["steps"] != steps:
         raise SystemExit(f"--evaluator {path}: trained for {ck['steps']} steps, not --evaluator-steps {steps} (delete "
                          "it or give another path)")
-    net = ToyInception()
-    model.load_strict(net, ck["state"], path)
+    net = model.load_strict(ToyInception(), ck["state"], path)
     return net.eval(), f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:16]})"
 
 def fd(f1, f2):
@@ -400,15 +394,13 @@ def world(args, out):
     shallow = VFM_CONFIG["depth"] // 4
     print(f"toy VFM: held-out class accuracy {acc:.3f}; colour probe R² per block " + " ".join(f"{s:.3f}" for s in r2)
           + f" (shallow block {shallow}: {r2[shallow]:.3f}, last block: {r2[-1]:.3f})")
-    x_train, y_train, _ = make_world(args.train_images, args.seed)
-    write_folder(x_train, y_train, out / "data" / "train")
+    write_folder(*make_world(args.train_images, args.seed)[:2], out / "data" / "train")
     write_folder(x_test, y_test, out / "data" / "test")  # the held-out images, for evaluate.py and the studies
     res = dict(accuracy=acc, colour_r2=r2, shallow_block=shallow, objective=args.vfm_objective)
     cli.write_atomic(out / "world.json", json.dumps(res, indent=1))
 
 def load_vfm(out):
-    vfm = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval()
-    heads = vfm_heads()
+    vfm, heads = model.dinov2(VFM_CONFIG, weights=str(out / "vfm.pth")).eval(), vfm_heads()
     heads.load_state_dict(torch.load(out / "vfm_heads.pth", weights_only=True))
     return vfm, heads.eval()
 
@@ -442,8 +434,7 @@ def score(args, out, seconds=None):
     for key in GENERATORS:
         samples[key], sample_labels = read_samples(out / f"{key}_gen" / "samples")
         assert torch.equal(sample_labels, labels)
-    ref = ev(x_test)[0]
-    recons = [x_test[:16]]
+    ref, recons = ev(x_test)[0], [x_test[:16]]
     for key in TOKENIZERS:
         tok = checkpoint.load_tokenizer(out / key / "tokenizer.pt")
         r, results[key] = recon_scores(tok, x_test, y_test, vfm, heads, ev, ref)
