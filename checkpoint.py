@@ -5,16 +5,19 @@ the only one that knows every method. A checkpoint is a dict written atomically 
   kind "tokenizer": method, phase, config (the tokenizer's constructor keywords + "method"), ema (+ model,
       optimiser, discriminator and RNG states in a training run's ckpt-last.pt; the final tokenizer.pt has no more);
   kind "generator": method, phase "gen", config (DiT-DH or GPT keywords), ema, tokenizer {path, config}, stats (the
-      latent statistics it was trained on; None for codes).
+      latent statistics it was trained on; None for codes); a --fsdp run's ckpt-*.pt holds no tensors but names
+      the folder of their shards (`shards`, read_shards).
 """
 import hashlib
 import inspect
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 import ar
 import cli
@@ -103,12 +106,24 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
                          f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
     ck["path"] = str(path)
+    if "shards" in ck and not (path.parent / ck["shards"] / ".metadata").is_file():
+        raise SystemExit(f"{path}: the folder of its tensors' shards, {path.parent / ck['shards']}, is missing")
     if ck["kind"] == "generator" and "num_queries" in ck["config"]:  # DiT-DH's extra tokens, once named as DecQ's
         new = lambda k: "num_extra" if k == "num_queries" else "extra_" + k[6:] if k.startswith("query_") else k
         deep = lambda o: ({deep(k): deep(v) for k, v in o.items()} if isinstance(o, dict) else [deep(v) for v in o]
                           if isinstance(o, list) else new(o) if isinstance(o, str) else o)  # FSDP's optimiser too
         ck.update({part: deep(ck[part]) for part in ("config", "ema", "model", "optimizer") if part in ck})
     return ck
+
+def read_shards(ck, part):
+    """One part ("model", "ema") of a --fsdp run's checkpoint, whole on CPU, from the shards every rank wrote
+    (train.save; torch.distributed.checkpoint reassembles them without processes)."""
+    folder = Path(ck["path"]).parent / ck["shards"]
+    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith(part + ".")}
+    with warnings.catch_warnings(action="ignore"):  # "torch.distributed is uninitialized": none is needed here
+        dcp.load(sd, checkpoint_id=folder, no_dist=True)
+    return {k[len(part) + 1:]: v for k, v in sd.items()}
 
 def identity(tensors, config=None):
     """A short fingerprint of a state dict (names, dtypes, shapes, bytes) and a config: what a generator checkpoint and
@@ -149,5 +164,6 @@ def load_generator(path, device="cpu", tok=None, tokenizer=None):
                              "differ); pass that one with --tokenizer")
         tok = load_tokenizer(tck, device)
         tok.set_stats(ck["stats"])
-    net = model.load_strict(build_generator(ck["config"], tok), ck["ema"], f"generator {ck['path']}")
+    ema = ck["ema"] if "ema" in ck else read_shards(ck, "ema")
+    net = model.load_strict(build_generator(ck["config"], tok), ema, f"generator {ck['path']}")
     return net.to(device).eval().requires_grad_(False), tok, ck

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -29,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -398,7 +400,7 @@ class Trainer:
         """EMA copy, FSDP units (--fsdp), AdamW over the trainable tensors (returned), restored on resume."""
         self.device = device
         self.trained, self.ema, self.pending = net, copy.deepcopy(net).eval().requires_grad_(False), {}
-        if resume is not None:  # whole state dicts, loaded before any sharding
+        if resume is not None and "ema" in resume:  # whole state dicts, loaded before any sharding
             model.load_strict(self.ema, resume["ema"], f"{resume['path']} ema")
         mp = {} if self.args.precision != "bf16" else dict(mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
         for unit in [net, self.ema] if self.args.fsdp else []:  # the EMA sharded alike; bf16 gathers, fp32 reductions
@@ -410,8 +412,12 @@ class Trainer:
                                                  if p.requires_grad]))  # each trained tensor and its EMA
         self.opt, self.sched = make_optimizer(params, self.args, self.plan, device)
         if resume is not None:
-            if self.args.fsdp:  # saved whole, keyed by parameter name (world size free)
-                set_optimizer_state_dict(net, self.opt, resume["optimizer"], options=WHOLE)
+            if "shards" in resume:  # --fsdp: each rank reads its shards of the three (DCP reshards to this world size)
+                state = self.sharded()
+                dcp.load(state, checkpoint_id=Path(resume["path"]).parent / resume["shards"])
+                for unit in (net, self.ema):
+                    set_model_state_dict(unit, state["ema" if unit is self.ema else "model"])
+                set_optimizer_state_dict(net, self.opt, state["optimizer"])
             else:
                 self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
@@ -465,18 +471,22 @@ class Trainer:
             raise SystemExit(f"{bad[0]}: stopped; {kept}{hint}")
         return values["signal"] > 0
 
-    def whole(self, net):
-        return get_model_state_dict(net, options=WHOLE) if self.args.fsdp else net.state_dict()
+    def sharded(self):
+        """--fsdp: this rank's shards of the network, its EMA and AdamW, as DTensors (nothing gathered)."""
+        return dict(model=get_model_state_dict(self.trained), ema=get_model_state_dict(self.ema),
+                    optimizer=get_optimizer_state_dict(self.trained, self.opt))
 
     def state(self):
-        """What a resume needs. Every rank calls it (under FSDP the whole tensors are gathered to rank 0)."""
-        opt = (get_optimizer_state_dict(self.trained, self.opt, options=WHOLE) if self.args.fsdp else
-               self.opt.state_dict())
-        return dict(self.export(), model=self.whole(self.trained), optimizer=opt, scheduler=self.sched.state_dict())
+        """What a resume needs, less (--fsdp) the tensors, which every rank writes as its shards (save)."""
+        if self.args.fsdp:
+            return dict(self.export(ema=False), scheduler=self.sched.state_dict())
+        return dict(self.export(), model=self.trained.state_dict(), optimizer=self.opt.state_dict(),
+                    scheduler=self.sched.state_dict())
 
-    def export(self):
-        """The final EMA network and its config."""
-        return dict(config=self.trained.config, ema=self.whole(self.ema))
+    def export(self, ema=True):
+        """The final EMA network (under FSDP gathered whole to rank 0) and its config."""
+        whole = get_model_state_dict(self.ema, options=WHOLE) if self.args.fsdp else self.ema.state_dict()
+        return dict(config=self.trained.config, **({"ema": whole} if ema else {}))
 
 # ---- 3. Tokenizer phases -----------------------------------------------------------------------------------------
 
@@ -688,7 +698,7 @@ class GeneratorTrainer(Trainer):
                                     num_extra=self.tok.num_extra,
                                     **({"extra_out": args.query_out} if self.tok.num_extra else {}))
         self.gen = checkpoint.build_generator(config, self.tok).to(device)
-        if resume is not None:  # whole state dicts, loaded before any sharding
+        if resume is not None and "model" in resume:  # whole state dicts, loaded before any sharding
             model.load_strict(self.gen, resume["model"], f"{resume['path']} model")
         self.clipped = self.setup(self.gen, resume, device)  # in the generator's order
 
@@ -718,9 +728,9 @@ class GeneratorTrainer(Trainer):
             images = self.tok.decode(dit.to_tokens(dit.sample(self.ema, noise, y, num_steps=25)))
         data.save_image_grid(images, path, nrow=len(x))
 
-    def export(self):
+    def export(self, ema=True):
         """The EMA generator with what sample.py needs: its config, the tokenizer (path, config), the stats."""
-        return dict(super().export(), tokenizer=self.tokenizer, stats=self.stats)
+        return dict(super().export(ema), tokenizer=self.tokenizer, stats=self.stats)
 
 # ---- 5. The loop shared by every phase: data order, logging, grids, checkpoints, signals -------------------------
 
@@ -729,7 +739,7 @@ def open_run(args):
     directory that holds a checkpoint is continued with --resume, never started over."""
     out, kind = Path(args.out_dir), "generator" if args.phase == "gen" else "tokenizer"
     resume = checkpoint.load_checkpoint(args.resume, kind, args.method, args.phase) if args.resume else None
-    if resume is not None and "model" not in resume:
+    if resume is not None and "scheduler" not in resume:
         raise SystemExit(f"--resume {resume['path']}: a finished run's export (weights only), not a resumable "
                          "checkpoint; pass its run directory (ckpt-last.pt)")
     held = [f for f in ("ckpt-last.pt", f"{kind}.pt") if (out / f).exists()]
@@ -775,9 +785,11 @@ def checkpoints_due(args, step, end, steps_per_epoch, signalled):
                                    (due(step, args.keep_every), f"ckpt-{step:07d}.pt"),
                                    (due(step, keep), f"ckpt-epoch{step / steps_per_epoch:g}.pt")) if now]
 
-def save(path, trainer, args, step, rank, world, final=False):
-    """A checkpoint: the trainer's state and every rank's RNG state, or (`final`) its export. Every rank calls it (under
-    FSDP the whole tensors are gathered), rank 0 writes."""
+def save(out, names, trainer, args, step, rank, world, final=False):
+    """The checkpoint files `names` of this step: the trainer's state and every rank's RNG state, or (`final`) its
+    export. Every rank calls it, rank 0 writes the files. Under --fsdp every rank writes its shards of the tensors
+    (torch.distributed.checkpoint, nothing gathered) into shards-STEP/, which the files name; shards no file names
+    are removed (only the final export is gathered whole)."""
     if final:
         state = trainer.export()
     else:
@@ -785,9 +797,19 @@ def save(path, trainer, args, step, rank, world, final=False):
         if world > 1:
             dist.all_gather_object(rngs, rngs[0])
         state = dict(trainer.state(), epoch=step // trainer.plan.steps_per_epoch, rng=rngs, images=trainer.plan.images)
+        if args.fsdp:
+            state["shards"], tmp = f"shards-{step:07d}", out / f"shards-{step:07d}.tmp"
+            dcp.save(trainer.sharded(), checkpoint_id=tmp)  # returns once every rank wrote and rank 0 the metadata
+            if rank == 0:
+                shutil.rmtree(out / state["shards"], ignore_errors=True)  # a crashed earlier attempt at this step
+                tmp.rename(out / state["shards"])
     if rank == 0:
-        checkpoint.save_checkpoint(path, kind=trainer.kind, method=args.method, phase=args.phase, step=step,
-                                   args=settings(args), **state)
+        for name in names:
+            checkpoint.save_checkpoint(out / name, kind=trainer.kind, method=args.method, phase=args.phase, step=step,
+                                       args=settings(args), **state)
+        named = {torch.load(f, weights_only=True).get("shards") for f in out.glob("ckpt*.pt")} if args.fsdp else ()
+        for old in set(out.glob("shards-*")) - {out / n for n in named}:
+            shutil.rmtree(old)
 
 def train(args, rank, world, device, stop):
     out, (resume, dataset, tck) = Path(args.out_dir), open_run(args)
@@ -832,8 +854,8 @@ def train(args, rank, world, device, stop):
                     t0, seen = time.time(), 0
                 if rank == 0 and due(step, args.grid_every) and not args.fsdp:
                     trainer.grid(grid_x, out / f"grid-{step:07d}.png")
-                for name in names:
-                    save(out / name, trainer, args, step, rank, world)
+                if names:
+                    save(out, names, trainer, args, step, rank, world)
                 if signalled:
                     break
         if step != total_steps:
@@ -842,7 +864,7 @@ def train(args, rank, world, device, stop):
             if step != end:  # a signal, not --max-steps / --stop-epoch: unfinished, exit 128 + the signal as a shell
                 raise SystemExit(128 + stop.get("signal", signal.SIGTERM))
             return
-        save(out / f"{trainer.kind}.pt", trainer, args, step, rank, world, final=True)
+        save(out, [f"{trainer.kind}.pt"], trainer, args, step, rank, world, final=True)
         if rank == 0:
             print(f"done: {out / trainer.kind}.pt")
 

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,9 +48,9 @@ def images(tmp_path):
 
 def run(*argv, **kw):
     """train.py in a subprocess (1 process, or torchrun with `nproc` processes); returns CompletedProcess."""
-    nproc = kw.pop("nproc", 1)
+    nproc = kw.pop("nproc", None)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
+                if nproc else [sys.executable])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(launcher + [str(ROOT / "train.py"), *argv], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
@@ -459,30 +460,42 @@ def test_generator_decq_queries_and_exact_resume(images, tmp_path):
 
 def test_fsdp_generator_matches_ddp_and_resumes_exactly(images, tmp_path):
     """--fsdp (FSDP2 over gloo on CPU, 2 processes, 2 micro-batches each): the same steps as DDP to float rounding,
-    N + resume + N = 2N bitwise, whole tensors in the checkpoint (loadable without FSDP), a finished generator.pt."""
+    N + resume + N = 2N bitwise. Its checkpoints are sharded: every rank writes its part of the network, EMA and AdamW
+    (shards-STEP/, nothing gathered), ckpt-last.pt names the folder and holds no tensor; the tools read the EMA whole
+    without processes, one process resumes what two wrote (resharded), shards no file names are removed."""
     flags = [*GEN, "--micro-batch", "1", "--data-path", images]
     train.main(["--method", "ideal", "--phase", "1", *flags, *P1, *IDEAL, "--out-dir", str(tmp_path / "tok")])
     whole = ["--method", "ideal", "--phase", "gen", *flags[:flags.index("--max-steps")], "--tokenizer",
              str(tmp_path / "tok"), *flags[flags.index("--max-steps") + 2:]]  # the whole schedule: 8 steps
     gen = whole + ["--max-steps", "3"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("half", ["--fsdp", "--max-steps", "1"])):
-        r = run(*gen, *extra, "--out-dir", str(tmp_path / name), nproc=2)
+        r = run(*gen, *extra, "--ckpt-every", "1", "--out-dir", str(tmp_path / name), nproc=2)
         assert r.returncode == 0, r.stderr[-3000:]  # a rare SIGABRT of one torchrun child was seen here once
     r = run(*gen, "--fsdp", "--resume", str(tmp_path / "half"), nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    a, b, c = (torch.load(tmp_path / n / "ckpt-last.pt") for n in ("ddp", "fsdp", "half"))
+    a, b, c = (checkpoint.load_checkpoint(tmp_path / n) for n in ("ddp", "fsdp", "half"))
     assert a["step"] == b["step"] == c["step"] == 3
+    assert not {"model", "ema", "optimizer"} & b.keys() and b["shards"] == "shards-0000003"
+    assert sorted(f.name for f in (tmp_path / "fsdp").glob("shards-*")) == ["shards-0000003"]  # steps 1, 2 removed
+    assert len(list((tmp_path / "fsdp" / "shards-0000003").glob("*.distcp"))) == 2  # one file a rank
     for key in ("model", "ema"):
-        assert all(torch.allclose(a[key][n], v, atol=1e-5) for n, v in b[key].items()), key  # reduction order only
-        assert all(torch.equal(v, c[key][n]) for n, v in b[key].items()), key
-    assert set(b["optimizer"]["state"]) == set(b["model"])  # keyed by parameter name: any world size can resume
-    assert all(torch.equal(s["exp_avg"], c["optimizer"]["state"][n]["exp_avg"]) for n, s in b["optimizer"]["state"].items())
+        sb, sc = checkpoint.read_shards(b, key), checkpoint.read_shards(c, key)
+        assert sb.keys() == a[key].keys(), key
+        assert all(torch.allclose(a[key][n], v, atol=1e-5) for n, v in sb.items()), key  # reduction order only
+        assert all(torch.equal(v, sc[n]) for n, v in sb.items()), key
+    net = checkpoint.load_generator(tmp_path / "fsdp")[0]
+    assert all(torch.equal(v, sb[n]) for n, v in net.state_dict().items())
     r = run(*whole, "--fsdp", "--resume", str(tmp_path / "half"), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert checkpoint.load_generator(tmp_path / "half" / "generator.pt")[2]["step"] == 8
+    r = run(*gen, "--max-steps", "4", "--fsdp", "--resume", str(tmp_path / "fsdp"), nproc=1)  # 2 ranks wrote it
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert checkpoint.load_checkpoint(tmp_path / "fsdp")["step"] == 4
     assert "the run was started without --fsdp" in error([*gen, "--fsdp", "--resume", str(tmp_path / "ddp")])
     assert "--fsdp shards generators" in error(["--method", "rae", "--phase", "1", *flags, "--fsdp", "--out-dir",
                                                 str(tmp_path / "x")])
+    shutil.rmtree(tmp_path / "fsdp" / "shards-0000004")
+    assert "shards" in error([*gen, "--max-steps", "5", "--fsdp", "--resume", str(tmp_path / "fsdp")])
 
 # --- learning -----------------------------------------------------------------------------------------------
 
