@@ -32,19 +32,22 @@ def ffn_hidden(dim, multiple_of=256):
     return multiple_of * math.ceil(hidden / multiple_of)
 
 class KVCache:
-    """Keys and values of one layer, preallocated on first use as (B, heads, max_len, head_dim), filled in place."""
+    """Keys and values of one layer, (B, heads, max_len, head_dim), zero-filled on first use, written in place.
+    Attention runs over all max_len slots, those not yet filled masked, so every decode step has the same shapes
+    (LlamaGen's static cache: what CUDA graphs and torch.compile(mode="reduce-overhead") need)."""
 
     def __init__(self, max_len):
         self.max_len, self.k, self.v = max_len, None, None
 
     def update(self, k, v, pos):
-        """Store k, v (B, heads, T, d) at positions pos … pos+T−1; return all keys and values up to there."""
-        if self.k is None:
+        """Store k, v (B, heads, T, d) at the positions pos (T,); return every slot's keys and values and the mask
+        (T, max_len) of the slots each query attends to (those up to its own position)."""
+        if self.k is None:  # zeros, not empty: a masked slot's NaN would still reach the output (0 · NaN)
             shape = (*k.shape[:2], self.max_len, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v, torch.arange(self.max_len, device=pos.device) <= pos[:, None]
 
 class GPTBlock(nn.Module):
     """Llama block: x += attn(norm1(x)) (RoPE, causal, resid dropout); x += drop(ffn(norm2(x)))."""
@@ -57,13 +60,12 @@ class GPTBlock(nn.Module):
         self.mlp = SwiGLU(dim, ffn_hidden(dim), bias=False)
         self.ffn_drop = nn.Dropout(ffn_dropout)  # LlamaGen drops the FFN output, not its hidden layer
 
-    def forward(self, x, rope, cache=None, pos=0):
-        """With a cache, x holds positions pos … and a multi-token x must start at pos 0 (causal mask)."""
+    def forward(self, x, rope, cache=None, pos=None):
+        """Causal self-attention over x; with a cache, x holds the positions pos (T,) and attends to the cache."""
         q, k, v = self.attn.qkv_heads(self.norm1(x))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(k, v, pos)
-        x = x + self.attn.attend(q, k, v, is_causal=x.shape[1] > 1)
+        k, v, mask = (k, v, None) if cache is None else cache.update(k, v, pos)
+        x = x + self.attn.attend(q, k, v, is_causal=mask is None, mask=mask)
         return x + self.ffn_drop(self.mlp(self.norm2(x)))
 
 class GPT(nn.Module):
@@ -101,10 +103,12 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def run(self, h, pos=0, cache=None):
-        """Blocks + final norm + head on input embeddings h (B, T, C) at positions pos …; fp32 logits (B, T, V).
-        With `cache` (one KVCache per block) keys and values are stored for later steps."""
-        rope = self.rope_cos[pos:pos + h.shape[1]], self.rope_sin[pos:pos + h.shape[1]]
+    def run(self, h, pos=None, cache=None):
+        """Blocks + final norm + head on input embeddings h (B, T, C) at positions pos (a (T,) tensor; default
+        0 … T−1); fp32 logits (B, T, V). With `cache` (one KVCache per block) keys and values are stored for later
+        steps; every decode step then has the same shapes whatever its position."""
+        pos = torch.arange(h.shape[1], device=h.device) if pos is None else pos
+        rope = self.rope_cos[pos], self.rope_sin[pos]
         h = self.tok_drop(h)
         for i, block in enumerate(self.blocks):
             h = block(h, rope, None if cache is None else cache[i], pos)
@@ -136,7 +140,7 @@ class GPT(nn.Module):
         for pos in range(num_tokens):
             if temperature and pos % chunk == 0:
                 u = uniforms(generator, min(chunk, num_tokens - pos), batch, vocab, cond.device)
-            logits = self.run(h, pos, cache)[:, -1]
+            logits = self.run(h, torch.tensor([pos], device=h.device), cache)[:, -1]
             if guided:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)

@@ -109,10 +109,10 @@ class Attention(nn.Module):
             k, v = kv.view(B, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def attend(self, q, k, v, is_causal=False):
-        """SDPA over (B, heads, N, d) tensors, then merge heads and project."""
+    def attend(self, q, k, v, is_causal=False, mask=None):
+        """SDPA over (B, heads, N, d) tensors (`mask`: which keys each query sees), then merge heads and project."""
         drop = self.attn_drop if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=is_causal)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=is_causal)
         return self.proj_drop(self.proj(o.transpose(1, 2).flatten(2)))
 
     def forward(self, x, context=None, rope=None, is_causal=False):

@@ -1,6 +1,7 @@
 """Tokens/s of AR generation with one generator per sample, as sample.py (random weights; default GPT-B on CPU):
 the KV-cached sampler drawing its uniforms for many tokens in one call per sample (ar.generate), the same with one
-call per token and sample (ar.DRAWS_AT_ONCE = 1: the sampler before the batched draw), and uncached.
+call per token and sample (ar.DRAWS_AT_ONCE = 1: the sampler before the batched draw), the same with the cache
+sliced to its filled slots (SlicedCache: the sampler before its static shapes), and uncached.
 
     python3 bench/ar_sample.py [--preset B] [--batch 2] [--tokens 64] [--cfg 1.0] [--device cpu] [--uncached]
 
@@ -17,6 +18,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ar  # noqa: E402
 from ar import GPT, GPT_PRESETS, sample_logits, uniforms  # noqa: E402
+
+class SlicedCache(ar.KVCache):
+    """The KV cache before its shapes were static: attention over the filled slots only, a new shape every token."""
+
+    def update(self, k, v, pos):
+        if self.k is None:
+            self.k, self.v = (t.new_zeros((*t.shape[:2], self.max_len, t.shape[3])) for t in (k, v))
+        end = int(pos[-1]) + 1
+        self.k[:, :, pos], self.v[:, :, pos] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end], torch.ones(len(pos), end, dtype=torch.bool, device=k.device)
 
 @torch.no_grad()
 def uncached_generate(model, cond, num_tokens, cfg_scale, generator):
@@ -62,16 +73,20 @@ def main():
     generate = lambda: model.generate(cond, args.tokens, cfg_scale=args.cfg, generator=gen())  # noqa: E731
 
     model.generate(cond, num_tokens=2, cfg_scale=args.cfg, generator=gen())  # warm-up
-    t_at_once, t_per_token, default = float("inf"), float("inf"), ar.DRAWS_AT_ONCE
+    t_at_once, t_per_token, t_sliced, default = float("inf"), float("inf"), float("inf"), ar.DRAWS_AT_ONCE
     for _ in range(3):  # interleaved, the best of three of each
         ar.DRAWS_AT_ONCE = default
         at_once, t = timed(generate, device)
         t_at_once = min(t, t_at_once)
+        ar.KVCache = SlicedCache
+        sliced, t = timed(generate, device)
+        t_sliced, ar.KVCache = min(t, t_sliced), SlicedCache.__base__
         ar.DRAWS_AT_ONCE = 1
         per_token, t = timed(generate, device)
         t_per_token = min(t, t_per_token)
-    rows = [("cached, draws at once", t_at_once), ("cached, a draw per token", t_per_token)]
-    same = torch.equal(at_once, per_token)
+    rows = [("cached, draws at once", t_at_once), ("cached, a draw per token", t_per_token),
+            ("sliced cache, at once", t_sliced)]
+    same = torch.equal(at_once, per_token) and torch.equal(at_once, sliced)
     if args.uncached:
         plain, t_plain = timed(lambda: uncached_generate(model, cond, args.tokens, args.cfg, gen()), device)
         rows.append(("uncached", t_plain))

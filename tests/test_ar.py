@@ -75,10 +75,25 @@ def test_kv_cache_equals_uncached_forward(cls_rope):
     h = model.class_emb(cond)[:, None]
     with torch.no_grad():
         for pos in range(16):
-            step = model.run(h, pos, cache)[:, -1]
+            step = model.run(h, torch.tensor([pos]), cache)[:, -1]
             torch.testing.assert_close(step, model(idx[:, :pos], cond)[:, -1], atol=1e-5, rtol=0)
             torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0)
             h = model.tok_emb(idx[:, pos])[:, None]
+
+def test_decode_step_has_static_shapes():
+    """Every decode step after the first (which allocates the cache) is the same graph whatever its position:
+    torch.compile traces it once for the whole grid (what CUDA graphs need), where a cache sliced to its filled
+    slots gives a new shape, and with dynamic=False a new graph, every token."""
+    from torch._dynamo.testing import CompileCounter
+    model, cond, counter = tiny_gpt(), torch.tensor([0, 1, 2]), CompileCounter()
+    step = torch.compile(model.run, backend=counter, fullgraph=True, dynamic=False)
+    cache, h = [KVCache(16) for _ in model.blocks], model.class_emb(cond)[:, None]
+    with torch.no_grad():
+        for pos in range(16):
+            logits = step(h, torch.tensor([pos]), cache)[:, -1]
+            h = model.tok_emb(logits.argmax(-1))[:, None]
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
 
 def test_greedy_top1_and_zero_temperature():
     model, cond = tiny_gpt(), torch.tensor([0, 1, 2, 3])
