@@ -662,13 +662,13 @@ def ideal_generation(argv):
 def ideal_scaling(argv):
     """Ideal Table 5: the GPT on Ideal's codes at four sizes (IDEAL_LADDER: toy1-4; full scale GPT-B, L, XXL, 3B), each
     sampled at every scale of a CFG sweep (full scale: the size's paper CFG); per size and seed the scale with the best
-    FD (full scale gFID) and its scores. The paper's claims: the best scale falls as the model grows (1.75 for B,
+    gFID and its scores. The paper's claims: the best scale falls as the model grows (1.75 for B,
     1.25 above) and generation improves with size."""
     ladder, metric = IDEAL_LADDER[study_args("ideal-scaling", argv)[0].world], "gFID"
     rows = {f"{size} CFG {s:g}": (f"gpt_{size}", Sampling(f"cfg{s:g}", s)) for size, (_, scales) in ladder.items()
             for s in scales}
 
-    def best(table):  # {size: best scale per seed, and the FD and sample accuracy there}
+    def best(table):  # {size: best scale per seed, and the gFID and sample accuracy there}
         out = {}
         for size, (_, scales) in ladder.items():
             cells = [table[f"{size} CFG {s:g}"] for s in scales]
