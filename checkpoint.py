@@ -106,8 +106,8 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         raise SystemExit(f"{path} holds a {ck['kind']} checkpoint of method {ck['method']} phase {ck['phase']}; "
                          f"expected " + ", ".join(f"{k} {' or '.join(w)}" for k, w in wanted.items()))
     ck["path"] = str(path)
-    if "shards" in ck and not (path.parent / ck["shards"] / ".metadata").is_file():
-        raise SystemExit(f"{path}: the folder of its tensors' shards, {path.parent / ck['shards']}, is missing")
+    if "shards" in ck and not (shard_folder(ck) / ".metadata").is_file():
+        raise SystemExit(f"{path}: the folder of its tensors' shards, {shard_folder(ck)}, is missing")
     if ck["kind"] == "generator" and "num_queries" in ck["config"]:  # DiT-DH's extra tokens, once named as DecQ's
         new = lambda k: "num_extra" if k == "num_queries" else "extra_" + k[6:] if k.startswith("query_") else k
         deep = lambda o: ({deep(k): deep(v) for k, v in o.items()} if isinstance(o, dict) else [deep(v) for v in o]
@@ -115,10 +115,14 @@ def load_checkpoint(path, expect_kind=None, expect_method=None, expect_phase=Non
         ck.update({part: deep(ck[part]) for part in ("config", "ema", "model", "optimizer") if part in ck})
     return ck
 
+def shard_folder(ck):
+    """The folder of a --fsdp run's checkpoint's tensors: its `shards`, beside the checkpoint file."""
+    return Path(ck["path"]).parent / ck["shards"]
+
 def read_shards(ck, part):
     """One part ("model", "ema") of a --fsdp run's checkpoint, whole on CPU, from the shards every rank wrote
     (train.save; torch.distributed.checkpoint reassembles them without processes)."""
-    folder = Path(ck["path"]).parent / ck["shards"]
+    folder = shard_folder(ck)
     meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith(part + ".")}
     with warnings.catch_warnings(action="ignore"):  # "torch.distributed is uninitialized": none is needed here

@@ -414,9 +414,9 @@ class Trainer:
         if resume is not None:
             if "shards" in resume:  # --fsdp: each rank reads its shards of the three (DCP reshards to this world size)
                 state = self.sharded()
-                dcp.load(state, checkpoint_id=Path(resume["path"]).parent / resume["shards"])
-                for unit in (net, self.ema):
-                    set_model_state_dict(unit, state["ema" if unit is self.ema else "model"])
+                dcp.load(state, checkpoint_id=checkpoint.shard_folder(resume))
+                set_model_state_dict(net, state["model"])
+                set_model_state_dict(self.ema, state["ema"])
                 set_optimizer_state_dict(net, self.opt, state["optimizer"])
             else:
                 self.opt.load_state_dict(resume["optimizer"])
@@ -484,9 +484,11 @@ class Trainer:
                     scheduler=self.sched.state_dict())
 
     def export(self, ema=True):
-        """The final EMA network (under FSDP gathered whole to rank 0) and its config."""
+        """The final EMA network (under FSDP gathered whole to rank 0; not with `ema` False) and its config."""
+        if not ema:
+            return dict(config=self.trained.config)
         whole = get_model_state_dict(self.ema, options=WHOLE) if self.args.fsdp else self.ema.state_dict()
-        return dict(config=self.trained.config, **({"ema": whole} if ema else {}))
+        return dict(config=self.trained.config, ema=whole)
 
 # ---- 3. Tokenizer phases -----------------------------------------------------------------------------------------
 
